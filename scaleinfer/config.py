@@ -1,0 +1,119 @@
+"""Configuration: one dataclass per concern, validated on construction, composed into EngineConfig.
+
+This is the only module that reads environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from scaleinfer.errors import InvalidRequestError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+EMBEDDED_MODEL_ALIAS = "smollm2-135m"
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidRequestError(message)
+
+
+@dataclass(slots=True)
+class ArchConfig:
+    """The shape of a decoder model, read from an HF config.json or GGUF metadata."""
+
+    architecture: str  # HF name, e.g. "LlamaForCausalLM"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q, k, v (Qwen2)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0, f"model config {name} must be a positive int, got {value!r}")
+        _require(self.num_attention_heads % self.num_key_value_heads == 0,
+                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                 f"num_key_value_heads={self.num_key_value_heads}")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    model: str = EMBEDDED_MODEL_ALIAS  # HF-style folder, .gguf file, or the alias
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    max_model_len: int | None = None  # None: the model's own context
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        ok = self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
+        _require(ok, f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _require(self.max_model_len is None or self.max_model_len > 0,
+                 f"max_model_len must be positive, got {self.max_model_len!r}")
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory: int | None = None  # bytes; None: memory_fraction of free device memory
+    memory_fraction: float = 0.9  # of the device memory left after the weights (GPU), of free RAM (CPU)
+    enable_prefix_caching: bool = True
+    num_blocks: int | None = None  # overrides both budgets (tests)
+
+    def __post_init__(self) -> None:
+        _require(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
+                 f"block_size must be a power of two, got {self.block_size!r}")
+        _require(self.kv_cache_memory is None or self.kv_cache_memory > 0,
+                 f"kv_cache_memory must be positive bytes, got {self.kv_cache_memory!r}")
+        _require(0 < self.memory_fraction <= 1, f"memory_fraction must be in (0, 1], got {self.memory_fraction!r}")
+        _require(self.num_blocks is None or self.num_blocks > 0, f"num_blocks must be positive, got {self.num_blocks!r}")
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256  # sequences in one step
+    max_num_batched_tokens: int = 2048  # token budget of one step; prefills are chunked to fit
+    max_model_len: int = 8192  # set from the model once it is known
+    max_waiting: int | None = None  # admission bound; None: unbounded
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_seqs > 0, f"max_num_seqs must be positive, got {self.max_num_seqs!r}")
+        _require(self.max_num_batched_tokens > 0,
+                 f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens!r}")
+        _require(self.max_waiting is None or self.max_waiting >= 0,
+                 f"max_waiting must be >= 0, got {self.max_waiting!r}")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+def env_str(name: str, default: str | None = None) -> str | None:
+    """Read one SCALEINFER_* environment variable (the only place the environment is read)."""
+    return os.environ.get(name, default)

@@ -1,0 +1,21 @@
+"""Exceptions that callers handle. Each message names the offending value or file."""
+
+
+class ScaleInferError(Exception):
+    """Base of every error scaleinfer raises on purpose; the CLI prints these on one line."""
+
+
+class InvalidRequestError(ScaleInferError, ValueError):
+    """A request or parameter that can never be served as given (bad sampling value, prompt too long)."""
+
+
+class ModelLoadError(ScaleInferError):
+    """A model path, file or architecture that cannot be loaded."""
+
+
+class UnsupportedArchitectureError(ModelLoadError):
+    """The model's architecture has no implementation here."""
+
+
+class EngineDeadError(ScaleInferError):
+    """The engine loop failed and can serve no more requests."""

@@ -1,0 +1,71 @@
+"""Attention over the paged KV cache: write new K/V into their slots, attend over a sequence's blocks.
+
+Cache layout, per layer: k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]; token t of a
+sequence lives in block block_table[t // block_size] at offset t % block_size, i.e. slot
+block_table[t // block_size] * block_size + t % block_size. These are the torch references; the GPU
+kernels replace them one by one and are tested against them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """k, v: [num_tokens, num_kv_heads, head_dim]; slot_mapping: [num_tokens] int64."""
+    num_kv_heads, head_dim = k.shape[1:]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """block_tables: [num_seqs, max_blocks] -> [num_seqs, num_kv_heads, max_blocks * block_size, head_dim]."""
+    num_seqs, max_blocks = block_tables.shape
+    kv = cache[block_tables]  # [num_seqs, max_blocks, block_size, num_kv_heads, head_dim]
+    return kv.flatten(1, 2).transpose(1, 2)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence. q: [num_seqs, num_heads, head_dim] -> [num_seqs, num_heads, head_dim]."""
+    k = gather_kv(k_cache, block_tables)  # [num_seqs, num_kv_heads, max_len, head_dim]
+    v = gather_kv(v_cache, block_tables)
+    key_pos = torch.arange(k.shape[2], device=q.device)
+    mask = (key_pos[None, :] < context_lens[:, None])[:, None, None, :]  # [num_seqs, 1, 1, max_len]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.squeeze(2)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    start_pos: int,
+    scale: float,
+) -> torch.Tensor:
+    """A chunk of one sequence, causal, over its cached context and itself.
+
+    q: [num_query, num_heads, head_dim] for positions start_pos.. -> [num_query, num_heads, head_dim].
+    """
+    num_query = q.shape[0]
+    context_len = start_pos + num_query
+    k = gather_kv(k_cache, block_table[None])[:, :, :context_len]  # [1, num_kv_heads, context_len, head_dim]
+    v = gather_kv(v_cache, block_table[None])[:, :, :context_len]
+    q = q.transpose(0, 1).unsqueeze(0)  # [1, num_heads, num_query, head_dim]
+    if start_pos == 0:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        query_pos = torch.arange(start_pos, context_len, device=q.device)
+        mask = torch.arange(context_len, device=q.device)[None, :] <= query_pos[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)

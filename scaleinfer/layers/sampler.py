@@ -1,0 +1,95 @@
+"""Sampling on the device: greedy, temperature, top-k, top-p, per-request seeds, logprobs.
+
+Random rows use the exponential race: argmax(p / q) with q ~ Exp(1) draws a token with probability p.
+A seeded request draws q from its own generator, so its tokens do not depend on the rest of the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+@dataclass(slots=True)
+class SamplingBatch:
+    """Per-row parameters of one step, each [num_seqs] on the logits' device (None when unused)."""
+
+    temperatures: torch.Tensor  # float32; 0 means greedy
+    top_ps: torch.Tensor | None  # float32, None when every row has top_p == 1
+    top_ks: torch.Tensor | None  # int64 in [1, vocab], None when no row uses top-k
+    generators: list[torch.Generator | None]  # per row: its own (seeded) generator, or None
+    banned_token_ids: list[list[int]]  # per row: ids masked this step (eos before min_tokens)
+    num_logprobs: int  # max requested top logprobs over rows, -1 when no row asked
+    all_greedy: bool
+
+
+@dataclass(slots=True)
+class SamplerOutput:
+    token_ids: torch.Tensor  # [num_seqs] int64
+    logprobs: torch.Tensor | None  # [num_seqs] float32, of the sampled tokens
+    ranks: torch.Tensor | None  # [num_seqs] int64, 1 = most likely
+    top_ids: torch.Tensor | None  # [num_seqs, num_logprobs]
+    top_logprobs: torch.Tensor | None  # [num_seqs, num_logprobs]
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch, default_generator: torch.Generator | None) -> SamplerOutput:
+    """logits: [num_seqs, vocab] float32."""
+    _ban_tokens(logits, batch.banned_token_ids)
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.num_logprobs >= 0 else None
+    token_ids = logits.argmax(dim=-1)
+    if not batch.all_greedy:
+        sampled = _sample_random(logits, batch, default_generator)
+        token_ids = torch.where(batch.temperatures == 0, token_ids, sampled)
+    if raw_logprobs is None:
+        return SamplerOutput(token_ids, None, None, None, None)
+    return _with_logprobs(token_ids, raw_logprobs, batch.num_logprobs)
+
+
+def _ban_tokens(logits: torch.Tensor, banned: list[list[int]]) -> None:
+    for row, ids in enumerate(banned):
+        if ids:
+            logits[row, ids] = NEG_INF
+
+
+def _sample_random(logits: torch.Tensor, batch: SamplingBatch, default_generator: torch.Generator | None) -> torch.Tensor:
+    temps = torch.where(batch.temperatures == 0, 1.0, batch.temperatures)
+    logits = logits / temps.unsqueeze(1)
+    if batch.top_ks is not None or batch.top_ps is not None:
+        logits = _apply_top_k_top_p(logits, batch.top_ks, batch.top_ps)
+    probs = torch.softmax(logits, dim=-1)
+    noise = _exponential_noise(probs, batch.generators, default_generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor | None, top_ps: torch.Tensor | None) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)  # [1, vocab]
+    drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if top_ks is not None:
+        drop |= rank >= top_ks.unsqueeze(1)
+    if top_ps is not None:
+        probs = sorted_logits.masked_fill(drop, NEG_INF).softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # the most likely token is always kept
+        drop |= mass_before >= top_ps.unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(drop, NEG_INF)
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _exponential_noise(
+    probs: torch.Tensor, generators: list[torch.Generator | None], default_generator: torch.Generator | None
+) -> torch.Tensor:
+    noise = torch.empty_like(probs).exponential_(generator=default_generator)
+    for row, gen in enumerate(generators):
+        if gen is not None:
+            noise[row].exponential_(generator=gen)
+    return noise
+
+
+def _with_logprobs(token_ids: torch.Tensor, logprobs: torch.Tensor, num_top: int) -> SamplerOutput:
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1))  # [num_seqs, 1]
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    top_logprobs, top_ids = logprobs.topk(num_top, dim=-1) if num_top > 0 else (None, None)
+    return SamplerOutput(token_ids, chosen.squeeze(1), ranks, top_ids, top_logprobs)

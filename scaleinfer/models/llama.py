@@ -1,0 +1,120 @@
+"""The Llama family: Llama 2/3/3.1, Mistral, Qwen2 (q/k/v bias), SmolLM2.
+
+Wiring only: every layer knows its own tensor-parallel shard and the KV cache it writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from scaleinfer.config import ArchConfig
+from scaleinfer.layers.activation import SiluAndMul
+from scaleinfer.layers.attention import Attention, AttentionMetadata
+from scaleinfer.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from scaleinfer.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from scaleinfer.layers.norm import RMSNorm
+from scaleinfer.layers.rotary import RotaryEmbedding
+from scaleinfer.models.weights import load_into
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(
+            arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_key_value_heads, arch.attention_bias
+        )
+        heads, kv_heads, head_dim = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, arch.head_dim
+        self.o_proj = RowParallelLinear(arch.num_attention_heads * head_dim, arch.hidden_size)
+        self.rotary_emb = RotaryEmbedding(head_dim, arch.max_position_embeddings, arch.rope_theta, arch.rope_scaling)
+        self.attn = Attention(heads, kv_heads, head_dim, scale=head_dim**-0.5)
+        self.split = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        num_tokens, head_dim = x.shape[0], self.attn.head_dim
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(num_tokens, -1, head_dim)  # [num_tokens, num_heads, head_dim]
+        k = k.view(num_tokens, -1, head_dim)  # [num_tokens, num_kv_heads, head_dim]
+        v = v.view(num_tokens, -1, head_dim)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q, k, v, meta)
+        return self.o_proj(out.view(num_tokens, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(arch.hidden_size, [arch.intermediate_size] * 2)
+        self.down_proj = RowParallelLinear(arch.intermediate_size, arch.hidden_size)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = LlamaAttention(arch)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp = LlamaMLP(arch)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch) for _ in range(arch.num_hidden_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden_size]
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint name fragment -> (our fused parameter fragment, shard id)
+    stacked_params = {
+        ".q_proj.": (".qkv_proj.", "q"),
+        ".k_proj.": (".qkv_proj.", "k"),
+        ".v_proj.": (".qkv_proj.", "v"),
+        ".gate_proj.": (".gate_up_proj.", 0),
+        ".up_proj.": (".gate_up_proj.", 1),
+    }
+
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        self.arch = arch
+        self.model = LlamaModel(arch)
+        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size)
+        if arch.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden_size]."""
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [num_seqs, hidden_size] -> float32 logits [num_seqs, vocab_size]."""
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        skip = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if self.arch.tie_word_embeddings else ())
+        load_into(self, weights, self.stacked_params, skip)

@@ -1,0 +1,23 @@
+"""HF architecture name -> our model class."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from scaleinfer.config import ArchConfig
+from scaleinfer.errors import UnsupportedArchitectureError
+from scaleinfer.models.llama import LlamaForCausalLM
+
+MODELS: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+}
+
+
+def model_class(arch: ArchConfig) -> type[nn.Module]:
+    if arch.architecture not in MODELS:
+        raise UnsupportedArchitectureError(
+            f"architecture {arch.architecture!r} is not supported; supported: {', '.join(sorted(MODELS))}"
+        )
+    return MODELS[arch.architecture]

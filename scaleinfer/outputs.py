@@ -1,0 +1,114 @@
+"""What the engine returns to users, and the two boundary types between control and data plane.
+
+SchedulerOutput (engine -> worker) says which sequences run this step and which tokens each computes;
+RunnerOutput (worker -> engine) carries what was sampled. Neither holds a tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scaleinfer.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class Logprob:
+    logprob: float
+    rank: int  # 1 = most likely
+    decoded_token: str | None = None
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None = None
+    logprobs: list[dict[int, Logprob]] | None = None  # one dict per generated token
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    stop_reason: int | str | None = None  # the stop token id or string that ended it
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    arrival_time: float
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics | None = None
+
+
+# ---- control plane -> data plane ------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ScheduledSequence:
+    """One sequence's share of a step: compute `token_ids` at positions start_pos.. and maybe sample."""
+
+    request_id: str
+    token_ids: list[int]  # the chunk to compute this step (a whole prompt, a prefill chunk, or 1 token)
+    start_pos: int  # == num_computed_tokens before this step
+    block_table: list[int]  # covers at least start_pos + len(token_ids) slots
+    sample: bool  # True when this chunk reaches the sequence's last token
+    sampling_params: SamplingParams
+    num_output_tokens: int = 0  # generated so far (min_tokens masking)
+    eos_token_ids: tuple[int, ...] = ()  # masked while num_output_tokens < min_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def context_len(self) -> int:
+        return self.start_pos + len(self.token_ids)
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.start_pos == 0 or len(self.token_ids) > 1
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence]
+    finished_request_ids: list[str] = field(default_factory=list)  # runner drops their state
+    num_preempted: int = 0
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+# ---- data plane -> control plane ------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class SampledToken:
+    token_id: int
+    logprob: float | None = None  # of token_id, when logprobs were asked for
+    rank: int | None = None
+    top_token_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    """One SampledToken per ScheduledSequence with sample=True, keyed by request id."""
+
+    sampled: dict[str, SampledToken]

@@ -1,0 +1,46 @@
+"""The paged KV cache tensors: sized from a memory budget, one K and one V tensor per layer."""
+
+from __future__ import annotations
+
+import torch
+
+from scaleinfer.config import ArchConfig, CacheConfig
+from scaleinfer.errors import InvalidRequestError
+from scaleinfer.worker.device import available_memory
+
+CPU_DEFAULT_CAP = 2 << 30  # CPU RAM is shared with everything else; 2 GiB holds ~45k SmolLM2 tokens in fp32
+GPU_ACTIVATION_RESERVE = 2 << 30  # room for activations and logits of the largest step
+
+
+def block_bytes(arch: ArchConfig, num_kv_heads: int, block_size: int, dtype: torch.dtype) -> int:
+    per_token = 2 * arch.num_hidden_layers * num_kv_heads * arch.head_dim * dtype.itemsize
+    return per_token * block_size
+
+
+def num_blocks_for(config: CacheConfig, bytes_per_block: int, device: torch.device) -> int:
+    if config.num_blocks is not None:
+        return config.num_blocks
+    budget = config.kv_cache_memory
+    if budget is None:
+        free = available_memory(device)
+        budget = int(free * config.memory_fraction)
+        budget = min(budget, CPU_DEFAULT_CAP) if device.type == "cpu" else budget - GPU_ACTIVATION_RESERVE
+    num_blocks = budget // bytes_per_block
+    if num_blocks < 1:
+        raise InvalidRequestError(
+            f"KV cache budget of {budget} bytes holds no block of {bytes_per_block} bytes; raise kv_cache_memory"
+        )
+    return num_blocks
+
+
+def allocate_kv_cache(
+    num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+    dtype: torch.dtype, device: torch.device,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    # Zeroed, not empty: padded block-table entries are read and masked, and 0 * NaN from stale
+    # uninitialized memory would poison the masked softmax.
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    return [
+        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        for _ in range(num_layers)
+    ]

@@ -1,0 +1,82 @@
+"""The data plane: owns the device, the model, the KV cache; turns a SchedulerOutput into sampled tokens."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+
+from scaleinfer.config import CacheConfig, ModelConfig
+from scaleinfer.layers.attention import Attention
+from scaleinfer.layers.sampler import SamplerOutput, sample
+from scaleinfer.models.registry import model_class
+from scaleinfer.outputs import RunnerOutput, SampledToken, SchedulerOutput
+from scaleinfer.weights.source import ModelSource
+from scaleinfer.worker.device import resolve_device, resolve_dtype
+from scaleinfer.worker.kv_cache import allocate_kv_cache, block_bytes, num_blocks_for
+from scaleinfer.worker.sampling_batch import SamplingState
+from scaleinfer.worker.step_inputs import build_step_inputs
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, source: ModelSource,
+                 progress: bool = True) -> None:
+        self.device = resolve_device(model_config)
+        self.dtype = resolve_dtype(model_config, self.device)
+        self.block_size = cache_config.block_size
+        start = time.perf_counter()
+        self.model = self._load_model(source, progress)
+        self.load_seconds = time.perf_counter() - start
+        self.num_blocks = self._init_kv_cache(cache_config)
+        self.sampling = SamplingState(self.device, model_config.seed)
+
+    def _load_model(self, source: ModelSource, progress: bool) -> torch.nn.Module:
+        with _default_dtype(self.dtype), torch.device(self.device):
+            model = model_class(source.arch)(source.arch)
+        model.load_weights(source.iter_weights(self.dtype, progress=progress))
+        return model.eval()
+
+    def _init_kv_cache(self, config: CacheConfig) -> int:
+        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        kv_heads, head_dim = layers[0].num_kv_heads, layers[0].head_dim
+        per_block = block_bytes(self.model.arch, kv_heads, self.block_size, self.dtype)
+        num_blocks = num_blocks_for(config, per_block, self.device)
+        caches = allocate_kv_cache(len(layers), num_blocks, self.block_size, kv_heads, head_dim, self.dtype, self.device)
+        for layer, (k_cache, v_cache) in zip(layers, caches):
+            layer.k_cache, layer.v_cache = k_cache, v_cache
+        return num_blocks
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput) -> RunnerOutput:
+        self.sampling.drop(output.finished_request_ids)
+        if output.is_empty:
+            return RunnerOutput(sampled={})
+        inputs = build_step_inputs(output, self.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn)  # [num_tokens, hidden]
+        if not inputs.sampled:
+            return RunnerOutput(sampled={})
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [num_sampled, vocab]
+        result = sample(logits, self.sampling.batch(inputs.sampled), self.sampling.default_generator)
+        return RunnerOutput(sampled=dict(zip([s.request_id for s in inputs.sampled], _to_host(result))))
+
+
+def _to_host(result: SamplerOutput) -> list[SampledToken]:
+    """One device-to-host transfer per field; the step's only synchronization."""
+    token_ids = result.token_ids.tolist()
+    if result.logprobs is None:
+        return [SampledToken(token_id=t) for t in token_ids]
+    logprobs, ranks = result.logprobs.tolist(), result.ranks.tolist()
+    top_ids = result.top_ids.tolist() if result.top_ids is not None else [[] for _ in token_ids]
+    top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else [[] for _ in token_ids]
+    return [SampledToken(*fields) for fields in zip(token_ids, logprobs, ranks, top_ids, top_lps)]
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
