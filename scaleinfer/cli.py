@@ -1,0 +1,162 @@
+"""The `scaleinfer` command: generate | chat | serve."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+from scaleinfer.config import EMBEDDED_MODEL_ALIAS, DTYPES, EngineConfig, ModelConfig, SchedulerConfig, env_str
+from scaleinfer.errors import ScaleInferError
+from scaleinfer.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class StreamSummary:
+    num_tokens: int
+    ttft: float  # seconds to the first token
+    seconds: float
+    finish_reason: str | None
+    text: str
+
+    def line(self) -> str:
+        decode = self.num_tokens - 1
+        rate = decode / (self.seconds - self.ttft) if decode > 0 and self.seconds > self.ttft else 0.0
+        return (f"[{self.num_tokens} tokens, time to first token {self.ttft:.2f} s, {rate:.1f} tok/s, "
+                f"finish: {self.finish_reason}]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ScaleInferError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scaleinfer", description="Inference for transformer models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="complete one prompt, streaming tokens to the terminal")
+    generate.add_argument("prompt")
+    generate.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    _add_engine_args(generate)
+    _add_sampling_args(generate)
+    generate.set_defaults(run=_run_generate)
+    chat = commands.add_parser("chat", help="interactive chat with the model's chat template")
+    chat.add_argument("--system", default=None, help="a system message")
+    _add_engine_args(chat)
+    _add_sampling_args(chat)
+    chat.set_defaults(run=_run_chat)
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server")
+    _add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="required bearer token (or SCALEINFER_API_KEY)")
+    serve.add_argument("--max-waiting", type=int, default=None, help="bound on queued requests; past it, 503")
+    serve.set_defaults(run=_run_serve)
+    return parser
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=EMBEDDED_MODEL_ALIAS,
+                        help="HF-style folder, .gguf file, or the alias smollm2-135m (the default)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES)
+    parser.add_argument("--max-model-len", type=int, default=None)
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def _engine_config(args: argparse.Namespace, **scheduler: int | None) -> EngineConfig:
+    model = ModelConfig(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
+    return EngineConfig(model=model, scheduler=SchedulerConfig(**scheduler))
+
+
+def _sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed)
+
+
+def _load_engine(args: argparse.Namespace):
+    from scaleinfer.engine.llm_engine import LLMEngine
+
+    return LLMEngine(_engine_config(args))
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    params = _sampling_params(args)  # validated before the model loads
+    engine = _load_engine(args)
+    prompt = args.prompt
+    if args.chat:
+        from scaleinfer.llm import chat_prompt_ids
+
+        prompt = chat_prompt_ids(engine.tokenizer, [{"role": "user", "content": args.prompt}])
+    else:
+        sys.stdout.write(args.prompt)
+    summary = stream(engine, prompt, params, sys.stdout)
+    print(f"\n{summary.line()}", file=sys.stderr)
+    return 0
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    from scaleinfer.llm import chat_prompt_ids
+
+    params = _sampling_params(args)
+    engine = _load_engine(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat with the model; an empty line or Ctrl-D ends it", file=sys.stderr)
+    for line in _prompts(sys.stdin):
+        messages.append({"role": "user", "content": line})
+        summary = stream(engine, chat_prompt_ids(engine.tokenizer, messages), params, sys.stdout)
+        print(f"\n{summary.line()}", file=sys.stderr)
+        messages.append({"role": "assistant", "content": summary.text})
+    return 0
+
+
+def _prompts(stdin: TextIO):
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)
+        line = stdin.readline()
+        if not line.strip():
+            return
+        yield line.strip()
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from scaleinfer.server.app import run_server
+
+    api_key = args.api_key or env_str("SCALEINFER_API_KEY")
+    run_server(_engine_config(args, max_waiting=args.max_waiting), args.host, args.port, api_key)
+    return 0
+
+
+def stream(engine, prompt: str | list[int], params: SamplingParams, out: TextIO) -> StreamSummary:
+    """Run one request alone on the engine, writing text to `out` as it is generated."""
+    start = time.perf_counter()
+    engine.add_request("cli", prompt, params)
+    printed, ttft, output = 0, None, None
+    while engine.has_unfinished_requests():
+        for request_output in engine.step():
+            output = request_output.outputs[0]
+            ttft = ttft if ttft is not None else time.perf_counter() - start
+            out.write(output.text[printed:])
+            out.flush()
+            printed = len(output.text)
+    elapsed = time.perf_counter() - start
+    return StreamSummary(len(output.token_ids), ttft or 0.0, elapsed, output.finish_reason, output.text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

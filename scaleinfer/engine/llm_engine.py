@@ -1,0 +1,174 @@
+"""LLMEngine: step() = schedule -> execute -> update. Requests in, RequestOutputs out.
+
+A request with n > 1 becomes n sequences that share the prompt (the prefix cache shares its KV).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from scaleinfer.config import EngineConfig
+from scaleinfer.engine.block_manager import BlockManager
+from scaleinfer.engine.detokenizer import IncrementalDetokenizer
+from scaleinfer.engine.request_state import RequestState, SequenceState
+from scaleinfer.engine.scheduler import Scheduler
+from scaleinfer.engine.sequence import Sequence, SequenceStatus
+from scaleinfer.errors import InvalidRequestError
+from scaleinfer.outputs import RequestOutput, RunnerOutput
+from scaleinfer.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_blocks: int
+    num_used_blocks: int
+    kv_cache_usage: float  # 0..1
+    prefix_cache_hit_rate: float  # 0..1, over all prompt tokens looked up
+    num_preempted: int
+    num_prompt_tokens: int  # totals since start
+    num_generation_tokens: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, progress: bool = True) -> None:
+        # The data plane is imported here so that the control plane stays importable without torch.
+        from scaleinfer.weights.source import resolve_model
+        from scaleinfer.worker.model_runner import ModelRunner
+
+        self.config = config
+        source = resolve_model(config.model.model)
+        self.model_name = config.model.model
+        self.arch = source.arch
+        self.tokenizer = source.load_tokenizer()
+        self.max_model_len = _max_model_len(config, source.arch.max_position_embeddings)
+        self.runner = ModelRunner(config.model, config.cache, source, progress=progress)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
+                                          config.cache.enable_prefix_caching)
+        scheduler_config = dataclasses.replace(config.scheduler, max_model_len=self.max_model_len)
+        self.scheduler = Scheduler(scheduler_config, self.block_manager)
+        self.eos_token_ids = _eos_token_ids(source.arch.eos_token_ids, self.tokenizer)
+        self.requests: dict[str, RequestState] = {}
+        self.children: dict[str, tuple[RequestState, SequenceState]] = {}  # sequence id -> owner
+        self.num_prompt_tokens = self.num_generation_tokens = 0
+
+    # ---- requests -------------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        """Queue a request; raises InvalidRequestError (or QueueFullError) and leaves nothing behind."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        prompt_text, prompt_token_ids = self._tokenize(prompt)
+        state = RequestState(request_id, prompt_text, prompt_token_ids, children=[])
+        try:
+            for index in range(params.n):
+                self._add_sequence(state, index, params)
+        except Exception:
+            self.scheduler.abort([child.seq.request_id for child in state.children])
+            self._forget(state)
+            raise
+        self.requests[request_id] = state
+        self.num_prompt_tokens += len(prompt_token_ids)
+
+    def _add_sequence(self, state: RequestState, index: int, params: SamplingParams) -> None:
+        seq_id = state.request_id if params.n == 1 else f"{state.request_id}#{index}"
+        if params.n > 1 and params.seed is not None:
+            params = dataclasses.replace(params, seed=params.seed + index)
+        seq = Sequence(seq_id, state.prompt_token_ids, params, self.eos_token_ids)
+        child = SequenceState(seq, IncrementalDetokenizer(self.tokenizer, state.prompt_token_ids, params),
+                              logprobs=[] if params.logprobs is not None else None,
+                              cumulative_logprob=0.0 if params.logprobs is not None else None)
+        self.scheduler.add(seq)
+        state.children.append(child)
+        self.children[seq_id] = (state, child)
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            return prompt, self.tokenizer.encode(prompt)
+        vocab_size = self.arch.vocab_size
+        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab_size}), got {bad[:5]}")
+        return None, list(prompt)
+
+    def abort_request(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            state = self.requests.get(request_id)
+            if state is not None:
+                self.scheduler.abort([child.seq.request_id for child in state.children])
+                self._forget(state)
+
+    def _forget(self, state: RequestState) -> None:
+        self.requests.pop(state.request_id, None)
+        for child in state.children:
+            self.children.pop(child.seq.request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the loop -------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.runner.execute(scheduler_output)
+        updated = self.scheduler.update(scheduler_output, runner_output)
+        self.num_generation_tokens += len(updated)
+        return self._process(updated, runner_output)
+
+    def _process(self, updated: list[Sequence], runner_output: RunnerOutput) -> list[RequestOutput]:
+        touched: dict[str, RequestState] = {}
+        now = time.time()
+        for seq in updated:
+            state, child = self.children[seq.request_id]
+            child.record(runner_output.sampled[seq.request_id], self.tokenizer)
+            stop = child.detokenizer.update([seq.last_token_id])
+            if stop is not None:
+                self._stop_on_string(seq, stop)
+            state.metrics.first_token_time = state.metrics.first_token_time or now
+            touched[state.request_id] = state
+        return [self._emit(state, now) for state in touched.values()]
+
+    def _stop_on_string(self, seq: Sequence, stop: str) -> None:
+        if seq.is_finished:  # the same token also hit a length limit: the stop string is the reason
+            seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
+        else:
+            self.scheduler.finish(seq.request_id, SequenceStatus.FINISHED_STOPPED, stop)
+
+    def _emit(self, state: RequestState, now: float) -> RequestOutput:
+        state.metrics.num_cached_tokens = state.children[0].seq.num_cached_tokens
+        if state.finished:
+            state.metrics.finished_time = now
+            self._forget(state)
+        return state.output()
+
+    # ---- introspection --------------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler.stats()
+        num_blocks = self.block_manager.num_blocks
+        return EngineStats(
+            num_running=s.num_running, num_waiting=s.num_waiting, num_blocks=num_blocks,
+            num_used_blocks=num_blocks - self.block_manager.num_free_blocks, kv_cache_usage=s.kv_cache_usage,
+            prefix_cache_hit_rate=s.prefix_cache_hit_rate, num_preempted=s.num_preempted,
+            num_prompt_tokens=self.num_prompt_tokens, num_generation_tokens=self.num_generation_tokens,
+        )
+
+
+def _max_model_len(config: EngineConfig, model_len: int) -> int:
+    asked = config.model.max_model_len
+    if asked is not None and asked > model_len:
+        raise InvalidRequestError(f"max_model_len={asked} exceeds the model's context of {model_len} tokens")
+    return asked or model_len
+
+
+def _eos_token_ids(arch_eos: tuple[int, ...], tokenizer: Any) -> tuple[int, ...]:
+    ids = list(arch_eos)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(ids)
