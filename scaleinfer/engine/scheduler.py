@@ -1,0 +1,228 @@
+"""Continuous batching with one token budget per step (vLLM v1 style).
+
+Every step spends up to max_num_batched_tokens over running sequences first (a decode wants 1 token, an
+unfinished prefill the rest of its prompt, chunked to fit), then admits waiting sequences first come,
+first served. A prefill and a decode are the same thing here: compute the tokens from
+num_computed_tokens on. When blocks run short the newest running sequence is preempted by recompute.
+schedule() and update() alternate: the engine calls update with each schedule's output before the next.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from scaleinfer.config import SchedulerConfig
+from scaleinfer.engine.block_manager import BlockManager
+from scaleinfer.engine.sequence import Sequence, SequenceStatus
+from scaleinfer.errors import InvalidRequestError, ScaleInferError
+from scaleinfer.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
+
+
+class QueueFullError(ScaleInferError):
+    """The waiting queue holds max_waiting requests; retry later (the server answers 503)."""
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV blocks in use
+    prefix_cache_hit_rate: float  # hit tokens / queried tokens since start
+    num_preempted: int  # since start
+
+
+@dataclass(slots=True)
+class _StepBudget:
+    num_tokens: int  # left to schedule this step
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order: the last one is preempted first
+        self.requests: dict[str, Sequence] = {}  # every unfinished sequence, by request id
+        self.finished_request_ids: list[str] = []  # since the last schedule()
+        self.num_preempted = 0
+
+    # ---- admission ------------------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence; raises if it could never be served or the queue is full."""
+        self._check_servable(seq)
+        num_waiting, max_waiting = len(self.waiting), self.config.max_waiting
+        if max_waiting is not None and num_waiting >= max_waiting:
+            raise QueueFullError(f"waiting queue is full: {num_waiting} requests, max_waiting={max_waiting}")
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+        self.requests[seq.request_id] = seq
+
+    def _check_servable(self, seq: Sequence) -> None:
+        num_prompt, max_tokens = seq.num_prompt_tokens, seq.sampling_params.max_tokens
+        max_model_len, num_blocks = self.config.max_model_len, self.block_manager.num_blocks
+        if seq.request_id in self.requests:
+            raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
+        if num_prompt == 0:
+            raise InvalidRequestError(f"request {seq.request_id!r} has an empty prompt")
+        if num_prompt + max_tokens > max_model_len:
+            raise InvalidRequestError(f"prompt has {num_prompt} tokens and max_tokens is {max_tokens}; "
+                                      f"the model's context is {max_model_len}")
+        # The last sampled token is never fed back, so its KV needs no slot.
+        num_needed = self.block_manager.num_blocks_for(num_prompt + max_tokens - 1)
+        if num_needed > num_blocks:
+            raise InvalidRequestError(f"prompt has {num_prompt} tokens and max_tokens is {max_tokens}, which "
+                                      f"need {num_needed} KV blocks; the KV cache has {num_blocks}")
+
+    # ---- schedule -------------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = _StepBudget(self.config.max_num_batched_tokens)
+        num_preempted_before = self.num_preempted
+        scheduled = self._schedule_running(budget)
+        num_preempted = self.num_preempted - num_preempted_before
+        if num_preempted == 0:  # under memory pressure, admit nothing new
+            scheduled += self._schedule_waiting(budget)
+        finished_request_ids, self.finished_request_ids = self.finished_request_ids, []
+        return SchedulerOutput(scheduled, finished_request_ids, num_preempted)
+
+    def _schedule_running(self, budget: _StepBudget) -> list[ScheduledSequence]:
+        scheduled: list[ScheduledSequence] = []
+        index = 0
+        while index < len(self.running) and budget.num_tokens > 0:
+            seq = self.running[index]
+            num_new_tokens = min(seq.num_uncomputed_tokens, budget.num_tokens)
+            if not self._allocate_or_preempt(seq, num_new_tokens):
+                break  # seq was the last running sequence and is preempted itself
+            scheduled.append(self._schedule_chunk(seq, num_new_tokens, budget))
+            index += 1
+        return scheduled
+
+    def _allocate_or_preempt(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Allocate seq's slots, preempting from the back of running until they fit."""
+        while not self.block_manager.allocate_slots(seq, num_new_tokens):
+            victim = self.running.pop()
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Preempt by recompute: drop the KV; the generated tokens are recomputed as prompt later."""
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)  # ahead of newer requests; victims keep their running order
+        self.num_preempted += 1
+
+    def _schedule_waiting(self, budget: _StepBudget) -> list[ScheduledSequence]:
+        scheduled: list[ScheduledSequence] = []
+        while self.waiting and budget.num_tokens > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            computed_blocks, num_cached_tokens = self.block_manager.get_computed_blocks(seq)
+            num_new_tokens = min(seq.num_tokens - num_cached_tokens, budget.num_tokens)
+            if not self.block_manager.allocate_slots(seq, num_new_tokens, computed_blocks):
+                break  # first come, first served: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            self._start_running(seq, num_cached_tokens)
+            scheduled.append(self._schedule_chunk(seq, num_new_tokens, budget))
+        return scheduled
+
+    def _start_running(self, seq: Sequence, num_cached_tokens: int) -> None:
+        seq.status = SequenceStatus.RUNNING
+        seq.num_computed_tokens = num_cached_tokens
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = num_cached_tokens
+        self.running.append(seq)
+
+    def _schedule_chunk(self, seq: Sequence, num_new_tokens: int, budget: _StepBudget) -> ScheduledSequence:
+        """Advance seq by num_new_tokens now (the step in flight computes them) and describe the chunk.
+
+        Blocks filled by this chunk enter the prefix cache now, so a sequence admitted later in this
+        same step may share them: the runner writes each layer's KV for the whole batch before that
+        layer's attention reads it.
+        """
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new_tokens
+        self.block_manager.cache_full_blocks(seq, end)
+        seq.num_computed_tokens = end
+        budget.num_tokens -= num_new_tokens
+        return ScheduledSequence(
+            request_id=seq.request_id,
+            token_ids=seq.all_token_ids[start:end],
+            start_pos=start,
+            block_table=seq.block_ids,  # the live table: only appended to until free() rebinds it
+            sample=end == seq.num_tokens,
+            sampling_params=seq.sampling_params,
+            num_output_tokens=seq.num_output_tokens,
+            eos_token_ids=seq.eos_token_ids,
+        )
+
+    # ---- update and finish ----------------------------------------------------------------------------
+
+    def update(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[Sequence]:
+        """Append each sampled token and apply the stop rules; returns the sequences that got a token."""
+        updated: list[Sequence] = []
+        for scheduled in scheduler_output.scheduled:
+            seq = self.requests.get(scheduled.request_id)
+            if not scheduled.sample or seq is None:  # mid-prefill, or aborted while the step ran
+                continue
+            seq.append_token(runner_output.sampled[seq.request_id].token_id)
+            status, stop_reason = self._check_stop(seq)
+            if status is not None:
+                self.finish(seq.request_id, status, stop_reason)
+            updated.append(seq)
+        return updated
+
+    def _check_stop(self, seq: Sequence) -> tuple[SequenceStatus | None, int | None]:
+        params, token_id = seq.sampling_params, seq.last_token_id
+        if seq.num_output_tokens >= params.min_tokens:
+            if token_id in seq.eos_token_ids and not params.ignore_eos:
+                return SequenceStatus.FINISHED_STOPPED, None
+            if token_id in params.stop_token_ids:
+                return SequenceStatus.FINISHED_STOPPED, token_id
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            return SequenceStatus.FINISHED_LENGTH, None
+        return None, None
+
+    def finish(self, request_id: str, status: SequenceStatus, stop_reason: int | str | None = None) -> None:
+        """End an unfinished sequence (a stop string, an abort); frees its blocks. Unknown ids are ignored."""
+        assert status.is_finished, status
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.block_hashes = []  # only a sequence that may run again needs its prefix-cache keys
+        seq.status, seq.stop_reason = status, stop_reason
+        self.finished_request_ids.append(request_id)
+
+    def abort(self, request_ids: Iterable[str]) -> None:
+        for request_id in request_ids:
+            self.finish(request_id, SequenceStatus.FINISHED_ABORTED)
+
+    # ---- introspection --------------------------------------------------------------------------------
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def get(self, request_id: str) -> Sequence | None:
+        return self.requests.get(request_id)
+
+    def stats(self) -> SchedulerStats:
+        block_manager = self.block_manager
+        return SchedulerStats(self.num_running, self.num_waiting, block_manager.usage,
+                              block_manager.prefix_cache_stats.hit_rate, self.num_preempted)
