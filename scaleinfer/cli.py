@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
-from scaleinfer.config import EMBEDDED_MODEL_ALIAS, DTYPES, EngineConfig, ModelConfig, SchedulerConfig, env_str
+from scaleinfer.config import DTYPES, EMBEDDED_MODEL_ALIAS, EngineConfig, ModelConfig, SchedulerConfig, env_str
 from scaleinfer.errors import ScaleInferError
 from scaleinfer.sampling_params import SamplingParams
 

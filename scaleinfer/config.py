@@ -89,7 +89,8 @@ class CacheConfig:
         _require(self.kv_cache_memory is None or self.kv_cache_memory > 0,
                  f"kv_cache_memory must be positive bytes, got {self.kv_cache_memory!r}")
         _require(0 < self.memory_fraction <= 1, f"memory_fraction must be in (0, 1], got {self.memory_fraction!r}")
-        _require(self.num_blocks is None or self.num_blocks > 0, f"num_blocks must be positive, got {self.num_blocks!r}")
+        _require(self.num_blocks is None or self.num_blocks > 0,
+                 f"num_blocks must be positive, got {self.num_blocks!r}")
 
 
 @dataclass(slots=True)

@@ -54,7 +54,9 @@ def _ban_tokens(logits: torch.Tensor, banned: list[list[int]]) -> None:
             logits[row, ids] = NEG_INF
 
 
-def _sample_random(logits: torch.Tensor, batch: SamplingBatch, default_generator: torch.Generator | None) -> torch.Tensor:
+def _sample_random(
+    logits: torch.Tensor, batch: SamplingBatch, default_generator: torch.Generator | None
+) -> torch.Tensor:
     temps = torch.where(batch.temperatures == 0, 1.0, batch.temperatures)
     logits = logits / temps.unsqueeze(1)
     if batch.top_ks is not None or batch.top_ps is not None:

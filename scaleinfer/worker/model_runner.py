@@ -42,7 +42,9 @@ class ModelRunner:
         kv_heads, head_dim = layers[0].num_kv_heads, layers[0].head_dim
         per_block = block_bytes(self.model.arch, kv_heads, self.block_size, self.dtype)
         num_blocks = num_blocks_for(config, per_block, self.device)
-        caches = allocate_kv_cache(len(layers), num_blocks, self.block_size, kv_heads, head_dim, self.dtype, self.device)
+        caches = allocate_kv_cache(
+            len(layers), num_blocks, self.block_size, kv_heads, head_dim, self.dtype, self.device
+        )
         for layer, (k_cache, v_cache) in zip(layers, caches):
             layer.k_cache, layer.v_cache = k_cache, v_cache
         return num_blocks
