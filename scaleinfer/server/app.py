@@ -1,0 +1,181 @@
+"""The FastAPI app: routes, auth, error mapping, and run_server, the entry `scaleinfer serve` calls.
+
+Bodies are parsed here rather than by FastAPI so each failure gets its own status: invalid UTF-8 or JSON
+400, a schema mismatch 422 naming the field; every error is in OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
+
+from scaleinfer.config import EngineConfig
+from scaleinfer.engine.async_engine import AsyncLLMEngine
+from scaleinfer.engine.scheduler import QueueFullError
+from scaleinfer.errors import EngineDeadError, InvalidRequestError
+from scaleinfer.server.errors import ApiError, bad_request, from_validation_error, to_api_error
+from scaleinfer.server.metrics import ServerMetrics
+from scaleinfer.server.middleware import DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddleware
+from scaleinfer.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from scaleinfer.server.serving import ServingContext
+from scaleinfer.server.serving_chat import create_chat_completion
+from scaleinfer.server.serving_completion import create_completion
+
+# Answered in the ExceptionMiddleware; `Exception` (a 500) goes to the ServerErrorMiddleware, which logs it.
+_HANDLED = (ApiError, InvalidRequestError, QueueFullError, EngineDeadError, StarletteHTTPException,
+            RequestValidationError, Exception)
+T = TypeVar("T")
+RequestModel = TypeVar("RequestModel", bound=BaseModel)
+
+
+def build_app(engine: AsyncLLMEngine, api_key: str | None = None,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_n: int = 16) -> FastAPI:
+    """An app serving `engine`; with api_key set, every /v1 route needs `Authorization: Bearer <api_key>`."""
+    app = FastAPI(title="scaleinfer", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.ctx = ServingContext(engine, ServerMetrics(engine), max_n)
+    app.state.api_key = api_key
+    app.include_router(_public)
+    app.include_router(_v1)
+    for exc_type in _HANDLED:
+        app.add_exception_handler(exc_type, _error_response)
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=max_body_bytes)
+    return app
+
+
+def run_server(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info") -> None:
+    """Load the engine, serve until interrupted (Ctrl-C / SIGTERM), then stop the engine loop."""
+    import uvicorn
+
+    engine = AsyncLLMEngine.from_config(config)
+    try:
+        uvicorn.run(build_app(engine, api_key, max_body_bytes), host=host, port=port, log_level=log_level,
+                    timeout_graceful_shutdown=5)
+    finally:
+        engine.shutdown()
+
+
+# ---- auth and errors --------------------------------------------------------------------------------
+
+
+async def _check_api_key(request: Request) -> None:
+    expected: str | None = request.app.state.api_key
+    if expected is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise ApiError(401, "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
+                       code="invalid_api_key")
+
+
+async def _error_response(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, StarletteHTTPException):
+        exc = ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+    elif isinstance(exc, RequestValidationError):
+        exc = ApiError(422, str(exc.errors()[:1]), code="invalid_type")
+    error = to_api_error(exc)
+    _ctx(request).metrics.errors.labels(str(error.status)).inc()
+    return JSONResponse(error.body().model_dump(), status_code=error.status, headers=error.headers)
+
+
+def _ctx(request: Request) -> ServingContext:
+    return request.app.state.ctx
+
+
+# ---- routes -----------------------------------------------------------------------------------------
+
+_public = APIRouter()
+_v1 = APIRouter(prefix="/v1", dependencies=[Depends(_check_api_key)])
+
+
+@_public.get("/health")
+async def health(request: Request) -> Response:
+    engine = _ctx(request).engine
+    if engine.is_healthy:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "unhealthy", "error": str(engine.dead_error)}, status_code=503)
+
+
+@_public.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(_ctx(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@_v1.get("/models")
+async def models(request: Request) -> ModelList:
+    engine = _ctx(request).engine
+    return ModelList(data=[ModelCard(id=engine.model_name, max_model_len=engine.max_model_len)])
+
+
+@_v1.post("/completions")
+async def completions(request: Request) -> Response:
+    return await _serve(request, CompletionRequest, create_completion)
+
+
+@_v1.post("/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await _serve(request, ChatCompletionRequest, create_chat_completion)
+
+
+async def _serve(request: Request, schema: type[RequestModel],
+                 handler: Callable[[ServingContext, RequestModel], Awaitable[Any]]) -> Response:
+    """Parse, run the handler until it answers or the client leaves, and frame its answer."""
+    body = await request.body()
+    try:
+        req = schema.model_validate_json(body.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise bad_request(f"request body is not valid UTF-8: {exc}") from exc
+    except ValidationError as exc:
+        raise from_validation_error(exc) from exc
+    result = await _until_disconnect(request, handler(_ctx(request), req))
+    if result is None:
+        return Response(status_code=499)  # nobody is listening
+    if isinstance(result, BaseModel):
+        return Response(result.model_dump_json(), media_type="application/json")
+    return _EventStream(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
+    """work's result, or None once the client disconnected (work is then cancelled: its requests abort)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        task.cancel()  # a no-op once it is done
+    with contextlib.suppress(asyncio.CancelledError):
+        return await task
+    return None
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _EventStream(StreamingResponse):
+    """SSE response that always closes its body iterator, which aborts the engine requests behind it.
+
+    Starlette cancels the sending task when the client disconnects; if that lands while the iterator
+    sits at a yield, nothing else would close it before garbage collection.
+    """
+
+    body_iterator: AsyncIterator[str]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]

@@ -1,0 +1,49 @@
+"""Engine logprobs (one dict token_id -> Logprob per generated token) in OpenAI's two shapes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from scaleinfer.outputs import CompletionOutput, Logprob
+from scaleinfer.server.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
+
+
+def completion_logprobs(tokenizer: Any, output: CompletionOutput, start: int,
+                        text_offset: int) -> CompletionLogprobs | None:
+    """Logprobs of output.token_ids[start:]; text_offset is where the first of them starts in the text."""
+    if output.logprobs is None:
+        return None
+    result = CompletionLogprobs()
+    for token_id, entry in zip(output.token_ids[start:], output.logprobs[start:]):
+        token = token_text(tokenizer, token_id, entry[token_id])
+        result.tokens.append(token)
+        result.token_logprobs.append(entry[token_id].logprob)
+        result.top_logprobs.append({token_text(tokenizer, t, lp): lp.logprob for t, lp in entry.items()})
+        result.text_offset.append(text_offset)
+        text_offset += len(token)
+    return result
+
+
+def chat_logprobs(tokenizer: Any, output: CompletionOutput, start: int, num_top: int) -> ChatLogprobs | None:
+    if output.logprobs is None:
+        return None
+    content = [_token_logprob(tokenizer, token_id, entry, num_top)
+               for token_id, entry in zip(output.token_ids[start:], output.logprobs[start:])]
+    return ChatLogprobs(content=content)
+
+
+def _token_logprob(tokenizer: Any, token_id: int, entry: dict[int, Logprob], num_top: int) -> TokenLogprob:
+    ranked = sorted(entry.items(), key=lambda item: item[1].rank)[:num_top]
+    top = [_top(token_text(tokenizer, t, lp), lp.logprob) for t, lp in ranked]
+    token = token_text(tokenizer, token_id, entry[token_id])
+    return TokenLogprob(token=token, logprob=entry[token_id].logprob, bytes=list(token.encode()), top_logprobs=top)
+
+
+def _top(token: str, logprob: float) -> TopLogprob:
+    return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
+
+
+def token_text(tokenizer: Any, token_id: int, logprob: Logprob) -> str:
+    if logprob.decoded_token is not None:
+        return logprob.decoded_token
+    return tokenizer.decode([token_id])

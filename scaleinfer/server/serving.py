@@ -1,0 +1,199 @@
+"""What completions and chat completions share: request -> SamplingParams, the engine requests behind one
+HTTP request (one per prompt) with their latency metrics, streaming deltas, usage, and SSE framing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+
+from scaleinfer.engine.async_engine import AsyncLLMEngine, RequestStream
+from scaleinfer.outputs import CompletionOutput, RequestOutput
+from scaleinfer.sampling_params import SamplingParams
+from scaleinfer.server.errors import ApiError, bad_request, to_api_error
+from scaleinfer.server.metrics import RequestTiming, ServerMetrics
+from scaleinfer.server.protocol import SamplingRequest, Usage
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+@dataclass(slots=True)
+class ServingContext:
+    engine: AsyncLLMEngine
+    metrics: ServerMetrics
+    max_n: int = 16  # choices per prompt
+
+    def check_model(self, model: str) -> None:
+        if model != self.engine.model_name:
+            raise ApiError(404, f"The model {model!r} does not exist; this server serves "
+                                f"{self.engine.model_name!r}", param="model", code="model_not_found")
+
+
+def build_params(ctx: ServingContext, req: SamplingRequest, max_tokens: int,
+                 logprobs: int | None) -> SamplingParams:
+    """Raises InvalidRequestError (400) for values out of range."""
+    if req.n > ctx.max_n:
+        raise bad_request(f"n must be at most {ctx.max_n}, got {req.n}", "n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name):
+            raise bad_request(f"{name} is not supported, got {getattr(req, name)}", name)
+    return SamplingParams(
+        n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed,
+        stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+        ignore_eos=req.ignore_eos, logprobs=logprobs)
+
+
+async def open_requests(ctx: ServingContext, request_id: str, prompts: list[str | list[int]],
+                        params: SamplingParams) -> EngineRequests:
+    """Admit one engine request per prompt; all or none (the admitted ones are aborted on failure)."""
+    arrival = time.monotonic()
+    ids = [request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))]
+    adds = [ctx.engine.add_request(rid, prompt, params) for rid, prompt in zip(ids, prompts)]
+    results = await asyncio.gather(*adds, return_exceptions=True)
+    streams = [r for r in results if isinstance(r, RequestStream)]
+    errors = [r for r in results if not isinstance(r, RequestStream)]
+    if errors:
+        for stream in streams:
+            stream.close()
+        raise errors[0]
+    return EngineRequests(streams, params, ctx.metrics, [RequestTiming(arrival) for _ in streams])
+
+
+class EngineRequests:
+    """The engine requests behind one HTTP request, iterated together and closed together."""
+
+    def __init__(self, streams: list[RequestStream], params: SamplingParams, metrics: ServerMetrics,
+                 timings: list[RequestTiming]) -> None:
+        self.streams = streams
+        self.params = params
+        self.metrics = metrics
+        self.timings = timings
+        self.latest: list[RequestOutput | None] = [None] * len(streams)
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, cumulative output) as each arrives; records latency metrics as they finish."""
+        async for index, output in merge_streams(self.streams):
+            self.latest[index] = output
+            self._time(index, output)
+            yield index, output
+
+    async def final_outputs(self) -> list[RequestOutput]:
+        async for _ in self.outputs():
+            pass
+        return [output for output in self.latest if output is not None]
+
+    def delta_tracker(self) -> DeltaTracker:
+        return DeltaTracker(self.params.n, tuple(self.params.stop))
+
+    def close(self) -> None:
+        for stream in self.streams:
+            if not stream.finished:
+                self.metrics.requests.labels("abort").inc()
+            stream.close()
+
+    def usage(self) -> Usage:
+        outputs = [output for output in self.latest if output is not None]
+        prompt = sum(len(output.prompt_token_ids) for output in outputs)
+        completion = sum(len(c.token_ids) for output in outputs for c in output.outputs)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    def _time(self, index: int, output: RequestOutput) -> None:
+        timing = self.timings[index]
+        num_tokens = max(len(c.token_ids) for c in output.outputs)
+        if num_tokens > timing.num_tokens:
+            now = time.monotonic()
+            timing.first_token = timing.first_token or now
+            timing.last_token, timing.num_tokens = now, num_tokens
+        if output.finished:
+            self.metrics.observe(timing, output.outputs[0].finish_reason or "stop")
+
+
+async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    if len(streams) == 1:
+        async for output in streams[0]:
+            yield 0, output
+        return
+    pending = {asyncio.ensure_future(anext(stream)): i for i, stream in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                index = pending.pop(task)
+                if isinstance(task.exception(), StopAsyncIteration):
+                    continue
+                output = task.result()
+                pending[asyncio.ensure_future(anext(streams[index]))] = index
+                yield index, output
+    finally:
+        for task in pending:
+            task.cancel()
+
+
+# ---- streaming --------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ChoiceDelta:
+    """What one choice gained since the last chunk."""
+
+    index: int  # in the response: prompt_index * n + output index
+    text: str
+    output: CompletionOutput  # cumulative
+    token_start: int  # the new tokens are output.token_ids[token_start:]
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.output.finish_reason
+
+
+@dataclass(slots=True)
+class DeltaTracker:
+    """Turns cumulative outputs into per-choice deltas; text never streamed twice, never taken back."""
+
+    n: int
+    stop: tuple[str, ...] = ()
+    _sent: dict[int, tuple[int, int, bool]] = field(default_factory=dict)  # index -> chars, tokens, done
+
+    def deltas(self, prompt_index: int, output: RequestOutput) -> list[ChoiceDelta]:
+        return [d for c in output.outputs if (d := self._delta(prompt_index * self.n + c.index, c))]
+
+    def _delta(self, index: int, output: CompletionOutput) -> ChoiceDelta | None:
+        num_chars, num_tokens, done = self._sent.get(index, (0, 0, False))
+        if done or (len(output.token_ids) == num_tokens and not output.finished):
+            return None
+        # A tail that may begin a stop string can still be cut by the engine: hold it until it cannot.
+        held = 0 if output.finished else _stop_prefix_len(output.text, self.stop)
+        visible = max(num_chars, len(output.text) - held)
+        self._sent[index] = (visible, len(output.token_ids), output.finished)
+        return ChoiceDelta(index, output.text[num_chars:visible], output, num_tokens)
+
+
+def _stop_prefix_len(text: str, stop: tuple[str, ...]) -> int:
+    """Length of the longest tail of text that is a proper prefix of some stop string."""
+    return max((k for s in stop for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
+
+
+def sse(payload: BaseModel) -> str:
+    return f"data: {payload.model_dump_json(exclude_none=True)}\n\n"
+
+
+def sse_error(exc: BaseException) -> str:
+    return sse(to_api_error(exc).body())
+
+
+async def with_error_event(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Once the 200 header is out, a failure can only be told in-band: an error event, then [DONE]."""
+    async with aclosing(chunks):  # closing this closes chunks, which aborts its engine requests
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except Exception as exc:  # reported to the client as an error event
+            yield sse_error(exc)
+    yield SSE_DONE

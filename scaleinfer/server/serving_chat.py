@@ -1,0 +1,114 @@
+"""POST /v1/chat/completions: messages -> the model's chat template -> one engine request -> a
+ChatCompletionResponse or an SSE stream of chunks."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from scaleinfer.errors import InvalidRequestError
+from scaleinfer.llm import chat_prompt_ids
+from scaleinfer.server.errors import bad_request
+from scaleinfer.server.logprobs import chat_logprobs
+from scaleinfer.server.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    ChatMessageOut,
+    DeltaMessage,
+    Usage,
+)
+from scaleinfer.server.serving import (
+    EngineRequests,
+    ServingContext,
+    build_params,
+    open_requests,
+    sse,
+    with_error_event,
+)
+
+
+async def create_chat_completion(ctx: ServingContext,
+                                 req: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
+    ctx.check_model(req.model)
+    prompt_ids = render_chat(ctx.engine.tokenizer, req.messages)
+    params = build_params(ctx, req, _max_tokens(ctx, req, len(prompt_ids)), _num_logprobs(req))
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    requests = await open_requests(ctx, request_id, [prompt_ids], params)
+    if req.stream:
+        return with_error_event(_stream(ctx, req, request_id, requests))
+    try:
+        await requests.final_outputs()
+    finally:
+        requests.close()
+    return _response(ctx, req, request_id, requests)
+
+
+def render_chat(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
+    """Prompt token ids of the conversation under the model's chat template, as LLM.chat builds them."""
+    if not messages:
+        raise bad_request("messages must not be empty", "messages")
+    conversation = [{"role": m.role, "content": _text_of(m)} for m in messages]
+    try:
+        return chat_prompt_ids(tokenizer, conversation)
+    except InvalidRequestError as exc:
+        raise bad_request(str(exc), "messages") from exc
+    except Exception as exc:  # a template that rejects these messages (a role it does not know, ...)
+        raise bad_request(f"messages do not fit the chat template: {exc}", "messages") from exc
+
+
+def _text_of(message: ChatMessage) -> str:
+    if message.content is None or isinstance(message.content, str):
+        return message.content or ""
+    for part in message.content:
+        if part.type != "text" or part.text is None:
+            raise bad_request(f"only text content parts are supported, got type {part.type!r}", "messages")
+    return "".join(part.text or "" for part in message.content)
+
+
+def _max_tokens(ctx: ServingContext, req: ChatCompletionRequest, num_prompt_tokens: int) -> int:
+    """The request's limit, else all the context the prompt leaves (at least 1; the engine checks the rest)."""
+    for value in (req.max_completion_tokens, req.max_tokens):
+        if value is not None:
+            return value
+    return max(1, ctx.engine.max_model_len - num_prompt_tokens)
+
+
+def _num_logprobs(req: ChatCompletionRequest) -> int | None:
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+    return (req.top_logprobs or 0) if req.logprobs else None
+
+
+def _response(ctx: ServingContext, req: ChatCompletionRequest, request_id: str,
+              requests: EngineRequests) -> ChatCompletionResponse:
+    output = requests.latest[0]
+    assert output is not None, "a finished request has an output"
+    choices = [ChatChoice(index=c.index, message=ChatMessageOut(content=c.text), finish_reason=c.finish_reason,
+                          logprobs=chat_logprobs(ctx.engine.tokenizer, c, 0, req.top_logprobs or 0))
+               for c in output.outputs]
+    return ChatCompletionResponse(id=request_id, model=req.model, choices=choices, usage=requests.usage())
+
+
+async def _stream(ctx: ServingContext, req: ChatCompletionRequest, request_id: str,
+                  requests: EngineRequests) -> AsyncIterator[str]:
+    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        return sse(ChatCompletionChunk(id=request_id, model=req.model, choices=choices, usage=usage))
+
+    tracker = requests.delta_tracker()
+    try:
+        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                     for i in range(req.n)])
+        async for _, output in requests.outputs():
+            for d in tracker.deltas(0, output):
+                logprobs = chat_logprobs(ctx.engine.tokenizer, d.output, d.token_start, req.top_logprobs or 0)
+                yield chunk([ChatChunkChoice(index=d.index, delta=DeltaMessage(content=d.text), logprobs=logprobs,
+                                             finish_reason=d.finish_reason)])
+        if req.include_usage:
+            yield chunk([], requests.usage())
+    finally:
+        requests.close()

@@ -1,0 +1,81 @@
+"""POST /v1/completions: CompletionRequest -> engine requests -> CompletionResponse or an SSE stream."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+from scaleinfer.server.errors import bad_request
+from scaleinfer.server.logprobs import completion_logprobs
+from scaleinfer.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from scaleinfer.server.serving import (
+    ChoiceDelta,
+    EngineRequests,
+    ServingContext,
+    build_params,
+    open_requests,
+    sse,
+    with_error_event,
+)
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+
+
+async def create_completion(ctx: ServingContext,
+                            req: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
+    ctx.check_model(req.model)
+    if req.echo:
+        raise bad_request("echo is not supported", "echo")
+    prompts = normalize_prompts(req.prompt)
+    max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+    params = build_params(ctx, req, max_tokens, req.logprobs)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    requests = await open_requests(ctx, request_id, prompts, params)
+    if req.stream:
+        return with_error_event(_stream(ctx, req, request_id, requests))
+    try:
+        await requests.final_outputs()
+    finally:
+        requests.close()
+    return _response(ctx, req, request_id, requests)
+
+
+def normalize_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """One engine prompt per entry (a string or token ids); the engine checks each one."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise bad_request("prompt must not be an empty list", "prompt")
+    if isinstance(prompt[0], int):
+        return [prompt]  # type: ignore[list-item]
+    return list(prompt)  # type: ignore[arg-type]
+
+
+def _response(ctx: ServingContext, req: CompletionRequest, request_id: str,
+              requests: EngineRequests) -> CompletionResponse:
+    tracker = requests.delta_tracker()
+    choices = [_choice(ctx, delta, 0) for i, output in enumerate(requests.latest) if output is not None
+               for delta in tracker.deltas(i, output)]
+    choices.sort(key=lambda choice: choice.index)
+    return CompletionResponse(id=request_id, model=req.model, choices=choices, usage=requests.usage())
+
+
+def _choice(ctx: ServingContext, delta: ChoiceDelta, text_offset: int) -> CompletionChoice:
+    logprobs = completion_logprobs(ctx.engine.tokenizer, delta.output, delta.token_start, text_offset)
+    return CompletionChoice(index=delta.index, text=delta.text, logprobs=logprobs,
+                            finish_reason=delta.finish_reason)
+
+
+async def _stream(ctx: ServingContext, req: CompletionRequest, request_id: str,
+                  requests: EngineRequests) -> AsyncIterator[str]:
+    tracker = requests.delta_tracker()
+    try:
+        async for index, output in requests.outputs():
+            for delta in tracker.deltas(index, output):
+                offset = len(delta.output.text) - len(delta.text)
+                choice = _choice(ctx, delta, offset)
+                yield sse(CompletionResponse(id=request_id, model=req.model, choices=[choice]))
+        if req.include_usage:
+            yield sse(CompletionResponse(id=request_id, model=req.model, choices=[], usage=requests.usage()))
+    finally:
+        requests.close()

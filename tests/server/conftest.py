@@ -1,0 +1,125 @@
+"""Live servers on 127.0.0.1 over the embedded model (SmolLM2-135M, CPU, float32).
+
+`server`: in-process (uvicorn in a thread), API key required, built from an LLM whose LLM.generate
+answers were recorded first as references. `admission_server`: a subprocess through run_server with
+max_num_seqs=1 and max_waiting=1. Both load at once (two cores), since a load is most of the cost.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+from server_utils import (
+    API_KEY,
+    CHAT_MESSAGES,
+    COMPLETION_PROMPTS,
+    GREEDY,
+    MAX_BODY_BYTES,
+    MAX_MODEL_LEN,
+    LiveServer,
+    ThreadedServer,
+    engine_is_idle,
+    free_port,
+    wait_until,
+)
+
+from scaleinfer.sampling_params import SamplingParams
+
+ADMISSION_SERVER = """
+from scaleinfer.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from scaleinfer.server.app import run_server
+config = EngineConfig(model=ModelConfig(max_model_len=256), cache=CacheConfig(num_blocks=64),
+                      scheduler=SchedulerConfig(max_num_seqs=1, max_waiting=1))
+run_server(config, "127.0.0.1", {port}, None, log_level="warning")
+"""
+
+
+@dataclass
+class References:
+    """LLM.generate / LLM.chat answers (greedy, 8 tokens) from the engine the server then serves."""
+
+    completions: dict[str, str] = field(default_factory=dict)
+    chat: str = ""
+
+
+@dataclass
+class Process:
+    proc: subprocess.Popen
+    url: str
+    log_path: str
+
+    def log(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()[-3000:]
+
+
+@pytest.fixture(scope="session")
+def _admission_process(tmp_path_factory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("admission") / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", ADMISSION_SERVER.format(port=port)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    process = Process(proc, f"http://127.0.0.1:{port}", str(log_path))
+    yield process
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def server(_admission_process) -> LiveServer:  # depends on it so that both load at once
+    from scaleinfer.engine.async_engine import AsyncLLMEngine
+    from scaleinfer.llm import LLM
+    from scaleinfer.server.app import build_app
+
+    llm = LLM(max_model_len=MAX_MODEL_LEN, num_blocks=256, progress=False)
+    references = _references(llm)
+    engine = AsyncLLMEngine(llm.engine)  # the engine thread owns it from here on; llm must not be used
+    threaded = ThreadedServer(build_app(engine, api_key=API_KEY, max_body_bytes=MAX_BODY_BYTES))
+    yield LiveServer(threaded.url, engine, API_KEY, references)
+    threaded.stop()
+    engine.shutdown()
+
+
+def _references(llm) -> References:
+    params = SamplingParams(**GREEDY)
+    outputs = llm.generate(COMPLETION_PROMPTS, params)
+    chat = llm.chat(CHAT_MESSAGES, params)[0].outputs[0].text
+    return References({p: o.outputs[0].text for p, o in zip(COMPLETION_PROMPTS, outputs)}, chat)
+
+
+@pytest.fixture(scope="session")
+def admission_server(_admission_process, server) -> LiveServer:  # server: both load at once
+    process = _admission_process
+
+    def ready() -> bool:
+        if process.proc.poll() is not None:
+            raise RuntimeError(f"admission server exited with {process.proc.returncode}:\n{process.log()}")
+        try:
+            return httpx.get(f"{process.url}/health", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(ready, timeout_s=240, what="admission server health")
+    return LiveServer(process.url)
+
+
+@pytest.fixture(autouse=True)
+def _no_kv_blocks_held(request):
+    """After every server test: no request running or waiting, no KV block held."""
+    yield
+    if "server" in request.fixturenames:
+        engine = request.getfixturevalue("server").engine
+        wait_until(lambda: engine_is_idle(engine), timeout_s=10, what="engine idle with 0 KV blocks")
+    if "admission_server" in request.fixturenames:
+        live = request.getfixturevalue("admission_server")
+        wait_until(lambda: live.metrics()["scaleinfer_kv_cache_used_blocks"] == 0, timeout_s=10,
+                   what="admission server with 0 KV blocks")
