@@ -43,6 +43,7 @@ class LLMEngine:
         self.config = config
         source = resolve_model(config.model.model)
         self.model_name = config.model.model
+        self.model_path = source.path
         self.arch = source.arch
         self.tokenizer = source.load_tokenizer()
         self.max_model_len = _max_model_len(config, source.arch.max_position_embeddings)
@@ -127,7 +128,7 @@ class LLMEngine:
         for seq in updated:
             state, child = self.children[seq.request_id]
             child.record(runner_output.sampled[seq.request_id], self.tokenizer)
-            stop = child.detokenizer.update([seq.last_token_id])
+            stop = child.advance(seq.last_token_id)
             if stop is not None:
                 self._stop_on_string(seq, stop)
             state.metrics.first_token_time = state.metrics.first_token_time or now

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scaleinfer.engine.detokenizer import IncrementalDetokenizer
-from scaleinfer.engine.sequence import Sequence
+from scaleinfer.engine.sequence import Sequence, SequenceStatus
 from scaleinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, SampledToken
 
 
@@ -17,6 +17,17 @@ class SequenceState:
     detokenizer: IncrementalDetokenizer
     logprobs: list[dict[int, Logprob]] | None
     cumulative_logprob: float | None
+    text: str = ""  # streamed so far: never shrinks, so callers may send differences
+
+    def advance(self, token_id: int) -> str | None:
+        """Detokenize the newest token; returns the stop string it completed, if any."""
+        seq = self.seq
+        stop_terminated = seq.status is SequenceStatus.FINISHED_STOPPED
+        stop = self.detokenizer.update([token_id], stop_terminated=stop_terminated)
+        if stop is not None or seq.is_finished:
+            self.detokenizer.finish()
+        self.text += self.detokenizer.delta()
+        return stop
 
     def record(self, sampled: SampledToken, tokenizer: Any) -> None:
         if self.logprobs is None or sampled.logprob is None:
@@ -32,7 +43,7 @@ class SequenceState:
         seq = self.seq
         return CompletionOutput(
             index=index,
-            text=self.detokenizer.output_text,
+            text=self.text,
             token_ids=list(seq.output_token_ids),
             cumulative_logprob=self.cumulative_logprob,
             logprobs=self.logprobs,

@@ -1,0 +1,134 @@
+"""Offline throughput: scaleinfer's LLM.generate against HF transformers `generate` on the same requests.
+
+HF runs in left-padded batches and generates to the longest request of each batch; both count only the
+tokens each request asked for (eos ignored), so the figures compare useful work per second.
+
+    python bench/throughput.py                      # the embedded model on the best device present
+    python bench/throughput.py --num-requests 32 --hf-batch-size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ceilings, write_result  # noqa: E402
+
+from scaleinfer import LLM, SamplingParams  # noqa: E402
+
+
+@dataclass(slots=True)
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+
+@dataclass(slots=True)
+class Figures:
+    seconds: float
+    output_tok_s: float
+    total_tok_s: float
+
+
+def make_workload(n: int, prompt_range: tuple[int, int], output_range: tuple[int, int], vocab: int, seed: int):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(100, vocab) for _ in range(rng.randint(*prompt_range))] for _ in range(n)]
+    return Workload(prompts, [rng.randint(*output_range) for _ in range(n)])
+
+
+def figures(work: Workload, seconds: float) -> Figures:
+    total = work.num_output_tokens + sum(map(len, work.prompts))
+    return Figures(seconds, work.num_output_tokens / seconds, total / seconds)
+
+
+def run_scaleinfer(llm: LLM, work: Workload) -> Figures:
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in work.output_lens]
+    start = time.perf_counter()
+    outputs = llm.generate(work.prompts, params)
+    seconds = time.perf_counter() - start
+    assert [len(o.outputs[0].token_ids) for o in outputs] == work.output_lens
+    return figures(work, seconds)
+
+
+def run_hf(model, work: Workload, batch_size: int, pad_id: int) -> Figures:
+    start = time.perf_counter()
+    for first in range(0, len(work.prompts), batch_size):
+        prompts = work.prompts[first : first + batch_size]
+        new_tokens = max(work.output_lens[first : first + batch_size])
+        _hf_generate(model, prompts, new_tokens, pad_id)
+    return figures(work, time.perf_counter() - start)
+
+
+def _hf_generate(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> None:
+    width = max(map(len, prompts))
+    device = model.device
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, pad_token_id=pad_id)
+
+
+def load_hf(gguf: Path, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    return model.to(device).eval()
+
+
+def main() -> None:
+    args = _parse()
+    llm = LLM(device=args.device, progress=False)
+    device = llm.engine.runner.device
+    dtype = llm.engine.runner.dtype
+    vocab = llm.engine.arch.vocab_size
+    gguf = Path(llm.engine.model_path)
+    hf = load_hf(gguf, device, dtype)
+    pad_id = llm.get_tokenizer().pad_token_id or 0
+    batch = make_workload(args.num_requests, (args.min_prompt, args.max_prompt), (args.min_output, args.max_output),
+                          vocab, args.seed)
+    single = make_workload(1, (128, 128), (64, 64), vocab, args.seed + 1)
+    ours = {"batch": run_scaleinfer(llm, batch), "batch_1": run_scaleinfer(llm, single)}
+    peer = {"batch": run_hf(hf, batch, args.hf_batch_size, pad_id), "batch_1": run_hf(hf, single, 1, pad_id)}
+    result = {
+        "model": "SmolLM2-135M-Instruct (embedded GGUF, dequantized)",
+        "device": str(device), "dtype": str(dtype),
+        "workload": vars(args),
+        "ceilings": ceilings(device, dtype),
+        "scaleinfer": {k: asdict(v) for k, v in ours.items()},
+        "hf_transformers": {k: asdict(v) for k, v in peer.items()},
+        "ratio_output_tok_s": {k: ours[k].output_tok_s / peer[k].output_tok_s for k in ours},
+    }
+    path = write_result("throughput", device, result)
+    for key in ours:
+        print(f"{key}: scaleinfer {ours[key].output_tok_s:.1f} tok/s, HF {peer[key].output_tok_s:.1f} tok/s, "
+              f"ratio {result['ratio_output_tok_s'][key]:.2f}")
+    print(f"wrote {path}")
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--num-requests", type=int, default=32)
+    parser.add_argument("--hf-batch-size", type=int, default=32)
+    parser.add_argument("--min-prompt", type=int, default=32)
+    parser.add_argument("--max-prompt", type=int, default=256)
+    parser.add_argument("--min-output", type=int, default=16)
+    parser.add_argument("--max-output", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main()
