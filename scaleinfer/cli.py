@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from scaleinfer.config import DTYPES, EMBEDDED_MODEL_ALIAS, EngineConfig, ModelConfig, SchedulerConfig, env_str
-from scaleinfer.errors import ScaleInferError
+from scaleinfer.errors import InvalidRequestError, ScaleInferError
 from scaleinfer.sampling_params import SamplingParams
 
 
@@ -97,6 +97,8 @@ def _load_engine(args: argparse.Namespace):
 
 def _run_generate(args: argparse.Namespace) -> int:
     params = _sampling_params(args)  # validated before the model loads
+    if not args.prompt:
+        raise InvalidRequestError("prompt is empty")
     engine = _load_engine(args)
     prompt = args.prompt
     if args.chat:

@@ -1,0 +1,43 @@
+"""The `scaleinfer` command end to end on the embedded model, in a subprocess as a user runs it."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scaleinfer.cli", *args], capture_output=True, text=True,
+                          input=stdin, timeout=600)
+
+
+def test_generate_names_paris():
+    result = run_cli("generate", "The capital of France is", "--temperature", "0", "--max-tokens", "12",
+                     "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The capital of France is")
+    assert "Paris" in result.stdout
+    assert "tokens, time to first token" in result.stderr and "tok/s" in result.stderr
+
+
+def test_chat_session_answers_and_ends_on_empty_line():
+    result = run_cli("chat", "--temperature", "0", "--max-tokens", "16", "--device", "cpu",
+                     stdin="What is the capital of France?\n\n")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["generate", "hi", "--model", "/no/such/model"], "/no/such/model"),
+    (["generate", "hi", "--temperature", "-1"], "temperature must be >= 0, got -1.0"),
+    (["generate", "hi", "--top-p", "0"], "top_p must be in (0, 1], got 0.0"),
+    (["generate", "hi", "--max-tokens", "0"], "max_tokens must be an integer >= 1, got 0"),
+    (["generate", "", "--device", "cpu"], "prompt is empty"),
+])
+def test_bad_input_is_one_line_and_nonzero(args, fragment):
+    result = run_cli(*args)
+    assert result.returncode == 1
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and sum(line.startswith("error") for line in lines) == 1
