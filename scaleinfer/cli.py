@@ -11,6 +11,7 @@ from typing import TextIO
 from scaleinfer.config import DTYPES, EMBEDDED_MODEL_ALIAS, EngineConfig, ModelConfig, SchedulerConfig, env_str
 from scaleinfer.errors import InvalidRequestError, ScaleInferError
 from scaleinfer.sampling_params import SamplingParams
+from scaleinfer.tokenizer import apply_chat_template
 
 
 @dataclass(slots=True)
@@ -102,9 +103,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     engine = _load_engine(args)
     prompt = args.prompt
     if args.chat:
-        from scaleinfer.llm import chat_prompt_ids
-
-        prompt = chat_prompt_ids(engine.tokenizer, [{"role": "user", "content": args.prompt}])
+        prompt = apply_chat_template(engine.tokenizer, [{"role": "user", "content": args.prompt}])
     else:
         sys.stdout.write(args.prompt)
     summary = stream(engine, prompt, params, sys.stdout)
@@ -113,15 +112,13 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _run_chat(args: argparse.Namespace) -> int:
-    from scaleinfer.llm import chat_prompt_ids
-
     params = _sampling_params(args)
     engine = _load_engine(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat with the model; an empty line or Ctrl-D ends it", file=sys.stderr)
     for line in _prompts(sys.stdin):
         messages.append({"role": "user", "content": line})
-        summary = stream(engine, chat_prompt_ids(engine.tokenizer, messages), params, sys.stdout)
+        summary = stream(engine, apply_chat_template(engine.tokenizer, messages), params, sys.stdout)
         print(f"\n{summary.line()}", file=sys.stderr)
         messages.append({"role": "assistant", "content": summary.text})
     return 0

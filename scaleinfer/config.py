@@ -6,12 +6,13 @@ This is the only module that reads environment variables.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from scaleinfer.errors import InvalidRequestError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "dummy")
 EMBEDDED_MODEL_ALIAS = "smollm2-135m"
 
 
@@ -66,9 +67,13 @@ class ModelConfig:
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     max_model_len: int | None = None  # None: the model's own context
     seed: int = 0
+    load_format: str = "auto"  # auto: the checkpoint; dummy: random weights from config.json (benchmarks)
+    skip_tokenizer_init: bool = False  # token ids in and out, no text (models without a tokenizer)
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _require(self.load_format in LOAD_FORMATS,
+                 f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         ok = self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")
         _require(ok, f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _require(self.max_model_len is None or self.max_model_len > 0,
@@ -113,6 +118,16 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Route flat options (as LLM(...) takes them) to the sub-config that owns each field."""
+        parts = {}
+        for name, part in (("model", ModelConfig), ("cache", CacheConfig), ("scheduler", SchedulerConfig)):
+            owned = {f.name for f in fields(part)} & set(kwargs)
+            parts[name] = part(**{key: kwargs.pop(key) for key in owned})
+        _require(not kwargs, f"unknown engine options: {sorted(kwargs)}")
+        return cls(**parts)
 
 
 def env_str(name: str, default: str | None = None) -> str | None:

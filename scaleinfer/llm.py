@@ -5,38 +5,21 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from scaleinfer.config import EMBEDDED_MODEL_ALIAS, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from scaleinfer.config import EMBEDDED_MODEL_ALIAS, EngineConfig
 from scaleinfer.engine.llm_engine import LLMEngine
 from scaleinfer.errors import InvalidRequestError
 from scaleinfer.outputs import RequestOutput
 from scaleinfer.sampling_params import SamplingParams
+from scaleinfer.tokenizer import apply_chat_template
 
 Prompt = str | list[int]
 
 
 class LLM:
-    def __init__(
-        self,
-        model: str = EMBEDDED_MODEL_ALIAS,
-        device: str = "auto",
-        dtype: str = "auto",
-        max_model_len: int | None = None,
-        seed: int = 0,
-        block_size: int = 16,
-        kv_cache_memory: int | None = None,
-        memory_fraction: float = 0.9,
-        enable_prefix_caching: bool = True,
-        num_blocks: int | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 2048,
-        progress: bool = True,
-    ) -> None:
-        config = EngineConfig(
-            model=ModelConfig(model=model, device=device, dtype=dtype, max_model_len=max_model_len, seed=seed),
-            cache=CacheConfig(block_size=block_size, kv_cache_memory=kv_cache_memory, memory_fraction=memory_fraction,
-                              enable_prefix_caching=enable_prefix_caching, num_blocks=num_blocks),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
-        )
+    def __init__(self, model: str = EMBEDDED_MODEL_ALIAS, progress: bool = True, **engine_options: Any) -> None:
+        """engine_options: any field of ModelConfig, CacheConfig or SchedulerConfig, e.g. device="cpu",
+        dtype="bfloat16", kv_cache_memory=4 << 30, num_blocks=64, max_num_batched_tokens=512, seed=0."""
+        config = EngineConfig.from_kwargs(model=model, **engine_options)
         self.engine = LLMEngine(config, progress=progress)
         self._ids = itertools.count()
 
@@ -67,7 +50,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation and generate the assistant's turn."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [chat_prompt_ids(self.engine.tokenizer, c) for c in conversations]
+        prompts = [apply_chat_template(self.engine.tokenizer, c) for c in conversations]
         return self.generate(prompts, sampling_params)
 
     def _run(self, request_ids: list[str]) -> list[RequestOutput]:
@@ -77,13 +60,6 @@ class LLM:
                 if output.finished:
                     finished[output.request_id] = output
         return [finished[request_id] for request_id in request_ids]
-
-
-def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    if not getattr(tokenizer, "chat_template", None):
-        raise InvalidRequestError("this model's tokenizer has no chat template")
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
 def _as_prompt_list(prompts: Prompt | list[Prompt]) -> list[Prompt]:

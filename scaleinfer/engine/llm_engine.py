@@ -41,11 +41,11 @@ class LLMEngine:
         from scaleinfer.worker.model_runner import ModelRunner
 
         self.config = config
-        source = resolve_model(config.model.model)
+        source = resolve_model(config.model.model, config.model.load_format)
         self.model_name = config.model.model
         self.model_path = source.path
         self.arch = source.arch
-        self.tokenizer = source.load_tokenizer()
+        self.tokenizer = None if config.model.skip_tokenizer_init else source.load_tokenizer()
         self.max_model_len = _max_model_len(config, source.arch.max_position_embeddings)
         self.runner = ModelRunner(config.model, config.cache, source, progress=progress)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
@@ -80,17 +80,26 @@ class LLMEngine:
         if params.n > 1 and params.seed is not None:
             params = dataclasses.replace(params, seed=params.seed + index)
         seq = Sequence(seq_id, state.prompt_token_ids, params, self.eos_token_ids)
-        child = SequenceState(seq, IncrementalDetokenizer(self.tokenizer, state.prompt_token_ids, params),
+        child = SequenceState(seq, self._detokenizer(state.prompt_token_ids, params),
                               logprobs=[] if params.logprobs is not None else None,
                               cumulative_logprob=0.0 if params.logprobs is not None else None)
         self.scheduler.add(seq)
         state.children.append(child)
         self.children[seq_id] = (state, child)
 
+    def _detokenizer(self, prompt_token_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
+        if self.tokenizer is not None:
+            return IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
+        if params.stop:
+            raise InvalidRequestError(f"stop strings {params.stop} need a tokenizer; this engine skipped it")
+        return None
+
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt is empty")
+            if self.tokenizer is None:
+                raise InvalidRequestError("text prompts need a tokenizer; pass token ids (skip_tokenizer_init)")
             return prompt, self.tokenizer.encode(prompt)
         vocab_size = self.arch.vocab_size
         bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab_size]
@@ -170,6 +179,6 @@ def _max_model_len(config: EngineConfig, model_len: int) -> int:
 
 def _eos_token_ids(arch_eos: tuple[int, ...], tokenizer: Any) -> tuple[int, ...]:
     ids = list(arch_eos)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+    if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return tuple(ids)

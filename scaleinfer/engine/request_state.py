@@ -14,7 +14,7 @@ from scaleinfer.outputs import CompletionOutput, Logprob, RequestMetrics, Reques
 @dataclass(slots=True)
 class SequenceState:
     seq: Sequence
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | None  # None: token ids only (skip_tokenizer_init)
     logprobs: list[dict[int, Logprob]] | None
     cumulative_logprob: float | None
     text: str = ""  # streamed so far: never shrinks, so callers may send differences
@@ -22,6 +22,8 @@ class SequenceState:
     def advance(self, token_id: int) -> str | None:
         """Detokenize the newest token; returns the stop string it completed, if any."""
         seq = self.seq
+        if self.detokenizer is None:
+            return None
         stop_terminated = seq.status is SequenceStatus.FINISHED_STOPPED
         stop = self.detokenizer.update([token_id], stop_terminated=stop_terminated)
         if stop is not None or seq.is_finished:
@@ -75,5 +77,5 @@ class RequestState:
         )
 
 
-def _decode(tokenizer: Any, token_id: int) -> str:
-    return tokenizer.decode([token_id])
+def _decode(tokenizer: Any, token_id: int) -> str | None:
+    return None if tokenizer is None else tokenizer.decode([token_id])

@@ -50,13 +50,15 @@ class ModelSource:
         return load_tokenizer(self.path, chat_template=template)
 
 
-def resolve_model(model: str) -> ModelSource:
-    """Resolve the alias, a folder or a .gguf file; errors name the path and what is missing."""
+def resolve_model(model: str, load_format: str = "auto") -> ModelSource:
+    """Resolve the alias, a folder or a .gguf file; errors name the path and what is missing.
+
+    With load_format "dummy" a folder needs only its config.json: the weights will be random."""
     path = embedded_model_path() if model == EMBEDDED_MODEL_ALIAS else Path(model).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist")
     if path.is_dir():
-        return _from_folder(path)
+        return _from_folder(path, needs_weights=load_format != "dummy")
     if path.suffix == ".gguf":
         gguf_file = open_gguf(path)
         return ModelSource(path, "gguf", gguf_file.arch, gguf_file)
@@ -76,10 +78,11 @@ def embedded_model_path() -> Path:
     return path
 
 
-def _from_folder(folder: Path) -> ModelSource:
+def _from_folder(folder: Path, needs_weights: bool) -> ModelSource:
     if not (folder / CONFIG_NAME).is_file():
         ggufs = sorted(p.name for p in folder.glob("*.gguf"))
         hint = f"; to load a GGUF file, name it: {folder / ggufs[0]}" if ggufs else ""
         raise ModelLoadError(f"{folder} has no {CONFIG_NAME}{hint}")
-    safetensors_files(folder)  # fail now, not after the model is built, when there are none
+    if needs_weights:
+        safetensors_files(folder)  # fail now, not after the model is built, when there are none
     return ModelSource(folder, "safetensors", read_hf_config(folder))

@@ -12,6 +12,7 @@ from scaleinfer.layers.attention import Attention
 from scaleinfer.layers.sampler import SamplerOutput, sample
 from scaleinfer.models.registry import model_class
 from scaleinfer.outputs import RunnerOutput, SampledToken, SchedulerOutput
+from scaleinfer.weights.dummy import init_dummy_weights
 from scaleinfer.weights.source import ModelSource
 from scaleinfer.worker.device import resolve_device, resolve_dtype
 from scaleinfer.worker.kv_cache import allocate_kv_cache, block_bytes, num_blocks_for
@@ -26,15 +27,18 @@ class ModelRunner:
         self.dtype = resolve_dtype(model_config, self.device)
         self.block_size = cache_config.block_size
         start = time.perf_counter()
-        self.model = self._load_model(source, progress)
+        self.model = self._load_model(source, model_config, progress)
         self.load_seconds = time.perf_counter() - start
         self.num_blocks = self._init_kv_cache(cache_config)
         self.sampling = SamplingState(self.device, model_config.seed)
 
-    def _load_model(self, source: ModelSource, progress: bool) -> torch.nn.Module:
+    def _load_model(self, source: ModelSource, config: ModelConfig, progress: bool) -> torch.nn.Module:
         with _default_dtype(self.dtype), torch.device(self.device):
             model = model_class(source.arch)(source.arch)
-        model.load_weights(source.iter_weights(self.dtype, progress=progress))
+        if config.load_format == "dummy":
+            init_dummy_weights(model, config.seed)
+        else:
+            model.load_weights(source.iter_weights(self.dtype, progress=progress))
         return model.eval()
 
     def _init_kv_cache(self, config: CacheConfig) -> int:
