@@ -1,0 +1,135 @@
+"""Batch-1 latency on random bf16 weights of a real shape: scaleinfer against HF transformers eager and
+HF with a static cache (which compiles itself), all in one process on one card.
+
+    python bench/latency.py --shape llama3-8b [--prompt-len 128 --new-tokens 128] [--skip-hf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ceilings, write_result  # noqa: E402
+from shapes import SHAPES, write_config  # noqa: E402
+
+from scaleinfer import LLM, SamplingParams  # noqa: E402
+
+
+def scaleinfer_latency(folder: Path, prompt: list[int], new_tokens: int, kv_bytes: int) -> dict:
+    start = time.perf_counter()
+    llm = LLM(model=str(folder), dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True,
+              kv_cache_memory=kv_bytes, progress=False)
+    startup = time.perf_counter() - start
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm-up
+    stamps = _timed_steps(llm, prompt, params)
+    weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+    out = {"startup_s": startup, "weight_bytes": weight_bytes, **_latency_figures(stamps)}
+    out["runner"] = llm.engine.runner.describe() if hasattr(llm.engine.runner, "describe") else {}
+    del llm
+    _free()
+    return out
+
+
+def _timed_steps(llm: LLM, prompt: list[int], params: SamplingParams) -> list[float]:
+    engine = llm.engine
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    engine.add_request("latency", prompt, params)
+    stamps = [start]
+    while engine.has_unfinished_requests():
+        if engine.step():
+            stamps.append(time.perf_counter())
+    return stamps
+
+
+def _latency_figures(stamps: list[float]) -> dict:
+    ttft = stamps[1] - stamps[0]
+    decode = (stamps[-1] - stamps[1]) / (len(stamps) - 2)
+    return {"ttft_ms": ttft * 1e3, "ms_per_token": decode * 1e3, "tok_s": 1.0 / decode}
+
+
+def hf_latency(config, prompt: list[int], new_tokens: int, static: bool) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    ids = torch.tensor([prompt], device="cuda")
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
+    if static:
+        kwargs["cache_implementation"] = "static"
+    first, full = _time_generate(model, ids, new_tokens, kwargs)
+    del model
+    _free()
+    decode = (full - first) / (new_tokens - 1)
+    return {"ttft_ms": first * 1e3, "ms_per_token": decode * 1e3, "tok_s": 1.0 / decode}
+
+
+@torch.no_grad()
+def _time_generate(model, ids: torch.Tensor, new_tokens: int, kwargs: dict) -> tuple[float, float]:
+    """Seconds for 1 and for new_tokens generated tokens, after warm-up (and compilation)."""
+
+    def generate(n: int) -> None:
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+
+    for _ in range(2):
+        generate(new_tokens)
+    return _time(lambda: generate(1)), _time(lambda: generate(new_tokens))
+
+
+def _time(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    args = _parse()
+    device = torch.device("cuda")
+    prompt = [random.Random(0).randrange(1000, 30000) for _ in range(args.prompt_len)]
+    with tempfile.TemporaryDirectory() as tmp:
+        config = write_config(args.shape, Path(tmp))
+        result = {"shape": args.shape, "config": SHAPES[args.shape], "prompt_len": args.prompt_len,
+                  "new_tokens": args.new_tokens, "batch": 1, "ceilings": ceilings(device, torch.bfloat16)}
+        if not args.skip_hf:
+            result["hf_eager"] = hf_latency(config, prompt, args.new_tokens, static=False)
+            result["hf_static_compile"] = hf_latency(config, prompt, args.new_tokens, static=True)
+        result["scaleinfer"] = ours = scaleinfer_latency(Path(tmp), prompt, args.new_tokens, args.kv_cache_gib << 30)
+    copy = result["ceilings"]["copy_gb_s"]
+    # A decode step reads every weight once: bytes / step time, against the copy bandwidth.
+    ours["weight_gb_s"] = ours["weight_bytes"] / ours["ms_per_token"] / 1e6
+    ours["fraction_of_copy_bandwidth"] = ours["weight_gb_s"] / copy
+    result["ratios"] = {f"tok_s_vs_{peer}": ours["tok_s"] / result[peer]["tok_s"]
+                        for peer in ("hf_eager", "hf_static_compile") if peer in result}
+    path = write_result(f"latency-{args.shape}", device, result)
+    print({k: v for k, v in result.items() if k != "config"})
+    print(f"wrote {path}")
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--kv-cache-gib", type=int, default=8)
+    parser.add_argument("--skip-hf", action="store_true")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Real architectures' shapes for random-weight benchmarks: an HF config.json written to a folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+
+SHAPES: dict[str, dict] = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0),
+    "llama3-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                      tie_word_embeddings=True),
+}
+
+
+def write_config(shape: str, folder: Path):
+    """Save the shape's LlamaConfig to folder/config.json and return it."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(**SHAPES[shape], rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001)
+    config.save_pretrained(folder)
+    return config
