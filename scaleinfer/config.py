@@ -69,6 +69,7 @@ class ModelConfig:
     seed: int = 0
     load_format: str = "auto"  # auto: the checkpoint; dummy: random weights from config.json (benchmarks)
     skip_tokenizer_init: bool = False  # token ids in and out, no text (models without a tokenizer)
+    enforce_eager: bool = False  # GPU: no CUDA graphs for decode steps
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")

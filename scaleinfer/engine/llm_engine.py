@@ -47,7 +47,8 @@ class LLMEngine:
         self.arch = source.arch
         self.tokenizer = None if config.model.skip_tokenizer_init else source.load_tokenizer()
         self.max_model_len = _max_model_len(config, source.arch.max_position_embeddings)
-        self.runner = ModelRunner(config.model, config.cache, source, progress=progress)
+        self.runner = ModelRunner(config.model, config.cache, source, self.max_model_len,
+                                  config.scheduler.max_num_seqs, progress=progress)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
         scheduler_config = dataclasses.replace(config.scheduler, max_model_len=self.max_model_len)

@@ -14,15 +14,16 @@ from scaleinfer.models.registry import model_class
 from scaleinfer.outputs import RunnerOutput, SampledToken, SchedulerOutput
 from scaleinfer.weights.dummy import init_dummy_weights
 from scaleinfer.weights.source import ModelSource
+from scaleinfer.worker.cuda_graph import DecodeGraphs, capture_sizes
 from scaleinfer.worker.device import resolve_device, resolve_dtype
 from scaleinfer.worker.kv_cache import allocate_kv_cache, block_bytes, num_blocks_for
 from scaleinfer.worker.sampling_batch import SamplingState
-from scaleinfer.worker.step_inputs import build_step_inputs
+from scaleinfer.worker.step_inputs import StepInputs, build_step_inputs
 
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, source: ModelSource,
-                 progress: bool = True) -> None:
+                 max_model_len: int | None = None, max_num_seqs: int = 256, progress: bool = True) -> None:
         self.device = resolve_device(model_config)
         self.dtype = resolve_dtype(model_config, self.device)
         self.block_size = cache_config.block_size
@@ -31,6 +32,20 @@ class ModelRunner:
         self.load_seconds = time.perf_counter() - start
         self.num_blocks = self._init_kv_cache(cache_config)
         self.sampling = SamplingState(self.device, model_config.seed)
+        self.graphs = None
+        if self.device.type == "cuda" and not model_config.enforce_eager:
+            max_blocks = -(-(max_model_len or source.arch.max_position_embeddings) // self.block_size)
+            self.graphs = DecodeGraphs(self.model, capture_sizes(max_num_seqs), max_blocks, self.num_blocks,
+                                       self.block_size, self.device)
+            self.graphs.capture()
+
+    def describe(self) -> dict[str, object]:
+        """Start-up facts for logs and benchmark records."""
+        graphs = self.graphs
+        return {"device": str(self.device), "dtype": str(self.dtype), "num_blocks": self.num_blocks,
+                "block_size": self.block_size, "load_seconds": self.load_seconds,
+                "cuda_graph_sizes": graphs.sizes if graphs else [],
+                "cuda_graph_capture_seconds": graphs.capture_seconds if graphs else 0.0}
 
     def _load_model(self, source: ModelSource, config: ModelConfig, progress: bool) -> torch.nn.Module:
         with _default_dtype(self.dtype), torch.device(self.device):
@@ -46,8 +61,9 @@ class ModelRunner:
         kv_heads, head_dim = layers[0].num_kv_heads, layers[0].head_dim
         per_block = block_bytes(self.model.arch, kv_heads, self.block_size, self.dtype)
         num_blocks = num_blocks_for(config, per_block, self.device)
+        # One block more than the scheduler sees: the scratch block that padded graph rows write to.
         caches = allocate_kv_cache(
-            len(layers), num_blocks, self.block_size, kv_heads, head_dim, self.dtype, self.device
+            len(layers), num_blocks + 1, self.block_size, kv_heads, head_dim, self.dtype, self.device
         )
         for layer, (k_cache, v_cache) in zip(layers, caches):
             layer.k_cache, layer.v_cache = k_cache, v_cache
@@ -59,12 +75,18 @@ class ModelRunner:
         if output.is_empty:
             return RunnerOutput(sampled={})
         inputs = build_step_inputs(output, self.block_size, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn)  # [num_tokens, hidden]
+        hidden = self._forward(inputs)  # [num_tokens, hidden]
         if not inputs.sampled:
             return RunnerOutput(sampled={})
         logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [num_sampled, vocab]
         result = sample(logits, self.sampling.batch(inputs.sampled), self.sampling.default_generator)
         return RunnerOutput(sampled=dict(zip([s.request_id for s in inputs.sampled], _to_host(result))))
+
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.can_run(inputs):
+            return self.graphs.run(inputs)
+        return self.model(inputs.input_ids, inputs.positions, inputs.attn)
 
 
 def _to_host(result: SamplerOutput) -> list[SampledToken]:
