@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: GPU tests, then the benchmarks; logs and JSON results under $OUT.
+# Usage (from the repo root there): bash bench/gpu_suite.sh [tests|latency|throughput|all]
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+what=${1:-all}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+if [[ $what == tests || $what == all ]]; then
+  python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log"
+fi
+if [[ $what == latency || $what == all ]]; then
+  python3 bench/latency.py --shape llama3-8b 2>&1 | tee "$OUT/latency.log"
+fi
+if [[ $what == throughput || $what == all ]]; then
+  python3 bench/throughput.py 2>&1 | tee "$OUT/throughput.log"
+fi
+cp bench/results/*.json "$OUT/" 2>/dev/null || true
