@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
@@ -33,8 +32,7 @@ from scaleinfer.server.serving_chat import create_chat_completion
 from scaleinfer.server.serving_completion import create_completion
 
 # Answered in the ExceptionMiddleware; `Exception` (a 500) goes to the ServerErrorMiddleware, which logs it.
-_HANDLED = (ApiError, InvalidRequestError, QueueFullError, EngineDeadError, StarletteHTTPException,
-            RequestValidationError, Exception)
+_HANDLED = (ApiError, InvalidRequestError, QueueFullError, EngineDeadError, StarletteHTTPException, Exception)
 T = TypeVar("T")
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
 
@@ -82,8 +80,6 @@ async def _check_api_key(request: Request) -> None:
 async def _error_response(request: Request, exc: Exception) -> Response:
     if isinstance(exc, StarletteHTTPException):
         exc = ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
-    elif isinstance(exc, RequestValidationError):
-        exc = ApiError(422, str(exc.errors()[:1]), code="invalid_type")
     error = to_api_error(exc)
     _ctx(request).metrics.errors.labels(str(error.status)).inc()
     return JSONResponse(error.body().model_dump(), status_code=error.status, headers=error.headers)

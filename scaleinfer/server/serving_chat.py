@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from scaleinfer.errors import InvalidRequestError
-from scaleinfer.llm import chat_prompt_ids
 from scaleinfer.server.errors import bad_request
 from scaleinfer.server.logprobs import chat_logprobs
 from scaleinfer.server.protocol import (
@@ -30,6 +29,7 @@ from scaleinfer.server.serving import (
     sse,
     with_error_event,
 )
+from scaleinfer.tokenizer import apply_chat_template
 
 
 async def create_chat_completion(ctx: ServingContext,
@@ -54,7 +54,7 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
         raise bad_request("messages must not be empty", "messages")
     conversation = [{"role": m.role, "content": _text_of(m)} for m in messages]
     try:
-        return chat_prompt_ids(tokenizer, conversation)
+        return apply_chat_template(tokenizer, conversation)
     except InvalidRequestError as exc:
         raise bad_request(str(exc), "messages") from exc
     except Exception as exc:  # a template that rejects these messages (a role it does not know, ...)

@@ -7,6 +7,7 @@ max_num_seqs=1 and max_waiting=1. Both load at once (two cores), since a load is
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class Process:
     proc: subprocess.Popen
     url: str
     log_path: str
+    ready: bool = False
 
     def log(self) -> str:
         with open(self.log_path) as f:
@@ -66,16 +68,24 @@ def _admission_process(tmp_path_factory):
                                 stdout=log, stderr=subprocess.STDOUT)
     process = Process(proc, f"http://127.0.0.1:{port}", str(log_path))
     yield process
-    proc.terminate()
+    if not process.ready:  # still loading: a SIGTERM then ends it uncleanly, as any program
+        proc.kill()
+        proc.wait(timeout=10)
+        return
+    proc.terminate()  # uvicorn shuts down gracefully, then re-raises the signal: exit code -SIGTERM
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=10)
+        raise AssertionError(f"run_server did not stop within 30 s of SIGTERM:\n{process.log()}") from None
+    assert proc.returncode in (0, -signal.SIGTERM), process.log()
 
 
 @pytest.fixture(scope="session")
-def server(_admission_process) -> LiveServer:  # depends on it so that both load at once
+def server(request) -> LiveServer:
+    if any("admission_server" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("_admission_process")  # start it first: both models load at once
     from scaleinfer.engine.async_engine import AsyncLLMEngine
     from scaleinfer.llm import LLM
     from scaleinfer.server.app import build_app
@@ -109,6 +119,7 @@ def admission_server(_admission_process, server) -> LiveServer:  # server: both 
             return False
 
     wait_until(ready, timeout_s=240, what="admission server health")
+    process.ready = True
     return LiveServer(process.url)
 
 

@@ -39,6 +39,8 @@ CASES = {
     "prompt longer than context": ("/v1/completions", body(prompt=[17] * (MAX_MODEL_LEN + 10)), 400, None,
                                    "context"),
     "empty prompt": ("/v1/completions", body(prompt=""), 400, "prompt", "empty"),
+    "one empty prompt of a batch": ("/v1/completions", body(prompt=["Hello", ""]), 400, "prompt", "empty"),
+    "empty prompt list": ("/v1/completions", body(prompt=[]), 400, "prompt", "empty"),
     "token id out of vocabulary": ("/v1/completions", body(prompt=[1, 10**9]), 400, "prompt", "prompt"),
     "unknown model": ("/v1/completions", body(model="gpt-17"), 404, "model", "gpt-17"),
     "n too large": ("/v1/completions", body(n=1000), 400, "n", "n must be at most"),

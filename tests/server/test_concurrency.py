@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import openai
 import pytest
 from server_utils import COMPLETION_PROMPTS, GREEDY, MODEL, wait_until
@@ -68,3 +69,13 @@ def test_64_streams_with_a_quarter_disconnecting(server):
     generated = metrics["scaleinfer_generation_tokens_total"] - before["scaleinfer_generation_tokens_total"]
     num_dropped = NUM_REQUESTS // DISCONNECT_EVERY
     assert generated < (NUM_REQUESTS - num_dropped) * GREEDY["max_tokens"] + num_dropped * DROPPED_MAX_TOKENS / 4
+
+
+def test_non_streaming_client_that_leaves_is_aborted(server):
+    """A non-streaming request holds no socket writes to fail on; the server watches for the disconnect."""
+    before = server.metrics()['scaleinfer_requests_total{finish_reason="abort"}']
+    request = {"model": MODEL, "prompt": "Tell me a story:", "max_tokens": 480, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # ~15 s of decoding if it were not aborted
+        httpx.post(f"{server.url}/v1/completions", json=request, headers=server.headers, timeout=1.0)
+    wait_until(lambda: server.engine.stats().num_running == 0, timeout_s=5, what="the request aborted")
+    assert server.metrics()['scaleinfer_requests_total{finish_reason="abort"}'] == before + 1

@@ -1,0 +1,74 @@
+"""A scripted stand-in for LLMEngine (same methods, no model): one token per step per request."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from scaleinfer.errors import InvalidRequestError
+from scaleinfer.outputs import CompletionOutput, RequestOutput
+from scaleinfer.sampling_params import SamplingParams
+
+
+@dataclass
+class FakeStats:
+    num_running: int
+    num_waiting: int = 0
+    num_used_blocks: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_hit_rate: float = 0.0
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+
+
+@dataclass
+class FakeEngine:
+    """One token per step per request; prompts "bad" and "boom" fail in add_request; step can be made to fail."""
+
+    model_name: str = "fake"
+    max_model_len: int = 64
+    tokenizer: object = None
+    fail_step: bool = False
+    requests: dict[str, tuple[int, list[int]]] = field(default_factory=dict)
+    aborted: list[str] = field(default_factory=list)
+    caller_threads: set[str] = field(default_factory=set)
+
+    def add_request(self, request_id: str, prompt: str, params: SamplingParams) -> None:
+        self._touch()
+        if prompt == "bad":
+            raise InvalidRequestError("prompt is bad")
+        if prompt == "boom":
+            raise RuntimeError("tokenizer exploded")
+        self.requests[request_id] = (params.max_tokens, [])
+
+    def abort_request(self, request_ids: list[str]) -> None:
+        self._touch()
+        for request_id in request_ids:
+            self.requests.pop(request_id, None)
+            self.aborted.append(request_id)
+
+    def step(self) -> list[RequestOutput]:
+        self._touch()
+        if self.fail_step:
+            raise RuntimeError("device lost")
+        time.sleep(0.002)
+        return [self._advance(request_id) for request_id in list(self.requests)]
+
+    def _advance(self, request_id: str) -> RequestOutput:
+        max_tokens, tokens = self.requests[request_id]
+        tokens.append(len(tokens))
+        finished = len(tokens) >= max_tokens
+        if finished:
+            del self.requests[request_id]
+        completion = CompletionOutput(0, "x" * len(tokens), list(tokens), finish_reason="length" if finished else None)
+        return RequestOutput(request_id, None, [1, 2], [completion], finished)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> FakeStats:
+        return FakeStats(num_running=len(self.requests))
+
+    def _touch(self) -> None:
+        self.caller_threads.add(threading.current_thread().name)
