@@ -8,7 +8,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKEN
 what=${1:-all}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 if [[ $what == tests || $what == all ]]; then
-  python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log"
+  python3 -m pytest -q -m gpu tests/test_gpu.py tests/kernels 2>&1 | tee "$OUT/gpu_tests.log"
 fi
 if [[ $what == latency || $what == all ]]; then
   python3 bench/latency.py --shape llama3-8b 2>&1 | tee "$OUT/latency.log"
