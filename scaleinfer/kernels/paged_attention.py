@@ -69,3 +69,26 @@ def paged_prefill_attention(
         mask = torch.arange(context_len, device=q.device)[None, :] <= query_pos[:, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)
+
+
+def paged_prefill_attention_varlen(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    start_pos: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Chunks of several sequences, one after another, each as paged_prefill_attention.
+
+    q: [num_tokens, num_heads, head_dim], sequence i's chunk at rows query_start_loc[i]:query_start_loc[i + 1]
+    for its positions start_pos[i]..; block_tables: [num_seqs, max_blocks] -> [num_tokens, num_heads, head_dim].
+    """
+    out = torch.empty_like(q)
+    bounds, starts = query_start_loc.tolist(), start_pos.tolist()
+    for i, (first, last) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if last > first:
+            rows = slice(first, last)
+            out[rows] = paged_prefill_attention(q[rows], k_cache, v_cache, block_tables[i], starts[i], scale)
+    return out

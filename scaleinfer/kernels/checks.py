@@ -1,0 +1,50 @@
+"""Argument checks for kernel launchers: each failure is a ValueError naming the argument and its value."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_shape(name: str, t: torch.Tensor, shape: Sequence[int | None]) -> None:
+    """shape: expected sizes, None where any size is fine."""
+    ok = t.dim() == len(shape) and all(want is None or want == got for want, got in zip(shape, t.shape))
+    if not ok:
+        expected = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        raise ValueError(f"{name} has shape {list(t.shape)}, expected {expected}")
+
+
+def check_dtype(name: str, t: torch.Tensor, dtypes: Sequence[torch.dtype]) -> None:
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} has dtype {t.dtype}, expected one of {list(dtypes)}")
+
+
+def check_same_dtype(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
+    if t.dtype != like.dtype:
+        raise ValueError(f"{name} has dtype {t.dtype}, expected {like.dtype} like the input")
+
+
+def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    """Kernels address rows by stride but read each row's last dimension as one contiguous vector."""
+    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} has strides {t.stride()}: its last dimension must be contiguous (stride 1)")
+
+
+def check_contiguous(name: str, t: torch.Tensor) -> None:
+    if not t.is_contiguous():
+        raise ValueError(f"{name} has strides {t.stride()} for shape {list(t.shape)}: it must be contiguous")
+
+
+def check_device(device: torch.device, **tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, expected {device}")
+
+
+def check_power_of_two(name: str, value: int) -> None:
+    if value < 1 or value & (value - 1):
+        raise ValueError(f"{name} is {value}, expected a power of two")

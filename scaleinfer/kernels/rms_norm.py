@@ -1,0 +1,97 @@
+"""RMSNorm fused with the residual add before it: one read of x (and residual), one write of each output.
+
+HF order: the sum x + residual is rounded to x's dtype (it is the next residual), its variance is taken
+in float32, the normalized row is cast back to x's dtype and only then multiplied by the weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scaleinfer.kernels.checks import (
+    FLOAT_DTYPES,
+    check_device,
+    check_dtype,
+    check_last_dim_contiguous,
+    check_same_dtype,
+    check_shape,
+)
+from scaleinfer.kernels.dispatch import tl, triton, use_triton
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """x: [num_tokens, hidden]; weight: [hidden]. Out of place.
+
+    Without residual: norm(x). With it: (norm(x + residual), x + residual), the sum in x's dtype.
+    The output's dtype is weight's and x's promoted (x's when they match).
+    """
+    if use_triton(x):
+        return rms_norm_triton(x, weight, eps, residual)
+    return rms_norm_ref(x, weight, eps, residual)
+
+
+def rms_norm_ref(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    if residual is not None:
+        x = x + residual
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * xf.to(x.dtype)
+    return out if residual is None else (out, x)
+
+
+def rms_norm_triton(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    _check(x, weight, residual)
+    num_tokens, hidden = x.shape
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    new_residual = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else out
+    res = residual if residual is not None else x  # unread when HAS_RESIDUAL is off
+    block = triton.next_power_of_2(hidden)
+    _rms_norm_kernel[(num_tokens,)](
+        x, res, weight, out, new_residual,
+        x.stride(0), res.stride(0), out.stride(0), new_residual.stride(0), hidden, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(max(block // 512, 1), 16),
+    )
+    return out if residual is None else (out, new_residual)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> None:
+    check_shape("x", x, [None, None])
+    check_dtype("x", x, FLOAT_DTYPES)
+    check_last_dim_contiguous("x", x)
+    check_shape("weight", weight, [x.shape[1]])
+    check_dtype("weight", weight, FLOAT_DTYPES)
+    check_last_dim_contiguous("weight", weight)
+    check_device(x.device, weight=weight)
+    if residual is not None:
+        check_shape("residual", residual, list(x.shape))
+        check_same_dtype("residual", residual, x)
+        check_last_dim_contiguous("residual", residual)
+        check_device(x.device, residual=residual)
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr,
+    x_stride, res_stride, out_stride, new_res_stride, hidden, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # One program per token row; the whole row sits in registers (BLOCK >= hidden).
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        res = tl.load(res_ptr + row * res_stride + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + res.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(new_res_ptr + row * new_res_stride + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / hidden + eps)
+    normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * out_stride + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,156 @@
+"""Rotary position embedding fused with writing K and V into their cache pages.
+
+One pass per token: q and k are rotated in place (rotate-half layout, as HF Llama), and the rotated k
+and v are stored at the token's slot. Equal to RotaryEmbedding followed by write_kv_cache. A token whose
+slot is negative (padding in a captured batch) is rotated but not written.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scaleinfer.kernels.checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_contiguous,
+    check_device,
+    check_dtype,
+    check_last_dim_contiguous,
+    check_same_dtype,
+    check_shape,
+)
+from scaleinfer.kernels.dispatch import tl, triton, use_triton
+from scaleinfer.kernels.paged_attention import write_kv_cache
+
+
+def rotary_kv(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> None:
+    """Rotate q and k in place and write k, v into the caches.
+
+    positions, slot_mapping: [num_tokens] int32/int64; q: [num_tokens, num_heads, head_dim];
+    k, v: [num_tokens, num_kv_heads, head_dim] (views of a fused QKV output are fine: only the last
+    dimension must be contiguous); cos_cache, sin_cache: [max_position, head_dim / 2] float32;
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim] in q's dtype.
+    """
+    run = rotary_kv_triton if use_triton(q) else rotary_kv_ref
+    run(positions, q, k, v, cos_cache, sin_cache, k_cache, v_cache, slot_mapping)
+
+
+def rotary_kv_ref(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> None:
+    cos = cos_cache[positions].to(q.dtype).unsqueeze(1)  # [num_tokens, 1, head_dim / 2]
+    sin = sin_cache[positions].to(q.dtype).unsqueeze(1)
+    q.copy_(_rotate(q, cos, sin))
+    k.copy_(_rotate(k, cos, sin))
+    keep = slot_mapping >= 0
+    slots = slot_mapping.long()
+    write_kv_cache(k[keep], v[keep], k_cache, v_cache, slots[keep])
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rotary_kv_triton(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> None:
+    _check(positions, q, k, v, cos_cache, sin_cache, k_cache, v_cache, slot_mapping)
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = k.shape[1], k_cache.shape[1]
+    _rotary_kv_kernel[(num_tokens,)](
+        positions, slot_mapping, q, k, v, cos_cache, sin_cache, k_cache, v_cache,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_cache.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HALF_DIM=head_dim // 2, BLOCK_SIZE=block_size,
+        BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KVH=triton.next_power_of_2(num_kv_heads),
+        BLOCK_D=triton.next_power_of_2(head_dim // 2), num_warps=4,
+    )
+
+
+def _check(positions, q, k, v, cos_cache, sin_cache, k_cache, v_cache, slot_mapping) -> None:
+    check_shape("q", q, [None, None, None])
+    num_tokens, _, head_dim = q.shape
+    check_dtype("q", q, FLOAT_DTYPES)
+    if head_dim % 2:
+        raise ValueError(f"q has head_dim {head_dim}: rotate-half needs it even")
+    check_shape("k", k, [num_tokens, None, head_dim])
+    check_shape("v", v, list(k.shape))
+    check_shape("positions", positions, [num_tokens])
+    check_shape("slot_mapping", slot_mapping, [num_tokens])
+    check_shape("cos_cache", cos_cache, [None, head_dim // 2])
+    check_shape("sin_cache", sin_cache, list(cos_cache.shape))
+    check_shape("k_cache", k_cache, [None, None, k.shape[1], head_dim])
+    check_shape("v_cache", v_cache, list(k_cache.shape))
+    for name, t in dict(k=k, v=v, k_cache=k_cache, v_cache=v_cache).items():
+        check_same_dtype(name, t, q)
+    for name, t in dict(positions=positions, slot_mapping=slot_mapping).items():
+        check_dtype(name, t, INDEX_DTYPES)
+    for name, t in dict(cos_cache=cos_cache, sin_cache=sin_cache).items():
+        check_dtype(name, t, [torch.float32])
+    for name, t in dict(q=q, k=k, v=v, cos_cache=cos_cache, sin_cache=sin_cache).items():
+        check_last_dim_contiguous(name, t)
+    if sin_cache.stride() != cos_cache.stride():
+        raise ValueError(f"sin_cache has strides {sin_cache.stride()}, cos_cache {cos_cache.stride()}: must match")
+    check_contiguous("k_cache", k_cache)
+    check_contiguous("v_cache", v_cache)
+    check_device(q.device, positions=positions, k=k, v=v, cos_cache=cos_cache, sin_cache=sin_cache,
+                 k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+
+
+@triton.jit
+def _rotate_heads(x_ptr, token_stride, head_stride, token, cos, sin,
+                  NUM: tl.constexpr, HALF_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rotate one token's NUM heads in place; returns the rotated halves [BLOCK_H, BLOCK_D] in x's dtype."""
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    dims = tl.arange(0, BLOCK_D)[None, :]
+    mask = (heads < NUM) & (dims < HALF_DIM)
+    ptr = x_ptr + token * token_stride + heads * head_stride + dims
+    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptr + HALF_DIM, mask=mask, other=0.0).to(tl.float32)
+    r1 = (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty)
+    r2 = (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty)
+    tl.store(ptr, r1, mask=mask)
+    tl.store(ptr + HALF_DIM, r2, mask=mask)
+    return r1, r2
+
+
+@triton.jit
+def _rotary_kv_kernel(
+    pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr,
+    q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, cos_stride,
+    cache_stride_block, cache_stride_slot, cache_stride_head,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per token: all its query heads, then its KV heads into the cache.
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)[None, :]
+    # The caches hold float32 angles; round them to the run dtype as the reference does.
+    cos = tl.load(cos_ptr + pos * cos_stride + dims, mask=dims < HALF_DIM, other=0.0)
+    sin = tl.load(sin_ptr + pos * cos_stride + dims, mask=dims < HALF_DIM, other=0.0)
+    cos = cos.to(q_ptr.dtype.element_ty).to(tl.float32)  # [1, BLOCK_D]
+    sin = sin.to(q_ptr.dtype.element_ty).to(tl.float32)
+    _rotate_heads(q_ptr, q_stride_t, q_stride_h, token, cos, sin, NUM_HEADS, HALF_DIM, BLOCK_H, BLOCK_D)
+    k1, k2 = _rotate_heads(k_ptr, k_stride_t, k_stride_h, token, cos, sin, NUM_KV_HEADS, HALF_DIM, BLOCK_KVH, BLOCK_D)
+
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    heads = tl.arange(0, BLOCK_KVH)[:, None]
+    num_written = tl.where(slot >= 0, NUM_KV_HEADS, 0)  # a negative slot writes no head
+    mask = (heads < num_written) & (dims < HALF_DIM)
+    cache_off = (slot // BLOCK_SIZE) * cache_stride_block + (slot % BLOCK_SIZE) * cache_stride_slot
+    cache_off += heads * cache_stride_head + dims  # [BLOCK_KVH, BLOCK_D]
+    tl.store(k_cache_ptr + cache_off, k1, mask=mask)
+    tl.store(k_cache_ptr + cache_off + HALF_DIM, k2, mask=mask)
+    v_ptr = v_ptr + token * v_stride_t + heads * v_stride_h + dims
+    tl.store(v_cache_ptr + cache_off, tl.load(v_ptr, mask=mask), mask=mask)
+    tl.store(v_cache_ptr + cache_off + HALF_DIM, tl.load(v_ptr + HALF_DIM, mask=mask), mask=mask)

@@ -1,0 +1,95 @@
+"""Split-K paged decode attention against paged_decode_attention."""
+
+import pytest
+import torch
+from kernel_helpers import paged_kv, tolerance
+
+from scaleinfer.kernels.decode_attention import decode_attention, decode_attention_triton
+from scaleinfer.kernels.paged_attention import paged_decode_attention
+
+CASES = [  # (context_lens, num_heads, num_kv_heads, head_dim, block_size, partition_size, dtype)
+    ([1], 4, 4, 64, 16, None, torch.float32),
+    ([1, 17, 40, 70], 8, 2, 64, 16, 32, torch.float32),  # crosses block and partition boundaries
+    ([33, 5], 4, 1, 128, 8, 16, torch.float32),
+    ([50, 16, 1], 8, 2, 128, 16, 32, torch.bfloat16),
+    ([64, 9], 4, 4, 64, 4, None, torch.bfloat16),
+]
+
+
+def run_case(case, device, **kwargs):
+    context_lens, num_heads, num_kv_heads, head_dim, block_size, partition_size, dtype = case
+    kv = paged_kv(context_lens, num_kv_heads, head_dim, block_size, dtype, device)
+    q = torch.randn(len(context_lens), num_heads, head_dim, dtype=dtype, device=device)
+    lens = torch.tensor(context_lens, device=device)
+    out = torch.full_like(q, float("nan"))  # every element must be written
+    got = decode_attention_triton(q, kv.k_cache, kv.v_cache, kv.block_tables, lens, head_dim**-0.5,
+                                  out=out, partition_size=partition_size, **kwargs)
+    expected = paged_decode_attention(q, *kv.clean(), kv.block_tables, lens, head_dim**-0.5)
+    assert got is out
+    torch.testing.assert_close(got, expected, **tolerance(dtype))
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_decode_attention_matches_reference(case, device, triton_path):
+    torch.manual_seed(300 + case)
+    run_case(CASES[case], device)
+
+
+def test_decode_attention_reads_only_to_a_tight_bound(device, triton_path):
+    """max_context_len below the table's width: fewer partitions, the same answer."""
+    torch.manual_seed(310)
+    run_case(([12, 30, 31], 4, 2, 64, 4, 16, torch.float32), device, max_context_len=31)
+
+
+def test_decode_attention_dispatch_takes_the_kernel(device, triton_path):
+    torch.manual_seed(311)
+    kv = paged_kv([20, 3], 2, 64, 16, torch.float32, device, index_dtype=torch.int64)
+    q = torch.randn(2, 4, 64, device=device)
+    lens = torch.tensor([20, 3], device=device, dtype=torch.int32)
+    got = decode_attention(q, kv.k_cache, kv.v_cache, kv.block_tables, lens, 0.125)
+    assert not got.isnan().any()  # the reference would read the poisoned padding
+    torch.testing.assert_close(got, paged_decode_attention(q, *kv.clean(), kv.block_tables, lens, 0.125))
+
+
+def test_decode_attention_launcher_rejects_bad_arguments(device, triton_path):
+    kv = paged_kv([4], 2, 64, 16, torch.float32, device)
+    q, lens = torch.randn(1, 6, 64, device=device), torch.tensor([4], device=device)
+    with pytest.raises(ValueError, match="not a multiple"):
+        decode_attention_triton(q[:, :5], kv.k_cache, kv.v_cache, kv.block_tables, lens, 1.0)
+    with pytest.raises(ValueError, match="block_tables has dtype"):
+        decode_attention_triton(q, kv.k_cache, kv.v_cache, kv.block_tables.float(), lens, 1.0)
+    with pytest.raises(ValueError, match="partition_size is 24"):
+        decode_attention_triton(q, kv.k_cache, kv.v_cache, kv.block_tables, lens, 1.0, partition_size=24)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("context_lens", [[1], [4096], [1, 17, 513, 4096, 2048, 100, 3000, 64]])
+def test_decode_attention_gpu(context_lens, cuda):
+    torch.manual_seed(len(context_lens))
+    kv = paged_kv(context_lens, 8, 128, 16, torch.bfloat16, cuda, extra_blocks=8)
+    q = torch.randn(len(context_lens), 32, 128, dtype=torch.bfloat16, device=cuda)
+    lens = torch.tensor(context_lens, device=cuda, dtype=torch.int32)
+    got = decode_attention(q, kv.k_cache, kv.v_cache, kv.block_tables, lens, 128**-0.5)
+    expected = paged_decode_attention(q.float(), *(c.float() for c in kv.clean()), kv.block_tables, lens, 128**-0.5)
+    torch.testing.assert_close(got.float(), expected, **tolerance(torch.bfloat16))
+
+
+@pytest.mark.gpu
+def test_decode_attention_replays_in_a_cuda_graph(cuda):
+    """Captured once at a fixed table width; replayed with other tables and lengths it stays right."""
+    torch.manual_seed(0)
+    kv = paged_kv([4096] * 4, 8, 128, 16, torch.bfloat16, cuda)
+    q = torch.randn(4, 32, 128, dtype=torch.bfloat16, device=cuda)
+    lens = torch.tensor([4096, 1, 2000, 300], device=cuda, dtype=torch.int32)
+    tables, out = kv.block_tables.clone(), torch.empty_like(q)
+    decode_attention(q, kv.k_cache, kv.v_cache, tables, lens, 0.1, out=out)  # compile outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode_attention(q, kv.k_cache, kv.v_cache, tables, lens, 0.1, out=out)
+    for new_lens in ([7, 4096, 1, 999], [1, 1, 1, 1]):
+        lens.copy_(torch.tensor(new_lens))
+        tables.copy_(kv.block_tables[torch.randperm(4, device=cuda)])
+        q.normal_()
+        graph.replay()
+        expected = paged_decode_attention(q.float(), *(c.float() for c in kv.clean()), tables, lens, 0.1)
+        torch.testing.assert_close(out.float(), expected, **tolerance(torch.bfloat16))
