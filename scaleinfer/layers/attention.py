@@ -1,25 +1,31 @@
 """Paged attention layer and the metadata that describes one step's batch to it.
 
 Tokens of a step are laid out decodes first (one token per sequence), then each prefill chunk
-contiguously. The runner binds k_cache / v_cache to every layer once, after sizing the cache.
+contiguously. The runner binds k_cache / v_cache to every layer once, after sizing the cache. The layer
+applies RoPE to q and k, writes k and v into their cache slots (one fused kernel), then attends.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from scaleinfer.kernels.paged_attention import paged_decode_attention, paged_prefill_attention, write_kv_cache
+from scaleinfer.kernels.decode_attention import decode_attention
+from scaleinfer.kernels.prefill_attention import prefill_attention
+from scaleinfer.kernels.rotary_kv import rotary_kv
+from scaleinfer.layers.rotary import RotaryEmbedding
 
 
 @dataclass(slots=True)
-class PrefillChunk:
-    query_start: int  # index of its first token in the step's flat token list
-    num_query: int
-    start_pos: int  # tokens of this sequence already in the cache
-    block_table: torch.Tensor  # [num_blocks] int64
+class PrefillMetadata:
+    """The step's multi-token chunks, one row per sequence."""
+
+    block_tables: torch.Tensor  # [num_prefills, max_blocks] int64
+    query_start_loc: torch.Tensor  # [num_prefills + 1], offsets from the first prefill token
+    start_pos: torch.Tensor  # [num_prefills]: tokens of each sequence already in the cache
+    max_query_len: int
 
 
 @dataclass(slots=True)
@@ -28,28 +34,30 @@ class AttentionMetadata:
     num_decodes: int
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int64
     decode_context_lens: torch.Tensor | None  # [num_decodes] int64
-    prefills: list[PrefillChunk] = field(default_factory=list)
+    prefill: PrefillMetadata | None = None
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.rotary_emb = rotary_emb
         self.k_cache = torch.empty(0)  # [num_blocks, block_size, num_kv_heads, head_dim], bound by the runner
         self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim] -> like q."""
-        write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        rope = self.rotary_emb
+        rotary_kv(positions, q, k, v, rope.cos_cache, rope.sin_cache, self.k_cache, self.v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
-        if meta.num_decodes:
-            out[: meta.num_decodes] = paged_decode_attention(
-                q[: meta.num_decodes], self.k_cache, self.v_cache,
-                meta.decode_block_tables, meta.decode_context_lens, self.scale,
-            )
-        for chunk in meta.prefills:
-            rows = slice(chunk.query_start, chunk.query_start + chunk.num_query)
-            out[rows] = paged_prefill_attention(
-                q[rows], self.k_cache, self.v_cache, chunk.block_table, chunk.start_pos, self.scale
-            )
+        n = meta.num_decodes
+        if n:
+            decode_attention(q[:n], self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                             self.scale, out=out[:n])
+        if meta.prefill is not None:
+            p = meta.prefill
+            prefill_attention(q[n:], self.k_cache, self.v_cache, p.block_tables, p.query_start_loc, p.start_pos,
+                              self.scale, max_query_len=p.max_query_len, out=out[n:])
         return out

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from scaleinfer.kernels.rms_norm import rms_norm
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
@@ -16,14 +18,4 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without residual: norm(x). With it: (norm(x + residual), x + residual)."""
-        if residual is None:
-            return rms_norm(x, self.weight, self.eps)
-        x = x + residual
-        return rms_norm(x, self.weight, self.eps), x
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Variance in float32, then back to the run dtype before the weight: the order HF uses.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, residual)

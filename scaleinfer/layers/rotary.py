@@ -1,4 +1,7 @@
-"""Rotary position embedding (the rotate-half layout HF Llama uses), with Llama 3.1 and linear scaling."""
+"""Rotary position embedding tables (the rotate-half layout HF Llama uses), with Llama 3.1 and linear scaling.
+
+The rotation itself is fused with the KV-cache write: kernels/rotary_kv.py.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from scaleinfer.errors import ModelLoadError
 
 
 class RotaryEmbedding(nn.Module):
+    """cos_cache, sin_cache: [max_position, head_dim / 2] float32, indexed by position."""
+
     def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict[str, Any] | None) -> None:
         super().__init__()
         self.head_dim = head_dim
@@ -20,17 +25,6 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(positions, inv_freq)  # [max_position, head_dim / 2]
         self.register_buffer("cos_cache", freqs.cos(), persistent=False)
         self.register_buffer("sin_cache", freqs.sin(), persistent=False)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: [num_tokens]; q: [num_tokens, num_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim]."""
-        cos = self.cos_cache[positions].to(q.dtype).unsqueeze(1)  # [num_tokens, 1, head_dim / 2]
-        sin = self.sin_cache[positions].to(q.dtype).unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 def _inv_freq(head_dim: int, base: float, scaling: dict[str, Any] | None) -> torch.Tensor:

@@ -28,8 +28,8 @@ class LlamaAttention(nn.Module):
         )
         heads, kv_heads, head_dim = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, arch.head_dim
         self.o_proj = RowParallelLinear(arch.num_attention_heads * head_dim, arch.hidden_size)
-        self.rotary_emb = RotaryEmbedding(head_dim, arch.max_position_embeddings, arch.rope_theta, arch.rope_scaling)
-        self.attn = Attention(heads, kv_heads, head_dim, scale=head_dim**-0.5)
+        rotary_emb = RotaryEmbedding(head_dim, arch.max_position_embeddings, arch.rope_theta, arch.rope_scaling)
+        self.attn = Attention(heads, kv_heads, head_dim, head_dim**-0.5, rotary_emb)
         self.split = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -38,8 +38,7 @@ class LlamaAttention(nn.Module):
         q = q.view(num_tokens, -1, head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(num_tokens, -1, head_dim)  # [num_tokens, num_kv_heads, head_dim]
         v = v.view(num_tokens, -1, head_dim)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q, k, v, meta)
+        out = self.attn(positions, q, k, v, meta)
         return self.o_proj(out.view(num_tokens, -1))
 
 

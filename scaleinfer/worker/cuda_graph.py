@@ -58,7 +58,7 @@ class DecodeGraphs:
 
     def can_run(self, inputs: StepInputs) -> bool:
         attn = inputs.attn
-        return not attn.prefills and 0 < attn.num_decodes <= self.sizes[-1]
+        return attn.prefill is None and 0 < attn.num_decodes <= self.sizes[-1]
 
     def run(self, inputs: StepInputs) -> torch.Tensor:
         """Hidden states [num_decodes, hidden] of a pure-decode step."""

@@ -6,11 +6,12 @@ rows of q are one slice and each prefill chunk another.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 
-from scaleinfer.layers.attention import AttentionMetadata, PrefillChunk
+from scaleinfer.layers.attention import AttentionMetadata, PrefillMetadata
 from scaleinfer.outputs import ScheduledSequence, SchedulerOutput
 
 
@@ -57,24 +58,32 @@ def _attention_metadata(seqs: list[ScheduledSequence], slots: list[int], device:
     decodes = [s for s in seqs if s.num_tokens == 1]
     block_tables = context_lens = None
     if decodes:
-        width = max(len(s.block_table) for s in decodes)
-        block_tables = _tensor([s.block_table + [0] * (width - len(s.block_table)) for s in decodes], device)
+        block_tables = _padded_tables(decodes, device)
         context_lens = _tensor([s.context_len for s in decodes], device)
     return AttentionMetadata(
         slot_mapping=_tensor(slots, device),
         num_decodes=len(decodes),
         decode_block_tables=block_tables,
         decode_context_lens=context_lens,
-        prefills=_prefill_chunks(seqs[len(decodes):], len(decodes), device),
+        prefill=_prefill_metadata(seqs[len(decodes):], device),
     )
 
 
-def _prefill_chunks(chunks: list[ScheduledSequence], first_token: int, device: torch.device) -> list[PrefillChunk]:
-    out = []
-    for seq in chunks:
-        out.append(PrefillChunk(first_token, seq.num_tokens, seq.start_pos, _tensor(seq.block_table, device)))
-        first_token += seq.num_tokens
-    return out
+def _prefill_metadata(chunks: list[ScheduledSequence], device: torch.device) -> PrefillMetadata | None:
+    if not chunks:
+        return None
+    lens = [s.num_tokens for s in chunks]
+    return PrefillMetadata(
+        block_tables=_padded_tables(chunks, device),
+        query_start_loc=_tensor(list(itertools.accumulate(lens, initial=0)), device),
+        start_pos=_tensor([s.start_pos for s in chunks], device),
+        max_query_len=max(lens),
+    )
+
+
+def _padded_tables(seqs: list[ScheduledSequence], device: torch.device) -> torch.Tensor:
+    width = max(len(s.block_table) for s in seqs)
+    return _tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], device)
 
 
 def _tensor(values: list, device: torch.device) -> torch.Tensor:

@@ -23,7 +23,9 @@ def test_decodes_first_then_chunks_with_slots_and_sample_rows():
     assert inputs.sample_rows.tolist() == [0, 7]
     assert [s.request_id for s in inputs.sampled] == ["b", "c"]
     assert inputs.attn.num_decodes == 1 and inputs.attn.decode_context_lens.tolist() == [6]
-    assert [(c.query_start, c.num_query, c.start_pos) for c in inputs.attn.prefills] == [(1, 5, 3), (6, 2, 0)]
+    prefill = inputs.attn.prefill
+    assert prefill.query_start_loc.tolist() == [0, 5, 7] and prefill.start_pos.tolist() == [3, 0]
+    assert prefill.block_tables.tolist() == [[7, 2], [1, 0]] and prefill.max_query_len == 5
 
 
 def test_capture_sizes_ladder():
