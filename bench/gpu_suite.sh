@@ -12,8 +12,9 @@ if [[ $what == tests || $what == all ]]; then
 fi
 if [[ $what == latency || $what == all ]]; then
   python3 bench/latency.py --shape llama3-8b 2>&1 | tee "$OUT/latency.log"
+  python3 bench/profile_step.py --shape llama3-8b 2>&1 | tail -45 | tee "$OUT/profile.log"
 fi
 if [[ $what == throughput || $what == all ]]; then
   python3 bench/throughput.py 2>&1 | tee "$OUT/throughput.log"
 fi
-cp bench/results/*.json "$OUT/" 2>/dev/null || true
+find bench/results -name "*.json" -newer "$OUT/gpu.txt" -exec cp {} "$OUT/" \;
