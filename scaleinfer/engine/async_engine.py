@@ -60,10 +60,13 @@ class RequestStream:
         """Called on self.loop only."""
         self._queue.put_nowait(item)
 
-    def close(self) -> None:
-        if not self.finished and not self._closed:
+    def close(self) -> bool:
+        """Abort the request if it is unfinished; True when this call aborted it."""
+        aborted = not self.finished and not self._closed
+        if aborted:
             self._abort(self.request_id)
         self._closed = True
+        return aborted
 
 
 @dataclass(slots=True)

@@ -45,7 +45,7 @@ def build_params(ctx: ServingContext, req: SamplingRequest, max_tokens: int,
         n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed,
-        stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+        stop=req.stop or [],
         ignore_eos=req.ignore_eos, logprobs=logprobs)
 
 
@@ -93,9 +93,8 @@ class EngineRequests:
 
     def close(self) -> None:
         for stream in self.streams:
-            if not stream.finished:
+            if stream.close():
                 self.metrics.requests.labels("abort").inc()
-            stream.close()
 
     def usage(self) -> Usage:
         outputs = [output for output in self.latest if output is not None]
