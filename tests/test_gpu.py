@@ -25,23 +25,30 @@ def needs_cuda():
 
 
 def test_llama3_8b_shape_logits_match_hf_bf16(tmp_path):
+    """Against an fp32 oracle, our bf16 logits are as close as HF's own bf16 logits (random weights give
+    no structure to hide behind, so 32 bf16 layers drift a few percent in both)."""
     from transformers import AutoModelForCausalLM
 
     config = write_config("llama3-8b", tmp_path)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        hf = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+        hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    ids = torch.randint(1000, 100000, (200,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        oracle = hf(ids[None].cuda()).logits[0]
+        hf = hf.to(torch.bfloat16)
+        hf_bf16 = hf(ids[None].cuda()).logits[0].float()
     model_config = ModelConfig(str(tmp_path), device="cuda", dtype="bfloat16", load_format="dummy", enforce_eager=True)
     runner = ModelRunner(model_config, CacheConfig(num_blocks=64), resolve_model(str(tmp_path), "dummy"),
                          progress=False)
     runner.model.load_weights(hf.state_dict().items())
-    token_ids = torch.randint(1000, 100000, (200,), generator=torch.Generator().manual_seed(0)).tolist()
-    with torch.no_grad():
-        expected = hf(torch.tensor([token_ids], device="cuda")).logits[0].float()
-    ours = prefill_logits(runner, token_ids)
-    cosine = torch.nn.functional.cosine_similarity(ours, expected, dim=-1)
-    assert cosine.min() > 0.99, cosine.min()
-    assert (ours - expected).abs().mean() < 0.02 * expected.abs().mean()
+    del hf
+    ours = prefill_logits(runner, ids.tolist())
+    ours_err = ((ours - oracle).norm() / oracle.norm()).item()
+    hf_err = ((hf_bf16 - oracle).norm() / oracle.norm()).item()
+    assert ours_err < 1.25 * hf_err + 1e-3, (ours_err, hf_err)
+    top1 = oracle.argmax(-1)
+    assert (ours.argmax(-1) == top1).float().mean() >= (hf_bf16.argmax(-1) == top1).float().mean() - 0.05
 
 
 @pytest.mark.parametrize("family", ["llama3.1", "qwen2"])
