@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then the benchmarks; logs and JSON results under $OUT.
-# Usage (from the repo root there): bash bench/gpu_suite.sh [tests|latency|throughput|all]
+# Usage (from the repo root there): bash bench/gpu_suite.sh [tests|latency|throughput|prefill|all]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -15,6 +15,10 @@ if [[ $what == latency || $what == all ]]; then
   python3 bench/profile_step.py --shape llama3-8b 2>&1 | tail -45 | tee "$OUT/profile.log"
 fi
 if [[ $what == throughput || $what == all ]]; then
-  python3 bench/throughput.py 2>&1 | tee "$OUT/throughput.log"
+  python3 bench/throughput.py --shape llama3-8b --num-requests 512 --hf-batch-size 64 \
+    --min-prompt 128 --max-prompt 1024 --min-output 128 --max-output 512 2>&1 | tee "$OUT/throughput.log"
+fi
+if [[ $what == prefill || $what == all ]]; then
+  python3 bench/prefill.py --shape llama3-8b 2>&1 | tee "$OUT/prefill.log"
 fi
 find bench/results -name "*.json" -newer "$OUT/gpu.txt" -exec cp {} "$OUT/" \;

@@ -4,7 +4,8 @@ HF runs in left-padded batches and generates to the longest request of each batc
 tokens each request asked for (eos ignored), so the figures compare useful work per second.
 
     python bench/throughput.py                      # the embedded model on the best device present
-    python bench/throughput.py --num-requests 32 --hf-batch-size 32
+    python bench/throughput.py --shape llama3-8b --num-requests 512 --hf-batch-size 64 \
+        --min-prompt 128 --max-prompt 1024 --min-output 128 --max-output 512   # random bf16 weights, GPU
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Figures:
     seconds: float
     output_tok_s: float
     total_tok_s: float
+    latency_ms: dict[str, float] | None = None  # TTFT and time per output token, p50 and p99
 
 
 def make_workload(n: int, prompt_range: tuple[int, int], output_range: tuple[int, int], vocab: int, seed: int):
@@ -58,7 +60,22 @@ def run_scaleinfer(llm: LLM, work: Workload) -> Figures:
     outputs = llm.generate(work.prompts, params)
     seconds = time.perf_counter() - start
     assert [len(o.outputs[0].token_ids) for o in outputs] == work.output_lens
-    return figures(work, seconds)
+    result = figures(work, seconds)
+    result.latency_ms = latency_percentiles(outputs)
+    return result
+
+
+def latency_percentiles(outputs) -> dict[str, float]:
+    ttft = [o.metrics.first_token_time - o.metrics.arrival_time for o in outputs]
+    tpot = [(o.metrics.finished_time - o.metrics.first_token_time) / max(1, len(o.outputs[0].token_ids) - 1)
+            for o in outputs]
+    return {f"{name}_p{q}": 1e3 * _percentile(values, q) for name, values in (("ttft", ttft), ("tpot", tpot))
+            for q in (50, 99)}
+
+
+def _percentile(values: list[float], q: int) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def run_hf(model, work: Workload, batch_size: int, pad_id: int) -> Figures:
@@ -89,37 +106,72 @@ def load_hf(gguf: Path, device: torch.device, dtype: torch.dtype):
 
 def main() -> None:
     args = _parse()
+    result = run_shape(args) if args.shape else run_embedded(args)
+    path = write_result("throughput" + (f"-{args.shape}" if args.shape else ""), torch.device(result["device"]),
+                        result)
+    for key in result["scaleinfer"]:
+        ours, peer = result["scaleinfer"][key]["output_tok_s"], result["hf_transformers"][key]["output_tok_s"]
+        print(f"{key}: scaleinfer {ours:.1f} tok/s, HF {peer:.1f} tok/s, ratio {ours / peer:.2f}")
+    print(f"wrote {path}")
+
+
+def run_embedded(args: argparse.Namespace) -> dict:
+    """The embedded SmolLM2: a batch of mixed requests and a batch of one, ours then HF, same weights."""
     llm = LLM(device=args.device, progress=False)
-    device = llm.engine.runner.device
-    dtype = llm.engine.runner.dtype
+    device, dtype = llm.engine.runner.device, llm.engine.runner.dtype
     vocab = llm.engine.arch.vocab_size
-    gguf = Path(llm.engine.model_path)
-    hf = load_hf(gguf, device, dtype)
+    hf = load_hf(Path(llm.engine.model_path), device, dtype)
     pad_id = llm.get_tokenizer().pad_token_id or 0
-    batch = make_workload(args.num_requests, (args.min_prompt, args.max_prompt), (args.min_output, args.max_output),
-                          vocab, args.seed)
+    batch = _workload(args, vocab)
     single = make_workload(1, (128, 128), (64, 64), vocab, args.seed + 1)
     ours = {"batch": run_scaleinfer(llm, batch), "batch_1": run_scaleinfer(llm, single)}
     peer = {"batch": run_hf(hf, batch, args.hf_batch_size, pad_id), "batch_1": run_hf(hf, single, 1, pad_id)}
-    result = {
-        "model": "SmolLM2-135M-Instruct (embedded GGUF, dequantized)",
-        "device": str(device), "dtype": str(dtype),
-        "workload": vars(args),
+    return _record("SmolLM2-135M-Instruct (embedded GGUF, dequantized)", device, dtype, args, ours, peer)
+
+
+def run_shape(args: argparse.Namespace) -> dict:
+    """A real architecture's shape with random bf16 weights on the GPU: HF first (then freed), then ours."""
+    import gc
+    import tempfile
+
+    from shapes import write_config
+    from transformers import AutoModelForCausalLM
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    with tempfile.TemporaryDirectory() as tmp:
+        config = write_config(args.shape, Path(tmp))
+        work = _workload(args, config.vocab_size)
+        with torch.device(device):
+            hf = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+        peer = {"batch": run_hf(hf, work, args.hf_batch_size, pad_id=0)}
+        del hf
+        gc.collect()
+        torch.cuda.empty_cache()
+        llm = LLM(model=tmp, dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True, progress=False)
+        ours = {"batch": run_scaleinfer(llm, work)}
+    return _record(f"{args.shape} shape, random bf16 weights", device, dtype, args, ours, peer)
+
+
+def _workload(args: argparse.Namespace, vocab: int) -> Workload:
+    return make_workload(args.num_requests, (args.min_prompt, args.max_prompt), (args.min_output, args.max_output),
+                         min(vocab, 32000), args.seed)
+
+
+def _record(model: str, device: torch.device, dtype: torch.dtype, args: argparse.Namespace, ours: dict,
+            peer: dict) -> dict:
+    return {
+        "model": model, "device": str(device), "dtype": str(dtype), "workload": vars(args),
         "ceilings": ceilings(device, dtype),
         "scaleinfer": {k: asdict(v) for k, v in ours.items()},
         "hf_transformers": {k: asdict(v) for k, v in peer.items()},
         "ratio_output_tok_s": {k: ours[k].output_tok_s / peer[k].output_tok_s for k in ours},
     }
-    path = write_result("throughput", device, result)
-    for key in ours:
-        print(f"{key}: scaleinfer {ours[key].output_tok_s:.1f} tok/s, HF {peer[key].output_tok_s:.1f} tok/s, "
-              f"ratio {result['ratio_output_tok_s'][key]:.2f}")
-    print(f"wrote {path}")
 
 
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--shape", default=None, help="a bench/shapes.py name: random weights on the GPU")
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--hf-batch-size", type=int, default=32)
     parser.add_argument("--min-prompt", type=int, default=32)
