@@ -19,6 +19,6 @@ if [[ $what == throughput || $what == all ]]; then
     --min-prompt 128 --max-prompt 1024 --min-output 128 --max-output 512 2>&1 | tee "$OUT/throughput.log"
 fi
 if [[ $what == prefill || $what == all ]]; then
-  python3 bench/prefill.py --shape llama3-8b 2>&1 | tee "$OUT/prefill.log"
+  python3 bench/prefill.py --shape llama3.1-8b 2>&1 | tee "$OUT/prefill.log"
 fi
 find bench/results -name "*.json" -newer "$OUT/gpu.txt" -exec cp {} "$OUT/" \;

@@ -54,7 +54,7 @@ def hf_prefill_seconds(config, prompt: list[int]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3.1-8b")
     parser.add_argument("--prompt-len", type=int, default=8192)
     parser.add_argument("--chunk", type=int, default=2048)
     args = parser.parse_args()
