@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from scaleinfer.errors import InvalidRequestError
@@ -134,3 +135,12 @@ class EngineConfig:
 def env_str(name: str, default: str | None = None) -> str | None:
     """Read one SCALEINFER_* environment variable (the only place the environment is read)."""
     return os.environ.get(name, default)
+
+
+def cache_dir() -> Path | None:
+    """Where derived files (converted tokenizers) are kept: $SCALEINFER_CACHE_DIR, else
+    $XDG_CACHE_HOME/scaleinfer, else ~/.cache/scaleinfer; SCALEINFER_CACHE_DIR="" turns caching off."""
+    explicit = os.environ.get("SCALEINFER_CACHE_DIR")
+    if explicit is not None:
+        return Path(explicit) if explicit else None
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scaleinfer"

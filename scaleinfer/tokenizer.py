@@ -7,10 +7,13 @@ transformers is imported inside the loaders: it takes seconds, and importing thi
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from scaleinfer.config import cache_dir
 from scaleinfer.errors import InvalidRequestError, ModelLoadError
 
 if TYPE_CHECKING:
@@ -51,9 +54,28 @@ def _from_folder(folder: Path) -> PreTrainedTokenizerBase:
 
 
 def _from_gguf(path: Path) -> PreTrainedTokenizerBase:
+    """Converting a GGUF vocabulary takes seconds, so the result is kept as tokenizer.json in the cache,
+    under a key of the file's path, size and modification time, and loaded from there next time."""
     from transformers import AutoTokenizer
 
+    cached = _cache_folder(path)
+    if cached is not None and (cached / "tokenizer.json").is_file():
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            return AutoTokenizer.from_pretrained(str(cached))
     try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load the tokenizer of GGUF file {path}: {exc}") from exc
+    if cached is not None:
+        with contextlib.suppress(OSError):  # a read-only cache only costs the next start its seconds
+            tokenizer.save_pretrained(str(cached))
+    return tokenizer
+
+
+def _cache_folder(path: Path) -> Path | None:
+    root = cache_dir()
+    if root is None:
+        return None
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+    return root / "tokenizers" / key

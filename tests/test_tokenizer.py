@@ -83,3 +83,21 @@ def test_folder_without_tokenizer(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelLoadError, match="no tokenizer files"):
         load_tokenizer(tmp_path)
+
+
+def test_gguf_tokenizer_is_cached_and_equal(monkeypatch, tmp_path, gguf_tokenizer):
+    monkeypatch.setenv("SCALEINFER_CACHE_DIR", str(tmp_path))
+    first = load_tokenizer(embedded_model_path())  # converts, then saves
+    assert list(tmp_path.glob("tokenizers/*/tokenizer.json"))
+    second = load_tokenizer(embedded_model_path())  # from the cache
+    text = "Hello, world! 😀 naïve café\n\tcode()"
+    assert first.encode(text) == second.encode(text) == gguf_tokenizer.encode(text)
+    assert second.chat_template == gguf_tokenizer.chat_template
+    assert (second.bos_token_id, second.eos_token_id) == (gguf_tokenizer.bos_token_id, gguf_tokenizer.eos_token_id)
+
+
+def test_cache_can_be_turned_off(monkeypatch, tmp_path):
+    monkeypatch.setenv("SCALEINFER_CACHE_DIR", "")
+    from scaleinfer.config import cache_dir
+
+    assert cache_dir() is None
