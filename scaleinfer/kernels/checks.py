@@ -48,3 +48,27 @@ def check_device(device: torch.device, **tensors: torch.Tensor) -> None:
 def check_power_of_two(name: str, value: int) -> None:
     if value < 1 or value & (value - 1):
         raise ValueError(f"{name} is {value}, expected a power of two")
+
+
+def check_query_and_caches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """q: [*, num_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim], q's dtype."""
+    check_shape("q", q, [None, None, None])
+    num_heads, head_dim = q.shape[1:]
+    check_dtype("q", q, FLOAT_DTYPES)
+    check_last_dim_contiguous("q", q)
+    check_shape("k_cache", k_cache, [None, None, None, head_dim])
+    check_shape("v_cache", v_cache, list(k_cache.shape))
+    if num_heads % k_cache.shape[2]:
+        raise ValueError(f"q has {num_heads} heads, not a multiple of the caches' {k_cache.shape[2]} KV heads")
+    for name, t in dict(k_cache=k_cache, v_cache=v_cache).items():
+        check_same_dtype(name, t, q)
+        check_contiguous(name, t)
+
+
+def check_out(out: torch.Tensor | None, like: torch.Tensor) -> None:
+    """An optional output buffer: like's shape, dtype and device, last dim contiguous."""
+    if out is not None:
+        check_shape("out", out, list(like.shape))
+        check_same_dtype("out", out, like)
+        check_last_dim_contiguous("out", out)
+        check_device(like.device, out=out)

@@ -19,14 +19,13 @@ import torch
 
 from scaleinfer.kernels.attention_tile import attend_tile
 from scaleinfer.kernels.checks import (
-    FLOAT_DTYPES,
     INDEX_DTYPES,
-    check_contiguous,
     check_device,
     check_dtype,
     check_last_dim_contiguous,
+    check_out,
     check_power_of_two,
-    check_same_dtype,
+    check_query_and_caches,
     check_shape,
 )
 from scaleinfer.kernels.dispatch import dot_args, tl, triton, use_triton
@@ -131,29 +130,15 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _check(q, k_cache, v_cache, block_tables, context_lens, out) -> None:
-    check_shape("q", q, [None, None, None])
-    num_seqs, num_heads, head_dim = q.shape
-    check_dtype("q", q, FLOAT_DTYPES)
-    check_last_dim_contiguous("q", q)
-    check_shape("k_cache", k_cache, [None, None, None, head_dim])
-    check_shape("v_cache", v_cache, list(k_cache.shape))
-    num_kv_heads = k_cache.shape[2]
-    if num_heads % num_kv_heads:
-        raise ValueError(f"q has {num_heads} heads, not a multiple of the caches' {num_kv_heads} KV heads")
-    for name, t in dict(k_cache=k_cache, v_cache=v_cache).items():
-        check_same_dtype(name, t, q)
-        check_contiguous(name, t)
+    check_query_and_caches(q, k_cache, v_cache)
+    num_seqs = q.shape[0]
     check_shape("block_tables", block_tables, [num_seqs, None])
     check_dtype("block_tables", block_tables, INDEX_DTYPES)
     check_last_dim_contiguous("block_tables", block_tables)
     check_shape("context_lens", context_lens, [num_seqs])
     check_dtype("context_lens", context_lens, INDEX_DTYPES)
     check_device(q.device, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, context_lens=context_lens)
-    if out is not None:
-        check_shape("out", out, list(q.shape))
-        check_same_dtype("out", out, q)
-        check_last_dim_contiguous("out", out)
-        check_device(q.device, out=out)
+    check_out(out, q)
 
 
 @triton.jit

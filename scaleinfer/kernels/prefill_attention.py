@@ -16,14 +16,13 @@ import torch
 
 from scaleinfer.kernels.attention_tile import attend_tile
 from scaleinfer.kernels.checks import (
-    FLOAT_DTYPES,
     INDEX_DTYPES,
-    check_contiguous,
     check_device,
     check_dtype,
     check_last_dim_contiguous,
+    check_out,
     check_power_of_two,
-    check_same_dtype,
+    check_query_and_caches,
     check_shape,
 )
 from scaleinfer.kernels.dispatch import dot_args, tl, triton, use_triton
@@ -94,17 +93,7 @@ def _tiles(q: torch.Tensor, group_pad: int, block_m: int | None, block_n: int | 
 
 
 def _check(q, k_cache, v_cache, block_tables, query_start_loc, start_pos, out) -> None:
-    check_shape("q", q, [None, None, None])
-    _, num_heads, head_dim = q.shape
-    check_dtype("q", q, FLOAT_DTYPES)
-    check_last_dim_contiguous("q", q)
-    check_shape("k_cache", k_cache, [None, None, None, head_dim])
-    check_shape("v_cache", v_cache, list(k_cache.shape))
-    if num_heads % k_cache.shape[2]:
-        raise ValueError(f"q has {num_heads} heads, not a multiple of the caches' {k_cache.shape[2]} KV heads")
-    for name, t in dict(k_cache=k_cache, v_cache=v_cache).items():
-        check_same_dtype(name, t, q)
-        check_contiguous(name, t)
+    check_query_and_caches(q, k_cache, v_cache)
     check_shape("block_tables", block_tables, [None, None])
     num_seqs = block_tables.shape[0]
     check_shape("query_start_loc", query_start_loc, [num_seqs + 1])
@@ -114,11 +103,7 @@ def _check(q, k_cache, v_cache, block_tables, query_start_loc, start_pos, out) -
         check_last_dim_contiguous(name, t)
     check_device(q.device, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
                  query_start_loc=query_start_loc, start_pos=start_pos)
-    if out is not None:
-        check_shape("out", out, list(q.shape))
-        check_same_dtype("out", out, q)
-        check_last_dim_contiguous("out", out)
-        check_device(q.device, out=out)
+    check_out(out, q)
 
 
 @triton.jit

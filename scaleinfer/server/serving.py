@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -47,6 +48,20 @@ def build_params(ctx: ServingContext, req: SamplingRequest, max_tokens: int,
         top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed,
         stop=req.stop or [],
         ignore_eos=req.ignore_eos, logprobs=logprobs)
+
+
+async def run_requests(ctx: ServingContext, req: SamplingRequest, request_id: str, prompts: list[str | list[int]],
+                       params: SamplingParams, stream: Callable[..., AsyncIterator[str]],
+                       respond: Callable[..., Any]) -> Any:
+    """Admit the prompts, then either stream SSE chunks or wait for every output and build the response."""
+    requests = await open_requests(ctx, request_id, prompts, params)
+    if req.stream:
+        return with_error_event(stream(ctx, req, request_id, requests))
+    try:
+        await requests.final_outputs()
+    finally:
+        requests.close()
+    return respond(ctx, req, request_id, requests)
 
 
 async def open_requests(ctx: ServingContext, request_id: str, prompts: list[str | list[int]],

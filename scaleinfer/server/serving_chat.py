@@ -25,9 +25,8 @@ from scaleinfer.server.serving import (
     EngineRequests,
     ServingContext,
     build_params,
-    open_requests,
+    run_requests,
     sse,
-    with_error_event,
 )
 from scaleinfer.tokenizer import apply_chat_template
 
@@ -38,14 +37,7 @@ async def create_chat_completion(ctx: ServingContext,
     prompt_ids = render_chat(ctx.engine.tokenizer, req.messages)
     params = build_params(ctx, req, _max_tokens(ctx, req, len(prompt_ids)), _num_logprobs(req))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    requests = await open_requests(ctx, request_id, [prompt_ids], params)
-    if req.stream:
-        return with_error_event(_stream(ctx, req, request_id, requests))
-    try:
-        await requests.final_outputs()
-    finally:
-        requests.close()
-    return _response(ctx, req, request_id, requests)
+    return await run_requests(ctx, req, request_id, [prompt_ids], params, _stream, _response)
 
 
 def render_chat(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:

@@ -13,9 +13,8 @@ from scaleinfer.server.serving import (
     EngineRequests,
     ServingContext,
     build_params,
-    open_requests,
+    run_requests,
     sse,
-    with_error_event,
 )
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
@@ -30,14 +29,7 @@ async def create_completion(ctx: ServingContext,
     max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
     params = build_params(ctx, req, max_tokens, req.logprobs)
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    requests = await open_requests(ctx, request_id, prompts, params)
-    if req.stream:
-        return with_error_event(_stream(ctx, req, request_id, requests))
-    try:
-        await requests.final_outputs()
-    finally:
-        requests.close()
-    return _response(ctx, req, request_id, requests)
+    return await run_requests(ctx, req, request_id, prompts, params, _stream, _response)
 
 
 def normalize_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
