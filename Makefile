@@ -22,7 +22,7 @@ demo: setup
 	$(VENV)/bin/scaleinfer generate "The capital of France is" --max-tokens 32
 
 lint: setup
-	$(VENV)/bin/ruff check scaleinfer tests bench
+	$(VENV)/bin/ruff check --no-cache scaleinfer tests bench
 
 test: lint
 	$(PY) -m pytest -q

@@ -17,5 +17,9 @@ class UnsupportedArchitectureError(ModelLoadError):
     """The model's architecture has no implementation here."""
 
 
+class RequestFailedError(ScaleInferError):
+    """One request failed inside the engine (its output could not be processed); the others go on."""
+
+
 class EngineDeadError(ScaleInferError):
     """The engine loop failed and can serve no more requests."""

@@ -49,6 +49,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    error: str | None = None  # set when this request failed alone inside the engine (finished, aborted)
 
 
 # ---- control plane -> data plane ------------------------------------------------------------------

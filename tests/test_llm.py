@@ -152,3 +152,22 @@ def test_abort_frees_blocks(llm):
     assert llm.engine.stats().num_used_blocks > 0
     llm.engine.abort_request(["a"])
     assert_no_blocks_held(llm)
+
+
+def test_a_request_failing_inside_the_engine_fails_alone(llm, alone):
+    engine = llm.engine
+    engine.add_request("ok", PROMPTS[0], GREEDY)
+    engine.add_request("broken", PROMPTS[1], GREEDY)
+    _, broken = engine.children["broken"]
+
+    class Corrupted:
+        def update(self, *args, **kwargs):
+            raise RuntimeError("detokenizer state corrupted")
+
+    broken.detokenizer = Corrupted()
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+    assert "detokenizer state corrupted" in finished["broken"].error
+    assert finished["ok"].error is None and finished["ok"].outputs[0].token_ids == alone[0]
+    assert_no_blocks_held(llm)

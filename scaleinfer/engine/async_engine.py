@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from scaleinfer.errors import EngineDeadError, InvalidRequestError
+from scaleinfer.errors import EngineDeadError, InvalidRequestError, RequestFailedError
 from scaleinfer.outputs import RequestOutput
 from scaleinfer.sampling_params import SamplingParams
 
@@ -251,4 +251,4 @@ def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
 
 def _deliver(items: list[tuple[RequestStream, RequestOutput]]) -> None:
     for stream, output in items:
-        stream.put(output)
+        stream.put(RequestFailedError(output.error) if output.error else output)

@@ -6,6 +6,7 @@ A request with n > 1 becomes n sequences that share the prompt (the prefix cache
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,8 @@ from scaleinfer.engine.sequence import Sequence, SequenceStatus
 from scaleinfer.errors import InvalidRequestError
 from scaleinfer.outputs import RequestOutput, RunnerOutput
 from scaleinfer.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -134,16 +137,35 @@ class LLMEngine:
 
     def _process(self, updated: list[Sequence], runner_output: RunnerOutput) -> list[RequestOutput]:
         touched: dict[str, RequestState] = {}
+        failed: dict[str, RequestOutput] = {}
         now = time.time()
         for seq in updated:
             state, child = self.children[seq.request_id]
-            child.record(runner_output.sampled[seq.request_id], self.tokenizer)
-            stop = child.advance(seq.last_token_id)
-            if stop is not None:
-                self._stop_on_string(seq, stop)
+            if state.request_id in failed:
+                continue
+            try:
+                self._process_token(seq, child, runner_output)
+            except Exception as exc:  # one request's bad state must not end the others
+                failed[state.request_id] = self._fail(state, exc)
+                continue
             state.metrics.first_token_time = state.metrics.first_token_time or now
             touched[state.request_id] = state
-        return [self._emit(state, now) for state in touched.values()]
+        outputs = [self._emit(state, now) for rid, state in touched.items() if rid not in failed]
+        return outputs + list(failed.values())
+
+    def _process_token(self, seq: Sequence, child: SequenceState, runner_output: RunnerOutput) -> None:
+        child.record(runner_output.sampled[seq.request_id], self.tokenizer)
+        stop = child.advance(seq.last_token_id)
+        if stop is not None:
+            self._stop_on_string(seq, stop)
+
+    def _fail(self, state: RequestState, exc: Exception) -> RequestOutput:
+        logger.exception("request %s failed inside the engine; aborting it alone", state.request_id)
+        self.scheduler.abort([child.seq.request_id for child in state.children])
+        self._forget(state)
+        output = state.output()
+        output.finished, output.error = True, f"{type(exc).__name__}: {exc}"
+        return output
 
     def _stop_on_string(self, seq: Sequence, stop: str) -> None:
         if seq.is_finished:  # the same token also hit a length limit: the stop string is the reason

@@ -3,10 +3,10 @@
 import pytest
 import torch
 from parity_helpers import hf_greedy, prefill_logits
-from scaleinfer.weights.source import resolve_model
 
 from scaleinfer import LLM, SamplingParams
 from scaleinfer.config import CacheConfig, ModelConfig
+from scaleinfer.weights.source import resolve_model
 from scaleinfer.worker.model_runner import ModelRunner
 
 PROMPTS = [
