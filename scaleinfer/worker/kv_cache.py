@@ -8,7 +8,7 @@ from scaleinfer.config import ArchConfig, CacheConfig
 from scaleinfer.errors import InvalidRequestError
 from scaleinfer.worker.device import available_memory
 
-CPU_DEFAULT_CAP = 2 << 30  # CPU RAM is shared with everything else; 2 GiB holds ~45k SmolLM2 tokens in fp32
+CPU_DEFAULT_CAP = 1 << 30  # CPU RAM is shared with everything else; 1 GiB holds ~23k SmolLM2 tokens in fp32
 GPU_ACTIVATION_RESERVE = 2 << 30  # room for activations and logits of the largest step
 
 
