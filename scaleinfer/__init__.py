@@ -9,17 +9,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from scaleinfer.inject import init_inference
     from scaleinfer.llm import LLM
     from scaleinfer.outputs import CompletionOutput, RequestOutput
     from scaleinfer.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "init_inference"]
 
 _HOMES = {
     "LLM": "scaleinfer.llm",
     "SamplingParams": "scaleinfer.sampling_params",
     "RequestOutput": "scaleinfer.outputs",
     "CompletionOutput": "scaleinfer.outputs",
+    "init_inference": "scaleinfer.inject",
 }
 
 

@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scaleinfer.config import EngineConfig
 from scaleinfer.engine.block_manager import BlockManager
@@ -20,6 +20,9 @@ from scaleinfer.engine.sequence import Sequence, SequenceStatus
 from scaleinfer.errors import InvalidRequestError
 from scaleinfer.outputs import RequestOutput, RunnerOutput
 from scaleinfer.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from scaleinfer.weights.source import ModelSource
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +41,14 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, progress: bool = True) -> None:
+    def __init__(self, config: EngineConfig, progress: bool = True, source: ModelSource | None = None) -> None:
+        """source: where weights come from when not config.model.model (init_inference passes an HF model)."""
         # The data plane is imported here so that the control plane stays importable without torch.
         from scaleinfer.weights.source import resolve_model
         from scaleinfer.worker.model_runner import ModelRunner
 
         self.config = config
-        source = resolve_model(config.model.model, config.model.load_format)
+        source = source or resolve_model(config.model.model, config.model.load_format)
         self.model_name = config.model.model
         self.model_path = source.path
         self.arch = source.arch

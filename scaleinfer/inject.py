@@ -1,0 +1,140 @@
+"""init_inference: take a loaded transformers model, move its weights into ours, keep the calls users know.
+
+    model = AutoModelForCausalLM.from_pretrained(...)
+    model = scaleinfer.init_inference(model)          # same generate() / forward() signatures
+    out = model.generate(input_ids, attention_mask=mask, max_new_tokens=32)
+
+The HF model gives its parameters up as ours is filled (no second full copy); it is not usable after.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from scaleinfer.config import EngineConfig
+from scaleinfer.engine.llm_engine import LLMEngine
+from scaleinfer.errors import InvalidRequestError
+from scaleinfer.outputs import ScheduledSequence, SchedulerOutput
+from scaleinfer.sampling_params import SamplingParams
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def init_inference(model: Any, dtype: torch.dtype | None = None, tensor_parallel_size: int = 1,
+                   **engine_options: Any) -> InferenceModel:
+    """Swap `model` (a transformers PreTrainedModel of a supported family) for scaleinfer's engine.
+
+    dtype: the run dtype (default: the model's own). engine_options: as for LLM (kv_cache_memory, ...).
+    """
+    from scaleinfer.models.registry import check_supported
+    from scaleinfer.weights.hf_config import arch_from_hf
+    from scaleinfer.weights.hf_model import hf_model_source
+
+    if tensor_parallel_size != 1:
+        raise InvalidRequestError(f"tensor_parallel_size={tensor_parallel_size}: only 1 is supported so far")
+    device = next(model.parameters()).device
+    if device.type == "meta":
+        raise InvalidRequestError("the model is on the meta device: it has no weights to move; load them first")
+    check_supported(type(model).__name__)  # before reading a config we may not understand
+    arch = arch_from_hf(model.config.to_dict(), f"{type(model).__name__}.config")
+    dtype = dtype or next(model.parameters()).dtype
+    config = EngineConfig.from_kwargs(model=arch.architecture, device=str(device), dtype=_DTYPE_NAMES[dtype],
+                                      skip_tokenizer_init=True, **engine_options)
+    generation_config = getattr(model, "generation_config", None)
+    engine = LLMEngine(config, progress=False, source=hf_model_source(model, arch))
+    return InferenceModel(engine, generation_config)
+
+
+class InferenceModel:
+    """What init_inference returns: HF-style generate() and forward() over the scaleinfer engine."""
+
+    def __init__(self, engine: LLMEngine, generation_config: Any) -> None:
+        self.engine = engine
+        self.generation_config = generation_config
+        self.device = engine.runner.device
+        self.dtype = engine.runner.dtype
+        self._next_id = 0
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int | None = None, min_new_tokens: int = 0, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+        """input_ids: [batch, prompt_len], left-padded where attention_mask is 0 -> [batch, prompt_len + new]:
+        the prompts as given, then each row's tokens, right-padded with pad_token_id like HF."""
+        eos = self._eos_ids(eos_token_id)
+        params = SamplingParams(
+            max_tokens=max_new_tokens or self._default("max_new_tokens", 20), min_tokens=min_new_tokens,
+            temperature=temperature if do_sample else 0.0, top_p=top_p if do_sample else 1.0,
+            top_k=(top_k if top_k is not None else self._default("top_k", 0)) if do_sample else 0,
+            stop_token_ids=eos, ignore_eos=True,
+        )
+        rows = _unpadded_rows(input_ids, attention_mask)
+        generated = self._run(rows, params)
+        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        return _assemble(input_ids, generated, pad)
+
+    def _run(self, rows: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        ids = [self._request_id() for _ in rows]
+        for request_id, row in zip(ids, rows):
+            self.engine.add_request(request_id, row, params)
+        done: dict[str, list[int]] = {}
+        while len(done) < len(ids):
+            done.update({o.request_id: o.outputs[0].token_ids for o in self.engine.step() if o.finished})
+        return [done[request_id] for request_id in ids]
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        """Logits for every position of every row, like HF's forward: [batch, seq_len, vocab]."""
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        logits = [self._prefill_logits(row.tolist()) for row in input_ids]
+        return CausalLMOutputWithPast(logits=torch.stack(logits))
+
+    __call__ = forward
+
+    def _prefill_logits(self, token_ids: list[int]) -> torch.Tensor:
+        from scaleinfer.engine.sequence import Sequence
+        from scaleinfer.worker.step_inputs import build_step_inputs
+
+        engine, params = self.engine, SamplingParams()
+        seq = Sequence(self._request_id(), token_ids, params)
+        if not engine.block_manager.allocate_slots(seq, len(token_ids)):
+            raise InvalidRequestError(f"a row of {len(token_ids)} tokens does not fit the free KV blocks")
+        try:
+            step = SchedulerOutput([ScheduledSequence(seq.request_id, token_ids, 0, seq.block_ids, False, params)])
+            inputs = build_step_inputs(step, engine.runner.block_size, self.device)
+            hidden = engine.runner.model(inputs.input_ids, inputs.positions, inputs.attn)
+            return engine.runner.model.compute_logits(hidden).to(self.dtype)  # [seq_len, vocab]
+        finally:
+            engine.block_manager.free(seq)
+
+    def _eos_ids(self, eos_token_id: int | list[int] | None) -> list[int]:
+        eos = eos_token_id if eos_token_id is not None else self._default("eos_token_id", None)
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    def _default(self, name: str, fallback: Any) -> Any:
+        value = getattr(self.generation_config, name, None)
+        return fallback if value is None else value
+
+    def _request_id(self) -> str:
+        self._next_id += 1
+        return f"inject-{self._next_id}"
+
+
+def _unpadded_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[list[int]]:
+    if input_ids.dim() != 2:
+        raise InvalidRequestError(f"input_ids must be [batch, seq_len], got shape {list(input_ids.shape)}")
+    if attention_mask is None:
+        return input_ids.tolist()
+    return [row[mask.bool()].tolist() for row, mask in zip(input_ids.cpu(), attention_mask.cpu())]
+
+
+def _assemble(input_ids: torch.Tensor, generated: list[list[int]], pad: int) -> torch.Tensor:
+    width = max(map(len, generated))
+    new = torch.full((len(generated), width), pad, dtype=input_ids.dtype)
+    for i, tokens in enumerate(generated):
+        new[i, : len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
+    return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
