@@ -40,6 +40,10 @@ class ArchConfig:
     rope_scaling: dict[str, Any] | None = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # bias on q, k, v (Qwen2)
+    layer_norm_eps: float = 1e-5  # LayerNorm families (GPT-2, GPT-NeoX)
+    hidden_act: str = "silu"
+    partial_rotary_factor: float = 1.0  # GPT-NeoX: rotary on the first head_dim * factor dims only
+    use_parallel_residual: bool = False  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -59,6 +63,10 @@ class ArchConfig:
     @property
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
 
 
 @dataclass(slots=True)

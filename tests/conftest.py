@@ -31,6 +31,8 @@ TINY_FAMILIES = {
         "original_max_position_embeddings": 64})),
     "mistral": ("MistralConfig", dict(sliding_window=None)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
+    "gpt2": ("GPT2Config", dict(num_key_value_heads=4, n_inner=128, tie_word_embeddings=True)),
+    "gpt_neox": ("GPTNeoXConfig", dict(num_key_value_heads=4, rotary_pct=0.25, use_parallel_residual=True)),
 }
 
 

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
 
 from scaleinfer import init_inference
 from scaleinfer.errors import UnsupportedArchitectureError
 
-FAMILIES = ["llama2", "llama3.1", "mistral", "qwen2"]
+FAMILIES = ["llama2", "llama3.1", "mistral", "qwen2", "gpt2", "gpt_neox"]
 PAD = 0
 
 
@@ -64,6 +64,6 @@ def test_weights_move_without_a_second_copy(tiny_models):
 
 
 def test_unsupported_architecture_is_named():
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(UnsupportedArchitectureError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
-        init_inference(gpt2)
+    bloom = BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedArchitectureError, match="BloomForCausalLM.*GPT2LMHeadModel.*LlamaForCausalLM"):
+        init_inference(bloom)

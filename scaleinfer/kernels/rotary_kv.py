@@ -44,12 +44,23 @@ def rotary_kv_ref(
     cos_cache: torch.Tensor, sin_cache: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
 ) -> None:
-    cos = cos_cache[positions].to(q.dtype).unsqueeze(1)  # [num_tokens, 1, head_dim / 2]
-    sin = sin_cache[positions].to(q.dtype).unsqueeze(1)
-    q.copy_(_rotate(q, cos, sin))
-    k.copy_(_rotate(k, cos, sin))
+    rotate_(positions, q, cos_cache, sin_cache)
+    rotate_(positions, k, cos_cache, sin_cache)
+    write_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+def rotate_(positions: torch.Tensor, x: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor) -> None:
+    """Rotate x: [num_tokens, num_heads, rotary_dim] in place (a view of the first dims is fine: partial rotary)."""
+    cos = cos_cache[positions].to(x.dtype).unsqueeze(1)  # [num_tokens, 1, rotary_dim / 2]
+    sin = sin_cache[positions].to(x.dtype).unsqueeze(1)
+    x.copy_(_rotate(x, cos, sin))
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """write_kv_cache, skipping tokens whose slot is negative (padding rows)."""
     slots = slot_mapping.long()
-    if bool((slots < 0).any()):  # padding rows: rotated, not written
+    if bool((slots < 0).any()):
         keep = slots >= 0
         k, v, slots = k[keep], v[keep], slots[keep]
     write_kv_cache(k, v, k_cache, v_cache, slots)

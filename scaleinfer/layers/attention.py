@@ -2,7 +2,9 @@
 
 Tokens of a step are laid out decodes first (one token per sequence), then each prefill chunk
 contiguously. The runner binds k_cache / v_cache to every layer once, after sizing the cache. The layer
-applies RoPE to q and k, writes k and v into their cache slots (one fused kernel), then attends.
+applies RoPE to q and k, writes k and v into their cache slots (one fused kernel), then attends. Without
+rotary (learned positions, GPT-2) or with partial rotary (GPT-NeoX) the rotation runs in torch before a
+plain cache write.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from torch import nn
 
 from scaleinfer.kernels.decode_attention import decode_attention
 from scaleinfer.kernels.prefill_attention import prefill_attention
-from scaleinfer.kernels.rotary_kv import rotary_kv
+from scaleinfer.kernels.rotary_kv import rotary_kv, rotate_, write_kv
 from scaleinfer.layers.rotary import RotaryEmbedding
 
 
@@ -39,7 +41,7 @@ class AttentionMetadata:
 
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 rotary_emb: RotaryEmbedding) -> None:
+                 rotary_emb: RotaryEmbedding | None) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.rotary_emb = rotary_emb
@@ -49,8 +51,7 @@ class Attention(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim] -> like q."""
-        rope = self.rotary_emb
-        rotary_kv(positions, q, k, v, rope.cos_cache, rope.sin_cache, self.k_cache, self.v_cache, meta.slot_mapping)
+        self._rotate_and_cache(positions, q, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         n = meta.num_decodes
         if n:
@@ -61,3 +62,14 @@ class Attention(nn.Module):
             prefill_attention(q[n:], self.k_cache, self.v_cache, p.block_tables, p.query_start_loc, p.start_pos,
                               self.scale, max_query_len=p.max_query_len, out=out[n:])
         return out
+
+    def _rotate_and_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          slot_mapping: torch.Tensor) -> None:
+        rope = self.rotary_emb
+        if rope is not None and rope.rotary_dim == self.head_dim:
+            rotary_kv(positions, q, k, v, rope.cos_cache, rope.sin_cache, self.k_cache, self.v_cache, slot_mapping)
+            return
+        if rope is not None:  # partial rotary: the first rotary_dim dims of each head
+            rotate_(positions, q[..., : rope.rotary_dim], rope.cos_cache, rope.sin_cache)
+            rotate_(positions, k[..., : rope.rotary_dim], rope.cos_cache, rope.sin_cache)
+        write_kv(k, v, self.k_cache, self.v_cache, slot_mapping)

@@ -15,11 +15,14 @@ from scaleinfer.errors import ModelLoadError
 
 
 class RotaryEmbedding(nn.Module):
-    """cos_cache, sin_cache: [max_position, head_dim / 2] float32, indexed by position."""
+    """cos_cache, sin_cache: [max_position, rotary_dim / 2] float32, indexed by position.
+
+    rotary_dim is head_dim, or fewer (GPT-NeoX partial rotary: only the first rotary_dim dims turn).
+    """
 
     def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict[str, Any] | None) -> None:
         super().__init__()
-        self.head_dim = head_dim
+        self.head_dim = self.rotary_dim = head_dim
         inv_freq = _inv_freq(head_dim, base, scaling)  # [head_dim / 2]
         positions = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)  # [max_position, head_dim / 2]

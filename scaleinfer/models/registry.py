@@ -6,9 +6,13 @@ from torch import nn
 
 from scaleinfer.config import ArchConfig
 from scaleinfer.errors import UnsupportedArchitectureError
+from scaleinfer.models.gpt2 import GPT2LMHeadModel
+from scaleinfer.models.gpt_neox import GPTNeoXForCausalLM
 from scaleinfer.models.llama import LlamaForCausalLM
 
 MODELS: dict[str, type[nn.Module]] = {
+    "GPT2LMHeadModel": GPT2LMHeadModel,
+    "GPTNeoXForCausalLM": GPTNeoXForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,

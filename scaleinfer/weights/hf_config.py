@@ -1,4 +1,6 @@
-"""Map an HF config.json (Llama 2/3, Mistral, Qwen2, SmolLM2) to ArchConfig.
+"""Map an HF config.json (Llama 2/3, Mistral, Qwen2, SmolLM2, GPT-2, GPT-NeoX) to ArchConfig.
+
+GPT-2 spells its keys its own way (n_embd, n_layer, ...); they are renamed to the Llama spelling first.
 
 Rope settings come in two spellings: transformers < 5 writes top-level `rope_theta` and `rope_scaling`
 ({"rope_type" or "type": ..., "factor": ...}); transformers 5 writes one `rope_parameters` dict
@@ -26,7 +28,13 @@ REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
 BIASED_QKV_ARCHITECTURES = ("Qwen2ForCausalLM",)
 # model_type -> architecture for configs saved without `architectures`; others ask transformers.
 CAUSAL_LM_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                           "mixtral": "MixtralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+                           "mixtral": "MixtralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                           "gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM"}
+GPT2_KEYS = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+             "n_positions": "max_position_embeddings", "layer_norm_epsilon": "layer_norm_eps",
+             "activation_function": "hidden_act"}
+# Families without grouped-query attention: any num_key_value_heads key is not theirs.
+MULTI_HEAD_ONLY = ("gpt2", "gpt_neox")
 
 
 def read_hf_config(folder: Path) -> ArchConfig:
@@ -43,12 +51,15 @@ def read_hf_config(folder: Path) -> ArchConfig:
 
 def arch_from_hf(config: dict[str, Any], path: str | Path = CONFIG_NAME) -> ArchConfig:
     """ArchConfig from a parsed config.json; `path` only names the file in error messages."""
+    config = _llama_spelling(config)
     for key in REQUIRED_KEYS:
         if config.get(key) is None:
             raise ModelLoadError(f"{path} lacks the required key {key!r}")
     architecture = _architecture(config, path)
     rope_theta, rope_scaling = _rope(config, path)
     num_heads = config["num_attention_heads"]
+    if config.get("model_type") in MULTI_HEAD_ONLY:
+        config["num_key_value_heads"] = num_heads
     fields = dict(
         architecture=architecture,
         vocab_size=config["vocab_size"],
@@ -64,6 +75,10 @@ def arch_from_hf(config: dict[str, Any], path: str | Path = CONFIG_NAME) -> Arch
         rope_scaling=rope_scaling,
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         attention_bias=bool(config.get("attention_bias", architecture in BIASED_QKV_ARCHITECTURES)),
+        layer_norm_eps=float(config.get("layer_norm_eps", 1e-5)),
+        hidden_act=config.get("hidden_act", "silu"),
+        partial_rotary_factor=float(_partial_rotary_factor(config)),
+        use_parallel_residual=bool(config.get("use_parallel_residual", False)),
         bos_token_id=config.get("bos_token_id"),
         eos_token_ids=_as_ids(config.get("eos_token_id")),
     )
@@ -71,6 +86,22 @@ def arch_from_hf(config: dict[str, Any], path: str | Path = CONFIG_NAME) -> Arch
         return ArchConfig(**fields)
     except InvalidRequestError as exc:
         raise ModelLoadError(f"{path}: {exc}") from exc
+
+
+def _llama_spelling(config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of config with GPT-2's key names as Llama's; GPT-2's MLP width is n_inner or 4 * n_embd."""
+    if config.get("model_type") != "gpt2":
+        return dict(config)
+    renamed = {**config, **{new: config[old] for old, new in GPT2_KEYS.items() if config.get(old) is not None}}
+    renamed["intermediate_size"] = config.get("n_inner") or 4 * renamed["hidden_size"]
+    renamed.setdefault("tie_word_embeddings", True)
+    return renamed
+
+
+def _partial_rotary_factor(config: dict[str, Any]) -> float:
+    """transformers 5 keeps it in rope_parameters, older GPT-NeoX configs as rotary_pct."""
+    rope_parameters = config.get("rope_parameters") or {}
+    return rope_parameters.get("partial_rotary_factor", config.get("rotary_pct", 1.0))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -105,7 +136,8 @@ def _rope(config: dict[str, Any], path: str | Path) -> tuple[float, dict[str, An
     merged = {**(config.get("rope_scaling") or {}), **(config.get("rope_parameters") or {})}
     if any(isinstance(value, dict) for value in merged.values()):
         raise ModelLoadError(f"{path}: per-layer-type rope_parameters are not supported: {merged}")
-    rope_theta = float(merged.pop("rope_theta", config.get("rope_theta", 10000.0)))
+    merged.pop("partial_rotary_factor", None)  # read by _partial_rotary_factor
+    rope_theta = float(merged.pop("rope_theta", config.get("rope_theta", config.get("rotary_emb_base", 10000.0))))
     legacy_type = merged.pop("type", "default")
     rope_type = merged.pop("rope_type", legacy_type)
     if rope_type == "default":
