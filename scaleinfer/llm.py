@@ -1,9 +1,9 @@
-"""LLM: offline batched generation, the vLLM-style Python API."""
+"""LLM: offline batched generation and embedding, the vLLM-style Python API."""
 
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, Literal
 
 from scaleinfer.config import EMBEDDED_MODEL_ALIAS, EngineConfig
 from scaleinfer.engine.llm_engine import LLMEngine
@@ -11,20 +11,40 @@ from scaleinfer.errors import InvalidRequestError
 from scaleinfer.outputs import RequestOutput
 from scaleinfer.sampling_params import SamplingParams
 from scaleinfer.tokenizer import apply_chat_template
+from scaleinfer.weights.source import resolve_model
+from scaleinfer.worker.embedding_runner import EmbeddingRunner
 
 Prompt = str | list[int]
+Task = Literal["generate", "embed"]
+TASKS = ("generate", "embed")
 
 
 class LLM:
-    def __init__(self, model: str = EMBEDDED_MODEL_ALIAS, progress: bool = True, **engine_options: Any) -> None:
-        """engine_options: any field of ModelConfig, CacheConfig or SchedulerConfig, e.g. device="cpu",
+    def __init__(self, model: str = EMBEDDED_MODEL_ALIAS, progress: bool = True, task: Task = "generate",
+                 **engine_options: Any) -> None:
+        """task: "generate" (a decoder) or "embed" (an encoder: embed() returns sentence vectors).
+        engine_options: any field of ModelConfig, CacheConfig or SchedulerConfig, e.g. device="cpu",
         dtype="bfloat16", kv_cache_memory=4 << 30, num_blocks=64, max_num_batched_tokens=512, seed=0."""
+        if task not in TASKS:
+            raise InvalidRequestError(f"task must be one of {TASKS}, got {task!r}")
+        self.task = task
         config = EngineConfig.from_kwargs(model=model, **engine_options)
-        self.engine = LLMEngine(config, progress=progress)
+        self.engine = LLMEngine(config, progress=progress) if task == "generate" else None
+        self.embedder = _embedding_runner(config, progress) if task == "embed" else None
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Any:
-        return self.engine.tokenizer
+        return self.engine.tokenizer if self.engine is not None else self.embedder.tokenizer
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """One L2-normalized sentence vector per text, in order; texts are packed into batches unpadded."""
+        self._require_task("embed", "embed()")
+        return self.embedder.embed(texts)
+
+    def _require_task(self, task: Task, method: str) -> None:
+        if self.task != task:
+            raise InvalidRequestError(f"{method} needs an LLM built with task={task!r}; this one has "
+                                      f"task={self.task!r}")
 
     def generate(
         self,
@@ -32,6 +52,7 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in order. A bad prompt raises before any work starts."""
+        self._require_task("generate", "generate()")
         prompts = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompts))
         request_ids = [str(next(self._ids)) for _ in prompts]
@@ -49,6 +70,7 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation and generate the assistant's turn."""
+        self._require_task("generate", "chat()")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [apply_chat_template(self.engine.tokenizer, c) for c in conversations]
         return self.generate(prompts, sampling_params)
@@ -60,6 +82,11 @@ class LLM:
                 if output.finished:
                     finished[output.request_id] = output
         return [finished[request_id] for request_id in request_ids]
+
+
+def _embedding_runner(config: EngineConfig, progress: bool) -> EmbeddingRunner:
+    source = resolve_model(config.model.model, config.model.load_format)
+    return EmbeddingRunner(config.model, config.scheduler, source, progress)
 
 
 def _as_prompt_list(prompts: Prompt | list[Prompt]) -> list[Prompt]:

