@@ -58,9 +58,11 @@ def rotate_(positions: torch.Tensor, x: torch.Tensor, cos_cache: torch.Tensor, s
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """write_kv_cache, skipping tokens whose slot is negative (padding rows)."""
+    """write_kv_cache, skipping tokens whose slot is negative (padding rows). A captured CUDA graph pads
+    with the scratch slot instead, and must not synchronize, so it skips the check."""
     slots = slot_mapping.long()
-    if bool((slots < 0).any()):
+    capturing = slots.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing and bool((slots < 0).any()):
         keep = slots >= 0
         k, v, slots = k[keep], v[keep], slots[keep]
     write_kv_cache(k, v, k_cache, v_cache, slots)
