@@ -17,11 +17,11 @@ from torch import nn
 from scaleinfer.config import ArchConfig
 from scaleinfer.errors import ModelLoadError
 from scaleinfer.layers.attention import Attention, AttentionMetadata
-from scaleinfer.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from scaleinfer.layers.embedding import VocabParallelEmbedding
 from scaleinfer.layers.layernorm import LayerNorm
 from scaleinfer.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from scaleinfer.layers.rotary import RotaryEmbedding
-from scaleinfer.models.weights import load_into
+from scaleinfer.models.causal_lm import CausalLM
 
 # hidden_act -> F.gelu's `approximate`
 GELU_APPROXIMATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
@@ -97,31 +97,14 @@ class DecoderModel(nn.Module):
         return self.norm(x)
 
 
-class DecoderForCausalLM(nn.Module):
+class DecoderForCausalLM(CausalLM):
     absolute_positions = False
+    stacked_params = QKV_SHARDS
     # checkpoint name fragment -> ours, applied in order
     renames: tuple[tuple[str, str], ...] = ()
-    skip_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
 
     def __init__(self, arch: ArchConfig) -> None:
-        super().__init__()
-        self.arch = arch
-        self.model = DecoderModel(arch, self.absolute_positions)
-        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size)
-        if arch.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden_size]."""
-        return self.model(input_ids, positions, meta)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [num_seqs, hidden_size] -> float32 logits [num_seqs, vocab_size]."""
-        return self.lm_head(hidden).float()
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        skip = self.skip_suffixes + (("lm_head.weight",) if self.arch.tie_word_embeddings else ())
-        load_into(self, self.hf_weights(weights), QKV_SHARDS, skip)
+        super().__init__(arch, DecoderModel(arch, self.absolute_positions))
 
     def hf_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """Checkpoint tensors under our names; the fused QKV tensor as q_proj, k_proj, v_proj parts."""

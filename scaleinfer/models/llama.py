@@ -5,19 +5,17 @@ Wiring only: every layer knows its own tensor-parallel shard and the KV cache it
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
 from scaleinfer.config import ArchConfig
 from scaleinfer.layers.activation import SiluAndMul
 from scaleinfer.layers.attention import Attention, AttentionMetadata
-from scaleinfer.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from scaleinfer.layers.embedding import VocabParallelEmbedding
 from scaleinfer.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from scaleinfer.layers.norm import RMSNorm
 from scaleinfer.layers.rotary import RotaryEmbedding
-from scaleinfer.models.weights import load_into
+from scaleinfer.models.causal_lm import CausalLM
 
 
 class LlamaAttention(nn.Module):
@@ -89,8 +87,7 @@ class LlamaModel(nn.Module):
         return x
 
 
-class LlamaForCausalLM(nn.Module):
-    # checkpoint name fragment -> (our fused parameter fragment, shard id)
+class LlamaForCausalLM(CausalLM):
     stacked_params = {
         ".q_proj.": (".qkv_proj.", "q"),
         ".k_proj.": (".qkv_proj.", "k"),
@@ -100,21 +97,4 @@ class LlamaForCausalLM(nn.Module):
     }
 
     def __init__(self, arch: ArchConfig) -> None:
-        super().__init__()
-        self.arch = arch
-        self.model = LlamaModel(arch)
-        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size)
-        if arch.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden_size]."""
-        return self.model(input_ids, positions, meta)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [num_seqs, hidden_size] -> float32 logits [num_seqs, vocab_size]."""
-        return self.lm_head(hidden).float()
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        skip = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if self.arch.tie_word_embeddings else ())
-        load_into(self, weights, self.stacked_params, skip)
+        super().__init__(arch, LlamaModel(arch))
