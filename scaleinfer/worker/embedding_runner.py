@@ -21,8 +21,7 @@ from scaleinfer.models.bert import BertConfig
 from scaleinfer.models.registry import encoder_class
 from scaleinfer.weights.dummy import init_dummy_weights
 from scaleinfer.weights.source import ModelSource
-from scaleinfer.worker.device import resolve_device, resolve_dtype
-from scaleinfer.worker.model_runner import _default_dtype
+from scaleinfer.worker.device import default_dtype, resolve_device, resolve_dtype
 
 Pooling = Literal["mean", "cls"]
 POOLING_MODULE = "sentence_transformers.models.Pooling"
@@ -101,7 +100,7 @@ class EmbeddingRunner:
 
     def _load_model(self, model_class: type[torch.nn.Module], source: ModelSource, config: ModelConfig,
                     progress: bool) -> torch.nn.Module:
-        with _default_dtype(self.dtype), torch.device(self.device):
+        with default_dtype(self.dtype), torch.device(self.device):
             model = model_class(self.config)
         if config.load_format == "dummy":
             init_dummy_weights(model, config.seed)

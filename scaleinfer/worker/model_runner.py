@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 
 import torch
 
@@ -15,7 +14,7 @@ from scaleinfer.outputs import RunnerOutput, SampledToken, SchedulerOutput
 from scaleinfer.weights.dummy import init_dummy_weights
 from scaleinfer.weights.source import ModelSource
 from scaleinfer.worker.cuda_graph import DecodeGraphs, capture_sizes
-from scaleinfer.worker.device import resolve_device, resolve_dtype
+from scaleinfer.worker.device import default_dtype, resolve_device, resolve_dtype
 from scaleinfer.worker.kv_cache import allocate_kv_cache, block_bytes, num_blocks_for
 from scaleinfer.worker.sampling_batch import SamplingState
 from scaleinfer.worker.step_inputs import StepInputs, build_step_inputs
@@ -48,7 +47,7 @@ class ModelRunner:
                 "cuda_graph_capture_seconds": graphs.capture_seconds if graphs else 0.0}
 
     def _load_model(self, source: ModelSource, config: ModelConfig, progress: bool) -> torch.nn.Module:
-        with _default_dtype(self.dtype), torch.device(self.device):
+        with default_dtype(self.dtype), torch.device(self.device):
             model = model_class(source.arch)(source.arch)
         if config.load_format == "dummy":
             init_dummy_weights(model, config.seed)
@@ -98,13 +97,3 @@ def _to_host(result: SamplerOutput) -> list[SampledToken]:
     top_ids = result.top_ids.tolist() if result.top_ids is not None else [[] for _ in token_ids]
     top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else [[] for _ in token_ids]
     return [SampledToken(*fields) for fields in zip(token_ids, logprobs, ranks, top_ids, top_lps)]
-
-
-@contextmanager
-def _default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
