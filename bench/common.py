@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import subprocess
 import time
@@ -28,7 +29,8 @@ def commit() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
 
-    sha = git("rev-parse", "--short", "HEAD") or "unknown"
+    # A copy of the tree without .git (the GPU machine's) gets the commit from whoever launched it.
+    sha = git("rev-parse", "--short", "HEAD") or os.environ.get("SCALEINFER_COMMIT", "unknown")
     return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then the benchmarks; logs and JSON results under $OUT.
-# Usage (from the repo root there): bash bench/gpu_suite.sh [tests|latency|throughput|prefill|all]
+# Usage (from the repo root there): SCALEINFER_COMMIT=<sha> bash bench/gpu_suite.sh [tests|latency|throughput|prefill|all]
+# (the copy of the tree there has no .git: pass the commit so the results record it)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
