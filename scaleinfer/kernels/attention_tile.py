@@ -6,6 +6,8 @@ table[t // BLOCK_SIZE] at slot t % BLOCK_SIZE), so any block size works and a ti
 
 from scaleinfer.kernels.dispatch import mma, tl, triton
 
+LOG2E = 1.4426950408889634  # softmax runs in base 2: callers pass scale * LOG2E
+
 
 @triton.jit
 def attend_tile(

@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from scaleinfer.kernels.attention_tile import attend_tile
+from scaleinfer.kernels.attention_tile import LOG2E, attend_tile
 from scaleinfer.kernels.checks import (
     INDEX_DTYPES,
     check_device,
@@ -31,7 +31,6 @@ from scaleinfer.kernels.checks import (
 from scaleinfer.kernels.dispatch import dot_args, tl, triton, use_triton
 from scaleinfer.kernels.paged_attention import paged_decode_attention
 
-LOG2E = 1.4426950408889634
 MIN_PARTITION = 128
 BLOCK_N = 64  # context tokens per tile
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from scaleinfer.kernels.attention_tile import attend_tile
+from scaleinfer.kernels.attention_tile import LOG2E, attend_tile
 from scaleinfer.kernels.checks import (
     INDEX_DTYPES,
     check_device,
@@ -28,7 +28,6 @@ from scaleinfer.kernels.checks import (
 from scaleinfer.kernels.dispatch import dot_args, tl, triton, use_triton
 from scaleinfer.kernels.paged_attention import paged_prefill_attention_varlen
 
-LOG2E = 1.4426950408889634
 # Tiles on the GPU (H100, bf16, head_dim 128); the interpreter takes the smallest legal tiles.
 GPU_TILES = dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
 
