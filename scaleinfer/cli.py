@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="required bearer token (or SCALEINFER_API_KEY)")
     serve.add_argument("--max-waiting", type=int, default=None, help="bound on queued requests; past it, 503")
+    serve.add_argument("--shutdown-timeout", type=_non_negative_float, default=10.0,
+                       help="seconds in-flight requests get to finish after SIGTERM or SIGINT; then they are aborted")
     serve.set_defaults(run=_run_serve)
     return parser
 
@@ -137,8 +139,16 @@ def _run_serve(args: argparse.Namespace) -> int:
     from scaleinfer.server.app import run_server
 
     api_key = args.api_key or env_str("SCALEINFER_API_KEY")
-    run_server(_engine_config(args, max_waiting=args.max_waiting), args.host, args.port, api_key)
+    run_server(_engine_config(args, max_waiting=args.max_waiting), args.host, args.port, api_key,
+               shutdown_timeout_s=args.shutdown_timeout)
     return 0
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
 
 
 def stream(engine, prompt: str | list[int], params: SamplingParams, out: TextIO) -> StreamSummary:

@@ -91,6 +91,7 @@ class AsyncLLMEngine:
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._dead: EngineDeadError | None = None
         self._stopping = False
+        self._stop_reason = "engine was shut down"
         self._thread = threading.Thread(target=self._run, name="scaleinfer-engine", daemon=True)
         self._thread.start()
 
@@ -143,9 +144,11 @@ class AsyncLLMEngine:
                 self._inbox.append(request_id)
                 self._cond.notify()
 
-    def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Stop the loop after its current step; unfinished streams get EngineDeadError."""
+    def shutdown(self, timeout_s: float = 30.0, reason: str = "engine was shut down") -> None:
+        """Stop the loop after its current step; unfinished streams get EngineDeadError(reason)."""
         with self._cond:
+            if not self._stopping:
+                self._stop_reason = reason
             self._stopping = True
             self._cond.notify()
         self._thread.join(timeout_s)
@@ -172,7 +175,7 @@ class AsyncLLMEngine:
             error.__cause__ = exc
             self._die(error)
         else:
-            self._die(EngineDeadError("engine was shut down"))
+            self._die(EngineDeadError(self._stop_reason))
 
     def _wait_for_work(self) -> bool:
         with self._cond:

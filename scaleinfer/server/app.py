@@ -33,6 +33,7 @@ from scaleinfer.server.serving_completion import create_completion
 
 # Answered in the ExceptionMiddleware; `Exception` (a 500) goes to the ServerErrorMiddleware, which logs it.
 _HANDLED = (ApiError, InvalidRequestError, QueueFullError, EngineDeadError, StarletteHTTPException, Exception)
+DEFAULT_SHUTDOWN_TIMEOUT_S = 10.0  # in-flight requests get this long to finish after SIGTERM / SIGINT
 T = TypeVar("T")
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
 
@@ -52,16 +53,21 @@ def build_app(engine: AsyncLLMEngine, api_key: str | None = None,
 
 
 def run_server(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info") -> None:
-    """Load the engine, serve until interrupted (Ctrl-C / SIGTERM), then stop the engine loop."""
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info",
+               shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> None:
+    """Load the engine and serve until SIGTERM or SIGINT; then drain for up to shutdown_timeout_s, abort what
+    is left, stop the engine thread and return (see server/graceful.py)."""
     import uvicorn
+
+    from scaleinfer.server.graceful import GracefulServer
 
     engine = AsyncLLMEngine.from_config(config)
     try:
-        uvicorn.run(build_app(engine, api_key, max_body_bytes), host=host, port=port, log_level=log_level,
-                    timeout_graceful_shutdown=5)
+        uvicorn_config = uvicorn.Config(build_app(engine, api_key, max_body_bytes), host=host, port=port,
+                                        log_level=log_level)
+        GracefulServer(uvicorn_config, engine, shutdown_timeout_s).run()
     finally:
-        engine.shutdown()
+        engine.shutdown(reason="server is shutting down")
 
 
 # ---- auth and errors --------------------------------------------------------------------------------

@@ -1,0 +1,62 @@
+"""uvicorn with the shutdown a server behind a process manager needs.
+
+On SIGTERM or SIGINT the server stops accepting connections at once and gives in-flight requests
+`grace_s` seconds to finish. Past that it shuts the engine down, which ends every unfinished request
+with EngineDeadError (on a stream an error event then [DONE], otherwise a 503), so their connections
+close cleanly; uvicorn's own cancellation is only the backstop. The signal is not re-raised afterwards
+(uvicorn's default), so the caller stops the engine thread and the process exits 0. A second SIGINT
+forces the exit, as in uvicorn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+
+import uvicorn
+
+from scaleinfer.engine.async_engine import AsyncLLMEngine
+
+logger = logging.getLogger(__name__)
+SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# After the engine ended the last requests, their connections need a moment to send [DONE] and close.
+_CLOSE_MARGIN_S = 5.0
+
+
+class GracefulServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLMEngine, grace_s: float) -> None:
+        if grace_s < 0:
+            raise ValueError(f"grace_s must be >= 0, got {grace_s!r}")
+        config.timeout_graceful_shutdown = int(grace_s + _CLOSE_MARGIN_S + 0.999)
+        super().__init__(config)
+        self.engine = engine
+        self.grace_s = grace_s
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Route SIGINT and SIGTERM to handle_exit while serving; restore the old handlers, raise nothing."""
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in SHUTDOWN_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's shutdown (stop accepting, drain); past grace_s, end the engine's unfinished requests."""
+        drain = asyncio.ensure_future(super().shutdown(sockets))
+        done, _ = await asyncio.wait({drain}, timeout=self.grace_s)
+        if not done:
+            stats = self.engine.stats()
+            logger.warning("grace period of %.1f s is over: aborting %d running and %d waiting requests",
+                           self.grace_s, stats.num_running, stats.num_waiting)
+            await asyncio.to_thread(self.engine.shutdown, reason="server is shutting down")
+        await drain

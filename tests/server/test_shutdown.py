@@ -1,0 +1,76 @@
+"""Graceful shutdown of a real `scaleinfer serve` process (the embedded model on 127.0.0.1): SIGTERM while a
+stream runs stops new connections at once, ends the stream in-band after the grace period, exits 0."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from server_utils import MODEL, free_port, wait_until
+
+pytestmark = pytest.mark.slow
+
+GRACE_S = 1.0
+
+
+@pytest.fixture()
+def serve_process(tmp_path):
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "scaleinfer.cli", "serve", "--port", str(port), "--max-model-len", "256",
+               "--device", "cpu", "--shutdown-timeout", str(GRACE_S)]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _healthy(proc, url, log_path), timeout_s=240, what="scaleinfer serve health")
+        yield proc, url, log_path
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _healthy(proc: subprocess.Popen, url: str, log_path) -> bool:
+    if proc.poll() is not None:
+        raise RuntimeError(f"scaleinfer serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _refuses_connections(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/health", timeout=2)
+    except httpx.ConnectError:
+        return True
+    return False
+
+
+def test_sigterm_mid_stream_ends_the_stream_and_exits_0(serve_process):
+    proc, url, log_path = serve_process
+    body = {"model": MODEL, "prompt": "Once upon a time,", "max_tokens": 200, "temperature": 0.0,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[6:])["choices"][0]["text"], "a token was streamed before the signal"
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: _refuses_connections(url), timeout_s=5, what="listening socket closed")
+        events = [line[6:] for line in lines if line.startswith("data: ")]
+    # 200 tokens take far longer than the grace period on CPU: the stream is ended in-band, not cut.
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert "shutting down" in error["message"] and error["code"] == "engine_dead"
+    assert time.monotonic() - signalled < GRACE_S + 10
+    proc.wait(timeout=30)
+    assert proc.returncode == 0, log_path.read_text()[-3000:]
+    assert time.monotonic() - signalled < GRACE_S + 20, "the process exits promptly after the stream ended"
