@@ -2,6 +2,10 @@
 
 A tile's keys are gathered token by token through the block table (token t lives in block
 table[t // BLOCK_SIZE] at slot t % BLOCK_SIZE), so any block size works and a tile may span blocks.
+
+Two optional features are constexpr, so that with both off the kernels compile to the plain loop:
+SOFTCAP > 0 caps each score at softcap * tanh(score / softcap) (Gemma 2), and WINDOW > 0 hides keys at
+positions <= the query's position - WINDOW (sliding-window layers).
 """
 
 from scaleinfer.kernels.dispatch import mma, tl, triton
@@ -9,19 +13,49 @@ from scaleinfer.kernels.dispatch import mma, tl, triton
 LOG2E = 1.4426950408889634  # softmax runs in base 2: callers pass scale * LOG2E
 
 
+def score_scale(scale: float, logits_soft_cap: float | None) -> float:
+    """What attend_tile multiplies q.k by: scale * LOG2E, or scale / softcap when capping (the cap's own
+    multiplier, softcap * LOG2E, follows the tanh)."""
+    return scale / logits_soft_cap if logits_soft_cap else scale * LOG2E
+
+
+def feature_constants(sliding_window: int | None, logits_soft_cap: float | None) -> dict[str, object]:
+    """The WINDOW and SOFTCAP constexprs (0 = off), checked."""
+    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+        raise ValueError(f"sliding_window is {sliding_window!r}, expected a positive int or None")
+    if logits_soft_cap is not None and not logits_soft_cap > 0:
+        raise ValueError(f"logits_soft_cap is {logits_soft_cap!r}, expected a positive float or None")
+    return dict(WINDOW=sliding_window or 0, SOFTCAP=float(logits_soft_cap or 0.0))
+
+
+@triton.jit
+def tanh(x):
+    """float32 tanh from exp2 (the interpreter has no libdevice): the odd series near 0, where
+    (1 - e^-2|x|) / (1 + e^-2|x|) would cancel, that quotient elsewhere. Below 0.05 the series to x^5 is
+    off by less than 1e-9 relative. (Kernels read no Python globals: log2(e) is spelled out.)"""
+    ax = tl.abs(x)
+    e = tl.exp2(-2.0 * 1.4426950408889634 * ax)
+    far = (1.0 - e) / (1.0 + e)
+    x2 = ax * ax
+    near = ax * (1.0 - x2 * (1.0 / 3.0 - x2 * (2.0 / 15.0)))
+    t = tl.where(ax < 0.05, near, far)
+    return tl.where(x < 0, -t, t)
+
+
 @triton.jit
 def attend_tile(
     q, m_i, l_i, acc, tile, kv_end, query_pos, k_ptr, v_ptr, table_ptr,
-    cache_stride_block, cache_stride_slot, scale_log2, dims, dim_mask,
+    cache_stride_block, cache_stride_slot, qk_scale, dims, dim_mask,
     MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """One online-softmax step over keys tile..tile + BLOCK_N of one KV head.
 
     q: [BLOCK_M, BLOCK_D] query rows; m_i, l_i: [BLOCK_M] running max (log2 domain) and sum; acc:
-    [BLOCK_M, BLOCK_D]; query_pos: [BLOCK_M], each row sees keys at positions <= its own and < kv_end.
-    k_ptr, v_ptr point at the KV head in the caches; table_ptr at the sequence's block table. With MASKED
-    off the tile must lie wholly below kv_end and below every row's position.
+    [BLOCK_M, BLOCK_D]; query_pos: [BLOCK_M], each row sees keys at positions <= its own and < kv_end
+    (and > its own - WINDOW when WINDOW > 0). qk_scale: score_scale(scale, softcap). k_ptr, v_ptr point at
+    the KV head in the caches; table_ptr at the sequence's block table. With MASKED off the tile must lie
+    wholly below kv_end and be visible to every row.
     """
     keys = tile + tl.arange(0, BLOCK_N)
     key_mask = keys < kv_end
@@ -29,14 +63,22 @@ def attend_tile(
     kv_off = blocks.to(tl.int64) * cache_stride_block + (keys % BLOCK_SIZE) * cache_stride_slot  # [BLOCK_N]
     kv_mask = key_mask[:, None] & dim_mask
     k = tl.load(k_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
-    scores = mma(q, tl.trans(k), UPCAST, PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+    scores = mma(q, tl.trans(k), UPCAST, PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    if SOFTCAP > 0:
+        scores = tanh(scores) * (SOFTCAP * 1.4426950408889634)  # softcap * LOG2E
     if MASKED:
-        # Key 0 is visible to every row, so each row's max is finite once a tile has been seen.
         visible = key_mask[None, :] & (keys[None, :] <= query_pos[:, None])
+        if WINDOW > 0:
+            visible = visible & (keys[None, :] > query_pos[:, None] - WINDOW)
         scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(scores - m_new[:, None])
+    m_ref = m_new
+    if WINDOW > 0:
+        # A row may have seen no key yet (its window starts past this tile): keep exp2 off -inf - -inf.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    # Without a window key 0 is visible to every row, so each row's max is finite once a tile has been seen.
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(scores - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v = tl.load(v_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
     acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST, PRECISION)

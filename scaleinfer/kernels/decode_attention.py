@@ -9,6 +9,10 @@ the output itself.
 CUDA-graph safe: the grid and the partial buffers depend on max_context_len (a host int fixed at
 capture, by default the block table's width in tokens), never on context_lens' values; a program reads
 only tokens below its sequence's context_len, and partitions past it do no work.
+
+A sliding window starts each partition's walk at the window's first key (partitions wholly before it
+do no work); soft-capping caps each score (attention_tile.py). Both are constexpr: off, the kernel is
+the plain one.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import functools
 
 import torch
 
-from scaleinfer.kernels.attention_tile import LOG2E, attend_tile
+from scaleinfer.kernels.attention_tile import attend_tile, feature_constants, score_scale
 from scaleinfer.kernels.checks import (
     INDEX_DTYPES,
     check_device,
@@ -38,22 +42,27 @@ BLOCK_N = 64  # context tokens per tile
 def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, scale: float, max_context_len: int | None = None, out: torch.Tensor | None = None,
+    sliding_window: int | None = None, logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
     """q: [num_seqs, num_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim];
     block_tables: [num_seqs, max_blocks] int32/int64; context_lens: [num_seqs] int32/int64, each at most
     max_context_len (default max_blocks * block_size). Returns out ([num_seqs, num_heads, head_dim], q's
     dtype; written in place when given). A sequence of context_len 0 gets zeros on the Triton path.
+    sliding_window: the query (at context_len - 1) sees only the last sliding_window keys; logits_soft_cap:
+    scores become cap * tanh(score / cap). None turns either off.
     """
     if use_triton(q):
-        return decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len, out)
-    result = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len, out,
+                                       sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+    result = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window,
+                                    logits_soft_cap)
     return result if out is None else out.copy_(result)
 
 
 def decode_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, scale: float, max_context_len: int | None = None, out: torch.Tensor | None = None,
-    partition_size: int | None = None,
+    partition_size: int | None = None, sliding_window: int | None = None, logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
     """partition_size: context tokens per stage-1 program (a power of two >= 16); chosen to fill the GPU
     when None. Tokens past cdiv(max_context_len, partition_size) partitions are never read: the bound is
@@ -70,11 +79,12 @@ def decode_attention_triton(
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     num_partitions = triton.cdiv(max(max_context_len, 1), partition_size)
     part_out, part_max, part_sum = _partials(q, num_partitions, out)
-    consts = _constants(q, k_cache, partition_size)
+    consts = _constants(q, k_cache, partition_size) | feature_constants(sliding_window, logits_soft_cap)
     _partition_kernel[(num_seqs, num_kv_heads, num_partitions)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_max, part_sum,
-        scale * LOG2E, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1), num_partitions,
+        score_scale(scale, logits_soft_cap), q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1), num_partitions,
         ONE_PARTITION=num_partitions == 1, **consts, **dot_args(q), num_warps=4, num_stages=2,
     )
     if num_partitions > 1:
@@ -144,11 +154,12 @@ def _check(q, k_cache, v_cache, block_tables, context_lens, out) -> None:
 def _partition_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
-    scale_log2, q_stride_s, q_stride_h, cache_stride_block, cache_stride_slot, cache_stride_head,
+    qk_scale, q_stride_s, q_stride_h, cache_stride_block, cache_stride_slot, cache_stride_head,
     bt_stride, out_stride_s, out_stride_h, num_partitions,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, PARTITION_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     ONE_PARTITION: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -156,6 +167,9 @@ def _partition_kernel(
     context_len = tl.load(context_lens_ptr + seq).to(tl.int32)
     start = part * PARTITION_SIZE
     end = tl.minimum(start + PARTITION_SIZE, context_len)  # end <= start: nothing to do
+    first = start
+    if WINDOW > 0:  # keys below context_len - WINDOW are out of the query's window
+        first = tl.maximum(start, context_len - WINDOW)
 
     heads = kv_head * GROUP + tl.arange(0, BLOCK_G)  # the query heads of this KV head, padded to BLOCK_G
     head_mask = tl.arange(0, BLOCK_G) < GROUP
@@ -172,10 +186,10 @@ def _partition_kernel(
     table_ptr = block_tables_ptr + seq * bt_stride
     # One masked loop: a second, unmasked one for whole tiles would be pipelined with its own shared
     # memory, costing occupancy (11% slower at batch 64 on an H100); the mask is free in a memory-bound loop.
-    for tile in range(start, end, BLOCK_N):
+    for tile in range(first, end, BLOCK_N):  # every key in first..end is in the window: no window mask
         m_i, l_i, acc = attend_tile(
             q, m_i, l_i, acc, tile, end, query_pos, k_ptr, v_ptr, table_ptr, cache_stride_block,
-            cache_stride_slot, scale_log2, dims, dim_mask, True, BLOCK_SIZE, BLOCK_N, UPCAST, PRECISION,
+            cache_stride_slot, qk_scale, dims, dim_mask, True, BLOCK_SIZE, BLOCK_N, UPCAST, PRECISION, 0, SOFTCAP,
         )
 
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # an empty context gives zeros, not NaN

@@ -4,6 +4,10 @@ Cache layout, per layer: k_cache, v_cache: [num_blocks, block_size, num_kv_heads
 sequence lives in block block_table[t // block_size] at offset t % block_size, i.e. slot
 block_table[t // block_size] * block_size + t % block_size. These are the torch references; the GPU
 kernels replace them one by one and are tested against them.
+
+Every attention takes a scale (any value: Gemma's is query_pre_attn_scalar**-0.5), an optional sliding
+window (a query at position p sees keys at positions > p - window only) and optional soft-capping of the
+scores (cap * tanh(score / cap), applied before the mask); None turns a feature off.
 """
 
 from __future__ import annotations
@@ -30,6 +34,25 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     return kv.transpose(1, 2)
 
 
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    logits_soft_cap: float | None = None,
+) -> torch.Tensor:
+    """q: [batch, num_heads, num_query, head_dim]; k, v: [batch, num_kv_heads, num_keys, head_dim]; mask:
+    broadcastable to [batch, num_heads, num_query, num_keys], True where visible (None: causal) -> like q."""
+    if logits_soft_cap is None:
+        causal = mask is None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-1, -2)).float() * scale  # [batch, num_heads, num_query, num_keys]
+    scores = torch.tanh(scores / logits_soft_cap) * logits_soft_cap
+    if mask is None:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1).to(v.dtype) @ v).to(q.dtype)
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -37,13 +60,18 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
-    """One query token per sequence. q: [num_seqs, num_heads, head_dim] -> [num_seqs, num_heads, head_dim]."""
+    """One query token per sequence, at position context_len - 1.
+    q: [num_seqs, num_heads, head_dim] -> [num_seqs, num_heads, head_dim]."""
     k = gather_kv(k_cache, block_tables)  # [num_seqs, num_kv_heads, max_len, head_dim]
     v = gather_kv(v_cache, block_tables)
-    key_pos = torch.arange(k.shape[2], device=q.device)
-    mask = (key_pos[None, :] < context_lens[:, None])[:, None, None, :]  # [num_seqs, 1, 1, max_len]
-    out = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    key_pos = torch.arange(k.shape[2], device=q.device)[None, :]
+    mask = key_pos < context_lens[:, None]  # [num_seqs, max_len]
+    if sliding_window is not None:
+        mask &= key_pos >= context_lens[:, None] - sliding_window
+    out = attend(q.unsqueeze(2), k, v, mask[:, None, None, :], scale, logits_soft_cap)
     return out.squeeze(2)
 
 
@@ -54,6 +82,8 @@ def paged_prefill_attention(
     block_table: torch.Tensor,
     start_pos: int,
     scale: float,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
     """A chunk of one sequence, causal, over its cached context and itself.
 
@@ -64,12 +94,14 @@ def paged_prefill_attention(
     k = gather_kv(k_cache, block_table[None])[:, :, :context_len]  # [1, num_kv_heads, context_len, head_dim]
     v = gather_kv(v_cache, block_table[None])[:, :, :context_len]
     q = q.transpose(0, 1).unsqueeze(0)  # [1, num_heads, num_query, head_dim]
-    if start_pos == 0:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    else:
-        query_pos = torch.arange(start_pos, context_len, device=q.device)
-        mask = torch.arange(context_len, device=q.device)[None, :] <= query_pos[:, None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    mask = None  # causal from key 0
+    if start_pos > 0 or sliding_window is not None:
+        query_pos = torch.arange(start_pos, context_len, device=q.device)[:, None]
+        key_pos = torch.arange(context_len, device=q.device)[None, :]
+        mask = key_pos <= query_pos  # [num_query, context_len]
+        if sliding_window is not None:
+            mask &= key_pos > query_pos - sliding_window
+    out = attend(q, k, v, mask, scale, logits_soft_cap)
     return out[0].transpose(0, 1)
 
 
@@ -81,6 +113,8 @@ def paged_prefill_attention_varlen(
     query_start_loc: torch.Tensor,
     start_pos: torch.Tensor,
     scale: float,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Chunks of several sequences, one after another, each as paged_prefill_attention.
 
@@ -92,5 +126,6 @@ def paged_prefill_attention_varlen(
     for i, (first, last) in enumerate(zip(bounds[:-1], bounds[1:])):
         if last > first:
             rows = slice(first, last)
-            out[rows] = paged_prefill_attention(q[rows], k_cache, v_cache, block_tables[i], starts[i], scale)
+            out[rows] = paged_prefill_attention(q[rows], k_cache, v_cache, block_tables[i], starts[i], scale,
+                                                sliding_window, logits_soft_cap)
     return out

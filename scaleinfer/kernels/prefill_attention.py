@@ -8,13 +8,17 @@ of a long one, and a prompt whose prefix was a cache hit. Causal: a query sees k
 A program takes BLOCK_Q query tokens of one sequence and all query heads of one KV head: its tile has
 BLOCK_M = BLOCK_Q * GROUP_PAD rows, row r being token r // GROUP_PAD, head r % GROUP_PAD of the group, so
 each K/V tile is read once per group.
+
+Optional, constexpr (off, the kernel is the plain one): a sliding window (a query at position p sees keys
+at positions > p - window only), whose tiles wholly outside every row's window are skipped, and
+soft-capping of the scores (attention_tile.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from scaleinfer.kernels.attention_tile import LOG2E, attend_tile
+from scaleinfer.kernels.attention_tile import attend_tile, feature_constants, score_scale
 from scaleinfer.kernels.checks import (
     INDEX_DTYPES,
     check_device,
@@ -36,17 +40,22 @@ def prefill_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     query_start_loc: torch.Tensor, start_pos: torch.Tensor, scale: float,
     max_query_len: int | None = None, out: torch.Tensor | None = None,
+    sliding_window: int | None = None, logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
     """q: [num_tokens, num_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, num_kv_heads,
     head_dim]; block_tables: [num_seqs, max_blocks]; query_start_loc: [num_seqs + 1]; start_pos: [num_seqs]
     (all int32/int64). max_query_len: the longest chunk, a host int (read from query_start_loc, a device
     sync, when None). Returns out ([num_tokens, num_heads, head_dim], q's dtype; written in place when given).
+    sliding_window: a query at position p sees keys at positions > p - sliding_window only; logits_soft_cap:
+    scores become cap * tanh(score / cap). None turns either off.
     """
     if use_triton(q):
         return prefill_attention_triton(
-            q, k_cache, v_cache, block_tables, query_start_loc, start_pos, scale, max_query_len, out
+            q, k_cache, v_cache, block_tables, query_start_loc, start_pos, scale, max_query_len, out,
+            sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
         )
-    result = paged_prefill_attention_varlen(q, k_cache, v_cache, block_tables, query_start_loc, start_pos, scale)
+    result = paged_prefill_attention_varlen(q, k_cache, v_cache, block_tables, query_start_loc, start_pos, scale,
+                                            sliding_window, logits_soft_cap)
     return result if out is None else out.copy_(result)
 
 
@@ -55,10 +64,12 @@ def prefill_attention_triton(
     query_start_loc: torch.Tensor, start_pos: torch.Tensor, scale: float,
     max_query_len: int | None = None, out: torch.Tensor | None = None,
     block_m: int | None = None, block_n: int | None = None,
+    sliding_window: int | None = None, logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
     """block_m (query rows per program, tokens x padded group) and block_n (keys per tile): tile sizes,
     powers of two >= 16, tuned for the GPU when None."""
     _check(q, k_cache, v_cache, block_tables, query_start_loc, start_pos, out)
+    features = feature_constants(sliding_window, logits_soft_cap)
     _, num_heads, head_dim = q.shape
     num_seqs, num_kv_heads = block_tables.shape[0], k_cache.shape[2]
     if out is None:
@@ -70,11 +81,11 @@ def prefill_attention_triton(
     tiles = _tiles(q, group_pad, block_m, block_n)
     block_q = tiles["BLOCK_M"] // group_pad
     _prefill_kernel[(triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)](
-        q, k_cache, v_cache, block_tables, query_start_loc, start_pos, out, scale * LOG2E,
+        q, k_cache, v_cache, block_tables, query_start_loc, start_pos, out, score_scale(scale, logits_soft_cap),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_SIZE=k_cache.shape[1], BLOCK_Q=block_q, **tiles, **dot_args(q),
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_Q=block_q, **tiles, **dot_args(q), **features,
     )
     return out
 
@@ -107,12 +118,12 @@ def _check(q, k_cache, v_cache, block_tables, query_start_loc, start_pos, out) -
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, start_pos_ptr, out_ptr, scale_log2,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, start_pos_ptr, out_ptr, qk_scale,
     q_stride_t, q_stride_h, cache_stride_block, cache_stride_slot, cache_stride_head,
     bt_stride, out_stride_t, out_stride_h,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
@@ -139,17 +150,32 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_ptr, v_ptr = k_cache_ptr + kv_head * cache_stride_head, v_cache_ptr + kv_head * cache_stride_head
     table_ptr = block_tables_ptr + seq * bt_stride
-    for tile in range(0, full_end, BLOCK_N):
+    full_start = 0
+    if WINDOW > 0:
+        # Keys from the first row's window start to the last row's are in some windows, not all: masked
+        # tiles; below them none is visible. full_start lies a whole number of tiles past win_start.
+        last_pos = start + tl.minimum(q_block * BLOCK_Q + BLOCK_Q, q_len) - 1
+        win_start = tl.maximum(start + q_block * BLOCK_Q - WINDOW + 1, 0)
+        full_start = win_start + tl.cdiv(tl.maximum(last_pos - WINDOW + 1 - win_start, 0), BLOCK_N) * BLOCK_N
+        full_end = tl.where(live, full_start + tl.maximum(start + q_block * BLOCK_Q + 1 - full_start, 0)
+                            // BLOCK_N * BLOCK_N, 0)
+        for tile in range(win_start, tl.where(live, full_start, 0), BLOCK_N):
+            m_i, l_i, acc = attend_tile(
+                q, m_i, l_i, acc, tile, kv_end, query_pos, k_ptr, v_ptr, table_ptr,
+                cache_stride_block, cache_stride_slot, qk_scale, dims, dim_mask,
+                True, BLOCK_SIZE, BLOCK_N, UPCAST, PRECISION, WINDOW, SOFTCAP,
+            )
+    for tile in range(full_start, full_end, BLOCK_N):
         m_i, l_i, acc = attend_tile(
             q, m_i, l_i, acc, tile, kv_end, query_pos, k_ptr, v_ptr, table_ptr,
-            cache_stride_block, cache_stride_slot, scale_log2, dims, dim_mask,
-            False, BLOCK_SIZE, BLOCK_N, UPCAST, PRECISION,
+            cache_stride_block, cache_stride_slot, qk_scale, dims, dim_mask,
+            False, BLOCK_SIZE, BLOCK_N, UPCAST, PRECISION, WINDOW, SOFTCAP,
         )
     for tile in range(full_end, kv_end, BLOCK_N):
         m_i, l_i, acc = attend_tile(
             q, m_i, l_i, acc, tile, kv_end, query_pos, k_ptr, v_ptr, table_ptr,
-            cache_stride_block, cache_stride_slot, scale_log2, dims, dim_mask,
-            True, BLOCK_SIZE, BLOCK_N, UPCAST, PRECISION,
+            cache_stride_block, cache_stride_slot, qk_scale, dims, dim_mask,
+            True, BLOCK_SIZE, BLOCK_N, UPCAST, PRECISION, WINDOW, SOFTCAP,
         )
 
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

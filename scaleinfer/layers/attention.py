@@ -2,9 +2,9 @@
 
 Tokens of a step are laid out decodes first (one token per sequence), then each prefill chunk
 contiguously. The runner binds k_cache / v_cache to every layer once, after sizing the cache. The layer
-applies RoPE to q and k, writes k and v into their cache slots (one fused kernel), then attends. Without
-rotary (learned positions, GPT-2) or with partial rotary (GPT-NeoX) the rotation runs in torch before a
-plain cache write.
+applies RoPE to q and k, writes k and v into their cache slots (one fused kernel, which also serves partial
+rotary, GPT-NeoX, and none, GPT-2), then attends: with any scale, optionally a sliding window and
+soft-capped scores (Gemma).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 
 from scaleinfer.kernels.decode_attention import decode_attention
 from scaleinfer.kernels.prefill_attention import prefill_attention
-from scaleinfer.kernels.rotary_kv import rotary_kv, rotate_, write_kv
+from scaleinfer.kernels.rotary_kv import rotary_kv
 from scaleinfer.layers.rotary import RotaryEmbedding
 
 
@@ -41,35 +41,32 @@ class AttentionMetadata:
 
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 rotary_emb: RotaryEmbedding | None) -> None:
+                 rotary_emb: RotaryEmbedding | None, sliding_window: int | None = None,
+                 logits_soft_cap: float | None = None) -> None:
+        """sliding_window: a query at position p sees keys at positions > p - sliding_window only;
+        logits_soft_cap: scores become cap * tanh(score / cap). None turns either off."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.rotary_emb = rotary_emb
+        self.features = dict(sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+        if rotary_emb is None:  # cos/sin tables of rotary dim 0: the fused kernel only writes the cache
+            self.register_buffer("no_rotation", torch.empty(1, 0, dtype=torch.float32), persistent=False)
         self.k_cache = torch.empty(0)  # [num_blocks, block_size, num_kv_heads, head_dim], bound by the runner
         self.v_cache = torch.empty(0)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim] -> like q."""
-        self._rotate_and_cache(positions, q, k, v, meta.slot_mapping)
+        rope = self.rotary_emb
+        cos, sin = (rope.cos_cache, rope.sin_cache) if rope is not None else (self.no_rotation, self.no_rotation)
+        rotary_kv(positions, q, k, v, cos, sin, self.k_cache, self.v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         n = meta.num_decodes
         if n:
             decode_attention(q[:n], self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_context_lens,
-                             self.scale, out=out[:n])
+                             self.scale, out=out[:n], **self.features)
         if meta.prefill is not None:
             p = meta.prefill
             prefill_attention(q[n:], self.k_cache, self.v_cache, p.block_tables, p.query_start_loc, p.start_pos,
-                              self.scale, max_query_len=p.max_query_len, out=out[n:])
+                              self.scale, max_query_len=p.max_query_len, out=out[n:], **self.features)
         return out
-
-    def _rotate_and_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          slot_mapping: torch.Tensor) -> None:
-        rope = self.rotary_emb
-        if rope is not None and rope.rotary_dim == self.head_dim:
-            rotary_kv(positions, q, k, v, rope.cos_cache, rope.sin_cache, self.k_cache, self.v_cache, slot_mapping)
-            return
-        if rope is not None:  # partial rotary: the first rotary_dim dims of each head
-            rotate_(positions, q[..., : rope.rotary_dim], rope.cos_cache, rope.sin_cache)
-            rotate_(positions, k[..., : rope.rotary_dim], rope.cos_cache, rope.sin_cache)
-        write_kv(k, v, self.k_cache, self.v_cache, slot_mapping)

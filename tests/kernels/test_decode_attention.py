@@ -16,23 +16,43 @@ CASES = [  # (context_lens, num_heads, num_kv_heads, head_dim, block_size, parti
 ]
 
 
-def run_case(case, device, **kwargs):
+FEATURES = [  # (sliding_window, logits_soft_cap, scale): Gemma-style options; the scale is not head_dim**-0.5
+    (8, None, 0.3),
+    (None, 4.0, 0.5),
+    (20, 3.0, 0.25),
+    (1, None, 0.1),  # each query sees only itself
+]
+
+
+def run_case(case, device, sliding_window=None, logits_soft_cap=None, scale=None, **kwargs):
     context_lens, num_heads, num_kv_heads, head_dim, block_size, partition_size, dtype = case
+    scale = scale or head_dim**-0.5
     kv = paged_kv(context_lens, num_kv_heads, head_dim, block_size, dtype, device)
     q = torch.randn(len(context_lens), num_heads, head_dim, dtype=dtype, device=device)
     lens = torch.tensor(context_lens, device=device)
     out = torch.full_like(q, float("nan"))  # every element must be written
-    got = decode_attention_triton(q, kv.k_cache, kv.v_cache, kv.block_tables, lens, head_dim**-0.5,
-                                  out=out, partition_size=partition_size, **kwargs)
-    expected = paged_decode_attention(q, *kv.clean(), kv.block_tables, lens, head_dim**-0.5)
+    features = dict(sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+    got = decode_attention_triton(q, kv.k_cache, kv.v_cache, kv.block_tables, lens, scale,
+                                  out=out, partition_size=partition_size, **features, **kwargs)
+    expected = paged_decode_attention(q, *kv.clean(), kv.block_tables, lens, scale, **features)
     assert got is out
     torch.testing.assert_close(got, expected, **tolerance(dtype))
+    return expected, paged_decode_attention(q, *kv.clean(), kv.block_tables, lens, scale)
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_decode_attention_matches_reference(case, device, triton_path):
     torch.manual_seed(300 + case)
     run_case(CASES[case], device)
+
+
+@pytest.mark.parametrize("case", [1, 3, 4])
+@pytest.mark.parametrize("feature", range(len(FEATURES)))
+def test_decode_attention_window_and_softcap_match_reference(case, feature, device, triton_path):
+    torch.manual_seed(320 + 10 * case + feature)
+    window, cap, scale = FEATURES[feature]
+    expected, plain = run_case(CASES[case], device, sliding_window=window, logits_soft_cap=cap, scale=scale)
+    assert not torch.allclose(expected.float(), plain.float(), atol=1e-2)  # the features matter here
 
 
 def test_decode_attention_reads_only_to_a_tight_bound(device, triton_path):
@@ -60,6 +80,10 @@ def test_decode_attention_launcher_rejects_bad_arguments(device, triton_path):
         decode_attention_triton(q, kv.k_cache, kv.v_cache, kv.block_tables.float(), lens, 1.0)
     with pytest.raises(ValueError, match="partition_size is 24"):
         decode_attention_triton(q, kv.k_cache, kv.v_cache, kv.block_tables, lens, 1.0, partition_size=24)
+    with pytest.raises(ValueError, match="sliding_window is 0"):
+        decode_attention_triton(q, kv.k_cache, kv.v_cache, kv.block_tables, lens, 1.0, sliding_window=0)
+    with pytest.raises(ValueError, match="logits_soft_cap is -1.0"):
+        decode_attention_triton(q, kv.k_cache, kv.v_cache, kv.block_tables, lens, 1.0, logits_soft_cap=-1.0)
 
 
 @pytest.mark.gpu
@@ -71,6 +95,21 @@ def test_decode_attention_gpu(context_lens, cuda):
     lens = torch.tensor(context_lens, device=cuda, dtype=torch.int32)
     got = decode_attention(q, kv.k_cache, kv.v_cache, kv.block_tables, lens, 128**-0.5)
     expected = paged_decode_attention(q.float(), *(c.float() for c in kv.clean()), kv.block_tables, lens, 128**-0.5)
+    torch.testing.assert_close(got.float(), expected, **tolerance(torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window,cap", [(4096, None), (1024, 50.0), (None, 30.0)])
+def test_decode_attention_window_and_softcap_gpu(window, cap, cuda):
+    context_lens = [1, 17, 1025, 8000, 4096, 100, 5000, 64]
+    torch.manual_seed(len(context_lens))
+    kv = paged_kv(context_lens, 8, 256, 16, torch.bfloat16, cuda, extra_blocks=8)
+    q = torch.randn(len(context_lens), 16, 256, dtype=torch.bfloat16, device=cuda)
+    lens = torch.tensor(context_lens, device=cuda, dtype=torch.int32)
+    features = dict(sliding_window=window, logits_soft_cap=cap)
+    got = decode_attention(q, kv.k_cache, kv.v_cache, kv.block_tables, lens, 0.0625, **features)
+    expected = paged_decode_attention(q.float(), *(c.float() for c in kv.clean()), kv.block_tables, lens, 0.0625,
+                                      **features)
     torch.testing.assert_close(got.float(), expected, **tolerance(torch.bfloat16))
 
 
