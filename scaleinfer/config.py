@@ -14,6 +14,9 @@ from scaleinfer.errors import InvalidRequestError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
+OFFLOAD_TARGETS = ("none", "cpu", "nvme")
+# With streamed weights a step costs one pass over the weights whatever its size: fill it.
+OFFLOAD_MAX_BATCHED_TOKENS = 32768
 EMBEDDED_MODEL_ALIAS = "smollm2-135m"
 
 
@@ -44,6 +47,8 @@ class ArchConfig:
     hidden_act: str = "silu"
     partial_rotary_factor: float = 1.0  # GPT-NeoX: rotary on the first head_dim * factor dims only
     use_parallel_residual: bool = False  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+    do_layer_norm_before: bool = True  # OPT-350m: False, LayerNorm after each residual add (post-LN)
+    word_embed_proj_dim: int | None = None  # OPT-350m: embeddings narrower than hidden, projected in and out
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -124,16 +129,47 @@ class SchedulerConfig:
 
 
 @dataclass(slots=True)
+class OffloadConfig:
+    """ZeRO-Inference: decoder-layer weights live in host memory ("cpu") or in files ("nvme") and are streamed
+    to the device a layer ahead of the compute; embeddings, final norm and LM head stay resident."""
+
+    offload: str = "none"  # none | cpu | nvme
+    offload_path: str | None = None  # nvme: a folder; the layer files go in a fresh subfolder, removed at exit
+    offload_gpu_budget: int | None = None  # bytes of device memory for streamed layers; None: two layers
+    offload_num_readers: int = 8  # nvme: threads reading a layer's 16 MB blocks in parallel
+
+    def __post_init__(self) -> None:
+        _require(self.offload in OFFLOAD_TARGETS, f"offload must be one of {OFFLOAD_TARGETS}, got {self.offload!r}")
+        _require(self.offload != "nvme" or bool(self.offload_path),
+                 "offload='nvme' needs offload_path, the folder for the layer files")
+        _require(self.offload_path is None or self.offload == "nvme",
+                 f"offload_path={self.offload_path!r} is only used with offload='nvme', got offload={self.offload!r}")
+        _require(self.offload_gpu_budget is None or self.offload_gpu_budget > 0,
+                 f"offload_gpu_budget must be positive bytes, got {self.offload_gpu_budget!r}")
+        _require(self.offload_num_readers > 0,
+                 f"offload_num_readers must be positive, got {self.offload_num_readers!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.offload != "none"
+
+
+@dataclass(slots=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
         """Route flat options (as LLM(...) takes them) to the sub-config that owns each field."""
+        if kwargs.get("offload", "none") != "none":
+            kwargs.setdefault("max_num_batched_tokens", OFFLOAD_MAX_BATCHED_TOKENS)
         parts = {}
-        for name, part in (("model", ModelConfig), ("cache", CacheConfig), ("scheduler", SchedulerConfig)):
+        sections = (("model", ModelConfig), ("cache", CacheConfig), ("scheduler", SchedulerConfig),
+                    ("offload", OffloadConfig))
+        for name, part in sections:
             owned = {f.name for f in fields(part)} & set(kwargs)
             parts[name] = part(**{key: kwargs.pop(key) for key in owned})
         _require(not kwargs, f"unknown engine options: {sorted(kwargs)}")

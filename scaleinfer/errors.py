@@ -23,3 +23,8 @@ class RequestFailedError(ScaleInferError):
 
 class EngineDeadError(ScaleInferError):
     """The engine loop failed and can serve no more requests."""
+
+
+class OffloadReadError(ScaleInferError):
+    """Streamed weights could not be read back (a layer file vanished, shrank or failed on disk); the requests
+    of the failed step fail with it, the engine goes on."""

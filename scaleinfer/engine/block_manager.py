@@ -110,6 +110,14 @@ class BlockManager:
         for index in range(first, end):
             self._register(self.blocks[seq.block_ids[index]], seq.block_hashes[index])
 
+    def uncache(self, block_ids: list[int]) -> None:
+        """Take these blocks out of the prefix cache: the step that was to fill them failed."""
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            if block.block_hash is not None and self.cached_blocks.get(block.block_hash) == block_id:
+                del self.cached_blocks[block.block_hash]
+            block.block_hash = None
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached block (benchmarks measuring cold prefills). Blocks in use keep their KV."""
         for block in self.blocks:

@@ -18,7 +18,7 @@ from scaleinfer.engine.request_state import RequestState, SequenceState
 from scaleinfer.engine.scheduler import Scheduler
 from scaleinfer.engine.sequence import Sequence, SequenceStatus
 from scaleinfer.errors import InvalidRequestError
-from scaleinfer.outputs import RequestOutput, RunnerOutput
+from scaleinfer.outputs import RequestOutput, RunnerOutput, SchedulerOutput
 from scaleinfer.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class LLMEngine:
         self.tokenizer = None if config.model.skip_tokenizer_init else source.load_tokenizer()
         self.max_model_len = _max_model_len(config, source.arch.max_position_embeddings)
         self.runner = ModelRunner(config.model, config.cache, source, self.max_model_len,
-                                  config.scheduler.max_num_seqs, progress=progress)
+                                  config.scheduler.max_num_seqs, progress=progress, offload_config=config.offload)
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
         scheduler_config = dataclasses.replace(config.scheduler, max_model_len=self.max_model_len)
@@ -71,6 +71,7 @@ class LLMEngine:
         """Queue a request; raises InvalidRequestError (or QueueFullError) and leaves nothing behind."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        params.check_token_ids(self.arch.vocab_size)
         prompt_text, prompt_token_ids = self._tokenize(prompt)
         state = RequestState(request_id, prompt_text, prompt_token_ids, children=[])
         try:
@@ -134,7 +135,10 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         scheduler_output = self.scheduler.schedule()
-        runner_output = self.runner.execute(scheduler_output)
+        try:
+            runner_output = self.runner.execute(scheduler_output)
+        except Exception as exc:  # e.g. streamed weights unreadable: this step's requests fail, the rest go on
+            return self._fail_step(scheduler_output, exc)
         updated = self.scheduler.update(scheduler_output, runner_output)
         self.num_generation_tokens += len(updated)
         return self._process(updated, runner_output)
@@ -156,6 +160,18 @@ class LLMEngine:
             touched[state.request_id] = state
         outputs = [self._emit(state, now) for rid, state in touched.items() if rid not in failed]
         return outputs + list(failed.values())
+
+    def _fail_step(self, scheduler_output: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        size = self.config.cache.block_size
+        failed: dict[str, RequestState] = {}
+        for scheduled in scheduler_output.scheduled:
+            # Blocks this step was to fill entered the prefix cache when it was scheduled; their KV is not there.
+            first, end = scheduled.start_pos // size, (scheduled.start_pos + scheduled.num_tokens) // size
+            self.block_manager.uncache(scheduled.block_table[first:end])
+            if scheduled.request_id in self.children:
+                state = self.children[scheduled.request_id][0]
+                failed[state.request_id] = state
+        return [self._fail(state, exc) for state in failed.values()]
 
     def _process_token(self, seq: Sequence, child: SequenceState, runner_output: RunnerOutput) -> None:
         child.record(runner_output.sampled[seq.request_id], self.tokenizer)

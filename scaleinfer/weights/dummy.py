@@ -9,10 +9,15 @@ DUMMY_STD = 0.02  # the usual initializer_range: activations stay finite through
 
 
 @torch.no_grad()
-def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
-    """Normal(0, DUMMY_STD) matrices and biases; norm weights 1. Drawn on the parameters' own device."""
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for name, param in model.named_parameters():
+def init_dummy_weights(model: nn.Module, seed: int = 0, exclude: nn.Module | None = None) -> None:
+    """Normal(0, DUMMY_STD) matrices and biases; norm weights 1. Drawn on the parameters' own device.
+    exclude: a submodule whose parameters are left alone (streamed layers initialized one at a time)."""
+    skipped = {id(p) for p in exclude.parameters()} if exclude is not None else set()
+    params = [(name, p) for name, p in model.named_parameters() if id(p) not in skipped]
+    if not params:
+        return
+    generator = torch.Generator(device=params[0][1].device).manual_seed(seed)
+    for name, param in params:
         if name.endswith("norm.weight"):
             param.fill_(1.0)
         else:

@@ -1,0 +1,120 @@
+"""Build a model whose decoder layers live in a store (host memory or NVMe files) and stream to the device.
+
+The model is constructed with its parameters on the meta device (no memory anywhere), then the resident
+parts (embeddings, final norm, LM head) are given device memory and each layer's parameters become views of
+that layer's bytes in the store, so the checkpoint loads straight into the store. The model file is the
+same one every other path uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from scaleinfer.config import ModelConfig, OffloadConfig
+from scaleinfer.errors import InvalidRequestError, UnsupportedArchitectureError
+from scaleinfer.models.registry import model_class
+from scaleinfer.offload.host_store import HostStore
+from scaleinfer.offload.layout import LayerLayout, bind, layer_params
+from scaleinfer.offload.nvme_store import NVMeStore
+from scaleinfer.offload.streamer import LayerStreamer
+from scaleinfer.weights.dummy import init_dummy_weights
+from scaleinfer.weights.source import ModelSource
+from scaleinfer.worker.device import default_dtype
+
+DEFAULT_NUM_SLOTS = 2  # one layer computing, one arriving
+
+
+def build_offloaded_model(source: ModelSource, config: ModelConfig, offload: OffloadConfig, device: torch.device,
+                          dtype: torch.dtype, progress: bool) -> tuple[nn.Module, LayerStreamer]:
+    with default_dtype(dtype), torch.device(device), parameters_on_meta():
+        model = model_class(source.arch)(source.arch)
+    layers = _decoder_layers(model)
+    layouts = [LayerLayout.of(layer) for layer in layers]
+    num_slots = num_slots_for(offload.offload_gpu_budget, layouts)
+    store = _make_store(offload, layouts, pin=device.type == "cuda")
+    streamed = {id(p) for layer in layers for p in layer.parameters()}
+    materialize(model, {id(p): torch.empty_like(p, device=device) for p in model.parameters() if id(p) not in streamed})
+    for index, (layer, layout) in enumerate(zip(layers, layouts)):
+        views = layout.views(store.layer_buffer(index))
+        materialize(layer, {id(p): view for p, view in zip(layer_params(layer, layout), views)})
+    if config.load_format == "dummy":
+        _init_dummy(model, layers, layouts, store, device, config.seed)
+    else:
+        model.load_weights(source.iter_weights(dtype, progress=progress))
+    streamer = LayerStreamer(layers, layouts, store, device, num_slots)  # rebinds the layers to device slots
+    store.finish_loading()
+    return model, streamer
+
+
+def num_slots_for(budget: int | None, layouts: list[LayerLayout]) -> int:
+    """How many layers the device budget holds at once; a budget below one layer is an error."""
+    layer_bytes = max(layout.nbytes for layout in layouts)
+    if budget is None:
+        return DEFAULT_NUM_SLOTS
+    if budget < layer_bytes:
+        raise InvalidRequestError(f"offload_gpu_budget={budget} bytes holds no layer: one decoder layer takes "
+                                  f"{layer_bytes} bytes ({layer_bytes / 2**20:.1f} MiB)")
+    return budget // layer_bytes
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Parameters registered inside are moved to the meta device as they are registered (attributes such as
+    weight_loader kept, ties kept); buffers (rotary tables) stay real."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            meta = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            meta.__dict__.update(param.__dict__)
+            param = meta
+        original(module, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def materialize(module: nn.Module, tensors: dict[int, torch.Tensor]) -> None:
+    """Replace the parameters whose id is in `tensors` by real ones over those tensors, everywhere they are
+    registered (tied weights stay tied), keeping their attributes."""
+    made: dict[int, nn.Parameter] = {}
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is None or id(param) not in tensors:
+                continue
+            if id(param) not in made:
+                made[id(param)] = nn.Parameter(tensors[id(param)], requires_grad=False)
+                made[id(param)].__dict__.update(param.__dict__)
+            sub._parameters[name] = made[id(param)]
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise UnsupportedArchitectureError(f"{type(model).__name__} has no model.layers stack to stream")
+    return layers
+
+
+def _make_store(offload: OffloadConfig, layouts: list[LayerLayout], pin: bool) -> HostStore | NVMeStore:
+    if offload.offload == "nvme":
+        return NVMeStore(layouts, offload.offload_path, offload.offload_num_readers)
+    return HostStore(layouts, pin)
+
+
+@torch.no_grad()
+def _init_dummy(model: nn.Module, layers: nn.ModuleList, layouts: list[LayerLayout],
+                store: HostStore | NVMeStore, device: torch.device, seed: int) -> None:
+    """Random weights drawn on the device a layer at a time, then written to the store."""
+    init_dummy_weights(model, seed, exclude=layers)
+    scratch = torch.empty(max(layout.nbytes for layout in layouts), dtype=torch.uint8, device=device)
+    for index, (layer, layout) in enumerate(zip(layers, layouts)):
+        bind(layer_params(layer, layout), layout, scratch)
+        init_dummy_weights(layer, seed + 1 + index)
+        store.layer_buffer(index).copy_(scratch[: layout.nbytes])
