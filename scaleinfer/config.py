@@ -49,6 +49,15 @@ class ArchConfig:
     use_parallel_residual: bool = False  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
     do_layer_norm_before: bool = True  # OPT-350m: False, LayerNorm after each residual add (post-LN)
     word_embed_proj_dim: int | None = None  # OPT-350m: embeddings narrower than hidden, projected in and out
+    # Gemma 2/3: attention scale query_pre_attn_scalar**-0.5 (else head_dim's); sliding_window on the layers
+    # layer_types names "sliding_attention" (the others "full_attention"; () = all full), their rope base
+    # rope_local_theta (Gemma 3; else rope_theta); scores and final logits soft-capped at cap * tanh(x / cap).
+    query_pre_attn_scalar: float | None = None
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()
+    rope_local_theta: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -60,6 +69,8 @@ class ArchConfig:
         _require(self.num_attention_heads % self.num_key_value_heads == 0,
                  f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                  f"num_key_value_heads={self.num_key_value_heads}")
+        _require(not self.layer_types or len(self.layer_types) == self.num_hidden_layers,
+                 f"model config layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
 
     @property
     def q_size(self) -> int:
