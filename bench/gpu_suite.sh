@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then the benchmarks; logs and JSON results under $OUT.
-# Usage (from the repo root there): SCALEINFER_COMMIT=<sha> bash bench/gpu_suite.sh [tests|latency|throughput|prefill|all]
+# Usage (from the repo root there): SCALEINFER_COMMIT=<sha> bash bench/gpu_suite.sh [tests|latency|throughput|prefill|serve|all]
 # (the copy of the tree there has no .git: pass the commit so the results record it)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -21,5 +21,15 @@ if [[ $what == throughput || $what == all ]]; then
 fi
 if [[ $what == prefill || $what == all ]]; then
   python3 bench/prefill.py --shape llama3.1-8b 2>&1 | tee "$OUT/prefill.log"
+fi
+if [[ $what == serve || $what == all ]]; then
+  # The image lacks the server's packages (fastapi, uvicorn, openai, ...): run `bash bench/fetch_wheels.sh` here
+  # first and carry .whl; they are installed there as
+  #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  # and /tmp/site goes first on PYTHONPATH (for this target only: it comes last in `all`).
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PYTHONPATH
+  python3 bench/serve_load.py --shape llama3-8b --num-requests 512 --concurrency 128 --max-model-len 2048 \
+    --min-prompt 128 --max-prompt 1024 --min-output 128 --max-output 512 2>&1 | tee "$OUT/serve.log"
 fi
 find bench/results -name "*.json" -newer "$OUT/gpu.txt" -exec cp {} "$OUT/" \;

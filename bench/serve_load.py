@@ -1,11 +1,15 @@
 """Serving under load: N concurrent openai clients streaming from an OpenAI-compatible server, and, as the
-baseline of the same run, LLM.generate on the same requests offline.
+baseline of the same run, LLM.generate on the same requests offline (after the server stopped, so both
+have the device to themselves).
 
-Requests are seeded random-word prompts with fixed output lengths (eos ignored), so every run and
-both paths do the same work. Reported: requests/s, output tok/s, time to first token and inter-token
-latency at p50/p99, end-to-end latency, errors; and the online/offline output tok/s ratio.
+Requests are seeded prompts with fixed output lengths (eos ignored), so every run and both paths do the
+same work: random-word sentences for a real checkpoint, random token ids for a --shape (random weights,
+no tokenizer, no checkpoint). Reported: requests/s, output tok/s, time to first token and inter-token
+latency at p50/p99, end-to-end latency, errors; the online/offline output tok/s ratio; on a GPU the card's
+ceilings.
 
     python bench/serve_load.py                                   # starts run_server on the embedded model
+    python bench/serve_load.py --shape llama3-8b --concurrency 64    # a GPU: random bf16 weights, token ids
     python bench/serve_load.py --url http://127.0.0.1:8000 --model smollm2-135m --concurrency 64
 """
 
@@ -19,6 +23,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +34,13 @@ import openai
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_result  # noqa: E402
+from common import ceilings, write_result  # noqa: E402
 
 SERVER = """
 from scaleinfer.config import EngineConfig, ModelConfig, SchedulerConfig
 from scaleinfer.server.app import run_server
-model = ModelConfig(model={model!r}, device={device!r}, max_model_len={max_model_len!r})
-run_server(EngineConfig(model=model, scheduler=SchedulerConfig(max_num_seqs={max_num_seqs})), "127.0.0.1", {port},
-           None, log_level="warning")
+config = EngineConfig(model=ModelConfig(**{model_kwargs!r}), scheduler=SchedulerConfig(max_num_seqs={max_num_seqs}))
+run_server(config, "127.0.0.1", {port}, None, log_level="warning")
 """
 
 
@@ -51,8 +55,18 @@ WORDS = _WORD_TEXT.split()
 
 @dataclass(slots=True)
 class Workload:
-    prompts: list[str]
+    prompts: list[str] | list[list[int]]
     output_lens: list[int]
+
+
+@dataclass(slots=True)
+class ServedModel:
+    """What the server loads (ModelConfig fields), the name requests use, and the token-id vocabulary of
+    prompts (None: word prompts through the tokenizer)."""
+
+    kwargs: dict[str, object]
+    name: str
+    prompt_vocab: int | None = None
 
 
 @dataclass(slots=True)
@@ -70,17 +84,35 @@ class RequestRecord:
         return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
 
 
-def make_workload(args: argparse.Namespace) -> Workload:
+def make_workload(args: argparse.Namespace, prompt_vocab: int | None) -> Workload:
+    """Prompt lengths in words (text) or tokens (token ids); the same seed gives the same requests."""
     rng = random.Random(args.seed)
-    prompts = [" ".join(rng.choices(WORDS, k=rng.randint(args.min_prompt, args.max_prompt)))
-               for _ in range(args.num_requests)]
-    return Workload(prompts, [rng.randint(args.min_output, args.max_output) for _ in prompts])
+    lengths = [rng.randint(args.min_prompt, args.max_prompt) for _ in range(args.num_requests)]
+    if prompt_vocab is None:
+        prompts = [" ".join(rng.choices(WORDS, k=n)) for n in lengths]
+    else:
+        prompts = [[rng.randrange(prompt_vocab) for _ in range(n)] for n in lengths]
+    return Workload(prompts, [rng.randint(args.min_output, args.max_output) for _ in lengths])
+
+
+def served_model(args: argparse.Namespace, folder: Path) -> ServedModel:
+    """The embedded model or a checkpoint by name; or a shape's config.json in folder with random weights."""
+    base: dict[str, object] = {"device": args.device, "max_model_len": args.max_model_len}
+    if args.shape is None:
+        return ServedModel({"model": args.model, **base}, args.model)
+    from shapes import write_config
+
+    config = write_config(args.shape, folder)
+    kwargs = {"model": str(folder), "dtype": "bfloat16", "load_format": "dummy", "skip_tokenizer_init": True}
+    name = args.model if args.url else str(folder)  # a server started here names the model by its folder
+    return ServedModel({**kwargs, **base}, name, min(config.vocab_size, 32000))
 
 
 # ---- online ------------------------------------------------------------------------------------------
 
 
-async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int) -> RequestRecord:
+async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str | list[int],
+                      max_tokens: int) -> RequestRecord:
     record = RequestRecord(time.perf_counter())
     try:
         stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, stream=True,
@@ -93,16 +125,17 @@ async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_t
     return record
 
 
-async def run_online(args: argparse.Namespace, url: str, work: Workload) -> tuple[list[RequestRecord], float]:
+async def run_online(args: argparse.Namespace, url: str, model: str,
+                     work: Workload) -> tuple[list[RequestRecord], float]:
     """All requests through `concurrency` clients at a time; returns the records and the wall time."""
     limit = asyncio.Semaphore(args.concurrency)
     async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=args.api_key or "none", max_retries=0,
                                   timeout=600) as client:
-        await one_request(client, args.model, work.prompts[0], 2)  # warm-up, untimed
+        await one_request(client, model, work.prompts[0], 2)  # warm-up, untimed
 
-        async def limited(prompt: str, max_tokens: int) -> RequestRecord:
+        async def limited(prompt: str | list[int], max_tokens: int) -> RequestRecord:
             async with limit:
-                return await one_request(client, args.model, prompt, max_tokens)
+                return await one_request(client, model, prompt, max_tokens)
 
         start = time.perf_counter()
         records = await asyncio.gather(*(limited(p, n) for p, n in zip(work.prompts, work.output_lens)))
@@ -133,11 +166,10 @@ def _percentiles(name: str, values: list[float]) -> dict[str, float]:
 # ---- offline baseline and the server -----------------------------------------------------------------
 
 
-def run_offline(args: argparse.Namespace, work: Workload) -> tuple[dict[str, float], torch.device]:
+def run_offline(args: argparse.Namespace, model: ServedModel, work: Workload) -> tuple[dict[str, float], torch.device]:
     from scaleinfer import LLM, SamplingParams
 
-    llm = LLM(model=args.model, device=args.device, max_model_len=args.max_model_len,
-              max_num_seqs=args.max_num_seqs, progress=False)
+    llm = LLM(**model.kwargs, max_num_seqs=args.max_num_seqs, progress=False)
     llm.generate(work.prompts[:2], SamplingParams(temperature=0, max_tokens=2))  # warm-up
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in work.output_lens]
     start = time.perf_counter()
@@ -147,13 +179,14 @@ def run_offline(args: argparse.Namespace, work: Workload) -> tuple[dict[str, flo
     device = llm.engine.runner.device
     del llm, outputs
     gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the ceilings measured next need the memory
     return {"seconds": seconds, "requests_s": len(work.prompts) / seconds, "output_tok_s": num_tokens / seconds}, device
 
 
-def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+def start_server(args: argparse.Namespace, model: ServedModel) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    code = SERVER.format(model=args.model, device=args.device, max_model_len=args.max_model_len,
-                         max_num_seqs=args.max_num_seqs, port=port)
+    code = SERVER.format(model_kwargs=model.kwargs, max_num_seqs=args.max_num_seqs, port=port)
     proc = subprocess.Popen([sys.executable, "-c", code])
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.server_timeout
@@ -188,24 +221,40 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 def main() -> None:
     args = _parse()
-    work = make_workload(args)
-    load_before = os.getloadavg()[0]
-    offline, device = run_offline(args, work) if args.offline else ({}, torch.device("cpu"))
-    proc, url = (None, args.url) if args.url else start_server(args)
-    try:
-        records, seconds = asyncio.run(run_online(args, url, work))
-    finally:
-        if proc is not None:
-            stop_server(proc)
-    online = summarize(records, seconds)
-    result = {"model": args.model, "server": args.url or "self-started run_server", "device": str(device),
+    with tempfile.TemporaryDirectory() as folder:
+        model = served_model(args, Path(folder))
+        work = make_workload(args, model.prompt_vocab)
+        load_before = os.getloadavg()[0]
+        online = _online(args, model, work)
+        # After the server stopped: the baseline and the ceilings get the device to themselves.
+        offline, device = run_offline(args, model, work) if args.offline else ({}, _device(args.device))
+    described = f"{args.shape} shape, random bf16 weights" if args.shape else args.model
+    result = {"model": described,
+              "server": args.url or "self-started run_server", "device": str(device),
               "workload": vars(args), "online": online, "offline_llm_generate": offline,
+              "ceilings": ceilings(device, torch.bfloat16) if device.type == "cuda" else {},
               # a shared host's other work skews every figure; this says how busy it was
               "host_load_avg_1m": {"before": load_before, "after": os.getloadavg()[0], "cpus": os.cpu_count()}}
     if offline:
         result["ratio_online_to_offline_output_tok_s"] = online["output_tok_s"] / offline["output_tok_s"]
-    path = write_result("serve_load", device, result)
+    path = write_result("serve_load" + (f"-{args.shape}" if args.shape else ""), device, result)
     _report(online, offline, path)
+
+
+def _online(args: argparse.Namespace, model: ServedModel, work: Workload) -> dict:
+    proc, url = (None, args.url) if args.url else start_server(args, model)
+    try:
+        records, seconds = asyncio.run(run_online(args, url, model.name, work))
+    finally:
+        if proc is not None:
+            stop_server(proc)
+    return summarize(records, seconds)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def _report(online: dict, offline: dict, path: Path) -> None:
@@ -222,14 +271,16 @@ def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=None, help="a running server; default: start one here")
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--shape", default=None,
+                        help="a bench/shapes.py name: random bf16 weights, token-id prompts, no checkpoint")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--device", default="auto", help="for the self-started server and the offline baseline")
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--min-prompt", type=int, default=16, help="words")
-    parser.add_argument("--max-prompt", type=int, default=96, help="words")
+    parser.add_argument("--min-prompt", type=int, default=16, help="words (tokens with --shape)")
+    parser.add_argument("--max-prompt", type=int, default=96, help="words (tokens with --shape)")
     parser.add_argument("--min-output", type=int, default=16)
     parser.add_argument("--max-output", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
