@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from scaleinfer.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+MAX_ABS_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty
+MAX_ABS_LOGIT_BIAS = 100.0  # OpenAI's range for each logit_bias value
 
 
 @dataclass(slots=True)
@@ -22,6 +24,13 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # top-k logprobs per generated token (the sampled one always included)
+    # OpenAI: subtracted from the logit of every token generated so far, once (presence) or per occurrence
+    # (frequency). vLLM/HF repetition_penalty: the logit of every token in the prompt or the output is
+    # divided by it when positive, multiplied when negative (> 1 discourages repeats).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -47,10 +56,33 @@ class SamplingParams:
         _check(all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings", self.stop)
         _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
                "stop_token_ids must be non-negative integers", self.stop_token_ids)
+        self._check_penalties()
+
+    def _check_penalties(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_is_number(value) and -MAX_ABS_PENALTY <= value <= MAX_ABS_PENALTY,
+                   f"{name} must be in [-{MAX_ABS_PENALTY}, {MAX_ABS_PENALTY}]", value)
+        _check(_is_number(self.repetition_penalty) and 0 < self.repetition_penalty < float("inf"),
+               "repetition_penalty must be a finite number > 0", self.repetition_penalty)
+        self.logit_bias = dict(self.logit_bias or {})
+        _check(all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.logit_bias),
+               "logit_bias must have non-negative token ids as keys", list(self.logit_bias))
+        _check(all(_is_number(b) and abs(b) <= MAX_ABS_LOGIT_BIAS for b in self.logit_bias.values()),
+               f"logit_bias must have values in [-{MAX_ABS_LOGIT_BIAS}, {MAX_ABS_LOGIT_BIAS}]", self.logit_bias)
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """The token ids this request names (stop_token_ids, logit_bias) must exist in the model's vocabulary."""
+        bad = [t for t in [*self.stop_token_ids, *self.logit_bias] if t >= vocab_size]
+        _check(not bad, f"logit_bias token ids must be < the vocab size {vocab_size} (stop_token_ids too)", bad[:5])
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 def _is_number(value: object) -> bool:
