@@ -23,7 +23,8 @@ class CausalLM(nn.Module):
         super().__init__()
         self.arch = arch
         self.model = model
-        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size)
+        # The head maps back to the embedding width (narrower than hidden where a family projects it).
+        self.lm_head = ParallelLMHead(arch.vocab_size, model.embed_tokens.weight.shape[1])
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

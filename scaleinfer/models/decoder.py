@@ -1,14 +1,18 @@
-"""The LayerNorm decoder skeleton that GPT-2 and GPT-NeoX share; each family states only what differs.
+"""The LayerNorm decoder skeleton that GPT-2, GPT-NeoX and OPT share; each family states only what differs.
 
-Pre-LN blocks with biased fused QKV, a GELU MLP without gate, and either the sequential residual
-(x + attn(ln1(x)), then + mlp(ln2(.))) or the parallel one (x + attn(ln1(x)) + mlp(ln2(x))). A family
-subclass sets `absolute_positions` (learned position table) or a rotary table, and maps its checkpoint
-names onto ours in `hf_weights`, splitting its fused QKV tensor into q, k, v shards.
+Blocks with biased fused QKV, an ungated MLP (GELU or ReLU), and one of three residual layouts: pre-LN
+sequential (x + attn(ln1(x)), then + mlp(ln2(.))), pre-LN parallel (x + attn(ln1(x)) + mlp(ln2(x))), or
+post-LN (ln1(x + attn(x)), then ln2(. + mlp(.)), OPT-350m). A family subclass sets `position_offset`
+(a learned position table, read at position + offset) or keeps None for a rotary table, and maps its
+checkpoint names onto ours in `hf_weights`, splitting a fused QKV tensor into q, k, v shards. Embeddings
+narrower than hidden (ArchConfig.word_embed_proj_dim) are projected in after the lookup and out before
+the head.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +23,16 @@ from scaleinfer.errors import ModelLoadError
 from scaleinfer.layers.attention import Attention, AttentionMetadata
 from scaleinfer.layers.embedding import VocabParallelEmbedding
 from scaleinfer.layers.layernorm import LayerNorm
-from scaleinfer.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from scaleinfer.layers.linear import ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
 from scaleinfer.layers.rotary import RotaryEmbedding
 from scaleinfer.models.causal_lm import CausalLM
 
-# hidden_act -> F.gelu's `approximate`
-GELU_APPROXIMATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": partial(F.gelu, approximate="none"),
+    "gelu_new": partial(F.gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+}
 QKV_SHARDS = {".q_proj.": (".qkv_proj.", "q"), ".k_proj.": (".qkv_proj.", "k"), ".v_proj.": (".qkv_proj.", "v")}
 
 
@@ -44,29 +52,33 @@ class DecoderAttention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
-class GeluMLP(nn.Module):
+class DecoderMLP(nn.Module):
     def __init__(self, arch: ArchConfig) -> None:
         super().__init__()
-        if arch.hidden_act not in GELU_APPROXIMATIONS:
-            raise ModelLoadError(f"hidden_act {arch.hidden_act!r} is not supported ({', '.join(GELU_APPROXIMATIONS)})")
-        self.approximate = GELU_APPROXIMATIONS[arch.hidden_act]
+        if arch.hidden_act not in ACTIVATIONS:
+            raise ModelLoadError(f"hidden_act {arch.hidden_act!r} is not supported ({', '.join(ACTIVATIONS)})")
+        self.act_fn = ACTIVATIONS[arch.hidden_act]
         self.fc_in = ColumnParallelLinear(arch.hidden_size, arch.intermediate_size, bias=True)
         self.fc_out = RowParallelLinear(arch.intermediate_size, arch.hidden_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc_out(F.gelu(self.fc_in(x), approximate=self.approximate))
+        return self.fc_out(self.act_fn(self.fc_in(x)))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, arch: ArchConfig, rotary_emb: RotaryEmbedding | None) -> None:
         super().__init__()
         self.parallel_residual = arch.use_parallel_residual
+        self.norm_before = arch.do_layer_norm_before
         self.input_layernorm = LayerNorm(arch.hidden_size, arch.layer_norm_eps)
         self.self_attn = DecoderAttention(arch, rotary_emb)
         self.post_attention_layernorm = LayerNorm(arch.hidden_size, arch.layer_norm_eps)
-        self.mlp = GeluMLP(arch)
+        self.mlp = DecoderMLP(arch)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if not self.norm_before:
+            x = self.input_layernorm(x + self.self_attn(positions, x, meta))
+            return self.post_attention_layernorm(x + self.mlp(x))
         attn = self.self_attn(positions, self.input_layernorm(x), meta)
         if self.parallel_residual:
             return x + attn + self.mlp(self.post_attention_layernorm(x))
@@ -75,36 +87,47 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, arch: ArchConfig, absolute_positions: bool) -> None:
+    def __init__(self, arch: ArchConfig, position_offset: int | None) -> None:
+        """position_offset: None for rotary positions, else the learned table's row of position 0."""
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size)
-        self.embed_positions = None
-        rotary_emb = None
-        if absolute_positions:
-            self.embed_positions = VocabParallelEmbedding(arch.max_position_embeddings, arch.hidden_size)
+        embed_dim = arch.word_embed_proj_dim or arch.hidden_size
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, embed_dim)
+        self.project_in = self.project_out = None
+        if embed_dim != arch.hidden_size:
+            self.project_in = ReplicatedLinear(embed_dim, arch.hidden_size, bias=False)
+            self.project_out = ReplicatedLinear(arch.hidden_size, embed_dim, bias=False)
+        self.position_offset, self.embed_positions, rotary_emb = position_offset, None, None
+        if position_offset is not None:
+            num_positions = arch.max_position_embeddings + position_offset
+            self.embed_positions = VocabParallelEmbedding(num_positions, arch.hidden_size)
         else:  # one table for every layer
             rotary_emb = RotaryEmbedding(arch.rotary_dim, arch.max_position_embeddings, arch.rope_theta,
                                          arch.rope_scaling)
         self.layers = nn.ModuleList(DecoderLayer(arch, rotary_emb) for _ in range(arch.num_hidden_layers))
-        self.norm = LayerNorm(arch.hidden_size, arch.layer_norm_eps)
+        # Post-LN blocks end in a norm already.
+        self.norm = LayerNorm(arch.hidden_size, arch.layer_norm_eps) if arch.do_layer_norm_before else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+        x = self.embed_tokens(input_ids)  # [num_tokens, embed_dim]
+        if self.project_in is not None:
+            x = self.project_in(x)  # [num_tokens, hidden_size]
         if self.embed_positions is not None:
-            x = x + self.embed_positions(positions)
+            x = x + self.embed_positions(positions + self.position_offset)
         for layer in self.layers:
             x = layer(positions, x, meta)
-        return self.norm(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x if self.project_out is None else self.project_out(x)
 
 
 class DecoderForCausalLM(CausalLM):
-    absolute_positions = False
+    position_offset: int | None = None  # learned positions: the table row of position 0; None: rotary
     stacked_params = QKV_SHARDS
     # checkpoint name fragment -> ours, applied in order
     renames: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, arch: ArchConfig) -> None:
-        super().__init__(arch, DecoderModel(arch, self.absolute_positions))
+        super().__init__(arch, DecoderModel(arch, self.position_offset))
 
     def hf_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """Checkpoint tensors under our names; the fused QKV tensor as q_proj, k_proj, v_proj parts."""

@@ -14,7 +14,7 @@ CONV1D_WEIGHTS = (".qkv_proj.weight", ".o_proj.weight", ".fc_in.weight", ".fc_ou
 
 
 class GPT2LMHeadModel(DecoderForCausalLM):
-    absolute_positions = True
+    position_offset = 0
     renames = (
         ("transformer.wte.", "model.embed_tokens."),
         ("transformer.wpe.", "model.embed_positions."),

@@ -10,12 +10,16 @@ from scaleinfer.models.bert import BertModel
 from scaleinfer.models.gpt2 import GPT2LMHeadModel
 from scaleinfer.models.gpt_neox import GPTNeoXForCausalLM
 from scaleinfer.models.llama import LlamaForCausalLM
+from scaleinfer.models.opt import OPTForCausalLM
+from scaleinfer.models.phi3 import Phi3ForCausalLM
 
 MODELS: dict[str, type[nn.Module]] = {
     "GPT2LMHeadModel": GPT2LMHeadModel,
     "GPTNeoXForCausalLM": GPTNeoXForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
+    "OPTForCausalLM": OPTForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
 }
 ENCODERS: dict[str, type[nn.Module]] = {

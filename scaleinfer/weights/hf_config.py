@@ -1,12 +1,14 @@
-"""Map an HF config.json (Llama 2/3, Mistral, Qwen2, SmolLM2, GPT-2, GPT-NeoX) to ArchConfig.
+"""Map an HF config.json (Llama 2/3, Mistral, Qwen2, SmolLM2, GPT-2, GPT-NeoX, OPT, Phi-3) to ArchConfig.
 
-GPT-2 spells its keys its own way (n_embd, n_layer, ...); they are renamed to the Llama spelling first.
+GPT-2 and OPT spell some keys their own way (n_embd, ffn_dim, ...); they are renamed to the Llama spelling
+first.
 
 Rope settings come in two spellings: transformers < 5 writes top-level `rope_theta` and `rope_scaling`
 ({"rope_type" or "type": ..., "factor": ...}); transformers 5 writes one `rope_parameters` dict
 ({"rope_theta": ..., "rope_type": "default" | "llama3" | ..., <scaling keys>}). Both become
 ArchConfig.rope_theta and ArchConfig.rope_scaling, which is None for plain rope and otherwise the scaling
-dict with its "rope_type" key (and no rope_theta).
+dict with its "rope_type" key (and no rope_theta). Phi-3 keeps original_max_position_embeddings at the top
+level and may call longrope "su"; both are moved into that one spelling.
 
 Whether the architecture is implemented is decided by the model registry, not here.
 """
@@ -29,12 +31,22 @@ BIASED_QKV_ARCHITECTURES = ("Qwen2ForCausalLM",)
 # model_type -> architecture for configs saved without `architectures`; others ask transformers.
 CAUSAL_LM_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                            "mixtral": "MixtralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                           "gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM"}
-GPT2_KEYS = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
+                           "gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM",
+                           "opt": "OPTForCausalLM", "phi3": "Phi3ForCausalLM"}
+# model_type -> {its key: the Llama spelling}
+KEY_SPELLINGS = {
+    "gpt2": {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
              "n_positions": "max_position_embeddings", "layer_norm_epsilon": "layer_norm_eps",
-             "activation_function": "hidden_act"}
+             "activation_function": "hidden_act"},
+    "opt": {"ffn_dim": "intermediate_size", "activation_function": "hidden_act"},
+}
+TIED_BY_DEFAULT = ("gpt2", "opt")
 # Families without grouped-query attention: any num_key_value_heads key is not theirs.
-MULTI_HEAD_ONLY = ("gpt2", "gpt_neox")
+MULTI_HEAD_ONLY = ("gpt2", "gpt_neox", "opt")
+# model_type -> {key: a value no released checkpoint uses}, refused rather than loaded wrongly
+UNSUPPORTED_VALUES = {"opt": {"enable_bias": False, "layer_norm_elementwise_affine": False,
+                              "_remove_final_layer_norm": True}}
+ROPE_TYPE_ALIASES = {"su": "longrope"}
 
 
 def read_hf_config(folder: Path) -> ArchConfig:
@@ -55,6 +67,9 @@ def arch_from_hf(config: dict[str, Any], path: str | Path = CONFIG_NAME) -> Arch
     for key in REQUIRED_KEYS:
         if config.get(key) is None:
             raise ModelLoadError(f"{path} lacks the required key {key!r}")
+    for key, value in UNSUPPORTED_VALUES.get(config.get("model_type"), {}).items():
+        if config.get(key, not value) == value:
+            raise ModelLoadError(f"{path}: {key}={value} is not supported")
     architecture = _architecture(config, path)
     rope_theta, rope_scaling = _rope(config, path)
     num_heads = config["num_attention_heads"]
@@ -79,6 +94,8 @@ def arch_from_hf(config: dict[str, Any], path: str | Path = CONFIG_NAME) -> Arch
         hidden_act=config.get("hidden_act", "silu"),
         partial_rotary_factor=float(_partial_rotary_factor(config)),
         use_parallel_residual=bool(config.get("use_parallel_residual", False)),
+        do_layer_norm_before=bool(config.get("do_layer_norm_before", True)),
+        word_embed_proj_dim=config.get("word_embed_proj_dim"),
         bos_token_id=config.get("bos_token_id"),
         eos_token_ids=_as_ids(config.get("eos_token_id")),
     )
@@ -89,19 +106,23 @@ def arch_from_hf(config: dict[str, Any], path: str | Path = CONFIG_NAME) -> Arch
 
 
 def _llama_spelling(config: dict[str, Any]) -> dict[str, Any]:
-    """A copy of config with GPT-2's key names as Llama's; GPT-2's MLP width is n_inner or 4 * n_embd."""
-    if config.get("model_type") != "gpt2":
-        return dict(config)
-    renamed = {**config, **{new: config[old] for old, new in GPT2_KEYS.items() if config.get(old) is not None}}
-    renamed["intermediate_size"] = config.get("n_inner") or 4 * renamed["hidden_size"]
-    renamed.setdefault("tie_word_embeddings", True)
+    """A copy of config with GPT-2's and OPT's key names as Llama's; GPT-2's MLP width is n_inner or
+    4 * n_embd."""
+    model_type = config.get("model_type")
+    spelling = KEY_SPELLINGS.get(model_type, {})
+    renamed = {**config, **{new: config[old] for old, new in spelling.items() if config.get(old) is not None}}
+    if model_type == "gpt2":
+        renamed["intermediate_size"] = config.get("n_inner") or 4 * renamed["hidden_size"]
+    if model_type in TIED_BY_DEFAULT:
+        renamed.setdefault("tie_word_embeddings", True)
     return renamed
 
 
 def _partial_rotary_factor(config: dict[str, Any]) -> float:
-    """transformers 5 keeps it in rope_parameters, older GPT-NeoX configs as rotary_pct."""
+    """transformers 5 keeps it in rope_parameters, older configs at the top level (GPT-NeoX as rotary_pct)."""
     rope_parameters = config.get("rope_parameters") or {}
-    return rope_parameters.get("partial_rotary_factor", config.get("rotary_pct", 1.0))
+    top_level = config.get("partial_rotary_factor", config.get("rotary_pct", 1.0))
+    return rope_parameters.get("partial_rotary_factor", top_level)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -140,8 +161,11 @@ def _rope(config: dict[str, Any], path: str | Path) -> tuple[float, dict[str, An
     rope_theta = float(merged.pop("rope_theta", config.get("rope_theta", config.get("rotary_emb_base", 10000.0))))
     legacy_type = merged.pop("type", "default")
     rope_type = merged.pop("rope_type", legacy_type)
+    rope_type = ROPE_TYPE_ALIASES.get(rope_type, rope_type)
     if rope_type == "default":
         return rope_theta, None
+    if rope_type == "longrope" and config.get("original_max_position_embeddings"):  # the top level wins, as in HF
+        merged["original_max_position_embeddings"] = config["original_max_position_embeddings"]
     return rope_theta, {"rope_type": rope_type, **merged}
 
 
