@@ -12,7 +12,9 @@ if [[ $what == tests || $what == all ]]; then
   python3 -m pytest -q -m gpu tests/test_gpu.py tests/kernels 2>&1 | tee "$OUT/gpu_tests.log"
 fi
 if [[ $what == latency || $what == all ]]; then
-  python3 bench/latency.py --shape llama3-8b 2>&1 | tee "$OUT/latency.log"
+  for shape in llama3-8b llama3-1b; do
+    python3 bench/latency.py --shape $shape 2>&1 | tee "$OUT/latency-$shape.log"
+  done
   python3 bench/profile_step.py --shape llama3-8b 2>&1 | tail -45 | tee "$OUT/profile.log"
 fi
 if [[ $what == throughput || $what == all ]]; then

@@ -1,7 +1,7 @@
 """Batch-1 latency on random bf16 weights of a real shape: scaleinfer against HF transformers eager and
 HF with a static cache (which compiles itself), all in one process on one card.
 
-    python bench/latency.py --shape llama3-8b [--prompt-len 128 --new-tokens 128] [--skip-hf]
+    python bench/latency.py --shape llama3-8b|llama3-1b|llama2-7b [--prompt-len 128 --new-tokens 128] [--skip-hf]
 """
 
 from __future__ import annotations

@@ -1,19 +1,22 @@
-"""Where a step's time goes: torch profiler over a prefill and decode steps of a random-weight shape.
+"""Where a decode step's time goes: torch profiler over decode steps of a random-weight shape.
 
-    python bench/profile_step.py --shape llama3-8b [--batch 1] [--eager]
-Prints per-step wall times and the top kernels by device time.
+    python bench/profile_step.py --shape llama3-8b [--batch 1] [--prompt-len 128] [--eager]
+Prints the step's wall time against the device time of its kernels (the rest is host time the device
+waits through: scheduling, input building, launches, the sampled-token copy), then the top kernels.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -22,39 +25,59 @@ from shapes import SHAPES, write_config  # noqa: E402
 from scaleinfer import LLM, SamplingParams  # noqa: E402
 
 
-def step_times(llm: LLM, prompts: list[list[int]], new_tokens: int) -> list[float]:
+def start_requests(llm: LLM, prompts: list[list[int]], new_tokens: int) -> None:
+    """Add the prompts and run their prefill, so that the next steps are pure decodes."""
     engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     for i, prompt in enumerate(prompts):
-        engine.add_request(f"p{time.time()}-{i}", prompt, SamplingParams(temperature=0, max_tokens=new_tokens,
-                                                                          ignore_eos=True))
+        engine.add_request(f"p{time.time()}-{i}", prompt, params)
+    engine.step()
+
+
+def decode_step_ms(llm: LLM) -> list[float]:
+    """Wall time of each step until the requests finish, each synchronized on both ends."""
     times = []
-    while engine.has_unfinished_requests():
+    while llm.engine.has_unfinished_requests():
         torch.cuda.synchronize()
         start = time.perf_counter()
-        engine.step()
+        llm.engine.step()
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     return times
 
 
+def kernel_ms(prof: profile) -> float:
+    return sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e3
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--eager", action="store_true")
-    args = parser.parse_args()
+    args = _parse()
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
         write_config(args.shape, Path(tmp))
         llm = LLM(model=tmp, dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True,
                   kv_cache_memory=8 << 30, enforce_eager=args.eager, progress=False, enable_prefix_caching=False)
-        prompts = [[rng.randrange(1000, 30000) for _ in range(128)] for _ in range(args.batch)]
-        step_times(llm, prompts, 8)  # warm-up
-        times = step_times(llm, prompts, 16)
-        print(f"prefill step {times[0]:.2f} ms; decode steps median {sorted(times[1:])[len(times) // 2]:.2f} ms")
+        prompts = [[rng.randrange(1000, 30000) for _ in range(args.prompt_len)] for _ in range(args.batch)]
+        start_requests(llm, prompts, 8)  # warm-up
+        decode_step_ms(llm)
+        start_requests(llm, prompts, args.steps + 1)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            step_times(llm, prompts, 4)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
+            times = decode_step_ms(llm)
+    device = kernel_ms(prof) / len(times)
+    wall = statistics.median(times)
+    print(f"{args.shape} batch {args.batch}, {len(times)} decode steps: median wall {wall:.3f} ms, kernels "
+          f"{device:.3f} ms per step, the rest {wall - device:.3f} ms (under the profiler)")
+    print(prof.key_averages().table(sort_by="device_time_total", row_limit=30, max_name_column_width=60))
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--eager", action="store_true")
+    return parser.parse_args()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ from scaleinfer import LLM, SamplingParams
 from scaleinfer.config import CacheConfig, ModelConfig
 from scaleinfer.errors import ModelLoadError
 from scaleinfer.weights.source import embedded_model_path, resolve_model
+from scaleinfer.worker.cuda_graph import graph_key
 from scaleinfer.worker.model_runner import ModelRunner
+from scaleinfer.worker.staging import StagingBuffer
 
 pytestmark = pytest.mark.gpu
 
@@ -63,6 +65,44 @@ def test_cuda_graph_decode_equals_eager(tiny_models, family):
     assert [o.outputs[0].token_ids for o in graphs.generate(PROMPTS, params)] == expected
     # one at a time: batch size 1 replays the smallest graph
     assert [graphs.generate(p, params)[0].outputs[0].token_ids for p in PROMPTS[:2]] == expected[:2]
+
+
+def test_cuda_graph_decode_across_context_buckets_equals_eager(tiny_models):
+    """Contexts that start under the 256-token bucket and grow past it, alone and batched, replay both buckets
+    of the tiny model (max 512 positions) and give eager's greedy tokens."""
+    folder = str(tiny_models["llama3.1"][0])
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, 384, (n,), generator=gen).tolist() for n in (230, 250, 100, 200)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    eager = LLM(folder, device="cuda", dtype="float32", enforce_eager=True, progress=False, kv_cache_memory=1 << 30)
+    expected = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+    del eager
+    llm = LLM(folder, device="cuda", dtype="float32", progress=False, kv_cache_memory=1 << 30, max_num_seqs=8)
+    graphs = llm.engine.runner.graphs
+    assert graphs.bucket_tokens == [256, 512]
+    replayed = []
+    run = graphs.run
+
+    def spy(inputs):
+        replayed.append(graph_key(graphs.plan, inputs.attn.num_decodes, inputs.max_decode_context_len, 16))
+        return run(inputs)
+
+    graphs.run = spy
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
+    assert llm.generate(prompts[0], params)[0].outputs[0].token_ids == expected[0]
+    assert {(4, 16), (4, 32), (1, 16), (1, 32)} <= set(replayed), sorted(set(replayed))
+
+
+def test_staging_buffer_copies_survive_host_reuse_without_syncs():
+    """Many uploads in a row, each read on the stream before the next overwrites a host buffer: every read
+    sees its own values (the events keep the host from rewriting a buffer an in-flight copy reads)."""
+    staging = StagingBuffer(torch.device("cuda"), capacity=1 << 12)
+    reads, expected = [], []
+    for i in range(200):
+        values = list(range(i, i + 1000 + i % 7))
+        expected.append(sum(values))
+        reads.append(staging.upload(values).sum())  # queued after the copy, before the next upload
+    assert torch.stack(reads).tolist() == expected
 
 
 def test_embedded_model_on_gpu_bf16_names_paris():

@@ -1,7 +1,12 @@
-"""Decode steps captured in CUDA graphs, one per padded batch size, replayed with inputs copied in.
+"""Decode steps captured in CUDA graphs, one per (padded batch size, context bucket), replayed with inputs
+copied in.
 
-A pure-decode step of n sequences runs the graph of the smallest captured size >= n. Padded rows write
-their K/V to a scratch block that no sequence owns, attend over one token of it, and are dropped.
+A pure-decode step of n sequences whose longest context is L runs the graph of the smallest captured size
+>= n and, of that size's buckets, the narrowest block table that holds L tokens. The decode attention
+kernel sizes its grid (and whether it needs a reduce) from the block table's width, fixed at capture, so
+a short context replays a graph with few, short partitions instead of one sized for max_model_len.
+Padded rows write their K/V to a scratch block that no sequence owns, attend over one token of it, and
+are dropped.
 """
 
 from __future__ import annotations
@@ -14,6 +19,12 @@ from torch import nn
 from scaleinfer.layers.attention import AttentionMetadata
 from scaleinfer.worker.step_inputs import StepInputs
 
+FIRST_BUCKET = 256  # context tokens of the shortest bucket; each next one is BUCKET_GROWTH times longer
+BUCKET_GROWTH = 8
+# Larger batches get only the full-width bucket: with 8 KV heads, 33+ sequences already give the decode
+# kernel two programs per multiprocessor of an H100 with one partition each, whatever the width.
+MAX_BUCKETED_BATCH = 32
+
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
     """1, 2, 4, 8, then every 8 up to max_num_seqs (at most 256)."""
@@ -22,64 +33,95 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return sizes if sizes[-1] == top else sizes + [top]
 
 
+def bucket_widths(max_blocks_per_seq: int, block_size: int) -> list[int]:
+    """Block-table widths of the context buckets (256, 2048, 16384, ... tokens), ending at max_blocks_per_seq."""
+    widths, tokens = [], FIRST_BUCKET
+    while (width := -(-tokens // block_size)) < max_blocks_per_seq:
+        widths.append(width)
+        tokens *= BUCKET_GROWTH
+    return widths + [max_blocks_per_seq]
+
+
+def capture_plan(sizes: list[int], max_blocks_per_seq: int, block_size: int) -> dict[int, list[int]]:
+    """Batch size -> the block-table widths captured for it, ascending."""
+    widths = bucket_widths(max_blocks_per_seq, block_size)
+    return {size: widths if size <= MAX_BUCKETED_BATCH else widths[-1:] for size in sizes}
+
+
+def graph_key(plan: dict[int, list[int]], num_decodes: int, max_context_len: int,
+              block_size: int) -> tuple[int, int] | None:
+    """(size, width) of the graph for a step, or None when no captured graph holds it."""
+    size = next((s for s in plan if s >= num_decodes), None)
+    if size is None:
+        return None
+    needed = -(-max_context_len // block_size)
+    width = next((w for w in plan[size] if w >= needed), None)
+    return None if width is None else (size, width)
+
+
 class DecodeGraphs:
     def __init__(self, model: nn.Module, sizes: list[int], max_blocks_per_seq: int, scratch_block: int,
                  block_size: int, device: torch.device) -> None:
-        self.model, self.sizes = model, sizes
+        self.model, self.sizes, self.block_size = model, sizes, block_size
+        self.plan = capture_plan(sizes, max_blocks_per_seq, block_size)
         self.scratch_block, self.scratch_slot = scratch_block, scratch_block * block_size
         max_bs = sizes[-1]
-        self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_bs, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((max_bs,), self.scratch_slot, dtype=torch.int64, device=device)
+        # Rows: input_ids, positions, slot_mapping, context_lens. Padding rows hold (0, 0, scratch slot, 1).
+        self.padding = torch.tensor([[0], [0], [self.scratch_slot], [1]], device=device).expand(4, max_bs)
+        self.rows = self.padding.clone(memory_format=torch.contiguous_format)  # [4, max_bs] int64
         self.block_tables = torch.full((max_bs, max_blocks_per_seq), scratch_block, dtype=torch.int64, device=device)
-        self.context_lens = torch.ones(max_bs, dtype=torch.int64, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.capture_seconds = 0.0
+
+    @property
+    def bucket_tokens(self) -> list[int]:
+        """The context buckets of the smallest batch size, in tokens (the last is the full width)."""
+        return [width * self.block_size for width in self.plan[self.sizes[0]]]
+
+    @property
+    def keys(self) -> list[tuple[int, int]]:
+        return [(size, width) for size, widths in self.plan.items() for width in widths]
 
     @torch.inference_mode()
     def capture(self) -> None:
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
-        for size in reversed(self.sizes):  # largest first: smaller graphs reuse its memory pool
-            self._forward(size)  # warm-up outside the graph (lazy init, autotuning)
+        for key in sorted(self.keys, reverse=True):  # largest first: smaller graphs reuse its memory pool
+            self._forward(*key)  # warm-up outside the graph (lazy init, autotuning)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[size] = self._forward(size)
-            self.graphs[size] = graph
+                self.outputs[key] = self._forward(*key)
+            self.graphs[key] = graph
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
 
-    def _forward(self, size: int) -> torch.Tensor:
-        meta = AttentionMetadata(slot_mapping=self.slot_mapping[:size], num_decodes=size,
-                                 decode_block_tables=self.block_tables[:size],
-                                 decode_context_lens=self.context_lens[:size])
-        return self.model(self.input_ids[:size], self.positions[:size], meta)
+    def _forward(self, size: int, width: int) -> torch.Tensor:
+        input_ids, positions, slot_mapping, context_lens = self.rows[:, :size]
+        # The block table's width fixes the decode kernel's max_context_len for this graph.
+        meta = AttentionMetadata(slot_mapping=slot_mapping, num_decodes=size,
+                                 decode_block_tables=self.block_tables[:size, :width], decode_context_lens=context_lens)
+        return self.model(input_ids, positions, meta)
 
     def can_run(self, inputs: StepInputs) -> bool:
-        attn = inputs.attn
-        return attn.prefill is None and 0 < attn.num_decodes <= self.sizes[-1]
+        return inputs.decode_rows is not None and self._key(inputs) is not None
 
     def run(self, inputs: StepInputs) -> torch.Tensor:
         """Hidden states [num_decodes, hidden] of a pure-decode step."""
+        key = self._key(inputs)
         n = inputs.attn.num_decodes
-        size = next(s for s in self.sizes if s >= n)
-        self._fill(n, size, inputs)
-        self.graphs[size].replay()
-        return self.outputs[size][:n]
+        self._fill(n, key[0], inputs)
+        self.graphs[key].replay()
+        return self.outputs[key][:n]
+
+    def _key(self, inputs: StepInputs) -> tuple[int, int] | None:
+        return graph_key(self.plan, inputs.attn.num_decodes, inputs.max_decode_context_len, self.block_size)
 
     def _fill(self, n: int, size: int, inputs: StepInputs) -> None:
-        attn = inputs.attn
-        self.input_ids[:n].copy_(inputs.input_ids, non_blocking=True)
-        self.positions[:n].copy_(inputs.positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(attn.slot_mapping, non_blocking=True)
-        self.context_lens[:n].copy_(attn.decode_context_lens, non_blocking=True)
-        width = attn.decode_block_tables.shape[1]
-        self.block_tables[:n, :width].copy_(attn.decode_block_tables, non_blocking=True)
-        self._reset_padding(n, size)
-
-    def _reset_padding(self, n: int, size: int) -> None:
-        # Rows n..size belong to no sequence: one token of the scratch block, written and read.
-        self.slot_mapping[n:size].fill_(self.scratch_slot)
-        self.context_lens[n:size].fill_(1)
-        self.block_tables[n:size, 0].fill_(self.scratch_block)
+        self.rows[:, :n].copy_(inputs.decode_rows, non_blocking=True)
+        tables = inputs.attn.decode_block_tables
+        self.block_tables[:n, : tables.shape[1]].copy_(tables, non_blocking=True)
+        if n < size:
+            # Rows n..size belong to no sequence: one token of the scratch block, written and read.
+            self.rows[:, n:size].copy_(self.padding[:, n:size])
+            self.block_tables[n:size, 0].fill_(self.scratch_block)

@@ -1,7 +1,10 @@
 """SchedulerOutput -> the tensors of one forward step.
 
 Token order: decodes (one token each) first, then each multi-token chunk contiguously, so the decode
-rows of q are one slice and each prefill chunk another.
+rows of q are one slice and each prefill chunk another. Every integer of the step is packed into one flat
+list and reaches the device in one copy (through a StagingBuffer's pinned memory when one is given); the
+tensors are views into it, in this order: input_ids, positions, slot_mapping, decode context_lens,
+sample_rows, query_start_loc, prefill start_pos, decode block tables, prefill block tables.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 
 from scaleinfer.layers.attention import AttentionMetadata, PrefillMetadata
 from scaleinfer.outputs import ScheduledSequence, SchedulerOutput
+from scaleinfer.worker.staging import StagingBuffer
 
 
 @dataclass(slots=True)
@@ -22,6 +26,25 @@ class StepInputs:
     attn: AttentionMetadata
     sample_rows: torch.Tensor  # [num_sampled] int64: index of each sampled sequence's last token
     sampled: list[ScheduledSequence]  # in the order of sample_rows
+    max_decode_context_len: int  # host int: the longest decode context (0 without decodes)
+    # [4, num_decodes] int64, rows input_ids, positions, slot_mapping, context_lens, of a pure-decode step
+    # (None otherwise): one view over the packed values, so a CUDA graph takes them in one copy.
+    decode_rows: torch.Tensor | None
+
+
+@dataclass(slots=True)
+class _PackedViews:
+    """The step's tensors as views of the one packed device tensor, in packing order."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    decode_context_lens: torch.Tensor
+    sample_rows: torch.Tensor
+    query_start_loc: torch.Tensor
+    start_pos: torch.Tensor
+    decode_block_tables: torch.Tensor  # flat
+    prefill_block_tables: torch.Tensor  # flat
 
 
 def order_for_step(output: SchedulerOutput) -> list[ScheduledSequence]:
@@ -30,61 +53,72 @@ def order_for_step(output: SchedulerOutput) -> list[ScheduledSequence]:
     return decodes + chunks
 
 
-def build_step_inputs(output: SchedulerOutput, block_size: int, device: torch.device) -> StepInputs:
+def build_step_inputs(output: SchedulerOutput, block_size: int, device: torch.device,
+                      staging: StagingBuffer | None = None) -> StepInputs:
+    """With staging, the tensors are views into its device buffer, valid until its next upload; without,
+    fresh tensors."""
     seqs = order_for_step(output)
+    num_decodes = sum(1 for s in seqs if s.num_tokens == 1)
+    decodes, chunks = seqs[:num_decodes], seqs[num_decodes:]
+    parts = _packed_parts(decodes, chunks, block_size)
+    flat = list(itertools.chain.from_iterable(parts))
+    values = staging.upload(flat) if staging is not None else torch.tensor(flat, dtype=torch.int64, device=device)
+    views = _PackedViews(*torch.split(values, [len(p) for p in parts]))
+    return StepInputs(
+        input_ids=views.input_ids,
+        positions=views.positions,
+        attn=_attention_metadata(views, decodes, chunks),
+        sample_rows=views.sample_rows,
+        sampled=[s for s in seqs if s.sample],
+        max_decode_context_len=max((s.context_len for s in decodes), default=0),
+        decode_rows=values[: 4 * num_decodes].view(4, num_decodes) if decodes and not chunks else None,
+    )
+
+
+def _packed_parts(decodes: list[ScheduledSequence], chunks: list[ScheduledSequence],
+                  block_size: int) -> list[list[int]]:
+    """The step's integer lists in _PackedViews' order."""
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     sample_rows: list[int] = []
-    for seq in seqs:
-        first = len(input_ids)
+    for seq in decodes + chunks:
         pos = range(seq.start_pos, seq.context_len)
         input_ids.extend(seq.token_ids)
         positions.extend(pos)
         slots.extend(seq.block_table[p // block_size] * block_size + p % block_size for p in pos)
         if seq.sample:
-            sample_rows.append(first + seq.num_tokens - 1)
-    attn = _attention_metadata(seqs, slots, device)
-    return StepInputs(
-        input_ids=_tensor(input_ids, device),
-        positions=_tensor(positions, device),
-        attn=attn,
-        sample_rows=_tensor(sample_rows, device),
-        sampled=[s for s in seqs if s.sample],
-    )
+            sample_rows.append(len(input_ids) - 1)
+    return [input_ids, positions, slots, [s.context_len for s in decodes], sample_rows, _query_start_loc(chunks),
+            [s.start_pos for s in chunks], _flat_padded_tables(decodes), _flat_padded_tables(chunks)]
 
 
-def _attention_metadata(seqs: list[ScheduledSequence], slots: list[int], device: torch.device) -> AttentionMetadata:
-    decodes = [s for s in seqs if s.num_tokens == 1]
-    block_tables = context_lens = None
-    if decodes:
-        block_tables = _padded_tables(decodes, device)
-        context_lens = _tensor([s.context_len for s in decodes], device)
+def _attention_metadata(views: _PackedViews, decodes: list[ScheduledSequence],
+                        chunks: list[ScheduledSequence]) -> AttentionMetadata:
+    prefill = None
+    if chunks:
+        prefill = PrefillMetadata(
+            block_tables=views.prefill_block_tables.view(len(chunks), -1),
+            query_start_loc=views.query_start_loc,
+            start_pos=views.start_pos,
+            max_query_len=max(s.num_tokens for s in chunks),
+        )
     return AttentionMetadata(
-        slot_mapping=_tensor(slots, device),
+        slot_mapping=views.slot_mapping,
         num_decodes=len(decodes),
-        decode_block_tables=block_tables,
-        decode_context_lens=context_lens,
-        prefill=_prefill_metadata(seqs[len(decodes):], device),
+        decode_block_tables=views.decode_block_tables.view(len(decodes), -1) if decodes else None,
+        decode_context_lens=views.decode_context_lens if decodes else None,
+        prefill=prefill,
     )
 
 
-def _prefill_metadata(chunks: list[ScheduledSequence], device: torch.device) -> PrefillMetadata | None:
+def _query_start_loc(chunks: list[ScheduledSequence]) -> list[int]:
     if not chunks:
-        return None
-    lens = [s.num_tokens for s in chunks]
-    return PrefillMetadata(
-        block_tables=_padded_tables(chunks, device),
-        query_start_loc=_tensor(list(itertools.accumulate(lens, initial=0)), device),
-        start_pos=_tensor([s.start_pos for s in chunks], device),
-        max_query_len=max(lens),
-    )
+        return []
+    return list(itertools.accumulate((s.num_tokens for s in chunks), initial=0))
 
 
-def _padded_tables(seqs: list[ScheduledSequence], device: torch.device) -> torch.Tensor:
-    width = max(len(s.block_table) for s in seqs)
-    return _tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], device)
-
-
-def _tensor(values: list, device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64, device=device)
+def _flat_padded_tables(seqs: list[ScheduledSequence]) -> list[int]:
+    """The block tables, each padded with block 0 to the longest, row after row."""
+    width = max((len(s.block_table) for s in seqs), default=0)
+    return [b for s in seqs for b in itertools.chain(s.block_table, itertools.repeat(0, width - len(s.block_table)))]
