@@ -7,6 +7,7 @@ from torch import nn
 from scaleinfer.config import ArchConfig
 from scaleinfer.errors import UnsupportedArchitectureError
 from scaleinfer.models.bert import BertModel
+from scaleinfer.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from scaleinfer.models.gpt2 import GPT2LMHeadModel
 from scaleinfer.models.gpt_neox import GPTNeoXForCausalLM
 from scaleinfer.models.llama import LlamaForCausalLM
@@ -14,6 +15,8 @@ from scaleinfer.models.opt import OPTForCausalLM
 from scaleinfer.models.phi3 import Phi3ForCausalLM
 
 MODELS: dict[str, type[nn.Module]] = {
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
     "GPTNeoXForCausalLM": GPTNeoXForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,

@@ -63,7 +63,7 @@ def read_hf_config(folder: Path) -> ArchConfig:
 
 def arch_from_hf(config: dict[str, Any], path: str | Path = CONFIG_NAME) -> ArchConfig:
     """ArchConfig from a parsed config.json; `path` only names the file in error messages."""
-    config = _llama_spelling(config)
+    config = _gemma_spelling(_llama_spelling(config), path)
     for key in REQUIRED_KEYS:
         if config.get(key) is None:
             raise ModelLoadError(f"{path} lacks the required key {key!r}")
@@ -99,6 +99,7 @@ def arch_from_hf(config: dict[str, Any], path: str | Path = CONFIG_NAME) -> Arch
         bos_token_id=config.get("bos_token_id"),
         eos_token_ids=_as_ids(config.get("eos_token_id")),
     )
+    fields.update(_gemma_fields(config, path))
     try:
         return ArchConfig(**fields)
     except InvalidRequestError as exc:
@@ -175,3 +176,48 @@ def _as_ids(value: int | list[int] | None) -> tuple[int, ...]:
     if isinstance(value, int):
         return (value,)
     return tuple(value)
+
+
+# Gemma model_type -> its default sliding_window_pattern: every layer not divisible by it (counting from 1)
+# is a sliding-window layer, where the config lists no layer_types.
+GEMMA_SLIDING_PATTERNS = {"gemma2": 2, "gemma3_text": 6}
+GEMMA_DEFAULT_QUERY_PRE_ATTN_SCALAR = 256  # HF's default
+
+
+def _gemma_spelling(config: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """Gemma keys as arch_from_hf reads them: hidden_activation as hidden_act; Gemma 3's per-layer-type
+    rope_parameters (transformers 5) as the global layers' rope_parameters and rope_local_base_freq (the
+    transformers < 5 spelling)."""
+    if config.get("model_type") not in GEMMA_SLIDING_PATTERNS:
+        return config
+    config = {**config, "hidden_act": config.get("hidden_activation") or config.get("hidden_act")}
+    by_type = config.get("rope_parameters") or {}
+    if isinstance(by_type.get("full_attention"), dict):
+        local = by_type.get("sliding_attention") or {}
+        if local.get("rope_type", "default") != "default":
+            raise ModelLoadError(f"{path}: rope scaling on sliding-window layers is not supported: {local}")
+        config["rope_parameters"] = by_type["full_attention"]
+        config["rope_local_base_freq"] = local.get("rope_theta", config.get("rope_local_base_freq"))
+    return config
+
+
+def _gemma_fields(config: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """ArchConfig's Gemma fields; {} for other families."""
+    model_type = config.get("model_type")
+    if model_type not in GEMMA_SLIDING_PATTERNS:
+        return {}
+    if config.get("use_bidirectional_attention"):
+        raise ModelLoadError(f"{path}: use_bidirectional_attention=True (EmbeddingGemma) is not supported")
+    pattern = config.get("sliding_window_pattern") or GEMMA_SLIDING_PATTERNS[model_type]
+    layer_types = config.get("layer_types") or [
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(config["num_hidden_layers"])
+    ]
+    local_theta = config.get("rope_local_base_freq")
+    return dict(
+        query_pre_attn_scalar=float(config.get("query_pre_attn_scalar") or GEMMA_DEFAULT_QUERY_PRE_ATTN_SCALAR),
+        sliding_window=config.get("sliding_window"),
+        layer_types=tuple(layer_types),
+        rope_local_theta=None if local_theta is None else float(local_theta),
+        attn_logit_softcapping=config.get("attn_logit_softcapping"),
+        final_logit_softcapping=config.get("final_logit_softcapping"),
+    )
