@@ -34,6 +34,9 @@ from scaleinfer.kernels.paged_attention import paged_prefill_attention_varlen
 
 # Tiles on the GPU (H100, bf16, head_dim 128); the interpreter takes the smallest legal tiles.
 GPU_TILES = dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
+# Heads wider than 128 (Gemma's 256): half the key tile, twice the warps, so that the [64, 256] float32
+# accumulator and the double-buffered K/V tiles fit registers and shared memory. Not yet measured.
+WIDE_HEAD_GPU_TILES = dict(block_m=64, block_n=32, num_warps=8, num_stages=2)
 
 
 def prefill_attention(
@@ -92,7 +95,9 @@ def prefill_attention_triton(
 
 def _tiles(q: torch.Tensor, group_pad: int, block_m: int | None, block_n: int | None) -> dict[str, int]:
     """Tile sizes and launch shape; BLOCK_M holds whole groups of heads (BLOCK_M // group_pad tokens)."""
-    tiles = GPU_TILES if q.is_cuda else dict(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    tiles = dict(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    if q.is_cuda:
+        tiles = WIDE_HEAD_GPU_TILES if q.shape[2] > 128 else GPU_TILES
     block_m, block_n = block_m or tiles["block_m"], block_n or tiles["block_n"]
     for name, value in dict(block_m=block_m, block_n=block_n).items():
         check_power_of_two(name, value)
