@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from scaleinfer.config import CacheConfig, ModelConfig
+from scaleinfer.config import CacheConfig, ModelConfig, OffloadConfig
 from scaleinfer.layers.attention import Attention
 from scaleinfer.layers.sampler import SamplerOutput, sample
 from scaleinfer.models.registry import model_class
@@ -17,13 +17,17 @@ from scaleinfer.worker.cuda_graph import DecodeGraphs, capture_sizes
 from scaleinfer.worker.device import default_dtype, resolve_device, resolve_dtype
 from scaleinfer.worker.kv_cache import allocate_kv_cache, block_bytes, num_blocks_for
 from scaleinfer.worker.sampling_batch import SamplingState
+from scaleinfer.worker.staging import StagingBuffer
 from scaleinfer.worker.step_inputs import StepInputs, build_step_inputs
 
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, source: ModelSource,
-                 max_model_len: int | None = None, max_num_seqs: int = 256, progress: bool = True) -> None:
+                 max_model_len: int | None = None, max_num_seqs: int = 256, progress: bool = True,
+                 offload_config: OffloadConfig | None = None) -> None:
         self.device = resolve_device(model_config)
+        self.offload = offload_config or OffloadConfig()
+        self.streamer = None  # the layer streamer when weights are offloaded
         self.dtype = resolve_dtype(model_config, self.device)
         self.block_size = cache_config.block_size
         start = time.perf_counter()
@@ -31,8 +35,10 @@ class ModelRunner:
         self.load_seconds = time.perf_counter() - start
         self.num_blocks = self._init_kv_cache(cache_config)
         self.sampling = SamplingState(self.device, model_config.seed)
+        self.staging = StagingBuffer(self.device)  # the step's inputs: one pinned copy per step
         self.graphs = None
-        if self.device.type == "cuda" and not model_config.enforce_eager:
+        # Streamed layers rebind their weights every step, which a captured graph cannot follow.
+        if self.device.type == "cuda" and not model_config.enforce_eager and not self.offload.enabled:
             max_blocks = -(-(max_model_len or source.arch.max_position_embeddings) // self.block_size)
             self.graphs = DecodeGraphs(self.model, capture_sizes(max_num_seqs), max_blocks, self.num_blocks,
                                        self.block_size, self.device)
@@ -44,9 +50,17 @@ class ModelRunner:
         return {"device": str(self.device), "dtype": str(self.dtype), "num_blocks": self.num_blocks,
                 "block_size": self.block_size, "load_seconds": self.load_seconds,
                 "cuda_graph_sizes": graphs.sizes if graphs else [],
-                "cuda_graph_capture_seconds": graphs.capture_seconds if graphs else 0.0}
+                "cuda_graph_context_buckets": graphs.bucket_tokens if graphs else [],
+                "cuda_graph_capture_seconds": graphs.capture_seconds if graphs else 0.0,
+                "offload": self.streamer.describe() if self.streamer else None}
 
     def _load_model(self, source: ModelSource, config: ModelConfig, progress: bool) -> torch.nn.Module:
+        if self.offload.enabled:
+            from scaleinfer.offload.loader import build_offloaded_model
+
+            model, self.streamer = build_offloaded_model(source, config, self.offload, self.device, self.dtype,
+                                                         progress)
+            return model.eval()
         with default_dtype(self.dtype), torch.device(self.device):
             model = model_class(source.arch)(source.arch)
         if config.load_format == "dummy":
@@ -73,7 +87,7 @@ class ModelRunner:
         self.sampling.drop(output.finished_request_ids)
         if output.is_empty:
             return RunnerOutput(sampled={})
-        inputs = build_step_inputs(output, self.block_size, self.device)
+        inputs = build_step_inputs(output, self.block_size, self.device, self.staging)
         hidden = self._forward(inputs)  # [num_tokens, hidden]
         if not inputs.sampled:
             return RunnerOutput(sampled={})

@@ -1,0 +1,246 @@
+"""ZeRO-Inference: a random-weight model whose layers live in pinned CPU memory (or NVMe files) and stream to
+the GPU through a budget of two layers; batch-1 and batch-32 decode, the FlexGen workload (prompt 512, 32 new
+tokens) at the largest batch the KV cache holds, the achieved host-to-device GB/s against the pinned copy
+bandwidth measured in the same run, and HF accelerate's offload on the same shape in the same run.
+
+    python bench/offload.py --shape llama3-8b [--offload cpu|nvme --offload-path DIR] [--skip-hf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ceilings, write_result  # noqa: E402
+from prefill import prefill_flops  # noqa: E402
+from shapes import SHAPES, write_config  # noqa: E402
+
+from scaleinfer import LLM, SamplingParams  # noqa: E402
+
+# DESIGN.md's figures for DeepSpeed 0.19.8 ZeRO-Inference on one H200 (not installable here): quoted, not measured.
+DEEPSPEED_REFERENCE = {"batch1_tok_s": 2.47, "batch32_tok_s": 79.6, "flexgen_batch64_tok_s": 133,
+                       "flexgen_batch256_tok_s": 472, "card": "NVIDIA H200 (DESIGN.md)"}
+ACTIVATION_RESERVE = 12 << 30  # a 32k-token prefill step's activations
+
+
+def prompts(batch: int, length: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(1000, 30000) for _ in range(length)] for _ in range(batch)]
+
+
+def decode_rate(llm: LLM, batch: int, prompt_len: int, new_tokens: int) -> dict:
+    """Seconds per decode step once every sequence has its first token; tok/s = batch / step time."""
+    engine, stamps = llm.engine, []
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    for i, prompt in enumerate(prompts(batch, prompt_len, seed=batch)):
+        engine.add_request(f"d{batch}-{i}", prompt, params)
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        if outputs and all(len(o.outputs[0].token_ids) >= 1 for o in outputs) and len(outputs) == batch:
+            stamps.append(time.perf_counter())
+    step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    return {"batch": batch, "new_tokens": new_tokens, "ttft_s": stamps[0] - start, "s_per_step": step,
+            "decode_tok_s": batch / step}
+
+
+def flexgen(llm: LLM, batch: int, prompt_len: int, new_tokens: int, shape: dict) -> dict:
+    """Generated tokens over the whole call (FlexGen's figure) and the prefill phase's achieved TFLOP/s."""
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    for i, prompt in enumerate(prompts(batch, prompt_len, seed=7)):
+        engine.add_request(f"f{i}", prompt, params)
+    start, first_tokens, prefill_end = time.perf_counter(), set(), None
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            first_tokens.add(output.request_id)
+        if prefill_end is None and len(first_tokens) == batch:
+            prefill_end = time.perf_counter()
+    total = time.perf_counter() - start
+    prefill_s = prefill_end - start
+    return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "seconds": total,
+            "tok_s": batch * new_tokens / total, "prefill_s": prefill_s,
+            "prefill_tflop_s": batch * prefill_flops(shape, prompt_len) / prefill_s / 1e12}
+
+
+def largest_batch(shape: dict, kv_bytes: int, tokens_per_seq: int) -> int:
+    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+    per_token = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * head_dim * 2  # K and V, bf16
+    return kv_bytes // (per_token * (tokens_per_seq + 16))  # a block of slack per sequence
+
+
+def run_scaleinfer(folder: Path, args: argparse.Namespace, shape: dict) -> dict:
+    kv_bytes = _kv_budget(shape)
+    batch = args.flexgen_batch or largest_batch(shape, kv_bytes, args.flexgen_prompt + args.flexgen_new_tokens)
+    options = {"offload_path": args.offload_path} if args.offload == "nvme" else {}
+    start = time.perf_counter()
+    llm = LLM(str(folder), dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True, progress=False,
+              offload=args.offload, kv_cache_memory=kv_bytes, max_num_seqs=max(batch, 32),
+              enable_prefix_caching=False, **options)
+    out = {"startup_s": time.perf_counter() - start, "runner": llm.engine.runner.describe()}
+    streamed = llm.engine.runner.streamer.store.nbytes
+    decode_rate(llm, 1, 128, 3)  # warm-up
+    for b in args.batches:
+        figures = decode_rate(llm, b, 128, args.new_tokens)
+        figures["h2d_gb_s"] = streamed / figures["s_per_step"] / 1e9
+        out[f"batch{b}"] = figures
+    if not args.skip_flexgen:
+        out["flexgen"] = flexgen(llm, batch, args.flexgen_prompt, args.flexgen_new_tokens, shape)
+    del llm
+    _free()
+    return out
+
+
+def _kv_budget(shape: dict) -> int:
+    free, _ = torch.cuda.mem_get_info()
+    resident = 2 * shape["vocab_size"] * shape["hidden_size"] * 2  # embeddings and LM head stay on the GPU
+    layer = 2 * (shape["hidden_size"] * (shape["hidden_size"] * 2 + 2 * shape["num_key_value_heads"] * 128)
+                 + 3 * shape["hidden_size"] * shape["intermediate_size"])
+    return free - resident - 2 * layer - ACTIVATION_RESERVE
+
+
+def hf_accelerate(config, batches: list[int], new_tokens: int, gpu_budget: str) -> dict:
+    """transformers + accelerate's dispatch_model: layers beyond the GPU budget stay in CPU memory and are
+    moved to the GPU by hooks for each forward (accelerate's offload)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model = model.to_empty(device="cpu").eval()  # fresh pages read as zeros: timing needs no real values
+    device_map = infer_auto_device_map(model, max_memory={0: gpu_budget, "cpu": "400GiB"},
+                                       no_split_module_classes=["LlamaDecoderLayer"])
+    model = dispatch_model(model, device_map=device_map, main_device=0)
+    out = {"gpu_budget": gpu_budget, "layers_on_gpu": sum(1 for v in device_map.values() if v == 0)}
+    for batch in batches:
+        ids = torch.tensor(prompts(batch, 128, seed=batch), device="cuda")
+        _hf_generate(model, ids, 1)  # warm-up
+        one, full = (_hf_generate(model, ids, n) for n in (1, 1 + new_tokens))
+        out[f"batch{batch}"] = {"s_per_step": (full - one) / new_tokens,
+                                "decode_tok_s": batch * new_tokens / (full - one)}
+    del model
+    _free()
+    return out
+
+
+@torch.no_grad()
+def _hf_generate(model, ids: torch.Tensor, n: int) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                   pad_token_id=0)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def disk_read_gb_s(folder: str, nbytes: int = 4 << 30) -> dict:
+    """The disk's own rate: one thread reading a fresh file sequentially in 16 MB O_DIRECT blocks (DESIGN.md's
+    method), and the same blocks with 8 threads in flight (how the store reads)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from scaleinfer.offload.buffers import aligned_empty
+    from scaleinfer.offload.nvme_store import _direct_io_works
+
+    block = 16 << 20
+    path = Path(folder) / "scaleinfer-disk-probe.bin"
+    chunk = torch.randint(0, 255, (block,), dtype=torch.uint8).numpy().tobytes()
+    with open(path, "wb") as f:
+        for _ in range(nbytes // block):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if _direct_io_works(path) else 0))
+    buffers = [aligned_empty(block) for _ in range(8)]
+
+    def read(i: int) -> int:
+        import ctypes
+
+        target = (ctypes.c_char * block).from_address(buffers[i % 8].data_ptr())
+        return os.preadv(fd, [memoryview(target)], i * block)
+
+    start = time.perf_counter()
+    for i in range(nbytes // block):
+        read(i)
+    single = nbytes / (time.perf_counter() - start) / 1e9
+    with ThreadPoolExecutor(8) as pool:
+        start = time.perf_counter()
+        list(pool.map(read, range(nbytes // block)))
+        parallel = nbytes / (time.perf_counter() - start) / 1e9
+    os.close(fd)
+    path.unlink()
+    return {"disk_read_1_thread_gb_s": single, "disk_read_8_threads_gb_s": parallel}
+
+
+def _free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    args = _parse()
+    device, shape = torch.device("cuda"), SHAPES[args.shape]
+    result = {"shape": args.shape, "config": shape, "offload": args.offload, "gpu_budget_layers": 2,
+              "ceilings": ceilings(device, torch.bfloat16), "deepspeed_reference": DEEPSPEED_REFERENCE}
+    if args.offload == "nvme":
+        result["ceilings"].update(disk_read_gb_s(args.offload_path))
+    with tempfile.TemporaryDirectory() as tmp:
+        config = write_config(args.shape, Path(tmp))
+        result["scaleinfer"] = ours = run_scaleinfer(Path(tmp), args, shape)
+        if not args.skip_hf:
+            result["hf_accelerate"] = hf_accelerate(config, args.hf_batches, args.hf_new_tokens, args.hf_gpu_budget)
+    _ratios(result)
+    path = write_result(f"offload-{args.offload}-{args.shape}", device, result)
+    print({k: v for k, v in result.items() if k != "config"})
+    print(f"wrote {path}")
+    del ours
+
+
+def _ratios(result: dict) -> None:
+    ours, ratios = result["scaleinfer"], {}
+    pinned = result["ceilings"]["pinned_h2d_gb_s"]
+    disk = result["ceilings"].get("disk_read_8_threads_gb_s")
+    for key in (k for k in ours if k.startswith("batch")):
+        ratios[f"{key}_h2d_fraction_of_pinned"] = ours[key]["h2d_gb_s"] / pinned
+        if disk:
+            ratios[f"{key}_read_fraction_of_disk"] = ours[key]["h2d_gb_s"] / disk
+        if key in result.get("hf_accelerate", {}):
+            ratios[f"{key}_vs_hf_accelerate"] = ours[key]["decode_tok_s"] / result["hf_accelerate"][key]["decode_tok_s"]
+        reference = DEEPSPEED_REFERENCE.get(f"{key}_tok_s")
+        if reference:
+            ratios[f"{key}_vs_deepspeed_reference"] = ours[key]["decode_tok_s"] / reference
+    if "flexgen" in ours:
+        ratios["flexgen_vs_deepspeed_reference_batch256"] = ours["flexgen"]["tok_s"] / 472
+        ratios["flexgen_prefill_fraction_of_matmul"] = (ours["flexgen"]["prefill_tflop_s"]
+                                                        / result["ceilings"]["matmul_bfloat16_tflop_s"])
+    result["ratios"] = ratios
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--offload", choices=["cpu", "nvme"], default="cpu")
+    parser.add_argument("--offload-path", default="/tmp")
+    parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32])
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--flexgen-batch", type=int, default=0, help="0: the largest the KV cache holds")
+    parser.add_argument("--flexgen-prompt", type=int, default=512)
+    parser.add_argument("--flexgen-new-tokens", type=int, default=32)
+    parser.add_argument("--skip-flexgen", action="store_true")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--hf-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32])
+    parser.add_argument("--hf-new-tokens", type=int, default=2)
+    parser.add_argument("--hf-gpu-budget", default="6GiB")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main()
