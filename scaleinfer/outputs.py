@@ -67,6 +67,7 @@ class ScheduledSequence:
     sampling_params: SamplingParams
     num_output_tokens: int = 0  # generated so far (min_tokens masking)
     eos_token_ids: tuple[int, ...] = ()  # masked while num_output_tokens < min_tokens
+    prompt_token_ids: list[int] = field(default_factory=list)  # the whole prompt, shared (repetition penalty)
 
     @property
     def num_tokens(self) -> int:

@@ -158,6 +158,7 @@ class Scheduler:
             sampling_params=seq.sampling_params,
             num_output_tokens=seq.num_output_tokens,
             eos_token_ids=seq.eos_token_ids,
+            prompt_token_ids=seq.prompt_token_ids,
         )
 
     # ---- update and finish ----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Sampling on the device: greedy, temperature, top-k, top-p, per-request seeds, logprobs.
+"""Sampling on the device: logit bias, penalties, greedy, temperature, top-k, top-p, per-request seeds, logprobs.
 
 Random rows use the exponential race: argmax(p / q) with q ~ Exp(1) draws a token with probability p.
 A seeded request draws q from its own generator, so its tokens do not depend on the rest of the batch.
@@ -14,6 +14,28 @@ NEG_INF = float("-inf")
 
 
 @dataclass(slots=True)
+class PenaltyBatch:
+    """The rows of a step with presence, frequency or repetition penalties, and their token statistics."""
+
+    rows: torch.Tensor  # [num_penalized] int64: rows of the logits
+    slots: torch.Tensor  # [num_penalized] int64: their rows in the buffers of the worker's PenaltyState
+    output_counts: torch.Tensor  # [num_penalized, vocab] int32: occurrences among the generated tokens
+    prompt_mask: torch.Tensor  # [num_penalized, vocab] bool: in the prompt
+    presence: torch.Tensor  # [num_penalized] float32
+    frequency: torch.Tensor  # [num_penalized] float32
+    repetition: torch.Tensor  # [num_penalized] float32, 1 = off
+
+
+@dataclass(slots=True)
+class LogitBias:
+    """Flat (row, token, bias) triples: logits[rows[i], token_ids[i]] += biases[i]."""
+
+    rows: torch.Tensor  # [num_biases] int64
+    token_ids: torch.Tensor  # [num_biases] int64
+    biases: torch.Tensor  # [num_biases] float32
+
+
+@dataclass(slots=True)
 class SamplingBatch:
     """Per-row parameters of one step, each [num_seqs] on the logits' device (None when unused)."""
 
@@ -24,6 +46,8 @@ class SamplingBatch:
     banned_token_ids: list[list[int]]  # per row: ids masked this step (eos before min_tokens)
     num_logprobs: int  # max requested top logprobs over rows, -1 when no row asked
     all_greedy: bool
+    penalties: PenaltyBatch | None = None  # None when no row has a penalty
+    logit_bias: LogitBias | None = None  # None when no row has a logit bias
 
 
 @dataclass(slots=True)
@@ -38,6 +62,11 @@ class SamplerOutput:
 def sample(logits: torch.Tensor, batch: SamplingBatch, default_generator: torch.Generator | None) -> SamplerOutput:
     """logits: [num_seqs, vocab] float32."""
     _ban_tokens(logits, batch.banned_token_ids)
+    if batch.logit_bias is not None:
+        bias = batch.logit_bias
+        logits.index_put_((bias.rows, bias.token_ids), bias.biases, accumulate=True)
+    if batch.penalties is not None:
+        logits[batch.penalties.rows] = apply_penalties(logits[batch.penalties.rows], batch.penalties)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.num_logprobs >= 0 else None
     token_ids = logits.argmax(dim=-1)
     if not batch.all_greedy:
@@ -52,6 +81,17 @@ def _ban_tokens(logits: torch.Tensor, banned: list[list[int]]) -> None:
     for row, ids in enumerate(banned):
         if ids:
             logits[row, ids] = NEG_INF
+
+
+def apply_penalties(logits: torch.Tensor, penalties: PenaltyBatch) -> torch.Tensor:
+    """logits: [num_penalized, vocab]. Repetition first (vLLM's order), then frequency and presence."""
+    counts = penalties.output_counts
+    generated = counts > 0
+    repetition = penalties.repetition.unsqueeze(1)
+    penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(generated | penalties.prompt_mask, penalized, logits)
+    logits = logits - penalties.frequency.unsqueeze(1) * counts
+    return logits - penalties.presence.unsqueeze(1) * generated
 
 
 def _sample_random(

@@ -44,6 +44,8 @@ class SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # extension (vLLM)
+    logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> bias
     user: str | None = None  # accepted and ignored
 
     @property

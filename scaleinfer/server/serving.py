@@ -39,15 +39,23 @@ def build_params(ctx: ServingContext, req: SamplingRequest, max_tokens: int,
     """Raises InvalidRequestError (400) for values out of range."""
     if req.n > ctx.max_n:
         raise bad_request(f"n must be at most {ctx.max_n}, got {req.n}", "n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name):
-            raise bad_request(f"{name} is not supported, got {getattr(req, name)}", name)
     return SamplingParams(
         n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, seed=req.seed,
         stop=req.stop or [],
-        ignore_eos=req.ignore_eos, logprobs=logprobs)
+        ignore_eos=req.ignore_eos, logprobs=logprobs,
+        presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        logit_bias=_token_id_keys(req.logit_bias or {}))
+
+
+def _token_id_keys(logit_bias: dict[str, float]) -> dict[int, float]:
+    try:
+        return {int(token_id): bias for token_id, bias in logit_bias.items()}
+    except ValueError:
+        keys = [key for key in logit_bias if not key.lstrip("-").isdigit()]
+        raise bad_request(f"logit_bias must have token ids as keys, got {keys[:5]}", "logit_bias") from None
 
 
 async def run_requests(ctx: ServingContext, req: SamplingRequest, request_id: str, prompts: list[str | list[int]],

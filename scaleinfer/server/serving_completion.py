@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 
+from scaleinfer.outputs import RequestOutput
 from scaleinfer.server.errors import bad_request
 from scaleinfer.server.logprobs import completion_logprobs
 from scaleinfer.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse
@@ -23,8 +24,8 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 async def create_completion(ctx: ServingContext,
                             req: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
     ctx.check_model(req.model)
-    if req.echo:
-        raise bad_request("echo is not supported", "echo")
+    if req.echo and req.logprobs is not None:
+        raise bad_request("echo with logprobs is not supported: prompt logprobs are not computed", "echo")
     prompts = normalize_prompts(req.prompt)
     max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
     params = build_params(ctx, req, max_tokens, req.logprobs)
@@ -46,26 +47,39 @@ def normalize_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> 
 def _response(ctx: ServingContext, req: CompletionRequest, request_id: str,
               requests: EngineRequests) -> CompletionResponse:
     tracker = requests.delta_tracker()
-    choices = [_choice(ctx, delta, 0) for i, output in enumerate(requests.latest) if output is not None
-               for delta in tracker.deltas(i, output)]
+    choices = [_choice(ctx, delta, 0, _echo(ctx, req, output)) for i, output in enumerate(requests.latest)
+               if output is not None for delta in tracker.deltas(i, output)]
     choices.sort(key=lambda choice: choice.index)
     return CompletionResponse(id=request_id, model=req.model, choices=choices, usage=requests.usage())
 
 
-def _choice(ctx: ServingContext, delta: ChoiceDelta, text_offset: int) -> CompletionChoice:
+def _choice(ctx: ServingContext, delta: ChoiceDelta, text_offset: int, echo: str = "") -> CompletionChoice:
     logprobs = completion_logprobs(ctx.engine.tokenizer, delta.output, delta.token_start, text_offset)
-    return CompletionChoice(index=delta.index, text=delta.text, logprobs=logprobs,
+    return CompletionChoice(index=delta.index, text=echo + delta.text, logprobs=logprobs,
                             finish_reason=delta.finish_reason)
+
+
+def _echo(ctx: ServingContext, req: CompletionRequest, output: RequestOutput) -> str:
+    """With echo, the prompt text that precedes a choice's text (token-id prompts are decoded)."""
+    if not req.echo:
+        return ""
+    if output.prompt is not None:
+        return output.prompt
+    tokenizer = ctx.engine.tokenizer
+    return tokenizer.decode(output.prompt_token_ids) if tokenizer is not None else ""
 
 
 async def _stream(ctx: ServingContext, req: CompletionRequest, request_id: str,
                   requests: EngineRequests) -> AsyncIterator[str]:
     tracker = requests.delta_tracker()
+    echoed: set[int] = set()  # choices whose first chunk (which carries the echoed prompt) went out
     try:
         async for index, output in requests.outputs():
             for delta in tracker.deltas(index, output):
                 offset = len(delta.output.text) - len(delta.text)
-                choice = _choice(ctx, delta, offset)
+                echo = "" if delta.index in echoed else _echo(ctx, req, output)
+                echoed.add(delta.index)
+                choice = _choice(ctx, delta, offset, echo)
                 yield sse(CompletionResponse(id=request_id, model=req.model, choices=[choice]))
         if req.include_usage:
             yield sse(CompletionResponse(id=request_id, model=req.model, choices=[], usage=requests.usage()))

@@ -92,7 +92,9 @@ class ModelRunner:
         if not inputs.sampled:
             return RunnerOutput(sampled={})
         logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [num_sampled, vocab]
-        result = sample(logits, self.sampling.batch(inputs.sampled), self.sampling.default_generator)
+        batch = self.sampling.batch(inputs.sampled, logits.shape[1])
+        result = sample(logits, batch, self.sampling.default_generator)
+        self.sampling.record(batch, result.token_ids)
         return RunnerOutput(sampled=dict(zip([s.request_id for s in inputs.sampled], _to_host(result))))
 
 

@@ -1,13 +1,14 @@
-"""Sampling: greedy, top-k/top-p support, seeded reproducibility independent of the batch, logprobs."""
+"""Sampling: greedy, top-k/top-p support, seeded reproducibility independent of the batch, logprobs, logit bias
+and penalties against a token-by-token reference."""
 
 import torch
 
-from scaleinfer.layers.sampler import SamplingBatch, sample
+from scaleinfer.layers.sampler import LogitBias, PenaltyBatch, SamplingBatch, sample
 
 VOCAB = 50
 
 
-def batch(temps, top_ps=None, top_ks=None, gens=None, banned=None, num_logprobs=-1):
+def batch(temps, top_ps=None, top_ks=None, gens=None, banned=None, num_logprobs=-1, penalties=None, logit_bias=None):
     n = len(temps)
     return SamplingBatch(
         temperatures=torch.tensor(temps, dtype=torch.float32),
@@ -17,6 +18,8 @@ def batch(temps, top_ps=None, top_ks=None, gens=None, banned=None, num_logprobs=
         banned_token_ids=banned or [[] for _ in range(n)],
         num_logprobs=num_logprobs,
         all_greedy=all(t == 0 for t in temps),
+        penalties=penalties,
+        logit_bias=logit_bias,
     )
 
 
@@ -76,3 +79,61 @@ def test_logprobs_rank_and_top():
     torch.testing.assert_close(out.logprobs, expected.max(-1).values)
     assert out.ranks.tolist() == [1, 1]
     torch.testing.assert_close(out.top_logprobs, expected.topk(3).values)
+
+
+# ---- logit bias and penalties ------------------------------------------------------------------------
+
+
+def reference_penalties(row, prompt_ids, output_ids, presence, frequency, repetition):
+    """One row, token by token, as the OpenAI and vLLM docs state the rules."""
+    out = row.clone()
+    for t in set(prompt_ids) | set(output_ids):
+        out[t] = out[t] / repetition if out[t] > 0 else out[t] * repetition
+    for t in set(output_ids):
+        out[t] -= frequency * output_ids.count(t) + presence
+    return out
+
+
+def penalty_batch(rows, prompts, outputs, presence, frequency, repetition):
+    counts = torch.zeros(len(rows), VOCAB, dtype=torch.int32)
+    mask = torch.zeros(len(rows), VOCAB, dtype=torch.bool)
+    for i, (prompt, output) in enumerate(zip(prompts, outputs)):
+        mask[i, prompt] = True
+        for t in output:
+            counts[i, t] += 1
+    return PenaltyBatch(rows=torch.tensor(rows), slots=torch.arange(len(rows)), output_counts=counts,
+                        prompt_mask=mask, presence=torch.tensor(presence), frequency=torch.tensor(frequency),
+                        repetition=torch.tensor(repetition))
+
+
+def test_penalties_match_the_reference_on_random_logits():
+    gen = seeded(0)
+    rows, presence, frequency, repetition = [0, 2, 3], [0.5, -1.0, 0.0], [0.7, 0.3, 0.0], [1.3, 0.8, 2.0]
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (5, 9, 3)]
+    outputs = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (12, 4, 0)]
+    logits = torch.randn(4, VOCAB, generator=gen) * 3
+    penalized = logits.clone()
+    penalties = penalty_batch(rows, prompts, outputs, presence, frequency, repetition)
+    out = sample(penalized, batch([0] * 4, num_logprobs=5, penalties=penalties), None)
+    expected = logits.clone()
+    for i, row in enumerate(rows):
+        expected[row] = reference_penalties(logits[row], prompts[i], outputs[i], presence[i], frequency[i],
+                                            repetition[i])
+    assert not torch.equal(expected, logits)
+    torch.testing.assert_close(penalized, expected)  # row 1 has no penalty: untouched
+    assert out.token_ids.tolist() == expected.argmax(-1).tolist()
+    torch.testing.assert_close(out.top_logprobs, torch.log_softmax(expected, -1).topk(5).values)
+
+
+def test_logit_bias_is_added_before_sampling():
+    logits = torch.randn(3, VOCAB, generator=seeded(1))
+    bias = LogitBias(rows=torch.tensor([0, 0, 2]), token_ids=torch.tensor([4, 9, 4]),
+                     biases=torch.tensor([100.0, -3.0, -100.0]))
+    biased = logits.clone()
+    out = sample(biased, batch([0, 0, 1.0], gens=[None, None, seeded(2)], logit_bias=bias), None)
+    expected = logits.clone()
+    expected[0, 4] += 100.0
+    expected[0, 9] -= 3.0
+    expected[2, 4] -= 100.0
+    torch.testing.assert_close(biased, expected)
+    assert out.token_ids[0].item() == 4 and out.token_ids[2].item() != 4

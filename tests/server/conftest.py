@@ -21,6 +21,7 @@ from server_utils import (
     GREEDY,
     MAX_BODY_BYTES,
     MAX_MODEL_LEN,
+    PENALTIES,
     LiveServer,
     ThreadedServer,
     engine_is_idle,
@@ -45,6 +46,7 @@ class References:
 
     completions: dict[str, str] = field(default_factory=dict)
     chat: str = ""
+    penalized: str = ""  # COMPLETION_PROMPTS[0] under PENALTIES
 
 
 @dataclass
@@ -103,7 +105,8 @@ def _references(llm) -> References:
     params = SamplingParams(**GREEDY)
     outputs = llm.generate(COMPLETION_PROMPTS, params)
     chat = llm.chat(CHAT_MESSAGES, params)[0].outputs[0].text
-    return References({p: o.outputs[0].text for p, o in zip(COMPLETION_PROMPTS, outputs)}, chat)
+    penalized = llm.generate(COMPLETION_PROMPTS[0], SamplingParams(**GREEDY, **PENALTIES))[0].outputs[0].text
+    return References({p: o.outputs[0].text for p, o in zip(COMPLETION_PROMPTS, outputs)}, chat, penalized)
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ API_KEY = "test-key"
 MAX_MODEL_LEN = 512
 MAX_BODY_BYTES = 64 * 1024
 GREEDY = dict(temperature=0.0, max_tokens=8)
+PENALTIES = dict(presence_penalty=0.5, frequency_penalty=1.5, repetition_penalty=1.3)
 COMPLETION_PROMPTS = ["The capital of France is", "Once upon a time,", "def fibonacci(n):", "The sun is"]
 CHAT_MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -53,6 +53,16 @@ CASES = {
                        "empty"),
     "image content": ("/v1/chat/completions", json.dumps({**CHAT, "messages": [
         {"role": "user", "content": [{"type": "image_url"}]}]}).encode(), 400, "messages", "image_url"),
+    "presence_penalty too large": ("/v1/completions", body(presence_penalty=3), 400, "presence_penalty", "3"),
+    "frequency_penalty too small": ("/v1/chat/completions", json.dumps({**CHAT, "frequency_penalty": -2.5}).encode(),
+                                    400, "frequency_penalty", "-2.5"),
+    "repetition_penalty zero": ("/v1/completions", body(repetition_penalty=0), 400, "repetition_penalty",
+                                "repetition_penalty"),
+    "logit_bias key not a token id": ("/v1/completions", body(logit_bias={"yes": 1}), 400, "logit_bias", "'yes'"),
+    "logit_bias value too large": ("/v1/completions", body(logit_bias={"5": 101}), 400, "logit_bias", "101"),
+    "logit_bias token out of vocabulary": ("/v1/completions", body(logit_bias={"999999999": 1}), 400,
+                                           "logit_bias", "999999999"),
+    "echo with logprobs": ("/v1/completions", body(echo=True, logprobs=1), 400, "echo", "echo"),
     "invalid utf-8": ("/v1/completions", b'{"model": "smollm2-135m", "prompt": "\xff\xfe"}', 400, None, "UTF-8"),
 }
 

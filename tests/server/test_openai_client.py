@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from server_utils import CHAT_MESSAGES, COMPLETION_PROMPTS, GREEDY, MAX_MODEL_LEN, MODEL
+from server_utils import CHAT_MESSAGES, COMPLETION_PROMPTS, GREEDY, MAX_MODEL_LEN, MODEL, PENALTIES
 
 pytestmark = pytest.mark.slow
 
@@ -122,3 +122,39 @@ def test_models_health_metrics(server, client):
         assert name in metrics, name
     assert metrics["scaleinfer_generation_tokens_total"] > 0
     assert metrics["scaleinfer_time_to_first_token_seconds_count"] > 0
+
+
+def test_penalties_equal_llm_generate_with_the_same_penalties(server, client):
+    prompt = COMPLETION_PROMPTS[0]
+    assert server.references.penalized != server.references.completions[prompt], "the penalties change the text"
+    penalties = dict(presence_penalty=PENALTIES["presence_penalty"], frequency_penalty=PENALTIES["frequency_penalty"],
+                     extra_body={"repetition_penalty": PENALTIES["repetition_penalty"]})
+    response = client.completions.create(model=MODEL, prompt=prompt, **GREEDY, **penalties)
+    assert response.choices[0].text == server.references.penalized
+    streamed = client.completions.create(model=MODEL, prompt=prompt, stream=True, **GREEDY, **penalties)
+    assert "".join(c.choices[0].text for c in streamed) == server.references.penalized
+    chat = client.chat.completions.create(model=MODEL, messages=CHAT_MESSAGES, **GREEDY, **penalties)
+    assert chat.choices[0].message.content
+
+
+def test_logit_bias_forces_a_token(server, client):
+    token_id = server.engine.tokenizer.encode(" yes")[-1]
+    response = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0,
+                                         logit_bias={str(token_id): 100})
+    assert response.choices[0].text == server.engine.tokenizer.decode([token_id] * 4)
+
+
+def test_echo_prepends_the_prompt_and_keeps_usage(server, client):
+    prompt = COMPLETION_PROMPTS[2]
+    plain = client.completions.create(model=MODEL, prompt=prompt, **GREEDY)
+    echoed = client.completions.create(model=MODEL, prompt=prompt, echo=True, **GREEDY)
+    assert echoed.choices[0].text == prompt + server.references.completions[prompt]
+    assert echoed.usage == plain.usage, "the prompt is counted once, as prompt tokens"
+    chunks = client.completions.create(model=MODEL, prompt=[prompt, prompt], echo=True, stream=True, **GREEDY)
+    texts = ["", ""]
+    for chunk in chunks:
+        texts[chunk.choices[0].index] += chunk.choices[0].text
+    assert texts == [prompt + server.references.completions[prompt]] * 2
+    ids = server.engine.tokenizer.encode(prompt)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, echo=True, **GREEDY)
+    assert by_ids.choices[0].text == server.engine.tokenizer.decode(ids) + server.references.completions[prompt]
