@@ -62,3 +62,13 @@ def test_token_ids_outside_the_vocabulary_are_refused(llm):
     with pytest.raises(InvalidRequestError, match="vocab size"):
         llm.generate([REPETITIVE], SamplingParams(logit_bias={10**6: 1.0}))
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_penalized_outputs_survive_preemption(llm, tiny_models):
+    """Preemption recomputes a sequence's KV; its generated-token counts must stay as they were."""
+    prompts = [REPETITIVE, LONG, [9, 8, 7, 9, 8, 7, 9], LONG[::-1]]
+    params = SamplingParams(**GREEDY, frequency_penalty=1.2, presence_penalty=0.3, repetition_penalty=1.2)
+    roomy = generate(llm, prompts, params)
+    small = LLM(model=str(tiny_models["llama2"][0]), device="cpu", progress=False, block_size=8, num_blocks=16)
+    assert generate(small, prompts, params) == roomy
+    assert small.engine.stats().num_preempted > 0
