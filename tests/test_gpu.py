@@ -70,14 +70,16 @@ def test_cuda_graph_decode_equals_eager(tiny_models, family):
 def test_cuda_graph_decode_across_context_buckets_equals_eager(tiny_models):
     """Contexts that start under the 256-token bucket and grow past it, alone and batched, replay both buckets
     of the tiny model (max 512 positions) and give eager's greedy tokens."""
-    folder = str(tiny_models["llama3.1"][0])
+    folder, hf_model = tiny_models["llama3.1"]
     gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(2, 384, (n,), generator=gen).tolist() for n in (230, 250, 100, 200)]
+    vocab_size = hf_model.config.vocab_size
+    prompts = [torch.randint(2, vocab_size, (n,), generator=gen).tolist() for n in (230, 250, 100, 200)]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    eager = LLM(folder, device="cuda", dtype="float32", enforce_eager=True, progress=False, kv_cache_memory=1 << 30)
+    eager = LLM(str(folder), device="cuda", dtype="float32", enforce_eager=True, progress=False,
+                kv_cache_memory=1 << 30)
     expected = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
     del eager
-    llm = LLM(folder, device="cuda", dtype="float32", progress=False, kv_cache_memory=1 << 30, max_num_seqs=8)
+    llm = LLM(str(folder), device="cuda", dtype="float32", progress=False, kv_cache_memory=1 << 30, max_num_seqs=8)
     graphs = llm.engine.runner.graphs
     assert graphs.bucket_tokens == [256, 512]
     replayed = []
