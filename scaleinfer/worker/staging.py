@@ -8,6 +8,9 @@ next call's copy, which the stream orders after every kernel of the step that re
 
 from __future__ import annotations
 
+import array
+import ctypes
+
 import torch
 
 INITIAL_CAPACITY = 1 << 16  # int64 values: 512 KiB per buffer; grows when a step needs more
@@ -40,7 +43,9 @@ class StagingBuffer:
             # In steady state long done: the step that issued it synchronized on its sampled tokens.
             self.events[turn].synchronize()  # returns at once for an event never recorded
         host = self.host[turn][:n]
-        host.copy_(torch.tensor(values, dtype=torch.int64))
+        # One C-level conversion and a memmove into the pinned buffer: a third of torch.tensor(values) + copy_.
+        packed = array.array("q", values)
+        ctypes.memmove(host.data_ptr(), packed.buffer_info()[0], n * packed.itemsize)
         out = self.device_buffer[:n]
         out.copy_(host, non_blocking=True)
         if self.events is not None:
