@@ -129,7 +129,8 @@ class LLMEngine:
             self.children.pop(child.seq.request_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """With processes streaming weights together, True until every one of them is done (they step together)."""
+        return self.runner.any_rank_busy(self.scheduler.has_unfinished())
 
     # ---- the loop -------------------------------------------------------------------------------------
 

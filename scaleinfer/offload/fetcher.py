@@ -3,7 +3,8 @@
 On a GPU the copy runs on a side stream; the compute stream waits on the slot's `ready` event, never on
 the whole transfer, and the copy into a slot waits on its `free` event (the last compute that read it).
 Disk reads (and every copy on a machine without a GPU) run in a background thread, so the compute thread
-only blocks when the layer it needs next has not arrived.
+only blocks when the layer it needs next has not arrived. With a shard, each process copies its share and the
+shares are all-gathered on a second side stream, so the next layer's copy overlaps this layer's gather.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ class Slot:
 class LayerFetcher:
     def __init__(self, store: Store, device: torch.device, slot_bytes: int, num_slots: int) -> None:
         self.store, self.device = store, device
+        self.shard = getattr(store, "shard", None)
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.gather_stream = torch.cuda.Stream(device) if self.cuda and self.shard else None
         inline = self.cuda and isinstance(store, HostStore)  # an async copy from pinned memory needs no thread
         self.thread = None if inline else ThreadPoolExecutor(1, thread_name_prefix="scaleinfer-fetch")
         needs_staging = self.cuda and not inline
@@ -51,7 +54,7 @@ class LayerFetcher:
         """Start moving `layer` into `slot`; wait() finishes it."""
         slot.layer = layer
         if self.thread is None:
-            self._copy_to_device(layer, self.store.layer_buffer(layer), slot)
+            self._copy_to_device(layer, self.store.source(layer), slot)
         else:
             slot.pending = self.thread.submit(self._fetch_in_background, layer, slot)
 
@@ -80,6 +83,8 @@ class LayerFetcher:
     def _fetch_in_background(self, layer: int, slot: Slot) -> None:
         if not self.cuda:
             self.store.read_into(layer, slot.buffer)
+            if self.shard is not None:
+                self.shard.all_gather(slot.buffer[: self.store.layouts[layer].nbytes])
             return
         staging = self.staging[slot.index].tensor
         slot.ready.synchronize()  # the previous copy out of this staging buffer has finished
@@ -88,13 +93,19 @@ class LayerFetcher:
             self._copy_to_device(layer, staging, slot)
 
     def _copy_to_device(self, layer: int, src: torch.Tensor, slot: Slot) -> None:
-        nbytes = self.store.layouts[layer].nbytes
+        """src: [>= size] uint8 host memory, this process's share of the layer."""
+        offset, size = self.store.share(layer)
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(slot.free)
             start = self._trace_start()
-            slot.buffer[:nbytes].copy_(src[:nbytes], non_blocking=True)
+            slot.buffer[offset: offset + size].copy_(src[:size], non_blocking=True)
             slot.ready.record(self.copy_stream)
-            self._trace_end(layer, start)
+        if self.shard is not None:
+            with torch.cuda.stream(self.gather_stream):
+                self.gather_stream.wait_event(slot.ready)
+                self.shard.all_gather(slot.buffer[: self.store.layouts[layer].nbytes])
+                slot.ready.record(self.gather_stream)
+        self._trace_end(layer, start)
 
     def _trace_start(self) -> torch.cuda.Event | None:
         if self.copy_events is None:
@@ -106,7 +117,7 @@ class LayerFetcher:
     def _trace_end(self, layer: int, start: torch.cuda.Event | None) -> None:
         if start is not None:
             end = torch.cuda.Event(enable_timing=True)
-            end.record(self.copy_stream)
+            end.record(self.gather_stream or self.copy_stream)
             self.copy_events.append((layer, start, end))
 
     def close(self) -> None:

@@ -33,13 +33,14 @@ class LayerLayout:
     nbytes: int  # the buffer's size, a multiple of IO_ALIGN
 
     @classmethod
-    def of(cls, layer: nn.Module) -> LayerLayout:
-        """Pack the layer's parameters (meta or real) in named_parameters order."""
+    def of(cls, layer: nn.Module, num_shards: int = 1) -> LayerLayout:
+        """Pack the layer's parameters (meta or real) in named_parameters order; the size splits into
+        num_shards equal IO_ALIGN-aligned shares."""
         slices, offset = [], 0
         for name, param in layer.named_parameters():
             slices.append(ParamSlice(name, offset, tuple(param.shape), param.dtype))
             offset = round_up(offset + slices[-1].nbytes, PARAM_ALIGN)
-        return cls(tuple(slices), round_up(max(offset, 1), IO_ALIGN))
+        return cls(tuple(slices), round_up(max(offset, 1), IO_ALIGN * num_shards))
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """flat: [>= nbytes] uint8 -> one typed view per parameter, in self.params order."""

@@ -20,6 +20,7 @@ from scaleinfer.models.registry import model_class
 from scaleinfer.offload.host_store import HostStore
 from scaleinfer.offload.layout import LayerLayout, bind, layer_params
 from scaleinfer.offload.nvme_store import NVMeStore
+from scaleinfer.offload.shard import Shard, current_shard
 from scaleinfer.offload.streamer import LayerStreamer
 from scaleinfer.weights.dummy import init_dummy_weights
 from scaleinfer.weights.source import ModelSource
@@ -33,9 +34,10 @@ def build_offloaded_model(source: ModelSource, config: ModelConfig, offload: Off
     with default_dtype(dtype), torch.device(device), parameters_on_meta():
         model = model_class(source.arch)(source.arch)
     layers = _decoder_layers(model)
-    layouts = [LayerLayout.of(layer) for layer in layers]
+    shard = current_shard()
+    layouts = [LayerLayout.of(layer, shard.world_size if shard else 1) for layer in layers]
     num_slots = num_slots_for(offload.offload_gpu_budget, layouts)
-    store = _make_store(offload, layouts, pin=device.type == "cuda")
+    store = _make_store(offload, layouts, pin=device.type == "cuda", shard=shard)
     streamed = {id(p) for layer in layers for p in layer.parameters()}
     materialize(model, {id(p): torch.empty_like(p, device=device) for p in model.parameters() if id(p) not in streamed})
     for index, (layer, layout) in enumerate(zip(layers, layouts)):
@@ -102,10 +104,14 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _make_store(offload: OffloadConfig, layouts: list[LayerLayout], pin: bool) -> HostStore | NVMeStore:
+def _make_store(offload: OffloadConfig, layouts: list[LayerLayout], pin: bool,
+                shard: Shard | None) -> HostStore | NVMeStore:
     if offload.offload == "nvme":
+        if shard is not None:
+            raise InvalidRequestError(f"offload='nvme' streams on one process; with {shard.world_size} processes "
+                                      "sharing the layers use offload='cpu'")
         return NVMeStore(layouts, offload.offload_path, offload.offload_num_readers)
-    return HostStore(layouts, pin)
+    return HostStore(layouts, pin, shard)
 
 
 @torch.no_grad()
@@ -116,5 +122,5 @@ def _init_dummy(model: nn.Module, layers: nn.ModuleList, layouts: list[LayerLayo
     scratch = torch.empty(max(layout.nbytes for layout in layouts), dtype=torch.uint8, device=device)
     for index, (layer, layout) in enumerate(zip(layers, layouts)):
         bind(layer_params(layer, layout), layout, scratch)
-        init_dummy_weights(layer, seed + 1 + index)
-        store.layer_buffer(index).copy_(scratch[: layout.nbytes])
+        init_dummy_weights(layer, seed + 1 + index)  # the same seed on every rank: the same layer
+        store.write_layer(index, scratch)

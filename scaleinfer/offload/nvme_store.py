@@ -54,6 +54,14 @@ class NVMeStore:
             self._maps[index] = torch.from_file(str(file), shared=True, size=nbytes, dtype=torch.uint8)
         return self._maps[index]
 
+    def share(self, index: int) -> tuple[int, int]:
+        """(offset, size) of the part of layer `index` this process keeps: all of it."""
+        return 0, self.layouts[index].nbytes
+
+    def write_layer(self, index: int, src: torch.Tensor) -> None:
+        """Store layer `index` from src ([>= nbytes] uint8, on any device)."""
+        self.layer_buffer(index).copy_(src[: self.layouts[index].nbytes])
+
     def finish_loading(self) -> None:
         """Unmap, flush to disk, drop the cached pages, and open every file for direct reads."""
         self._maps.clear()

@@ -36,6 +36,11 @@ class LayerStreamer:
             layer.register_forward_hook(self._hook_after(index))
 
     @property
+    def shard(self):
+        """The processes streaming together (None: this one alone)."""
+        return self.fetcher.shard
+
+    @property
     def streams(self) -> bool:
         """Whether layers move every step (False: the budget holds them all, each was copied once)."""
         return self.num_slots < self.num_layers
@@ -103,4 +108,5 @@ class LayerStreamer:
     def describe(self) -> dict[str, object]:
         """Start-up facts for logs and benchmark records."""
         return {"store": type(self.store).__name__, "store_bytes": self.store.nbytes, "num_slots": self.num_slots,
-                "slot_bytes": self.slot_bytes, "streams": self.streams, "direct_io": self.store.direct_io}
+                "slot_bytes": self.slot_bytes, "streams": self.streams, "direct_io": self.store.direct_io,
+                "num_shards": self.shard.world_size if self.shard else 1}

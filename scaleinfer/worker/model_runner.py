@@ -10,7 +10,8 @@ from scaleinfer.config import CacheConfig, ModelConfig, OffloadConfig
 from scaleinfer.layers.attention import Attention
 from scaleinfer.layers.sampler import SamplerOutput, sample
 from scaleinfer.models.registry import model_class
-from scaleinfer.outputs import RunnerOutput, SampledToken, SchedulerOutput
+from scaleinfer.outputs import RunnerOutput, SampledToken, ScheduledSequence, SchedulerOutput
+from scaleinfer.sampling_params import SamplingParams
 from scaleinfer.weights.dummy import init_dummy_weights
 from scaleinfer.weights.source import ModelSource
 from scaleinfer.worker.cuda_graph import DecodeGraphs, capture_sizes
@@ -86,6 +87,8 @@ class ModelRunner:
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
         self.sampling.drop(output.finished_request_ids)
         if output.is_empty:
+            if self.streamer is not None and self.streamer.shard is not None:
+                self._forward(self._padding_step())  # the other ranks' layers stream through this one too
             return RunnerOutput(sampled={})
         inputs = build_step_inputs(output, self.block_size, self.device, self.staging)
         hidden = self._forward(inputs)  # [num_tokens, hidden]
@@ -97,6 +100,16 @@ class ModelRunner:
         self.sampling.record(batch, result.token_ids)
         return RunnerOutput(sampled=dict(zip([s.request_id for s in inputs.sampled], _to_host(result))))
 
+
+    def any_rank_busy(self, busy: bool) -> bool:
+        """Whether this process or any process streaming the weights with it has work: they step together."""
+        shard = self.streamer.shard if self.streamer is not None else None
+        return shard.any(busy, self.device) if shard is not None else busy
+
+    def _padding_step(self) -> StepInputs:
+        """One token at position 0 whose KV goes to the scratch block; nothing is sampled."""
+        token = ScheduledSequence("padding", [0], 0, [self.num_blocks], False, SamplingParams())
+        return build_step_inputs(SchedulerOutput([token]), self.block_size, self.device, self.staging)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         if self.graphs is not None and self.graphs.can_run(inputs):
