@@ -4,6 +4,11 @@ tokens) at the largest batch the KV cache holds, the achieved host-to-device GB/
 bandwidth measured in the same run, and HF accelerate's offload on the same shape in the same run.
 
     python bench/offload.py --shape llama3-8b [--offload cpu|nvme --offload-path DIR] [--skip-hf]
+    python bench/offload.py --shape llama3-70b --ranks 2   # N GPUs, each fetching 1/N and all-gathering
+
+With --ranks N, N processes (one per GPU, NCCL) each serve their own batch and stream the layers together;
+each GPU receives every layer, so the figure to compare with N times one GPU's pinned copy rate is the whole
+model's bytes over the step time.
 """
 
 from __future__ import annotations
@@ -180,6 +185,46 @@ def disk_read_gb_s(folder: str, nbytes: int = 4 << 30) -> dict:
     return {"disk_read_1_thread_gb_s": single, "disk_read_8_threads_gb_s": parallel}
 
 
+def run_ranks(folder: Path, args: argparse.Namespace) -> dict:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_rank_worker, args=(args.ranks, port, str(folder), args.batches, args.new_tokens, queue),
+             nprocs=args.ranks, join=True)
+    per_rank = dict(sorted(queue.get() for _ in range(args.ranks)))
+    out = {"ranks": args.ranks, "per_rank": per_rank}
+    for key in per_rank[0]:
+        if key.startswith("batch"):
+            step = max(rank[key]["s_per_step"] for rank in per_rank.values())
+            streamed = per_rank[0]["store_bytes"]
+            out[key] = {"s_per_step": step, "decode_tok_s_all_ranks": args.ranks * per_rank[0][key]["batch"] / step,
+                        "effective_gb_s_per_gpu": streamed / step / 1e9}
+    return out
+
+
+def _rank_worker(rank: int, world: int, port: int, folder: str, batches: list[int], new_tokens: int, queue) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device(f"cuda:{rank}"))
+    llm = LLM(folder, device=f"cuda:{rank}", dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True,
+              progress=False, offload="cpu", kv_cache_memory=8 << 30, max_num_seqs=max(batches))
+    out = {"runner": llm.engine.runner.describe(), "store_bytes": llm.engine.runner.streamer.store.nbytes}
+    decode_rate(llm, 1, 128, 3)  # warm-up
+    for batch in batches:
+        out[f"batch{batch}"] = decode_rate(llm, batch, 128, new_tokens)
+    queue.put((rank, out))
+    dist.destroy_process_group()
+
+
 def _free() -> None:
     gc.collect()
     torch.cuda.empty_cache()
@@ -194,6 +239,14 @@ def main() -> None:
         result["ceilings"].update(disk_read_gb_s(args.offload_path))
     with tempfile.TemporaryDirectory() as tmp:
         config = write_config(args.shape, Path(tmp))
+        if args.ranks > 1:
+            result["ranks"] = run_ranks(Path(tmp), args)
+            result["ratios"] = {f"{k}_effective_vs_{args.ranks}x_pinned": v["effective_gb_s_per_gpu"]
+                                / (args.ranks * result["ceilings"]["pinned_h2d_gb_s"])
+                                for k, v in result["ranks"].items() if k.startswith("batch")}
+            path = write_result(f"offload-{args.ranks}gpu-{args.shape}", device, result)
+            print({k: v for k, v in result.items() if k != "config"}, f"\nwrote {path}")
+            return
         result["scaleinfer"] = ours = run_scaleinfer(Path(tmp), args, shape)
         if not args.skip_hf:
             result["hf_accelerate"] = hf_accelerate(config, args.hf_batches, args.hf_new_tokens, args.hf_gpu_budget)
@@ -235,6 +288,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--flexgen-prompt", type=int, default=512)
     parser.add_argument("--flexgen-new-tokens", type=int, default=32)
     parser.add_argument("--skip-flexgen", action="store_true")
+    parser.add_argument("--ranks", type=int, default=1, help="GPUs streaming together (one process each)")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--hf-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32])
     parser.add_argument("--hf-new-tokens", type=int, default=2)
