@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from dataclasses import dataclass
 from typing import TextIO
 
-from scaleinfer.config import DTYPES, EMBEDDED_MODEL_ALIAS, EngineConfig, ModelConfig, SchedulerConfig, env_str
+from scaleinfer.config import DTYPES, EMBEDDED_MODEL_ALIAS, OFFLOAD_TARGETS, EngineConfig, env_str
 from scaleinfer.errors import InvalidRequestError, ScaleInferError
 from scaleinfer.sampling_params import SamplingParams
 from scaleinfer.tokenizer import apply_chat_template
@@ -72,6 +73,11 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default="auto", choices=DTYPES)
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--offload", default="none", choices=OFFLOAD_TARGETS,
+                        help="keep layer weights in CPU memory or NVMe files and stream them (ZeRO-Inference)")
+    parser.add_argument("--offload-path", default=None, help="with --offload nvme: the folder for the layer files")
+    parser.add_argument("--offload-gpu-budget", type=_bytes, default=None,
+                        help="device memory for streamed layers, e.g. 8GiB (default: two layers)")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -83,8 +89,10 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _engine_config(args: argparse.Namespace, **scheduler: int | None) -> EngineConfig:
-    model = ModelConfig(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
-    return EngineConfig(model=model, scheduler=SchedulerConfig(**scheduler))
+    return EngineConfig.from_kwargs(
+        model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+        offload=args.offload, offload_path=args.offload_path, offload_gpu_budget=args.offload_gpu_budget, **scheduler,
+    )
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -142,6 +150,19 @@ def _run_serve(args: argparse.Namespace) -> int:
     run_server(_engine_config(args, max_waiting=args.max_waiting), args.host, args.port, api_key,
                shutdown_timeout_s=args.shutdown_timeout)
     return 0
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]i?)?b?", re.IGNORECASE)
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+
+
+def _bytes(text: str) -> int:
+    """A byte count: 123, 500MB, 8GiB (decimal K/M/G, binary KiB/MiB/GiB)."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"must be a byte count such as 8GiB or 500MB, got {text!r}")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[(unit or "").lower()])
 
 
 def _non_negative_float(text: str) -> float:

@@ -15,8 +15,10 @@ from scaleinfer.errors import InvalidRequestError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
 OFFLOAD_TARGETS = ("none", "cpu", "nvme")
-# With streamed weights a step costs one pass over the weights whatever its size: fill it.
+# With streamed weights a step costs one pass over the weights whatever its size: fill it, in large prefill
+# chunks and with as many sequences as the KV cache holds.
 OFFLOAD_MAX_BATCHED_TOKENS = 32768
+OFFLOAD_MAX_NUM_SEQS = 1024
 EMBEDDED_MODEL_ALIAS = "smollm2-135m"
 
 
@@ -177,6 +179,7 @@ class EngineConfig:
         """Route flat options (as LLM(...) takes them) to the sub-config that owns each field."""
         if kwargs.get("offload", "none") != "none":
             kwargs.setdefault("max_num_batched_tokens", OFFLOAD_MAX_BATCHED_TOKENS)
+            kwargs.setdefault("max_num_seqs", OFFLOAD_MAX_NUM_SEQS)
         parts = {}
         sections = (("model", ModelConfig), ("cache", CacheConfig), ("scheduler", SchedulerConfig),
                     ("offload", OffloadConfig))

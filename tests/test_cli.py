@@ -27,7 +27,18 @@ def test_chat_session_answers_and_ends_on_empty_line():
     assert "Paris" in result.stdout
 
 
+def test_generate_with_layers_streamed_from_nvme(tmp_path):
+    result = run_cli("generate", "The capital of France is", "--max-tokens", "12", "--device", "cpu",
+                     "--offload", "nvme", "--offload-path", str(tmp_path), "--offload-gpu-budget", "64MiB")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    assert list(tmp_path.iterdir()) == []  # the layer files went away with the process
+
+
 @pytest.mark.parametrize("args,fragment", [
+    (["generate", "hi", "--offload", "nvme"], "offload='nvme' needs offload_path"),
+    (["generate", "hi", "--device", "cpu", "--offload", "cpu", "--offload-gpu-budget", "1KiB"],
+     "offload_gpu_budget=1024 bytes holds no layer"),
     (["generate", "hi", "--model", "/no/such/model"], "/no/such/model"),
     (["generate", "hi", "--temperature", "-1"], "temperature must be >= 0, got -1.0"),
     (["generate", "hi", "--top-p", "0"], "top_p must be in (0, 1], got 0.0"),

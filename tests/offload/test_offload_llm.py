@@ -180,3 +180,12 @@ def test_layout_packs_aligned_views():
     views = layout.views(flat)
     views[0].copy_(layer[0].weight)
     assert torch.equal(flat[: 60].view(torch.float32).view(5, 3), layer[0].weight)
+
+
+def test_offload_fills_each_step_unless_told_otherwise():
+    from scaleinfer.config import EngineConfig
+
+    streamed = EngineConfig.from_kwargs(offload="cpu")
+    assert (streamed.scheduler.max_num_batched_tokens, streamed.scheduler.max_num_seqs) == (32768, 1024)
+    assert EngineConfig.from_kwargs(offload="cpu", max_num_seqs=8).scheduler.max_num_seqs == 8
+    assert EngineConfig.from_kwargs().scheduler.max_num_batched_tokens == 2048
