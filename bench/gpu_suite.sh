@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then the benchmarks; logs and JSON results under $OUT.
-# Usage (from the repo root there): SCALEINFER_COMMIT=<sha> bash bench/gpu_suite.sh [tests|latency|throughput|prefill|inject|encoder|serve|all]
+# Usage (from the repo root there): SCALEINFER_COMMIT=<sha> bash bench/gpu_suite.sh [tests|latency|throughput|prefill|offload|inject|encoder|serve|all]
 # (the copy of the tree there has no .git: pass the commit so the results record it)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -9,7 +9,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKEN
 what=${1:-all}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 if [[ $what == tests || $what == all ]]; then
-  python3 -m pytest -q -m gpu tests/test_gpu.py tests/kernels 2>&1 | tee "$OUT/gpu_tests.log"
+  python3 -m pytest -q -m gpu tests/test_gpu.py tests/kernels tests/offload 2>&1 | tee "$OUT/gpu_tests.log"
 fi
 if [[ $what == latency || $what == all ]]; then
   for shape in llama3-8b llama3-1b; do
@@ -23,6 +23,13 @@ if [[ $what == throughput || $what == all ]]; then
 fi
 if [[ $what == prefill || $what == all ]]; then
   python3 bench/prefill.py --shape llama3.1-8b 2>&1 | tee "$OUT/prefill.log"
+fi
+if [[ $what == offload || $what == all ]]; then
+  # ZeRO-Inference on one GPU: pinned CPU memory (with HF accelerate in the same run), then NVMe files.
+  # The 70B shape and --ranks 2 need a 2-GPU machine (256 GB of RAM): see README.
+  python3 bench/offload.py --shape llama3-8b 2>&1 | tee "$OUT/offload-cpu.log"
+  python3 bench/offload.py --shape llama3-8b --offload nvme --offload-path /tmp --batches 1 --new-tokens 3 \
+    --skip-flexgen --skip-hf 2>&1 | tee "$OUT/offload-nvme.log"
 fi
 if [[ $what == inject || $what == all ]]; then
   # One process per shape, a few minutes each (HF compiles twice: batch 1 and 32). Under a 10-minute call

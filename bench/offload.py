@@ -241,20 +241,26 @@ def main() -> None:
         config = write_config(args.shape, Path(tmp))
         if args.ranks > 1:
             result["ranks"] = run_ranks(Path(tmp), args)
-            result["ratios"] = {f"{k}_effective_vs_{args.ranks}x_pinned": v["effective_gb_s_per_gpu"]
-                                / (args.ranks * result["ceilings"]["pinned_h2d_gb_s"])
-                                for k, v in result["ranks"].items() if k.startswith("batch")}
-            path = write_result(f"offload-{args.ranks}gpu-{args.shape}", device, result)
-            print({k: v for k, v in result.items() if k != "config"}, f"\nwrote {path}")
-            return
-        result["scaleinfer"] = ours = run_scaleinfer(Path(tmp), args, shape)
-        if not args.skip_hf:
-            result["hf_accelerate"] = hf_accelerate(config, args.hf_batches, args.hf_new_tokens, args.hf_gpu_budget)
-    _ratios(result)
-    path = write_result(f"offload-{args.offload}-{args.shape}", device, result)
+        else:
+            result["scaleinfer"] = run_scaleinfer(Path(tmp), args, shape)
+            if not args.skip_hf:
+                result["hf_accelerate"] = hf_accelerate(config, args.hf_batches, args.hf_new_tokens,
+                                                        args.hf_gpu_budget)
+    if args.ranks > 1:
+        _ratios_ranks(result, args.ranks)
+        name = f"offload-{args.ranks}gpu-{args.shape}"
+    else:
+        _ratios(result)
+        name = f"offload-{args.offload}-{args.shape}"
+    path = write_result(name, device, result)
     print({k: v for k, v in result.items() if k != "config"})
     print(f"wrote {path}")
-    del ours
+
+
+def _ratios_ranks(result: dict, ranks: int) -> None:
+    pinned = result["ceilings"]["pinned_h2d_gb_s"]
+    result["ratios"] = {f"{key}_effective_vs_{ranks}x_pinned": figures["effective_gb_s_per_gpu"] / (ranks * pinned)
+                        for key, figures in result["ranks"].items() if key.startswith("batch")}
 
 
 def _ratios(result: dict) -> None:
