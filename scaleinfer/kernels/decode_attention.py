@@ -36,6 +36,11 @@ from scaleinfer.kernels.dispatch import dot_args, tl, triton, use_triton
 from scaleinfer.kernels.paged_attention import paged_decode_attention
 
 MIN_PARTITION = 128
+# A bound this short gets one partition whatever the batch, so no reduce kernel runs. At batch 1 the walk
+# of four 64-token tiles instead of two should cost less than the reduce (57 us per token over 32 layers on
+# an H100, replayed in a graph); a longer bound walked by so few programs would lose to split-K. The graphs'
+# shortest context bucket (cuda_graph.FIRST_BUCKET) is this long.
+MAX_ONE_PARTITION = 256
 BLOCK_N = 64  # context tokens per tile
 
 
@@ -125,7 +130,10 @@ def _check_partition_size(partition_size: int) -> None:
 
 
 def _partition_size(num_groups: int, max_context_len: int, device: torch.device) -> int:
-    """Smallest power of two >= MIN_PARTITION giving the grid about two programs per multiprocessor."""
+    """One partition up to MAX_ONE_PARTITION tokens; past it, the smallest power of two >= MIN_PARTITION
+    giving the grid about two programs per multiprocessor. Depends on host ints only (graph capture)."""
+    if max_context_len <= MAX_ONE_PARTITION:
+        return max(MIN_PARTITION, triton.next_power_of_2(max(max_context_len, 1)))
     wanted = triton.cdiv(2 * _num_sms(device), num_groups)  # partitions per (seq, kv_head)
     size = triton.next_power_of_2(triton.cdiv(max(max_context_len, 1), wanted))
     return max(MIN_PARTITION, size)

@@ -4,7 +4,8 @@ import pytest
 import torch
 from kernel_helpers import paged_kv, tolerance
 
-from scaleinfer.kernels.decode_attention import decode_attention, decode_attention_triton
+from scaleinfer.kernels import decode_attention as decode_attention_module
+from scaleinfer.kernels.decode_attention import MAX_ONE_PARTITION, decode_attention, decode_attention_triton
 from scaleinfer.kernels.paged_attention import paged_decode_attention
 
 CASES = [  # (context_lens, num_heads, num_kv_heads, head_dim, block_size, partition_size, dtype)
@@ -59,6 +60,31 @@ def test_decode_attention_reads_only_to_a_tight_bound(device, triton_path):
     """max_context_len below the table's width: fewer partitions, the same answer."""
     torch.manual_seed(310)
     run_case(([12, 30, 31], 4, 2, 64, 4, 16, torch.float32), device, max_context_len=31)
+
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        raise AssertionError(f"the reduce kernel was launched with grid {grid}")
+
+
+@pytest.mark.parametrize("context_lens", [[MAX_ONE_PARTITION], [130, 1]])
+def test_decode_attention_short_bound_runs_one_partition(context_lens, device, triton_path, monkeypatch):
+    """Batch 1 or 2 under a bound of MAX_ONE_PARTITION tokens, too few programs to fill even the CPU's
+    pretend 4 multiprocessors: still one partition walks the context whole and writes out; no reduce."""
+    torch.manual_seed(312 + len(context_lens))
+    monkeypatch.setattr(decode_attention_module, "_reduce_kernel", _NoLaunch())
+    run_case((context_lens, 8, 2, 64, 16, None, torch.float32), device, max_context_len=MAX_ONE_PARTITION)
+
+
+def test_partition_size_splits_only_bounds_past_one_partition(device):
+    partition_size, num_sms = decode_attention_module._partition_size, decode_attention_module._num_sms(device)
+    for num_groups in (1, 8, 4 * num_sms):
+        for bound in (1, 100, 129, MAX_ONE_PARTITION):
+            assert partition_size(num_groups, bound, device) >= bound, (num_groups, bound)
+    # Too few (seq, kv_head) programs to fill the GPU: a longer bound is split.
+    assert partition_size(1, 2 * MAX_ONE_PARTITION, device) < 2 * MAX_ONE_PARTITION
+    # Enough programs already: one partition however long.
+    assert partition_size(2 * num_sms, 8192, device) >= 8192
 
 
 def test_decode_attention_dispatch_takes_the_kernel(device, triton_path):
