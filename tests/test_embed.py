@@ -69,6 +69,18 @@ def test_minilm_matches_transformers(minilm):
     assert_close_cosine(minilm.embed(TEXTS), hf_embeddings(encoder_model_path(), TEXTS))
 
 
+def test_minilm_through_the_attention_kernel_matches_transformers(minilm):
+    """The packed batch through kernels/encoder_attention.py's Triton kernel (the interpreter off the GPU)."""
+    from scaleinfer.kernels.dispatch import HAS_TRITON, force_triton
+    from scaleinfer.weights.source import encoder_model_path
+
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    with force_triton():
+        vectors = minilm.embed(TEXTS)
+    assert_close_cosine(vectors, hf_embeddings(encoder_model_path(), TEXTS))
+
+
 def test_batch_equals_one_at_a_time(minilm):
     batch = torch.tensor(minilm.embed(TEXTS))
     alone = torch.tensor([minilm.embed([text])[0] for text in TEXTS])

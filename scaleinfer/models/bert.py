@@ -1,7 +1,8 @@
 """BERT-style encoders (BERT, RoBERTa, MiniLM): embeddings, post-LN encoder layers, no KV cache.
 
-Inputs are packed: the batch's tokens are one [num_tokens] row with no padding; `seq_lens` says where each
-sequence ends, and attention is non-causal within a sequence only.
+Inputs are packed: the batch's tokens are one [num_tokens] row with no padding; `cu_seqlens` says where each
+sequence starts, and attention (one kernels/encoder_attention.py launch per layer) is non-causal within a
+sequence only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaleinfer.errors import ModelLoadError
+from scaleinfer.kernels.encoder_attention import encoder_attention
 from scaleinfer.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from scaleinfer.models.weights import load_into
 
@@ -106,19 +108,13 @@ class BertSelfAttention(nn.Module):
         self.qkv = QKVParallelLinear(config.hidden_size, config.head_dim, heads, heads, bias=True)
         self.head_dim = config.head_dim
         self.q_size = self.qkv.num_heads * config.head_dim
+        self.scale = config.head_dim**-0.5
 
-    def forward(self, x: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
-        q, k, v = self.qkv(x).split(self.q_size, dim=-1)
-        outs = [_attend(*parts, self.head_dim) for parts in zip(*(t.split(seq_lens) for t in (q, k, v)))]
-        return torch.cat(outs)  # [num_tokens, num_heads * head_dim]
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Non-causal attention over one sequence; q, k, v: [seq_len, num_heads * head_dim]."""
-    seq_len = q.shape[0]
-    q, k, v = (t.view(seq_len, -1, head_dim).transpose(0, 1) for t in (q, k, v))  # [num_heads, seq_len, head_dim]
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(0, 1).reshape(seq_len, -1)
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seq_len: int) -> torch.Tensor:
+        # views into the fused projection: [num_tokens, num_heads, head_dim], rows strided by 3 * q_size
+        q, k, v = (t.view(x.shape[0], -1, self.head_dim) for t in self.qkv(x).split(self.q_size, dim=-1))
+        out = encoder_attention(q, k, v, cu_seqlens, max_seq_len, self.scale)  # one launch for the batch
+        return out.view(x.shape[0], -1)  # [num_tokens, num_heads * head_dim]
 
 
 class BertAttention(nn.Module):
@@ -127,8 +123,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertOutput(config.hidden_size, config.hidden_size, config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
-        return self.output(self.self(x, seq_lens), x)
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seq_len: int) -> torch.Tensor:
+        return self.output(self.self(x, cu_seqlens, max_seq_len), x)
 
 
 class BertOutput(nn.Module):
@@ -160,8 +156,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config.intermediate_size, config.hidden_size, config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
-        x = self.attention(x, seq_lens)
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seq_len: int) -> torch.Tensor:
+        x = self.attention(x, cu_seqlens, max_seq_len)
         return self.output(self.intermediate(x), x)
 
 
@@ -170,9 +166,9 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seq_len: int) -> torch.Tensor:
         for layer in self.layer:
-            x = layer(x, seq_lens)
+            x = layer(x, cu_seqlens, max_seq_len)
         return x
 
 
@@ -185,10 +181,12 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: torch.Tensor,
+                max_seq_len: int) -> torch.Tensor:
         """input_ids, positions: [num_tokens], sequences packed back to back; positions count from 0 in each
-        sequence; sum(seq_lens) == num_tokens. Returns the last hidden states, [num_tokens, hidden]."""
-        return self.encoder(self.embeddings(input_ids, positions), seq_lens)
+        sequence; cu_seqlens: [num_seqs + 1], sequence i being tokens cu_seqlens[i]:cu_seqlens[i + 1];
+        max_seq_len: the longest, a host int. Returns the last hidden states, [num_tokens, hidden]."""
+        return self.encoder(self.embeddings(input_ids, positions), cu_seqlens, max_seq_len)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_into(self, _encoder_weights(weights), STACKED_PARAMS)

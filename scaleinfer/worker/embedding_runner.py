@@ -34,6 +34,10 @@ class PackedBatch:
     cu_seqlens: torch.Tensor  # [num_seqs + 1], offsets of each sequence's first token
     seq_lens: list[int]
 
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.seq_lens)
+
 
 def pack(token_ids: list[list[int]], device: torch.device) -> PackedBatch:
     seq_lens = [len(ids) for ids in token_ids]
@@ -128,7 +132,8 @@ class EmbeddingRunner:
     def embed_token_ids(self, token_ids: list[list[int]]) -> list[list[float]]:
         """One packed batch through the model."""
         batch = pack(token_ids, self.device)
-        hidden = self.model(batch.input_ids, batch.positions, batch.seq_lens)  # [num_tokens, hidden]
+        hidden = self.model(batch.input_ids, batch.positions, batch.cu_seqlens,
+                            batch.max_seq_len)  # [num_tokens, hidden]
         return pool(hidden, batch, self.pooling).tolist()
 
 
