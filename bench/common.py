@@ -29,8 +29,12 @@ def commit() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
 
-    # A copy of the tree without .git (the GPU machine's) gets the commit from whoever launched it.
-    sha = git("rev-parse", "--short", "HEAD") or os.environ.get("SCALEINFER_COMMIT", "unknown")
+    # The GPU machine's copy of the tree has no .git of its own (or a stale one): whoever launches a run there
+    # names the commit, and that name wins.
+    launched = os.environ.get("SCALEINFER_COMMIT")
+    if launched:
+        return launched
+    sha = git("rev-parse", "--short", "HEAD") or "unknown"
     return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
