@@ -39,13 +39,13 @@ class LogitBias:
 class SamplingBatch:
     """Per-row parameters of one step, each [num_seqs] on the logits' device (None when unused)."""
 
-    temperatures: torch.Tensor  # float32; 0 means greedy
+    temperatures: torch.Tensor | None  # float32, 0 means greedy; None when every row is greedy
     top_ps: torch.Tensor | None  # float32, None when every row has top_p == 1
     top_ks: torch.Tensor | None  # int64 in [1, vocab], None when no row uses top-k
     generators: list[torch.Generator | None]  # per row: its own (seeded) generator, or None
-    banned_token_ids: list[list[int]]  # per row: ids masked this step (eos before min_tokens)
+    banned: LogitBias | None  # (row, token) pairs masked this step (eos before min_tokens), biases -inf
     num_logprobs: int  # max requested top logprobs over rows, -1 when no row asked
-    all_greedy: bool
+    all_greedy: bool  # argmax only: temperatures, top_ps, top_ks and generators are not read
     penalties: PenaltyBatch | None = None  # None when no row has a penalty
     logit_bias: LogitBias | None = None  # None when no row has a logit bias
 
@@ -60,11 +60,10 @@ class SamplerOutput:
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, default_generator: torch.Generator | None) -> SamplerOutput:
-    """logits: [num_seqs, vocab] float32."""
-    _ban_tokens(logits, batch.banned_token_ids)
-    if batch.logit_bias is not None:
-        bias = batch.logit_bias
-        logits.index_put_((bias.rows, bias.token_ids), bias.biases, accumulate=True)
+    """logits: [num_seqs, vocab] float32, modified in place by bans, biases and penalties."""
+    for bias in (batch.banned, batch.logit_bias):  # a ban's -inf stays -inf whatever bias is added
+        if bias is not None:
+            logits.index_put_((bias.rows, bias.token_ids), bias.biases, accumulate=True)
     if batch.penalties is not None:
         logits[batch.penalties.rows] = apply_penalties(logits[batch.penalties.rows], batch.penalties)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.num_logprobs >= 0 else None
@@ -75,12 +74,6 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, default_generator: torch.
     if raw_logprobs is None:
         return SamplerOutput(token_ids, None, None, None, None)
     return _with_logprobs(token_ids, raw_logprobs, batch.num_logprobs)
-
-
-def _ban_tokens(logits: torch.Tensor, banned: list[list[int]]) -> None:
-    for row, ids in enumerate(banned):
-        if ids:
-            logits[row, ids] = NEG_INF
 
 
 def apply_penalties(logits: torch.Tensor, penalties: PenaltyBatch) -> torch.Tensor:

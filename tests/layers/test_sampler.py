@@ -11,16 +11,23 @@ VOCAB = 50
 def batch(temps, top_ps=None, top_ks=None, gens=None, banned=None, num_logprobs=-1, penalties=None, logit_bias=None):
     n = len(temps)
     return SamplingBatch(
-        temperatures=torch.tensor(temps, dtype=torch.float32),
+        temperatures=None if all(t == 0 for t in temps) else torch.tensor(temps, dtype=torch.float32),
         top_ps=None if top_ps is None else torch.tensor(top_ps, dtype=torch.float32),
         top_ks=None if top_ks is None else torch.tensor(top_ks),
         generators=gens or [None] * n,
-        banned_token_ids=banned or [[] for _ in range(n)],
+        banned=None if banned is None else banned_pairs(banned),
         num_logprobs=num_logprobs,
         all_greedy=all(t == 0 for t in temps),
         penalties=penalties,
         logit_bias=logit_bias,
     )
+
+
+def banned_pairs(banned):
+    """Per-row lists of banned ids as the (row, token, -inf) triples SamplingBatch carries."""
+    pairs = [(row, t) for row, ids in enumerate(banned) for t in ids]
+    return LogitBias(rows=torch.tensor([r for r, _ in pairs]), token_ids=torch.tensor([t for _, t in pairs]),
+                     biases=torch.full((len(pairs),), float("-inf")))
 
 
 def seeded(seed):
@@ -38,8 +45,10 @@ def test_greedy_is_argmax():
 def test_banned_tokens_are_never_chosen():
     logits = torch.zeros(2, VOCAB)
     logits[:, 7] = 100.0
-    out = sample(logits, batch([0, 1.0], banned=[[7], [7]]), seeded(0))
-    assert 7 not in out.token_ids.tolist()
+    logits[1, 3] = 90.0
+    out = sample(logits, batch([0, 1.0], banned=[[7], [7, 3]]), seeded(0))
+    assert 7 not in out.token_ids.tolist() and out.token_ids[1].item() != 3
+    assert logits[0, 3].item() == 0.0  # row 0 bans only 7
 
 
 def test_top_k_1_is_greedy_and_top_p_keeps_only_the_nucleus():

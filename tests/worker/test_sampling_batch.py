@@ -67,3 +67,65 @@ def test_rows_without_penalties_build_no_penalty_batch():
     batch = state.batch([scheduled("x", SamplingParams(temperature=0), [1, 2])], VOCAB)
     assert batch.penalties is None and batch.logit_bias is None
     assert state.penalty_state.output_counts.numel() == 0
+
+
+def count_uploads(state, monkeypatch):
+    calls = []
+    upload = state._upload
+    counted = lambda values, dtype: calls.append(list(values)) or upload(values, dtype)  # noqa: E731
+    monkeypatch.setattr(state, "_upload", counted)
+    monkeypatch.setattr(state.penalty_state, "upload", counted)
+    return calls
+
+
+def test_an_unchanged_batch_uploads_nothing_and_reuses_its_tensors(monkeypatch):
+    state = SamplingState(torch.device("cpu"), seed=0)
+    calls = count_uploads(state, monkeypatch)
+    hot = SamplingParams(temperature=0.5, top_p=0.9, top_k=5, seed=3, logit_bias={2: 1.0})
+    requests = {"a": (hot, [1, 2]), "b": (PENALIZED, [3])}
+    first = state.batch([scheduled(rid, *requests[rid]) for rid in "ab"], VOCAB)
+    num_first = len(calls)
+    assert num_first > 0 and first.temperatures.tolist() == [0.5, 0.0]
+    state.record(first, torch.tensor([4, 5]))
+    again = state.batch([scheduled(rid, *requests[rid]) for rid in "ab"], VOCAB)  # new objects, same rows
+    assert len(calls) == num_first
+    assert again.temperatures is first.temperatures and again.top_ks is first.top_ks
+    assert again.generators[0] is first.generators[0] is not None
+    assert again.penalties.output_counts[0, 5].item() == 1  # the statistics are this step's
+    swapped = state.batch([scheduled(rid, *requests[rid]) for rid in "ba"], VOCAB)
+    assert len(calls) > num_first and swapped.temperatures.tolist() == [0.0, 0.5]
+
+
+def test_a_greedy_batch_is_an_argmax_with_no_sampling_tensors(monkeypatch):
+    state = SamplingState(torch.device("cpu"), seed=0)
+    calls = count_uploads(state, monkeypatch)
+    greedy = SamplingParams(temperature=0, top_p=0.5, top_k=3, seed=9)
+    batch = state.batch([scheduled("g", greedy, [1]), scheduled("h", greedy, [2])], VOCAB)
+    assert calls == [] and batch.all_greedy
+    assert batch.temperatures is None and batch.top_ps is None and batch.top_ks is None
+    assert batch.generators == [None, None] and state.generators == {}
+    logits = torch.randn(2, VOCAB)
+    assert sample(logits.clone(), batch, None).token_ids.tolist() == logits.argmax(-1).tolist()
+
+
+def test_dropping_a_request_restarts_a_reused_ids_generator():
+    state = SamplingState(torch.device("cpu"), seed=0)
+    params = SamplingParams(temperature=1.0, seed=11)
+    logits = torch.zeros(1, VOCAB)
+    draws = [sample(logits.clone(), state.batch([scheduled("r", params, [1])], VOCAB), None).token_ids.item()
+             for _ in range(4)]
+    state.drop(["r"])
+    again = [sample(logits.clone(), state.batch([scheduled("r", params, [1])], VOCAB), None).token_ids.item()
+             for _ in range(4)]
+    assert again == draws and len(set(draws)) > 1
+
+
+def test_eos_is_banned_only_before_min_tokens():
+    state = SamplingState(torch.device("cpu"), seed=0)
+    params = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[6])
+    logits = torch.zeros(1, VOCAB)
+    logits[0, 5], logits[0, 6] = 10.0, 9.0
+    for num_output_tokens, expected in [(0, 0), (1, 0), (2, 5)]:
+        seq = scheduled("m", params, [1])
+        seq.num_output_tokens, seq.eos_token_ids = num_output_tokens, (5,)
+        assert sample(logits.clone(), state.batch([seq], VOCAB), None).token_ids.item() == expected
