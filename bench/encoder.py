@@ -25,6 +25,7 @@ import random
 import shutil
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,7 +37,11 @@ from common import ceilings, timed, write_result  # noqa: E402
 from scaleinfer import LLM  # noqa: E402
 from scaleinfer.errors import ModelLoadError  # noqa: E402
 from scaleinfer.kernels.dispatch import use_triton  # noqa: E402
-from scaleinfer.kernels.encoder_attention import encoder_attention, encoder_attention_reference  # noqa: E402
+from scaleinfer.kernels.encoder_attention import (  # noqa: E402
+    encoder_attention,
+    encoder_attention_reference,
+    encoder_attention_triton,
+)
 from scaleinfer.weights.source import encoder_model_path  # noqa: E402
 from scaleinfer.worker.embedding_runner import batches  # noqa: E402
 
@@ -50,6 +55,7 @@ ENCODER_SHAPES: dict[str, dict] = {
     "bert-tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
                       max_position_embeddings=512, vocab_size=BERT_UNCASED_VOCAB),
 }
+SWEPT_TILES = [(32, 32), (64, 32), (64, 64), (128, 32), (128, 64), (128, 128)]  # (block_m, block_n)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -163,10 +169,16 @@ def measure_attention(shape: str, seq_lens: list[int], device: torch.device, dty
     op = timed(lambda: encoder_attention(q, k, v, cu_seqlens, max_len, scale), 20, device)
     per_sequence = timed(lambda: encoder_attention_reference(q, k, v, cu_seqlens, scale), 20, device)
     tflop = 4 * sum(n * n for n in seq_lens) * num_heads * head_dim / 1e12  # QK^T and PV
-    return {"path": "triton" if use_triton(q) else "reference", "num_seqs": len(seq_lens),
-            "num_tokens": sum(seq_lens), "op_ms": op * 1e3, "per_sequence_sdpa_ms": per_sequence * 1e3,
-            "speedup_vs_per_sequence": per_sequence / op, "op_tflop_s": tflop / op,
-            "op_vs_matmul_ceiling": tflop / op / matmul_tflop_s}
+    result = {"path": "triton" if use_triton(q) else "reference", "num_seqs": len(seq_lens),
+              "num_tokens": sum(seq_lens), "op_ms": op * 1e3, "per_sequence_sdpa_ms": per_sequence * 1e3,
+              "speedup_vs_per_sequence": per_sequence / op, "op_tflop_s": tflop / op,
+              "op_vs_matmul_ceiling": tflop / op / matmul_tflop_s}
+    if use_triton(q):  # GPU_TILES were not measured: other tiles, for choosing them
+        result["kernel_ms_by_tiles"] = {
+            f"{m}x{n}": timed(partial(encoder_attention_triton, q, k, v, cu_seqlens, max_len, scale, block_m=m,
+                                      block_n=n), 20, device) * 1e3
+            for m, n in SWEPT_TILES}
+    return result
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
