@@ -196,10 +196,11 @@ class LLMEngine:
 
     def _emit(self, state: RequestState, now: float) -> RequestOutput:
         state.metrics.num_cached_tokens = state.children[0].seq.num_cached_tokens
-        if state.finished:
+        output = state.output()  # output.metrics is state.metrics: the finish time below reaches it
+        if output.finished:
             state.metrics.finished_time = now
             self._forget(state)
-        return state.output()
+        return output
 
     # ---- introspection --------------------------------------------------------------------------------
 

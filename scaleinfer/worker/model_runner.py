@@ -94,7 +94,7 @@ class ModelRunner:
         hidden = self._forward(inputs)  # [num_tokens, hidden]
         if not inputs.sampled:
             return RunnerOutput(sampled={})
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [num_sampled, vocab]
+        logits = self.model.compute_logits(inputs.sampled_hidden(hidden))  # [num_sampled, vocab]
         batch = self.sampling.batch(inputs.sampled, logits.shape[1])
         result = sample(logits, batch, self.sampling.default_generator)
         self.sampling.record(batch, result.token_ids)

@@ -31,6 +31,11 @@ class StepInputs:
     # (None otherwise): one view over the packed values, so a CUDA graph takes them in one copy.
     decode_rows: torch.Tensor | None
 
+    def sampled_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [num_tokens, hidden] -> the sampled rows [num_sampled, hidden]. When every token is
+        sampled (a pure-decode step) sample_rows is 0..n-1: no gather (a kernel and its launch saved)."""
+        return hidden if len(self.sampled) == hidden.shape[0] else hidden[self.sample_rows]
+
 
 @dataclass(slots=True)
 class _PackedViews:
@@ -48,8 +53,7 @@ class _PackedViews:
 
 
 def order_for_step(output: SchedulerOutput) -> list[ScheduledSequence]:
-    decodes = [s for s in output.scheduled if s.num_tokens == 1]
-    chunks = [s for s in output.scheduled if s.num_tokens > 1]
+    decodes, chunks = _decodes_and_chunks(output.scheduled)
     return decodes + chunks
 
 
@@ -57,40 +61,53 @@ def build_step_inputs(output: SchedulerOutput, block_size: int, device: torch.de
                       staging: StagingBuffer | None = None) -> StepInputs:
     """With staging, the tensors are views into its device buffer, valid until its next upload; without,
     fresh tensors."""
-    seqs = order_for_step(output)
-    num_decodes = sum(1 for s in seqs if s.num_tokens == 1)
-    decodes, chunks = seqs[:num_decodes], seqs[num_decodes:]
+    decodes, chunks = _decodes_and_chunks(output.scheduled)
+    num_decodes = len(decodes)
     parts = _packed_parts(decodes, chunks, block_size)
     flat = list(itertools.chain.from_iterable(parts))
     values = staging.upload(flat) if staging is not None else torch.tensor(flat, dtype=torch.int64, device=device)
-    views = _PackedViews(*torch.split(values, [len(p) for p in parts]))
+    views = _PackedViews(*values.split_with_sizes([len(p) for p in parts]))
     return StepInputs(
         input_ids=views.input_ids,
         positions=views.positions,
         attn=_attention_metadata(views, decodes, chunks),
         sample_rows=views.sample_rows,
-        sampled=[s for s in seqs if s.sample],
-        max_decode_context_len=max((s.context_len for s in decodes), default=0),
+        sampled=[s for s in decodes if s.sample] + [s for s in chunks if s.sample],
+        max_decode_context_len=max(parts[_CONTEXT_LENS], default=0),
         decode_rows=values[: 4 * num_decodes].view(4, num_decodes) if decodes and not chunks else None,
     )
+
+
+def _decodes_and_chunks(scheduled: list[ScheduledSequence]) -> tuple[list[ScheduledSequence],
+                                                                      list[ScheduledSequence]]:
+    """The one-token sequences and the multi-token chunks, each in scheduling order."""
+    decodes = [s for s in scheduled if len(s.token_ids) == 1]
+    if len(decodes) == len(scheduled):
+        return decodes, []
+    return decodes, [s for s in scheduled if len(s.token_ids) > 1]
+
+
+_CONTEXT_LENS = 3  # index of the decode context_lens among _packed_parts' lists
 
 
 def _packed_parts(decodes: list[ScheduledSequence], chunks: list[ScheduledSequence],
                   block_size: int) -> list[list[int]]:
     """The step's integer lists in _PackedViews' order."""
-    input_ids: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
-    sample_rows: list[int] = []
-    for seq in decodes + chunks:
+    # A decode computes the one token at start_pos; its context is start_pos + 1 tokens.
+    input_ids = [s.token_ids[0] for s in decodes]
+    positions = [s.start_pos for s in decodes]
+    slots = [s.block_table[p // block_size] * block_size + p % block_size for s, p in zip(decodes, positions)]
+    sample_rows = [row for row, s in enumerate(decodes) if s.sample]
+    for seq in chunks:
         pos = range(seq.start_pos, seq.context_len)
         input_ids.extend(seq.token_ids)
         positions.extend(pos)
         slots.extend(seq.block_table[p // block_size] * block_size + p % block_size for p in pos)
         if seq.sample:
             sample_rows.append(len(input_ids) - 1)
-    return [input_ids, positions, slots, [s.context_len for s in decodes], sample_rows, _query_start_loc(chunks),
-            [s.start_pos for s in chunks], _flat_padded_tables(decodes), _flat_padded_tables(chunks)]
+    return [input_ids, positions, slots, [p + 1 for p in positions[:len(decodes)]], sample_rows,
+            _query_start_loc(chunks), [s.start_pos for s in chunks], _flat_padded_tables(decodes),
+            _flat_padded_tables(chunks)]
 
 
 def _attention_metadata(views: _PackedViews, decodes: list[ScheduledSequence],
@@ -120,5 +137,13 @@ def _query_start_loc(chunks: list[ScheduledSequence]) -> list[int]:
 
 def _flat_padded_tables(seqs: list[ScheduledSequence]) -> list[int]:
     """The block tables, each padded with block 0 to the longest, row after row."""
-    width = max((len(s.block_table) for s in seqs), default=0)
-    return [b for s in seqs for b in itertools.chain(s.block_table, itertools.repeat(0, width - len(s.block_table)))]
+    if not seqs:
+        return []
+    tables = [s.block_table for s in seqs]
+    width = max(map(len, tables))
+    flat: list[int] = []
+    for table in tables:
+        flat += table
+        if len(table) < width:
+            flat += [0] * (width - len(table))
+    return flat

@@ -145,3 +145,12 @@ def test_graph_key_picks_smallest_size_and_narrowest_covering_bucket():
     assert graph_key(plan, 33, 10, 16) == (40, 512)  # larger batches have only the full width
     assert graph_key(plan, 3, 8193, 16) is None  # longer than the table: run eagerly
     assert graph_key(plan, 65, 10, 16) is None  # more sequences than the largest graph
+
+
+def test_sampled_hidden_gathers_only_when_some_token_is_not_sampled():
+    hidden = torch.arange(8 * 3).view(8, 3)
+    mixed = build_step_inputs(_mixed_step(), block_size=4, device=CPU)
+    assert mixed.sampled_hidden(hidden).tolist() == hidden[[0, 7]].tolist()
+    decode = build_step_inputs(_decode_step([3, 9, 5]), block_size=4, device=CPU)
+    rows = hidden[:3]
+    assert decode.sampled_hidden(rows) is rows  # every row sampled: the hidden states themselves, no gather
