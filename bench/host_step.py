@@ -1,0 +1,106 @@
+"""Host time of a decode step on the CPU: the engine's Python and torch-op overhead, which a GPU waits
+through at small batch (bench/profile_step.py shows it on the GPU as wall time minus kernel time).
+
+    python bench/host_step.py [--batch 1] [--steps 300] [--runs 8]
+The model's forward and logits are constant stubs, so what is timed is scheduling, building the step's
+inputs, sampling, the runner's bookkeeping and the engine's outputs. Thread CPU time, not wall time, and
+of each phase the median step of each run, best run: the 2-core CI machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_result  # noqa: E402
+
+from scaleinfer import SamplingParams  # noqa: E402
+from scaleinfer.config import EngineConfig  # noqa: E402
+from scaleinfer.engine.llm_engine import LLMEngine  # noqa: E402
+from scaleinfer.worker import model_runner  # noqa: E402
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=512, max_position_embeddings=4096)
+PROMPT_LEN = 128
+
+
+def stub_model(engine: LLMEngine) -> None:
+    """Forward and logits of constant cost: the host path is all that is left."""
+    runner, arch = engine.runner, engine.runner.model.arch
+    hidden = torch.zeros(1, arch.hidden_size)
+    logits = torch.randn(1, arch.vocab_size)
+    runner._forward = lambda inputs: hidden.expand(inputs.input_ids.shape[0], -1)
+    runner.model.compute_logits = lambda rows: logits.expand(rows.shape[0], -1).clone()
+
+
+def timed(times: dict[str, list[int]], name: str, fn: Callable) -> Callable:
+    def wrapper(*args, **kwargs):
+        start = time.thread_time_ns()
+        result = fn(*args, **kwargs)
+        times.setdefault(name, []).append(time.thread_time_ns() - start)
+        return result
+    return wrapper
+
+
+def instrument(engine: LLMEngine, times: dict[str, list[int]]) -> None:
+    scheduler = engine.scheduler
+    scheduler.schedule = timed(times, "schedule", scheduler.schedule)
+    scheduler.update = timed(times, "update", scheduler.update)
+    engine._process = timed(times, "outputs", engine._process)
+    engine.runner.execute = timed(times, "execute", engine.runner.execute)
+    model_runner.build_step_inputs = timed(times, "build_step_inputs", model_runner.build_step_inputs)
+    engine.step = timed(times, "step", engine.step)
+
+
+def run(engine: LLMEngine, batch: int, steps: int, tag: str) -> None:
+    params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"{tag}-{i}", list(range(3, 3 + PROMPT_LEN)), params)
+    engine.step()  # the prefill
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def main() -> None:
+    args = _parse()
+    torch.set_num_threads(1)
+    times: dict[str, list[int]] = {}
+    best: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        from transformers import LlamaConfig
+
+        LlamaConfig(**TINY).save_pretrained(tmp)
+        engine = LLMEngine(EngineConfig.from_kwargs(model=tmp, device="cpu", load_format="dummy",
+                                                    skip_tokenizer_init=True), progress=False)
+        stub_model(engine)
+        run(engine, args.batch, 16, "warm-up")
+        instrument(engine, times)
+        for index in range(args.runs):
+            times.clear()
+            run(engine, args.batch, args.steps, f"run{index}")
+            for name, values in times.items():
+                best[name] = min(best.get(name, float("inf")), statistics.median(values[1:]) / 1e3)  # no prefill
+    print(f"batch {args.batch}, host us per decode step: " + ", ".join(f"{k} {v:.1f}" for k, v in best.items()))
+    payload = {"batch": args.batch, "steps": args.steps, "runs": args.runs, "prompt_len": PROMPT_LEN,
+               "host_us_per_step": best}
+    print(write_result("host-step", torch.device("cpu"), payload))
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--runs", type=int, default=8)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main()
