@@ -148,6 +148,8 @@ class BlockManager:
         A sequence with no blocks is being admitted: computed_blocks (from get_computed_blocks) are taken
         first and the lookup counts in the prefix-cache stats. On shortage returns False, changes nothing.
         """
+        if not computed_blocks and seq.num_computed_tokens + num_new_tokens <= len(seq.block_ids) * self.block_size:
+            return True  # most decode steps: the last block has room (an admission holds no blocks)
         num_cached_tokens = len(computed_blocks) * self.block_size
         num_total_tokens = seq.num_computed_tokens + num_cached_tokens + num_new_tokens
         num_held_blocks = len(seq.block_ids) + len(computed_blocks)

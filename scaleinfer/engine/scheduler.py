@@ -149,16 +149,14 @@ class Scheduler:
         self.block_manager.cache_full_blocks(seq, end)
         seq.num_computed_tokens = end
         budget.num_tokens -= num_new_tokens
+        all_token_ids = seq.all_token_ids
+        # Positional, in ScheduledSequence's field order (request_id, token_ids, start_pos, block_table,
+        # sample, sampling_params, num_output_tokens, eos_token_ids, prompt_token_ids): every sequence, every step.
         return ScheduledSequence(
-            request_id=seq.request_id,
-            token_ids=seq.all_token_ids[start:end],
-            start_pos=start,
-            block_table=seq.block_ids,  # the live table: only appended to until free() rebinds it
-            sample=end == seq.num_tokens,
-            sampling_params=seq.sampling_params,
-            num_output_tokens=seq.num_output_tokens,
-            eos_token_ids=seq.eos_token_ids,
-            prompt_token_ids=seq.prompt_token_ids,
+            seq.request_id, all_token_ids[start:end], start,
+            seq.block_ids,  # the live table: only appended to until free() rebinds it
+            end == len(all_token_ids), seq.sampling_params, len(seq.output_token_ids), seq.eos_token_ids,
+            seq.prompt_token_ids,
         )
 
     # ---- update and finish ----------------------------------------------------------------------------
@@ -166,25 +164,28 @@ class Scheduler:
     def update(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[Sequence]:
         """Append each sampled token and apply the stop rules; returns the sequences that got a token."""
         updated: list[Sequence] = []
+        requests, sampled = self.requests, runner_output.sampled
         for scheduled in scheduler_output.scheduled:
-            seq = self.requests.get(scheduled.request_id)
+            seq = requests.get(scheduled.request_id)
             if not scheduled.sample or seq is None:  # mid-prefill, or aborted while the step ran
                 continue
-            seq.append_token(runner_output.sampled[seq.request_id].token_id)
-            status, stop_reason = self._check_stop(seq)
+            token_id = sampled[seq.request_id].token_id
+            seq.append_token(token_id)
+            status, stop_reason = self._check_stop(seq, token_id)
             if status is not None:
                 self.finish(seq.request_id, status, stop_reason)
             updated.append(seq)
         return updated
 
-    def _check_stop(self, seq: Sequence) -> tuple[SequenceStatus | None, int | None]:
-        params, token_id = seq.sampling_params, seq.last_token_id
-        if seq.num_output_tokens >= params.min_tokens:
+    def _check_stop(self, seq: Sequence, token_id: int) -> tuple[SequenceStatus | None, int | None]:
+        """token_id: the one just appended. Called for every sequence every step: counts read once."""
+        params, num_output_tokens = seq.sampling_params, len(seq.output_token_ids)
+        if num_output_tokens >= params.min_tokens:
             if token_id in seq.eos_token_ids and not params.ignore_eos:
                 return SequenceStatus.FINISHED_STOPPED, None
             if token_id in params.stop_token_ids:
                 return SequenceStatus.FINISHED_STOPPED, token_id
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+        if num_output_tokens >= params.max_tokens or len(seq.all_token_ids) >= self.config.max_model_len:
             return SequenceStatus.FINISHED_LENGTH, None
         return None, None
 
