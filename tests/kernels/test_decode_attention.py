@@ -140,19 +140,20 @@ def test_decode_attention_window_and_softcap_gpu(window, cap, cuda):
 
 
 @pytest.mark.gpu
-def test_decode_attention_replays_in_a_cuda_graph(cuda):
+@pytest.mark.parametrize("width", [MAX_ONE_PARTITION, 4096])  # one partition, split-K
+def test_decode_attention_replays_in_a_cuda_graph(width, cuda):
     """Captured once at a fixed table width; replayed with other tables and lengths it stays right."""
     torch.manual_seed(0)
-    kv = paged_kv([4096] * 4, 8, 128, 16, torch.bfloat16, cuda)
+    kv = paged_kv([width] * 4, 8, 128, 16, torch.bfloat16, cuda)
     q = torch.randn(4, 32, 128, dtype=torch.bfloat16, device=cuda)
-    lens = torch.tensor([4096, 1, 2000, 300], device=cuda, dtype=torch.int32)
+    lens = torch.tensor([min(n, width) for n in (4096, 1, 2000, 300)], device=cuda, dtype=torch.int32)
     tables, out = kv.block_tables.clone(), torch.empty_like(q)
     decode_attention(q, kv.k_cache, kv.v_cache, tables, lens, 0.1, out=out)  # compile outside capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         decode_attention(q, kv.k_cache, kv.v_cache, tables, lens, 0.1, out=out)
-    for new_lens in ([7, 4096, 1, 999], [1, 1, 1, 1]):
-        lens.copy_(torch.tensor(new_lens))
+    for new_lens in ([7, 4096, 1, 999], [1, 1, 1, 1], [130, 200, 255, 256]):
+        lens.copy_(torch.tensor([min(n, width) for n in new_lens]))
         tables.copy_(kv.block_tables[torch.randperm(4, device=cuda)])
         q.normal_()
         graph.replay()
