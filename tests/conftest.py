@@ -30,6 +30,7 @@ TINY_FAMILIES = {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64})),
     "mistral": ("MistralConfig", dict(sliding_window=None)),
+    "mistral_window": ("MistralConfig", dict(sliding_window=8)),  # a window shorter than the prompts
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
     "gpt2": ("GPT2Config", dict(num_key_value_heads=4, n_inner=128, tie_word_embeddings=True)),
     "gpt_neox": ("GPTNeoXConfig", dict(num_key_value_heads=4, rotary_pct=0.25, use_parallel_residual=True)),

@@ -19,14 +19,14 @@ from scaleinfer.models.causal_lm import CausalLM
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ArchConfig, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, arch: ArchConfig, rotary_emb: RotaryEmbedding, sliding_window: int | None = None) -> None:
         super().__init__()
         self.qkv_proj = QKVParallelLinear(
             arch.hidden_size, arch.head_dim, arch.num_attention_heads, arch.num_key_value_heads, arch.attention_bias
         )
         heads, kv_heads, head_dim = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, arch.head_dim
         self.o_proj = RowParallelLinear(arch.num_attention_heads * head_dim, arch.hidden_size)
-        self.attn = Attention(heads, kv_heads, head_dim, head_dim**-0.5, rotary_emb)
+        self.attn = Attention(heads, kv_heads, head_dim, head_dim**-0.5, rotary_emb, sliding_window)
         self.split = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -51,10 +51,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ArchConfig, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, arch: ArchConfig, rotary_emb: RotaryEmbedding, sliding_window: int | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = LlamaAttention(arch, rotary_emb)
+        self.self_attn = LlamaAttention(arch, rotary_emb, sliding_window)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = LlamaMLP(arch)
 
@@ -77,7 +77,9 @@ class LlamaModel(nn.Module):
         # One table of cos/sin for every layer: at a 128k context it is 64 MB.
         rotary_emb = RotaryEmbedding(arch.rotary_dim, arch.max_position_embeddings, arch.rope_theta,
                                      arch.rope_scaling)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, rotary_emb) for _ in range(arch.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(arch, rotary_emb, arch.layer_window(i)) for i in range(arch.num_hidden_layers)
+        )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

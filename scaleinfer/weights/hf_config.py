@@ -99,7 +99,7 @@ def arch_from_hf(config: dict[str, Any], path: str | Path = CONFIG_NAME) -> Arch
         bos_token_id=config.get("bos_token_id"),
         eos_token_ids=_as_ids(config.get("eos_token_id")),
     )
-    fields.update(_gemma_fields(config, path))
+    fields.update(_gemma_fields(config, path) or _window_fields(config))
     try:
         return ArchConfig(**fields)
     except InvalidRequestError as exc:
@@ -178,6 +178,9 @@ def _as_ids(value: int | list[int] | None) -> tuple[int, ...]:
     return tuple(value)
 
 
+# Families whose every layer attends within config.sliding_window when it is set (Mistral 7B v0.1: 4096;
+# Phi-3-mini-4k: 2047); later Mistral versions set null.
+WINDOWED_ON_EVERY_LAYER = ("mistral", "phi3")
 # Gemma model_type -> its default sliding_window_pattern: every layer not divisible by it (counting from 1)
 # is a sliding-window layer, where the config lists no layer_types.
 GEMMA_SLIDING_PATTERNS = {"gemma2": 2, "gemma3_text": 6}
@@ -199,6 +202,14 @@ def _gemma_spelling(config: dict[str, Any], path: str | Path) -> dict[str, Any]:
         config["rope_parameters"] = by_type["full_attention"]
         config["rope_local_base_freq"] = local.get("rope_theta", config.get("rope_local_base_freq"))
     return config
+
+
+def _window_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """Mistral and Phi-3: a sliding_window, when the config sets one, on every layer; {} otherwise."""
+    window = config.get("sliding_window")
+    if config.get("model_type") not in WINDOWED_ON_EVERY_LAYER or window is None:
+        return {}
+    return dict(sliding_window=window, layer_types=("sliding_attention",) * config["num_hidden_layers"])
 
 
 def _gemma_fields(config: dict[str, Any], path: str | Path) -> dict[str, Any]:

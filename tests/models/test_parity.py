@@ -9,7 +9,7 @@ from scaleinfer.config import CacheConfig, ModelConfig
 from scaleinfer.weights.source import resolve_model
 from scaleinfer.worker.model_runner import ModelRunner
 
-FAMILIES = ["llama2", "llama3.1", "mistral", "qwen2", "gpt2", "gpt_neox"]
+FAMILIES = ["llama2", "llama3.1", "mistral", "mistral_window", "qwen2", "gpt2", "gpt_neox"]
 PROMPTS = ["The capital of France is", "The quick brown fox", "Paris", "lazy dog. The capital of"]
 
 

@@ -25,7 +25,7 @@ LONGROPE = dict(
     original_max_position_embeddings=ORIGINAL_MAX, partial_rotary_factor=0.5, tie_word_embeddings=True,
     rope_scaling={"type": "longrope", "short_factor": [1.0, 1.3, 1.9, 2.5], "long_factor": [1.5, 4.0, 9.0, 20.0]},
 )
-VARIANTS = {"rope": {}, "longrope": LONGROPE}
+VARIANTS = {"rope": {}, "longrope": LONGROPE, "window": dict(sliding_window=6)}  # window: Phi-3-mini-4k's 2047
 
 
 @pytest.fixture(scope="module")
