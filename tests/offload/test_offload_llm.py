@@ -46,18 +46,25 @@ def token_ids(outputs) -> list[list[int]]:
     return [output.outputs[0].token_ids for output in outputs]
 
 
-def layer_bytes(llm: LLM) -> int:
-    return llm.engine.runner.streamer.slot_bytes
+def layer_bytes(folder: Path) -> int:
+    """One streamed layer's bytes (float32 on the CPU), from a model built on the meta device: no weights."""
+    from scaleinfer.models.registry import model_class
+    from scaleinfer.offload.loader import parameters_on_meta
+    from scaleinfer.weights.source import resolve_model
+
+    arch = resolve_model(str(folder)).arch
+    with parameters_on_meta():
+        model = model_class(arch)(arch)
+    return max(LayerLayout.of(layer).nbytes for layer in model.model.layers)
 
 
 def offloaded(folder: Path, offload: str, tmp_path: Path, num_slots: int | None = None, **options) -> LLM:
+    """num_slots: a device budget of exactly that many layers (None: the default, two)."""
     path = {"offload_path": str(tmp_path)} if offload == "nvme" else {}
-    llm = LLM(str(folder), device="cpu", skip_tokenizer_init=True, progress=False, offload=offload, **path, **options)
-    if num_slots is not None:  # rebuild with a budget of exactly num_slots layers
-        budget = num_slots * layer_bytes(llm)
-        llm = LLM(str(folder), device="cpu", skip_tokenizer_init=True, progress=False, offload=offload, **path,
-                  offload_gpu_budget=budget, **options)
-        assert llm.engine.runner.streamer.num_slots == min(num_slots, 6)
+    budget = {} if num_slots is None else {"offload_gpu_budget": num_slots * layer_bytes(folder)}
+    llm = LLM(str(folder), device="cpu", skip_tokenizer_init=True, progress=False, offload=offload, **path, **budget,
+              **options)
+    assert llm.engine.runner.streamer.num_slots == min(num_slots or 2, llm.engine.runner.streamer.num_layers)
     return llm
 
 
