@@ -28,6 +28,9 @@ class PrefillMetadata:
     query_start_loc: torch.Tensor  # [num_prefills + 1], offsets from the first prefill token
     start_pos: torch.Tensor  # [num_prefills]: tokens of each sequence already in the cache
     max_query_len: int
+    # [num_prefills]: every token each sequence has (prompt and generated), of which this chunk may be a
+    # part: LongRoPE (Phi-3) picks its rates from the whole length, as HF does.
+    seq_lens: torch.Tensor | None = None
 
 
 @dataclass(slots=True)

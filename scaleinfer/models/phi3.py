@@ -40,11 +40,15 @@ class Phi3Model(LlamaModel):
 
     def rope_rows(self, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """positions: [num_tokens] -> rows of the [short; long] table: + max_position for each token whose
-        sequence reaches past original_max_position_embeddings in this step."""
-        reach = positions  # the furthest position of each token's sequence in this step; a decode's own
+        sequence reaches past original_max_position_embeddings: a decode by its own position, a prefill chunk
+        by the last token of its sequence (a long prompt's first chunks turn at the long rates, as HF's one
+        pass over the whole prompt does)."""
+        reach = positions  # the furthest position of each token's sequence; a decode's own
         if meta.prefill is not None:
             lens = meta.prefill.query_start_loc.diff()  # [num_prefills]
             last = meta.prefill.start_pos + lens - 1
+            if meta.prefill.seq_lens is not None:
+                last = torch.maximum(last, meta.prefill.seq_lens - 1)
             num_prefill_tokens = positions.shape[0] - meta.num_decodes
             prefill_reach = torch.repeat_interleave(last, lens, output_size=num_prefill_tokens)
             reach = torch.cat([positions[: meta.num_decodes], prefill_reach])

@@ -48,6 +48,7 @@ class _PackedViews:
     sample_rows: torch.Tensor
     query_start_loc: torch.Tensor
     start_pos: torch.Tensor
+    seq_lens: torch.Tensor
     decode_block_tables: torch.Tensor  # flat
     prefill_block_tables: torch.Tensor  # flat
 
@@ -106,7 +107,8 @@ def _packed_parts(decodes: list[ScheduledSequence], chunks: list[ScheduledSequen
         if seq.sample:
             sample_rows.append(len(input_ids) - 1)
     return [input_ids, positions, slots, [p + 1 for p in positions[:len(decodes)]], sample_rows,
-            _query_start_loc(chunks), [s.start_pos for s in chunks], _flat_padded_tables(decodes),
+            _query_start_loc(chunks), [s.start_pos for s in chunks],
+            [len(s.prompt_token_ids) + s.num_output_tokens for s in chunks], _flat_padded_tables(decodes),
             _flat_padded_tables(chunks)]
 
 
@@ -119,6 +121,7 @@ def _attention_metadata(views: _PackedViews, decodes: list[ScheduledSequence],
             query_start_loc=views.query_start_loc,
             start_pos=views.start_pos,
             max_query_len=max(s.num_tokens for s in chunks),
+            seq_lens=views.seq_lens,
         )
     return AttentionMetadata(
         slot_mapping=views.slot_mapping,

@@ -65,6 +65,18 @@ def test_longrope_prompt_past_the_pretraining_length_matches_hf(phi3_models):
     assert_greedy_match(folder, hf_model, random_prompts(TINY["vocab_size"], (ORIGINAL_MAX + 4, 9)), 12)
 
 
+def test_longrope_prompt_past_the_pretraining_length_in_chunks_matches_hf(phi3_models):
+    """Chunks of 8 tokens: the first ones end below ORIGINAL_MAX but belong to a longer prompt, so they turn
+    at the long rates too, as HF's one pass over the whole prompt does."""
+    folder, hf_model = phi3_models["longrope"]
+    prompt = random_prompts(TINY["vocab_size"], (ORIGINAL_MAX + 4,))[0]
+    llm = LLM(model=str(folder), device="cpu", skip_tokenizer_init=True, progress=False, max_num_batched_tokens=8)
+    ours = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0]
+    with torch.no_grad():
+        expected = hf_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8, pad_token_id=0)
+    assert ours.outputs[0].token_ids == expected[0, len(prompt):].tolist()
+
+
 def test_longrope_decode_matches_hf_until_it_crosses_the_pretraining_length(phi3_models):
     """HF recomputes the whole cache at the long rates when decoding first passes ORIGINAL_MAX; we do not
     (see models/phi3.py), so the tokens are compared up to that step."""
