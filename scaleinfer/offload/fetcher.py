@@ -88,9 +88,9 @@ class LayerFetcher:
             return
         staging = self.staging[slot.index].tensor
         slot.ready.synchronize()  # the previous copy out of this staging buffer has finished
-        self.store.read_into(layer, staging)
+        self.store.read_into(layer, staging)  # this process's share, at its offset
         with torch.cuda.device(self.device):
-            self._copy_to_device(layer, staging, slot)
+            self._copy_to_device(layer, staging[self.store.share(layer)[0]:], slot)
 
     def _copy_to_device(self, layer: int, src: torch.Tensor, slot: Slot) -> None:
         """src: [>= size] uint8 host memory, this process's share of the layer."""

@@ -107,10 +107,7 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
 def _make_store(offload: OffloadConfig, layouts: list[LayerLayout], pin: bool,
                 shard: Shard | None) -> HostStore | NVMeStore:
     if offload.offload == "nvme":
-        if shard is not None:
-            raise InvalidRequestError(f"offload='nvme' streams on one process; with {shard.world_size} processes "
-                                      "sharing the layers use offload='cpu'")
-        return NVMeStore(layouts, offload.offload_path, offload.offload_num_readers)
+        return NVMeStore(layouts, offload.offload_path, offload.offload_num_readers, shard)
     return HostStore(layouts, pin, shard)
 
 

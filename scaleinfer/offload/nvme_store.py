@@ -1,4 +1,5 @@
-"""offload="nvme": every layer's bytes in a file of its own, read back with O_DIRECT by a pool of threads.
+"""offload="nvme": every layer's bytes (or this process's share) in a file of its own, read back with
+O_DIRECT by a pool of threads.
 
 Why O_DIRECT through os.preadv in threads rather than an async-I/O library: the reads bypass the page cache
 (a model larger than RAM would otherwise evict everything and count twice), preadv releases the GIL so N
@@ -26,44 +27,29 @@ import torch
 from scaleinfer.errors import ModelLoadError, OffloadReadError
 from scaleinfer.offload.buffers import aligned_empty
 from scaleinfer.offload.layout import IO_ALIGN, LayerLayout
+from scaleinfer.offload.shard import Shard
+from scaleinfer.offload.store import LayerStore
 
 BLOCK_BYTES = 16 << 20  # one read request; large enough to stream, small enough to spread over readers
 
 
-class NVMeStore:
-    def __init__(self, layouts: list[LayerLayout], path: str, num_readers: int) -> None:
-        self.layouts = layouts
-        self.folder = _make_folder(path, self.nbytes)
+class NVMeStore(LayerStore):
+    def __init__(self, layouts: list[LayerLayout], path: str, num_readers: int, shard: Shard | None = None) -> None:
+        super().__init__(layouts, shard)
+        kept = sum(self.share(i)[1] for i in range(len(layouts)))
+        self.folder = _make_folder(path, kept)
         weakref.finalize(self, shutil.rmtree, self.folder, True)
         self.files = [self.folder / f"layer-{i:04d}.bin" for i in range(len(layouts))]
-        for file, layout in zip(self.files, layouts):
-            _allocate(file, layout.nbytes, path)
+        for index, file in enumerate(self.files):
+            _allocate(file, self.share(index)[1], path)
         self.pool = ThreadPoolExecutor(num_readers, thread_name_prefix="scaleinfer-nvme")
-        self.direct_io = False
         self._maps: dict[int, torch.Tensor] = {}
         self._fds: list[int] = []
 
-    @property
-    def nbytes(self) -> int:
-        return sum(layout.nbytes for layout in self.layouts)
-
-    def layer_buffer(self, index: int) -> torch.Tensor:
-        """[nbytes] uint8 mapped onto layer `index`'s file; valid until finish_loading."""
-        if index not in self._maps:
-            file, nbytes = self.files[index], self.layouts[index].nbytes
-            self._maps[index] = torch.from_file(str(file), shared=True, size=nbytes, dtype=torch.uint8)
-        return self._maps[index]
-
-    def share(self, index: int) -> tuple[int, int]:
-        """(offset, size) of the part of layer `index` this process keeps: all of it."""
-        return 0, self.layouts[index].nbytes
-
-    def write_layer(self, index: int, src: torch.Tensor) -> None:
-        """Store layer `index` from src ([>= nbytes] uint8, on any device)."""
-        self.layer_buffer(index).copy_(src[: self.layouts[index].nbytes])
-
     def finish_loading(self) -> None:
-        """Unmap, flush to disk, drop the cached pages, and open every file for direct reads."""
+        """Keep the loaded shares, unmap, flush to disk, drop the cached pages, open every file for direct
+        reads."""
+        super().finish_loading()
         self._maps.clear()
         for file in self.files:
             _flush_and_drop(file)
@@ -72,11 +58,13 @@ class NVMeStore:
         self._fds = [os.open(file, flags) for file in self.files]
 
     def read_into(self, index: int, dst: torch.Tensor) -> None:
-        """Read layer `index` into dst ([>= nbytes] uint8, IO_ALIGN-aligned host memory); blocks until done.
-        Raises OffloadReadError naming the file and offset when the disk returns less or fails."""
-        nbytes = self.layouts[index].nbytes
+        """Read this process's share of layer `index` to its offset in dst ([>= nbytes] uint8, IO_ALIGN-aligned
+        host memory); blocks until done. Raises OffloadReadError naming the file and offset when the disk
+        returns less or fails."""
+        start, nbytes = self.share(index)
         offsets = range(0, nbytes, BLOCK_BYTES)
-        reads = [self.pool.submit(self._read_block, index, dst, off, min(BLOCK_BYTES, nbytes - off)) for off in offsets]
+        reads = [self.pool.submit(self._read_block, index, dst[start:], off, min(BLOCK_BYTES, nbytes - off))
+                 for off in offsets]
         for read in reads:
             read.result()
 
@@ -98,6 +86,13 @@ class NVMeStore:
             os.close(fd)
         self._fds = []
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _kept(self, index: int) -> torch.Tensor:
+        """[share size] uint8 mapped onto layer `index`'s file; valid until finish_loading."""
+        if index not in self._maps:
+            size = self.share(index)[1]
+            self._maps[index] = torch.from_file(str(self.files[index]), shared=True, size=size, dtype=torch.uint8)
+        return self._maps[index]
 
 
 def _make_folder(path: str, nbytes: int) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
@@ -28,15 +29,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank_main(rank: int, folder: str, port: int, results) -> None:
+def _rank_main(rank: int, folder: str, port: int, offload: str, results) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        llm = LLM(folder, device="cpu", skip_tokenizer_init=True, progress=False, offload="cpu")
+        path = {"offload_path": str(Path(folder).parent)} if offload == "nvme" else {}
+        llm = LLM(folder, device="cpu", skip_tokenizer_init=True, progress=False, offload=offload, **path)
         store = llm.engine.runner.streamer.store
-        halves = all(b.tensor.numel() * 2 == lo.nbytes for b, lo in zip(store.buffers, store.layouts))
+        if offload == "cpu":
+            kept = [buffer.tensor.numel() for buffer in store.buffers]
+        else:
+            kept = [file.stat().st_size for file in store.files]
+        halves = all(size * 2 == layout.nbytes for size, layout in zip(kept, store.layouts))
         prompts, params = WORK[rank]
         first = token_ids(llm.generate(prompts, params))
         second = token_ids(llm.generate(prompts, params))  # the ring carries over between calls
@@ -45,11 +51,12 @@ def _rank_main(rank: int, folder: str, port: int, results) -> None:
         dist.destroy_process_group()
 
 
-def test_two_processes_share_the_layers_and_get_resident_tokens(deep_llama):
+@pytest.mark.parametrize("offload", ["cpu", "nvme"])
+def test_two_processes_share_the_layers_and_get_resident_tokens(deep_llama, offload):
     resident = LLM(str(deep_llama), device="cpu", skip_tokenizer_init=True, progress=False)
     expected = {rank: token_ids(resident.generate(*work)) for rank, work in WORK.items()}
     results = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_rank_main, args=(str(deep_llama), _free_port(), results), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(str(deep_llama), _free_port(), offload, results), nprocs=2, join=True)
     got = {}
     while not results.empty():
         rank, halves, first, second = results.get()

@@ -1,0 +1,54 @@
+"""What the host and NVMe stores share: the layouts, this process's share of each layer, and loading.
+
+A store keeps every decoder layer's bytes, or with a shard (several GPUs streaming together) this
+process's share of each. A checkpoint loads into whole-layer buffers (`layer_buffer`): the store's own
+memory when it keeps whole layers, else temporary host buffers whose share is kept at finish_loading.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scaleinfer.offload.buffers import aligned_empty
+from scaleinfer.offload.layout import LayerLayout
+from scaleinfer.offload.shard import Shard
+
+
+class LayerStore:
+    direct_io = False
+
+    def __init__(self, layouts: list[LayerLayout], shard: Shard | None) -> None:
+        self.layouts, self.shard = layouts, shard
+        self._whole: dict[int, torch.Tensor] = {}  # sharded: whole layers while a checkpoint loads
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every layer together (all shares)."""
+        return sum(layout.nbytes for layout in self.layouts)
+
+    def share(self, index: int) -> tuple[int, int]:
+        """(offset, size) of the part of layer `index` this process keeps."""
+        nbytes = self.layouts[index].nbytes
+        return self.shard.range_of(nbytes) if self.shard else (0, nbytes)
+
+    def layer_buffer(self, index: int) -> torch.Tensor:
+        """[nbytes] uint8 where layer `index` is written while loading (valid until finish_loading)."""
+        if self.shard is None:
+            return self._kept(index)
+        if index not in self._whole:
+            self._whole[index] = aligned_empty(self.layouts[index].nbytes)
+        return self._whole[index]
+
+    def write_layer(self, index: int, src: torch.Tensor) -> None:
+        """Store layer `index` from src ([>= nbytes] uint8, on any device): this process's share of it."""
+        offset, size = self.share(index)
+        self._kept(index).copy_(src[offset: offset + size])
+
+    def finish_loading(self) -> None:
+        for index, whole in self._whole.items():
+            self.write_layer(index, whole)
+        self._whole.clear()
+
+    def _kept(self, index: int) -> torch.Tensor:
+        """[share size] uint8: the store's own bytes of layer `index`, writable while loading."""
+        raise NotImplementedError
