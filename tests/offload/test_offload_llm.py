@@ -196,3 +196,22 @@ def test_offload_fills_each_step_unless_told_otherwise():
     assert (streamed.scheduler.max_num_batched_tokens, streamed.scheduler.max_num_seqs) == (32768, 1024)
     assert EngineConfig.from_kwargs(offload="cpu", max_num_seqs=8).scheduler.max_num_seqs == 8
     assert EngineConfig.from_kwargs().scheduler.max_num_batched_tokens == 2048
+
+
+def test_init_inference_streams_an_hf_model_from_host_memory():
+    import transformers
+
+    from scaleinfer import init_inference
+
+    config = transformers.LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      initializer_range=0.2)
+    torch.manual_seed(0)
+    hf_model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        expected = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                     pad_token_id=0)
+    model = init_inference(hf_model, offload="cpu", kv_cache_memory=16 << 20)
+    assert model.engine.runner.streamer.streams
+    assert model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8).tolist() == expected.tolist()
