@@ -16,9 +16,7 @@ import torch
 
 from scaleinfer.offload.buffers import HostBuffer, aligned_empty
 from scaleinfer.offload.host_store import HostStore
-from scaleinfer.offload.nvme_store import NVMeStore
-
-Store = HostStore | NVMeStore
+from scaleinfer.offload.store import LayerStore as Store
 
 
 @dataclass(slots=True, eq=False)
@@ -34,7 +32,7 @@ class Slot:
 class LayerFetcher:
     def __init__(self, store: Store, device: torch.device, slot_bytes: int, num_slots: int) -> None:
         self.store, self.device = store, device
-        self.shard = getattr(store, "shard", None)
+        self.shard = store.shard
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.gather_stream = torch.cuda.Stream(device) if self.cuda and self.shard else None

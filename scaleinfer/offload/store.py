@@ -49,6 +49,15 @@ class LayerStore:
             self.write_layer(index, whole)
         self._whole.clear()
 
+    def read_into(self, index: int, dst: torch.Tensor) -> None:
+        """Put this process's share of layer `index` at its offset in dst ([>= nbytes] uint8, aligned host
+        memory); blocks until done."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the stored bytes (and any files)."""
+        raise NotImplementedError
+
     def _kept(self, index: int) -> torch.Tensor:
         """[share size] uint8: the store's own bytes of layer `index`, writable while loading."""
         raise NotImplementedError
