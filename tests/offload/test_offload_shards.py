@@ -5,7 +5,6 @@ and gets the tokens a resident model gives."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -21,12 +20,6 @@ WORK = {0: (PROMPTS, GREEDY), 1: (PROMPTS[1:2], SamplingParams(temperature=0, ma
 @pytest.fixture(scope="module")
 def deep_llama(tmp_path_factory):
     return save_llama(tmp_path_factory.mktemp("deep_llama_shards"), num_layers=6)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rank_main(rank: int, folder: str, port: int, offload: str, results) -> None:
@@ -52,11 +45,11 @@ def _rank_main(rank: int, folder: str, port: int, offload: str, results) -> None
 
 
 @pytest.mark.parametrize("offload", ["cpu", "nvme"])
-def test_two_processes_share_the_layers_and_get_resident_tokens(deep_llama, offload):
+def test_two_processes_share_the_layers_and_get_resident_tokens(deep_llama, offload, free_tcp_port):
     resident = LLM(str(deep_llama), device="cpu", skip_tokenizer_init=True, progress=False)
     expected = {rank: token_ids(resident.generate(*work)) for rank, work in WORK.items()}
     results = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_rank_main, args=(str(deep_llama), _free_port(), offload, results), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(str(deep_llama), free_tcp_port, offload, results), nprocs=2, join=True)
     got = {}
     while not results.empty():
         rank, halves, first, second = results.get()
