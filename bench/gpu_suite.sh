@@ -16,6 +16,7 @@ if [[ $what == latency || $what == all ]]; then
     python3 bench/latency.py --shape $shape 2>&1 | tee "$OUT/latency-$shape.log"
   done
   python3 bench/profile_step.py --shape llama3-8b 2>&1 | tail -45 | tee "$OUT/profile.log"
+  python3 bench/decode_gap.py --shape llama3-8b 2>&1 | tee "$OUT/decode_gap.log"
 fi
 if [[ $what == throughput || $what == all ]]; then
   python3 bench/throughput.py --shape llama3-8b --num-requests 512 --hf-batch-size 64 \
