@@ -10,7 +10,6 @@ from scaleinfer import LLM, SamplingParams
 from scaleinfer.config import CacheConfig, ModelConfig
 from scaleinfer.errors import ModelLoadError
 from scaleinfer.weights.source import embedded_model_path, resolve_model
-from scaleinfer.worker.cuda_graph import graph_key
 from scaleinfer.worker.model_runner import ModelRunner
 from scaleinfer.worker.staging import StagingBuffer
 
@@ -82,17 +81,47 @@ def test_cuda_graph_decode_across_context_buckets_equals_eager(tiny_models):
     llm = LLM(str(folder), device="cuda", dtype="float32", progress=False, kv_cache_memory=1 << 30, max_num_seqs=8)
     graphs = llm.engine.runner.graphs
     assert graphs.bucket_tokens == [256, 512]
-    replayed = []
-    run = graphs.run
-
-    def spy(inputs):
-        replayed.append(graph_key(graphs.plan, inputs.attn.num_decodes, inputs.max_decode_context_len, 16))
-        return run(inputs)
-
-    graphs.run = spy
+    replayed = record_replays(graphs)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
     assert llm.generate(prompts[0], params)[0].outputs[0].token_ids == expected[0]
     assert {(4, 16), (4, 32), (1, 16), (1, 32)} <= set(replayed), sorted(set(replayed))
+
+
+class _Recorded:
+    def __init__(self, graph: torch.cuda.CUDAGraph, key: tuple[int, int], replayed: list) -> None:
+        self.graph, self.key, self.replayed = graph, key, replayed
+
+    def replay(self) -> None:
+        self.replayed.append(self.key)
+        self.graph.replay()
+
+
+def record_replays(graphs) -> list[tuple[int, int]]:
+    """The (size, width) key of every graph replay from now on, whichever path replays it."""
+    replayed: list[tuple[int, int]] = []
+    graphs.graphs = {key: _Recorded(graph, key, replayed) for key, graph in graphs.graphs.items()}
+    return replayed
+
+
+def test_prepared_next_decode_equals_eager(tiny_models):
+    """Most decode steps replay rows the runner prepared on the device during the step before (no inputs
+    built or uploaded); sequences that finish at different steps, cross block boundaries (a new block breaks
+    the preparation for one step), sample with seeds or carry penalties give eager's tokens."""
+    folder = str(tiny_models["llama3.1"][0])
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(2, 200, (n,), generator=gen).tolist() for n in (15, 16, 31, 7, 40)]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (40, 23, 9, 33)]
+    params.append(SamplingParams(temperature=0.8, seed=3, max_tokens=30, presence_penalty=0.5, ignore_eos=True))
+    eager = LLM(folder, device="cuda", dtype="float32", enforce_eager=True, progress=False, kv_cache_memory=1 << 30)
+    expected = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+    del eager
+    llm = LLM(folder, device="cuda", dtype="float32", progress=False, kv_cache_memory=1 << 30, max_num_seqs=8)
+    graphs = llm.engine.runner.graphs
+    replayed, built = record_replays(graphs), []
+    run = graphs.run
+    graphs.run = lambda inputs: built.append(1) or run(inputs)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
+    assert len(replayed) > 2 * len(built) > 0, (len(replayed), len(built))  # most steps were prepared
 
 
 def test_staging_buffer_copies_survive_host_reuse_without_syncs():

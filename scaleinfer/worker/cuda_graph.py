@@ -114,6 +114,21 @@ class DecodeGraphs:
         self.graphs[key].replay()
         return self.outputs[key][:n]
 
+    def replay(self, n: int, max_context_len: int) -> torch.Tensor | None:
+        """Hidden states [n, hidden] of the step `advance` prepared, or None when no captured graph holds it."""
+        key = graph_key(self.plan, n, max_context_len, self.block_size)
+        if key is None:
+            return None
+        self.graphs[key].replay()
+        return self.outputs[key][:n]
+
+    def advance(self, n: int, token_ids: torch.Tensor) -> None:
+        """Rows 0..n for the same sequences' next token, on the device: input ids from token_ids ([n] int64),
+        positions, slots and context lengths one further (the caller checked that each next slot is in a block
+        the table already holds). Padding rows and block tables stay as the last fill left them."""
+        self.rows[0, :n].copy_(token_ids)
+        self.rows[1:, :n] += 1
+
     def _key(self, inputs: StepInputs) -> tuple[int, int] | None:
         return graph_key(self.plan, inputs.attn.num_decodes, inputs.max_decode_context_len, self.block_size)
 

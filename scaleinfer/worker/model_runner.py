@@ -17,6 +17,7 @@ from scaleinfer.weights.source import ModelSource
 from scaleinfer.worker.cuda_graph import DecodeGraphs, capture_sizes
 from scaleinfer.worker.device import default_dtype, resolve_device, resolve_dtype
 from scaleinfer.worker.kv_cache import allocate_kv_cache, block_bytes, num_blocks_for
+from scaleinfer.worker.next_step import NextDecode
 from scaleinfer.worker.sampling_batch import SamplingState
 from scaleinfer.worker.staging import StagingBuffer
 from scaleinfer.worker.step_inputs import StepInputs, build_step_inputs
@@ -38,6 +39,7 @@ class ModelRunner:
         self.sampling = SamplingState(self.device, model_config.seed)
         self.staging = StagingBuffer(self.device)  # the step's inputs: one pinned copy per step
         self.graphs = None
+        self.next_decode: NextDecode | None = None  # the decode step the graph's rows are prepared for
         # Streamed layers rebind their weights every step, which a captured graph cannot follow.
         if self.device.type == "cuda" and not model_config.enforce_eager and not self.offload.enabled:
             max_blocks = -(-(max_model_len or source.arch.max_position_embeddings) // self.block_size)
@@ -86,20 +88,38 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
         self.sampling.drop(output.finished_request_ids)
+        prepared, self.next_decode = self.next_decode, None
         if output.is_empty:
             if self.streamer is not None and self.streamer.shard is not None:
                 self._forward(self._padding_step())  # the other ranks' layers stream through this one too
             return RunnerOutput(sampled={})
-        inputs = build_step_inputs(output, self.block_size, self.device, self.staging)
-        hidden = self._forward(inputs)  # [num_tokens, hidden]
-        if not inputs.sampled:
+        hidden, sampled, replayed = self._run_step(output, prepared)  # hidden: [num_sampled, hidden]
+        if not sampled:
             return RunnerOutput(sampled={})
-        logits = self.model.compute_logits(inputs.sampled_hidden(hidden))  # [num_sampled, vocab]
-        batch = self.sampling.batch(inputs.sampled, logits.shape[1])
+        logits = self.model.compute_logits(hidden)  # [num_sampled, vocab]
+        batch = self.sampling.batch(sampled, logits.shape[1])
         result = sample(logits, batch, self.sampling.default_generator)
         self.sampling.record(batch, result.token_ids)
-        return RunnerOutput(sampled=dict(zip([s.request_id for s in inputs.sampled], _to_host(result))))
+        if replayed:  # set the graph's rows up for the same sequences' next token while this step runs
+            self.next_decode = NextDecode.after(sampled, self.block_size)
+            if self.next_decode is not None:
+                self.graphs.advance(len(sampled), result.token_ids)
+        tokens = _to_host(result)
+        if self.next_decode is not None:
+            self.next_decode.token_ids = [t.token_id for t in tokens]
+        return RunnerOutput(sampled=dict(zip([s.request_id for s in sampled], tokens)))
 
+    def _run_step(self, output: SchedulerOutput,
+                  prepared: NextDecode | None) -> tuple[torch.Tensor, list[ScheduledSequence], bool]:
+        """(the sampled rows' hidden states, the sampled sequences in row order, whether a decode graph ran it)."""
+        scheduled = output.scheduled
+        if prepared is not None and prepared.matches(scheduled):
+            hidden = self.graphs.replay(len(scheduled), max(s.start_pos for s in scheduled) + 1)
+            if hidden is not None:
+                return hidden, scheduled, True
+        inputs = build_step_inputs(output, self.block_size, self.device, self.staging)
+        replayed = self.graphs is not None and self.graphs.can_run(inputs)
+        return inputs.sampled_hidden(self._forward(inputs)), inputs.sampled, replayed
 
     def any_rank_busy(self, busy: bool) -> bool:
         """Whether this process or any process streaming the weights with it has work: they step together."""
