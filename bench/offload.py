@@ -221,8 +221,33 @@ def _rank_worker(rank: int, world: int, port: int, folder: str, batches: list[in
     decode_rate(llm, 1, 128, 3)  # warm-up
     for batch in batches:
         out[f"batch{batch}"] = decode_rate(llm, batch, 128, new_tokens)
+    for batch in (batches[0], batches[-1]):
+        out[f"trace_batch{batch}"] = traced_decode(llm, batch, new_tokens)
     queue.put((rank, out))
     dist.destroy_process_group()
+
+
+def traced_decode(llm: LLM, batch: int, new_tokens: int) -> dict:
+    """Mean milliseconds per layer, from CUDA events over a decode run: the host-to-device copy of this
+    process's share, the all-gather (from the copy's end: it includes waiting for the other ranks), the
+    layer's compute, and the compute stream's idle time before each layer."""
+    streamer = llm.engine.runner.streamer
+    streamer.trace()
+    decode_rate(llm, batch, 128, new_tokens)
+    torch.cuda.synchronize()
+    fetcher, compute = streamer.fetcher, streamer.compute_events
+    copies, gathers = fetcher.copy_events, fetcher.gather_events  # the same fetches, in the same order
+    h2d = ([start.elapsed_time(copied) for (_, start, _), (_, copied, _) in zip(copies, gathers)] if gathers
+           else [start.elapsed_time(end) for _, start, end in copies])
+    gather = [copied.elapsed_time(end) for _, copied, end in gathers]
+    idle = [prev.elapsed_time(start) for (_, _, prev), (_, start, _) in zip(compute, compute[1:])]
+    streamer.compute_events = fetcher.copy_events = fetcher.gather_events = None
+    return {"layers": len(compute), "h2d_ms": _mean(h2d), "gather_ms": _mean(gather),
+            "compute_ms": _mean([s.elapsed_time(e) for _, s, e in compute]), "idle_before_layer_ms": _mean(idle)}
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def _free() -> None:

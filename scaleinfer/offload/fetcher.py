@@ -41,6 +41,7 @@ class LayerFetcher:
         needs_staging = self.cuda and not inline
         self.staging = [HostBuffer(slot_bytes, pin=True) for _ in range(num_slots)] if needs_staging else []
         self.copy_events: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] | None = None  # tracing
+        self.gather_events: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] | None = None  # (H2D end, gather end)
 
     def new_slot(self, index: int, slot_bytes: int) -> Slot:
         if not self.cuda:
@@ -99,10 +100,12 @@ class LayerFetcher:
             slot.buffer[offset: offset + size].copy_(src[:size], non_blocking=True)
             slot.ready.record(self.copy_stream)
         if self.shard is not None:
+            copied = self._trace_start()
             with torch.cuda.stream(self.gather_stream):
                 self.gather_stream.wait_event(slot.ready)
                 self.shard.all_gather(slot.buffer[: self.store.layouts[layer].nbytes])
                 slot.ready.record(self.gather_stream)
+            self._trace_gather(layer, copied)
         self._trace_end(layer, start)
 
     def _trace_start(self) -> torch.cuda.Event | None:
@@ -111,6 +114,12 @@ class LayerFetcher:
         start = torch.cuda.Event(enable_timing=True)
         start.record(self.copy_stream)
         return start
+
+    def _trace_gather(self, layer: int, copied: torch.cuda.Event | None) -> None:
+        if copied is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record(self.gather_stream)
+            self.gather_events.append((layer, copied, end))
 
     def _trace_end(self, layer: int, start: torch.cuda.Event | None) -> None:
         if start is not None:

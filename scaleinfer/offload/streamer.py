@@ -88,7 +88,7 @@ class LayerStreamer:
 
     def trace(self) -> None:
         """Record CUDA timing events around every layer's compute and copy from now on (tests, profiling)."""
-        self.compute_events, self.fetcher.copy_events = [], []
+        self.compute_events, self.fetcher.copy_events, self.fetcher.gather_events = [], [], []
 
     def _trace_compute_start(self) -> None:
         if self.compute_events is not None:
