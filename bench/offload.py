@@ -215,9 +215,12 @@ def _rank_worker(rank: int, world: int, port: int, folder: str, batches: list[in
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device(f"cuda:{rank}"))
+    h2d = concurrent_h2d_gb_s(torch.device(f"cuda:{rank}"))
     llm = LLM(folder, device=f"cuda:{rank}", dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True,
-              progress=False, offload="cpu", kv_cache_memory=8 << 30, max_num_seqs=max(batches))
-    out = {"runner": llm.engine.runner.describe(), "store_bytes": llm.engine.runner.streamer.store.nbytes}
+              progress=False, offload="cpu", kv_cache_memory=8 << 30, max_num_seqs=max(batches),
+              enable_prefix_caching=False)
+    out = {"runner": llm.engine.runner.describe(), "store_bytes": llm.engine.runner.streamer.store.nbytes,
+           "pinned_h2d_gb_s_all_ranks_at_once": h2d}
     decode_rate(llm, 1, 128, 3)  # warm-up
     for batch in batches:
         out[f"batch{batch}"] = decode_rate(llm, batch, 128, new_tokens)
@@ -228,12 +231,17 @@ def _rank_worker(rank: int, world: int, port: int, folder: str, batches: list[in
 
 
 def traced_decode(llm: LLM, batch: int, new_tokens: int) -> dict:
-    """Mean milliseconds per layer, from CUDA events over a decode run: the host-to-device copy of this
-    process's share, the all-gather (from the copy's end: it includes waiting for the other ranks), the
-    layer's compute, and the compute stream's idle time before each layer."""
-    streamer = llm.engine.runner.streamer
+    """Mean milliseconds per layer over the decode steps of a run (the prefill is not traced), from CUDA
+    events: the host-to-device copy of this process's share, the all-gather (from the copy's end: it includes
+    waiting for the other ranks), the layer's compute, and the compute stream's idle time before each layer."""
+    engine, streamer = llm.engine, llm.engine.runner.streamer
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    for i, prompt in enumerate(prompts(batch, 128, seed=batch + 1)):
+        engine.add_request(f"t{batch}-{i}", prompt, params)
+    engine.step()  # the prefill
     streamer.trace()
-    decode_rate(llm, batch, 128, new_tokens)
+    while engine.has_unfinished_requests():
+        engine.step()
     torch.cuda.synchronize()
     fetcher, compute = streamer.fetcher, streamer.compute_events
     copies, gathers = fetcher.copy_events, fetcher.gather_events  # the same fetches, in the same order
@@ -243,7 +251,26 @@ def traced_decode(llm: LLM, batch: int, new_tokens: int) -> dict:
     idle = [prev.elapsed_time(start) for (_, _, prev), (_, start, _) in zip(compute, compute[1:])]
     streamer.compute_events = fetcher.copy_events = fetcher.gather_events = None
     return {"layers": len(compute), "h2d_ms": _mean(h2d), "gather_ms": _mean(gather),
-            "compute_ms": _mean([s.elapsed_time(e) for _, s, e in compute]), "idle_before_layer_ms": _mean(idle)}
+            "compute_ms": _mean([s.elapsed_time(e) for _, s, e in compute]), "idle_before_layer_ms": _mean(idle),
+            "max_idle_ms": max(idle, default=None)}
+
+
+def concurrent_h2d_gb_s(device: torch.device, nbytes: int = 1 << 30, repeats: int = 3) -> float:
+    """Pinned host-to-device GB/s of this process while every rank copies at the same time."""
+    import torch.distributed as dist
+
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        dist.barrier()
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best / 1e9
 
 
 def _mean(values: list[float]) -> float | None:
@@ -283,9 +310,17 @@ def main() -> None:
 
 
 def _ratios_ranks(result: dict, ranks: int) -> None:
+    """Against N times one GPU's pinned rate (the issue's figure) and against the sum of what the N GPUs
+    measured copying at the same time (what the host gives them together)."""
     pinned = result["ceilings"]["pinned_h2d_gb_s"]
-    result["ratios"] = {f"{key}_effective_vs_{ranks}x_pinned": figures["effective_gb_s_per_gpu"] / (ranks * pinned)
-                        for key, figures in result["ranks"].items() if key.startswith("batch")}
+    together = sum(rank["pinned_h2d_gb_s_all_ranks_at_once"] for rank in result["ranks"]["per_rank"].values())
+    result["ceilings"]["pinned_h2d_gb_s_all_ranks_at_once_total"] = together
+    result["ratios"] = {}
+    for key, figures in result["ranks"].items():
+        if key.startswith("batch"):
+            effective = figures["effective_gb_s_per_gpu"]
+            result["ratios"][f"{key}_effective_vs_{ranks}x_pinned"] = effective / (ranks * pinned)
+            result["ratios"][f"{key}_effective_vs_all_ranks_at_once"] = effective / together
 
 
 def _ratios(result: dict) -> None:
