@@ -107,9 +107,21 @@ def run_scaleinfer(folder: Path, args: argparse.Namespace, shape: dict) -> dict:
 def _kv_budget(shape: dict) -> int:
     free, _ = torch.cuda.mem_get_info()
     resident = 2 * shape["vocab_size"] * shape["hidden_size"] * 2  # embeddings and LM head stay on the GPU
-    layer = 2 * (shape["hidden_size"] * (shape["hidden_size"] * 2 + 2 * shape["num_key_value_heads"] * 128)
-                 + 3 * shape["hidden_size"] * shape["intermediate_size"])
-    return free - resident - 2 * layer - ACTIVATION_RESERVE
+    return free - resident - 2 * layer_bytes(shape) - ACTIVATION_RESERVE
+
+
+def layer_bytes(shape: dict) -> int:
+    """One decoder layer in bf16 (every expert's MLP for a mixture of experts)."""
+    hidden, experts = shape["hidden_size"], shape.get("num_local_experts", 1)
+    attention = hidden * (hidden * 2 + 2 * shape["num_key_value_heads"] * 128)
+    return 2 * (attention + experts * 3 * hidden * shape["intermediate_size"])
+
+
+def layers_for_disk(shape: dict, path: str, fraction: float) -> int:
+    """The most decoder layers of `shape` whose files fit in `fraction` of the free space at path."""
+    import shutil
+
+    return min(shape["num_hidden_layers"], int(shutil.disk_usage(path).free * fraction // layer_bytes(shape)))
 
 
 def hf_accelerate(config, batches: list[int], new_tokens: int, gpu_budget: str) -> dict:
@@ -222,8 +234,9 @@ def _rank_worker(rank: int, world: int, port: int, folder: str, batches: list[in
     out = {"runner": llm.engine.runner.describe(), "store_bytes": llm.engine.runner.streamer.store.nbytes,
            "pinned_h2d_gb_s_all_ranks_at_once": h2d}
     decode_rate(llm, 1, 128, 3)  # warm-up
-    for batch in batches:
-        out[f"batch{batch}"] = decode_rate(llm, batch, 128, new_tokens)
+    for batch in batches:  # a batch listed twice is measured twice ("batchN_again": after a first run at N)
+        out[f"batch{batch}" if f"batch{batch}" not in out else f"batch{batch}_again"] = decode_rate(
+            llm, batch, 128, new_tokens)
     for batch in (batches[0], batches[-1]):
         out[f"trace_batch{batch}"] = traced_decode(llm, batch, new_tokens)
     queue.put((rank, out))
@@ -284,13 +297,18 @@ def _free() -> None:
 
 def main() -> None:
     args = _parse()
-    device, shape = torch.device("cuda"), SHAPES[args.shape]
+    device, shape = torch.device("cuda"), dict(SHAPES[args.shape])
+    if args.fill_disk:  # the largest model of this shape's layers that the disk at offload_path holds
+        shape["num_hidden_layers"] = layers_for_disk(shape, args.offload_path, args.fill_disk)
     result = {"shape": args.shape, "config": shape, "offload": args.offload, "gpu_budget_layers": 2,
               "ceilings": ceilings(device, torch.bfloat16), "deepspeed_reference": DEEPSPEED_REFERENCE}
     if args.offload == "nvme":
         result["ceilings"].update(disk_read_gb_s(args.offload_path))
     with tempfile.TemporaryDirectory() as tmp:
         config = write_config(args.shape, Path(tmp))
+        if shape["num_hidden_layers"] != config.num_hidden_layers:
+            config.num_hidden_layers = shape["num_hidden_layers"]
+            config.save_pretrained(tmp)
         if args.ranks > 1:
             result["ranks"] = run_ranks(Path(tmp), args)
         else:
@@ -301,6 +319,9 @@ def main() -> None:
     if args.ranks > 1:
         _ratios_ranks(result, args.ranks)
         name = f"offload-{args.ranks}gpu-{args.shape}"
+    elif args.fill_disk:
+        _ratios(result)
+        name = f"offload-{args.offload}-{args.shape}-{shape['num_hidden_layers']}layers"
     else:
         _ratios(result)
         name = f"offload-{args.offload}-{args.shape}"
@@ -333,7 +354,8 @@ def _ratios(result: dict) -> None:
             ratios[f"{key}_read_fraction_of_disk"] = ours[key]["h2d_gb_s"] / disk
         if key in result.get("hf_accelerate", {}):
             ratios[f"{key}_vs_hf_accelerate"] = ours[key]["decode_tok_s"] / result["hf_accelerate"][key]["decode_tok_s"]
-        reference = DEEPSPEED_REFERENCE.get(f"{key}_tok_s")
+        # DESIGN.md's DeepSpeed figures are for the Llama-3-8B shape: no ratio for any other model.
+        reference = DEEPSPEED_REFERENCE.get(f"{key}_tok_s") if result["shape"] == "llama3-8b" else None
         if reference:
             ratios[f"{key}_vs_deepspeed_reference"] = ours[key]["decode_tok_s"] / reference
     if "flexgen" in ours:
@@ -356,6 +378,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--skip-flexgen", action="store_true")
     parser.add_argument("--ranks", type=int, default=1, help="GPUs streaming together (one process each)")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--fill-disk", type=float, default=0.0,
+                        help="with --offload nvme: as many of the shape's layers as fill this fraction of free disk")
     parser.add_argument("--hf-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32])
     parser.add_argument("--hf-new-tokens", type=int, default=2)
     parser.add_argument("--hf-gpu-budget", default="6GiB")
