@@ -22,13 +22,20 @@ SHAPES: dict[str, dict] = {
     "llama3-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
                       tie_word_embeddings=True),
+    # About 93 GB in bf16 (46.7B parameters, 12.9B active per token): streamed from CPU memory on one GPU.
+    "mixtral-8x7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768, rope_theta=1e6,
+                         num_local_experts=8, num_experts_per_tok=2, bos_token_id=1, eos_token_id=2),
 }
 
 
 def write_config(shape: str, folder: Path):
-    """Save the shape's LlamaConfig to folder/config.json and return it."""
-    from transformers import LlamaConfig
+    """Save the shape's config (MixtralConfig for a mixture of experts, else LlamaConfig) to folder/config.json
+    and return it."""
+    import transformers
 
-    config = LlamaConfig(**SHAPES[shape], rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001)
+    fields = {"rms_norm_eps": 1e-5, "bos_token_id": 128000, "eos_token_id": 128001, **SHAPES[shape]}
+    config_class = transformers.MixtralConfig if "num_local_experts" in fields else transformers.LlamaConfig
+    config = config_class(**fields)
     config.save_pretrained(folder)
     return config

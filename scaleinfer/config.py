@@ -60,6 +60,10 @@ class ArchConfig:
     rope_local_theta: float | None = None
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
+    # Mixture of experts (Mixtral): each MLP is num_local_experts experts, each token routed to the top
+    # num_experts_per_tok of them; None / 0 for a dense MLP.
+    num_local_experts: int | None = None
+    num_experts_per_tok: int = 0
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -73,6 +77,9 @@ class ArchConfig:
                  f"num_key_value_heads={self.num_key_value_heads}")
         _require(not self.layer_types or len(self.layer_types) == self.num_hidden_layers,
                  f"model config layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+        _require(self.num_local_experts is None or 0 < self.num_experts_per_tok <= self.num_local_experts,
+                 f"model config num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_local_experts="
+                 f"{self.num_local_experts}]")
 
     @property
     def q_size(self) -> int:

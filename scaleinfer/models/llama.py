@@ -5,6 +5,8 @@ Wiring only: every layer knows its own tensor-parallel shard and the KV cache it
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -50,13 +52,19 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
+# Builds a layer's MLP: [num_tokens, hidden] -> [num_tokens, hidden]; a family with another MLP (Mixtral's
+# experts) passes its own.
+MLPFactory = Callable[[ArchConfig], nn.Module]
+
+
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ArchConfig, rotary_emb: RotaryEmbedding, sliding_window: int | None = None) -> None:
+    def __init__(self, arch: ArchConfig, rotary_emb: RotaryEmbedding, sliding_window: int | None = None,
+                 mlp: MLPFactory = LlamaMLP) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.self_attn = LlamaAttention(arch, rotary_emb, sliding_window)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.mlp = LlamaMLP(arch)
+        self.mlp = mlp(arch)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
@@ -71,14 +79,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, arch: ArchConfig) -> None:
+    def __init__(self, arch: ArchConfig, mlp: MLPFactory = LlamaMLP) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size)
         # One table of cos/sin for every layer: at a 128k context it is 64 MB.
         rotary_emb = RotaryEmbedding(arch.rotary_dim, arch.max_position_embeddings, arch.rope_theta,
                                      arch.rope_scaling)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(arch, rotary_emb, arch.layer_window(i)) for i in range(arch.num_hidden_layers)
+            LlamaDecoderLayer(arch, rotary_emb, arch.layer_window(i), mlp) for i in range(arch.num_hidden_layers)
         )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 

@@ -11,6 +11,7 @@ from scaleinfer.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from scaleinfer.models.gpt2 import GPT2LMHeadModel
 from scaleinfer.models.gpt_neox import GPTNeoXForCausalLM
 from scaleinfer.models.llama import LlamaForCausalLM
+from scaleinfer.models.mixtral import MixtralForCausalLM
 from scaleinfer.models.opt import OPTForCausalLM
 from scaleinfer.models.phi3 import Phi3ForCausalLM
 
@@ -21,6 +22,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "GPTNeoXForCausalLM": GPTNeoXForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
     "OPTForCausalLM": OPTForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,

@@ -1,4 +1,4 @@
-"""Map an HF config.json (Llama 2/3, Mistral, Qwen2, SmolLM2, GPT-2, GPT-NeoX, OPT, Phi-3) to ArchConfig.
+"""Map an HF config.json (Llama 2/3, Mistral, Mixtral, Qwen2, SmolLM2, GPT-2, GPT-NeoX, OPT, Phi-3) to ArchConfig.
 
 GPT-2 and OPT spell some keys their own way (n_embd, ffn_dim, ...); they are renamed to the Llama spelling
 first.
@@ -96,6 +96,8 @@ def arch_from_hf(config: dict[str, Any], path: str | Path = CONFIG_NAME) -> Arch
         use_parallel_residual=bool(config.get("use_parallel_residual", False)),
         do_layer_norm_before=bool(config.get("do_layer_norm_before", True)),
         word_embed_proj_dim=config.get("word_embed_proj_dim"),
+        num_local_experts=config.get("num_local_experts"),
+        num_experts_per_tok=config.get("num_experts_per_tok") or 0,
         bos_token_id=config.get("bos_token_id"),
         eos_token_ids=_as_ids(config.get("eos_token_id")),
     )
@@ -179,8 +181,8 @@ def _as_ids(value: int | list[int] | None) -> tuple[int, ...]:
 
 
 # Families whose every layer attends within config.sliding_window when it is set (Mistral 7B v0.1: 4096;
-# Phi-3-mini-4k: 2047); later Mistral versions set null.
-WINDOWED_ON_EVERY_LAYER = ("mistral", "phi3")
+# Phi-3-mini-4k: 2047); later Mistral versions and Mixtral set null.
+WINDOWED_ON_EVERY_LAYER = ("mistral", "mixtral", "phi3")
 # Gemma model_type -> its default sliding_window_pattern: every layer not divisible by it (counting from 1)
 # is a sliding-window layer, where the config lists no layer_types.
 GEMMA_SLIDING_PATTERNS = {"gemma2": 2, "gemma3_text": 6}
@@ -205,7 +207,7 @@ def _gemma_spelling(config: dict[str, Any], path: str | Path) -> dict[str, Any]:
 
 
 def _window_fields(config: dict[str, Any]) -> dict[str, Any]:
-    """Mistral and Phi-3: a sliding_window, when the config sets one, on every layer; {} otherwise."""
+    """Mistral, Mixtral and Phi-3: a sliding_window, when the config sets one, on every layer; {} otherwise."""
     window = config.get("sliding_window")
     if config.get("model_type") not in WINDOWED_ON_EVERY_LAYER or window is None:
         return {}
