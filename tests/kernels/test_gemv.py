@@ -1,0 +1,38 @@
+"""The batch-1 GEMV kernel against F.linear, on fresh random inputs (ragged N and K, bias, bf16)."""
+
+import pytest
+import torch
+from kernel_helpers import tolerance
+
+from scaleinfer.kernels.gemv import GemvConfig, gemv, gemv_ref, gemv_triton
+
+
+@pytest.mark.parametrize("n,k,dtype,bias", [(37, 300, torch.float32, False), (64, 512, torch.float32, True),
+                                            (50, 1030, torch.bfloat16, True), (16, 64, torch.bfloat16, False)])
+def test_gemv_matches_linear(n, k, dtype, bias, device, triton_path):
+    torch.manual_seed(n * 1000 + k)
+    x = torch.randn(1, k, dtype=dtype, device=device)
+    weight = torch.randn(n, k, dtype=dtype, device=device) / k**0.5
+    b = torch.randn(n, dtype=dtype, device=device) if bias else None
+    got = gemv(x, weight, b, GemvConfig(block_n=16, block_k=128))
+    assert got.shape == (1, n) and got.dtype == dtype
+    torch.testing.assert_close(got, gemv_ref(x, weight, b), **tolerance(dtype))
+
+
+def test_bad_arguments_are_named(device, triton_path):
+    x, weight = torch.randn(2, 8, device=device), torch.randn(4, 8, device=device)
+    with pytest.raises(ValueError, match="x has shape"):
+        gemv_triton(x, weight, None, GemvConfig())
+    with pytest.raises(ValueError, match="weight has shape"):
+        gemv_triton(x[:1], torch.randn(4, 9, device=device), None, GemvConfig())
+    with pytest.raises(ValueError, match="weight has dtype"):
+        gemv_triton(x[:1], weight.double(), None, GemvConfig())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
+def test_gemv_llama3_8b_shapes_on_gpu(n, k, cuda):
+    torch.manual_seed(n + k)
+    x = torch.randn(1, k, dtype=torch.bfloat16, device=cuda)
+    weight = torch.randn(n, k, dtype=torch.bfloat16, device=cuda) / k**0.5
+    torch.testing.assert_close(gemv(x, weight), gemv_ref(x, weight), **tolerance(torch.bfloat16))
