@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scaleinfer.kernels.gemv import linear
 from scaleinfer.parallel.state import get_parallel_state
 
 
@@ -41,7 +42,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """hidden -> logits; each rank computes its vocab slice, gathered to the full vocab."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)  # [num_tokens, shard_size]
+        logits = linear(hidden, self.weight)  # [num_tokens, shard_size]
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
             torch.distributed.all_gather(parts, logits)

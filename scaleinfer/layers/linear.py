@@ -8,9 +8,9 @@ gate/up) take one checkpoint tensor per shard_id and place it at its offset.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from scaleinfer.kernels.gemv import linear
 from scaleinfer.parallel.state import get_parallel_state
 
 
@@ -33,7 +33,7 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
         _copy_checked(param.data, loaded)
@@ -100,7 +100,7 @@ class RowParallelLinear(LinearBase):
         super().__init__(_divide(input_size, tp_size, "input_size"), output_size, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         if self.tp_size > 1:
             torch.distributed.all_reduce(y)
         return y if self.bias is None else y + self.bias

@@ -36,3 +36,22 @@ def test_gemv_llama3_8b_shapes_on_gpu(n, k, cuda):
     x = torch.randn(1, k, dtype=torch.bfloat16, device=cuda)
     weight = torch.randn(n, k, dtype=torch.bfloat16, device=cuda) / k**0.5
     torch.testing.assert_close(gemv(x, weight), gemv_ref(x, weight), **tolerance(torch.bfloat16))
+
+
+def test_linear_takes_the_gemv_for_one_row_where_it_is_faster(device, triton_path, monkeypatch):
+    from scaleinfer.kernels import gemv as module
+
+    calls = []
+    original = module.gemv_triton
+    monkeypatch.setattr(module, "gemv_triton", lambda *args: calls.append(args[3]) or original(*args))
+    torch.manual_seed(0)
+    narrow = torch.randn(32, 64, device=device)  # out <= in: a GEMV (o_proj, down_proj)
+    between = torch.randn(96, 64, device=device)  # in < out < WIDE_FEATURES: cuBLAS (qkv_proj)
+    x = torch.randn(1, 64, device=device)
+    torch.testing.assert_close(module.linear(x, narrow), gemv_ref(x, narrow), **tolerance(torch.float32))
+    assert calls == [module.NARROW]
+    for skipped in [(x, between), (torch.randn(2, 64, device=device), narrow),  # the others go to F.linear
+                    (torch.randn(64, 2, device=device).t()[:1], narrow)]:  # not contiguous
+        torch.testing.assert_close(module.linear(*skipped), gemv_ref(*skipped))
+    assert len(calls) == 1
+    assert module.decode_config(128256, 4096) is module.WIDE and module.decode_config(28672, 4096) is module.WIDE
