@@ -206,7 +206,8 @@ def run_ranks(folder: Path, args: argparse.Namespace) -> dict:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_rank_worker, args=(args.ranks, port, str(folder), args.batches, args.new_tokens, queue),
+    mp.spawn(_rank_worker, args=(args.ranks, port, str(folder), args.batches, args.new_tokens, queue,
+                                 args.profile_first),
              nprocs=args.ranks, join=True)
     per_rank = dict(sorted(queue.get() for _ in range(args.ranks)))
     out = {"ranks": args.ranks, "per_rank": per_rank}
@@ -219,7 +220,8 @@ def run_ranks(folder: Path, args: argparse.Namespace) -> dict:
     return out
 
 
-def _rank_worker(rank: int, world: int, port: int, folder: str, batches: list[int], new_tokens: int, queue) -> None:
+def _rank_worker(rank: int, world: int, port: int, folder: str, batches: list[int], new_tokens: int, queue,
+                 profile_first: bool = False) -> None:
     import os
 
     import torch.distributed as dist
@@ -235,8 +237,12 @@ def _rank_worker(rank: int, world: int, port: int, folder: str, batches: list[in
            "pinned_h2d_gb_s_all_ranks_at_once": h2d}
     decode_rate(llm, 1, 128, 3)  # warm-up
     for batch in batches:  # a batch listed twice is measured twice ("batchN_again": after a first run at N)
-        out[f"batch{batch}" if f"batch{batch}" not in out else f"batch{batch}_again"] = decode_rate(
-            llm, batch, 128, new_tokens)
+        key = f"batch{batch}" if f"batch{batch}" not in out else f"batch{batch}_again"
+        if profile_first and rank == 0 and batch > 1 and key == f"batch{batch}":
+            out[key], out[f"profile_{key}"] = profiled(lambda b=batch: decode_rate(llm, b, 128, new_tokens))
+            print(out[f"profile_{key}"], flush=True)
+        else:
+            out[key] = decode_rate(llm, batch, 128, new_tokens)
     for batch in (batches[0], batches[-1]):
         out[f"trace_batch{batch}"] = traced_decode(llm, batch, new_tokens)
     queue.put((rank, out))
@@ -266,6 +272,15 @@ def traced_decode(llm: LLM, batch: int, new_tokens: int) -> dict:
     return {"layers": len(compute), "h2d_ms": _mean(h2d), "gather_ms": _mean(gather),
             "compute_ms": _mean([s.elapsed_time(e) for _, s, e in compute]), "idle_before_layer_ms": _mean(idle),
             "max_idle_ms": max(idle, default=None)}
+
+
+def profiled(fn):
+    """(fn(), the torch profiler's table of its host and device operations by host self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        result = fn()
+    return result, prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50)
 
 
 def concurrent_h2d_gb_s(device: torch.device, nbytes: int = 1 << 30, repeats: int = 3) -> float:
@@ -378,6 +393,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--skip-flexgen", action="store_true")
     parser.add_argument("--ranks", type=int, default=1, help="GPUs streaming together (one process each)")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--profile-first", action="store_true",
+                        help="with --ranks: profile rank 0's first run at each batch size above 1")
     parser.add_argument("--fill-disk", type=float, default=0.0,
                         help="with --offload nvme: as many of the shape's layers as fill this fraction of free disk")
     parser.add_argument("--hf-batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32])
