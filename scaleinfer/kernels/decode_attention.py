@@ -42,6 +42,7 @@ MIN_PARTITION = 128
 # shortest context bucket (cuda_graph.FIRST_BUCKET) is this long.
 MAX_ONE_PARTITION = 256
 BLOCK_N = 64  # context tokens per tile
+REDUCE_BLOCK_P = 32  # partitions the reduce takes at a time, fixed: one compiled variant for every context
 
 
 def decode_attention(
@@ -96,7 +97,7 @@ def decode_attention_triton(
         _reduce_kernel[(num_seqs, num_heads)](
             part_out, part_max, part_sum, context_lens, out, out.stride(0), out.stride(1), num_partitions,
             HEAD_DIM=head_dim, BLOCK_D=consts["BLOCK_D"], PARTITION_SIZE=partition_size,
-            BLOCK_P=min(32, triton.next_power_of_2(num_partitions)), num_warps=4,
+            BLOCK_P=REDUCE_BLOCK_P, num_warps=4,
         )
     return out
 
@@ -158,7 +159,9 @@ def _check(q, k_cache, v_cache, block_tables, context_lens, out) -> None:
     check_out(out, q)
 
 
-@triton.jit
+# Values that change from step to step are not specialized on (Triton would compile a variant per
+# divisibility class of each, mid-run); only shapes fixed by the model are.
+@triton.jit(do_not_specialize=["bt_stride", "num_partitions"])
 def _partition_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
@@ -220,7 +223,7 @@ def _store_partial(part_out_ptr, part_max_ptr, part_sum_ptr, acc, m_i, l_i, seq,
     tl.store(part_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], acc, mask=live[:, None] & dim_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_partitions"])
 def _reduce_kernel(
     part_out_ptr, part_max_ptr, part_sum_ptr, context_lens_ptr, out_ptr, out_stride_s, out_stride_h,
     num_partitions,

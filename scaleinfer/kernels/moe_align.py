@@ -99,7 +99,7 @@ def align_pairs_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int) -
     return MoEAlignment(sorted_pair_ids, block_expert_ids, num_rows, num_pairs, block_m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_blocks"])  # they change every step: one compiled variant
 def _align_kernel(
     ids_ptr,
     sorted_ptr,

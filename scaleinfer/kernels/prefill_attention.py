@@ -121,7 +121,9 @@ def _check(q, k_cache, v_cache, block_tables, query_start_loc, start_pos, out) -
     check_out(out, q)
 
 
-@triton.jit
+# Values that change from step to step are not specialized on (Triton would compile a variant per
+# divisibility class of each, mid-run); only shapes fixed by the model are.
+@triton.jit(do_not_specialize=["bt_stride"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, start_pos_ptr, out_ptr, qk_scale,
     q_stride_t, q_stride_h, cache_stride_block, cache_stride_slot, cache_stride_head,
