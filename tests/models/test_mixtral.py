@@ -153,31 +153,12 @@ def test_gpu_offloaded_greedy_tokens_match_resident(mixtral_models, cuda):
 @pytest.mark.gpu
 def test_gpu_mixtral_8x7b_shape_logits_match_hf_bf16(tmp_path, cuda):
     """Two layers of the Mixtral-8x7B shape in bfloat16 against an fp32 HF oracle: as close as HF's own bf16."""
-    from parity_helpers import prefill_logits
+    from parity_helpers import bf16_logit_errors
     from shapes import write_config
-    from transformers import AutoModelForCausalLM
-
-    from scaleinfer.config import CacheConfig, ModelConfig
-    from scaleinfer.worker.model_runner import ModelRunner
 
     config = write_config("mixtral-8x7b", tmp_path)
     config.num_hidden_layers = 2
     config.save_pretrained(tmp_path)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     ids = torch.randint(100, 32000, (200,), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        oracle = hf(ids[None].cuda()).logits[0]
-        hf = hf.to(torch.bfloat16)
-        hf_bf16 = hf(ids[None].cuda()).logits[0].float()
-    model_config = ModelConfig(str(tmp_path), device="cuda", dtype="bfloat16", load_format="dummy", enforce_eager=True)
-    runner = ModelRunner(
-        model_config, CacheConfig(num_blocks=64), resolve_model(str(tmp_path), "dummy"), progress=False
-    )
-    runner.model.load_weights(hf.state_dict().items())
-    del hf
-    ours = prefill_logits(runner, ids.tolist())
-    ours_err = ((ours - oracle).norm() / oracle.norm()).item()
-    hf_err = ((hf_bf16 - oracle).norm() / oracle.norm()).item()
+    ours_err, hf_err, _, _ = bf16_logit_errors(tmp_path, config, ids)
     assert ours_err < 1.25 * hf_err + 1e-3, (ours_err, hf_err)
