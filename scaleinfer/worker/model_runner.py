@@ -122,15 +122,19 @@ class ModelRunner:
 
     def _run_step(self, output: SchedulerOutput,
                   prepared: NextDecode | None) -> tuple[torch.Tensor, list[ScheduledSequence], bool]:
-        """(the sampled rows' hidden states, the sampled sequences in row order, whether a decode graph ran it)."""
+        """(the sampled rows' hidden states, the sampled sequences in row order, whether a decode graph ran it
+        with every row sampled)."""
         scheduled = output.scheduled
         if prepared is not None and prepared.matches(scheduled):
             hidden = self.graphs.replay(len(scheduled), max(s.start_pos for s in scheduled) + 1)
             if hidden is not None:
                 return hidden, scheduled, True
         inputs = build_step_inputs(output, self.block_size, self.device, self.staging)
-        replayed = self.graphs is not None and self.graphs.can_run(inputs)
-        return inputs.sampled_hidden(self._forward(inputs)), inputs.sampled, replayed
+        hidden = inputs.sampled_hidden(self._forward(inputs))
+        # Only a graph step whose every row samples can be advanced row for row (a one-token prompt chunk
+        # mid-prompt is a graph row that does not).
+        replayed = self.graphs is not None and self.graphs.can_run(inputs) and len(inputs.sampled) == len(scheduled)
+        return hidden, inputs.sampled, replayed
 
     def any_rank_busy(self, busy: bool) -> bool:
         """Whether this process or any process streaming the weights with it has work: they step together."""
