@@ -38,11 +38,14 @@ def commit() -> str:
     return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def timed(fn, repeats: int = 5, device: torch.device | None = None) -> float:
-    """Best wall time of fn() in seconds, after one warm-up call."""
+def timed(fn, repeats: int = 5, device: torch.device | None = None, before=None) -> float:
+    """Best wall time of fn() in seconds, after one warm-up call; before(), untimed, ahead of each timed call
+    (e.g. a barrier, so that several processes time the same moment)."""
     fn()
     best = float("inf")
     for _ in range(repeats):
+        if before is not None:
+            before()
         sync(device)
         start = time.perf_counter()
         fn()

@@ -29,21 +29,15 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ceilings, write_result  # noqa: E402
+from profile_step import start_requests  # noqa: E402
 from shapes import SHAPES, write_config  # noqa: E402
 
-from scaleinfer import LLM, SamplingParams  # noqa: E402
+from scaleinfer import LLM  # noqa: E402
 from scaleinfer.layers.sampler import sample  # noqa: E402
 from scaleinfer.worker import model_runner  # noqa: E402
 from scaleinfer.worker.step_inputs import build_step_inputs  # noqa: E402
 
 SHORT_GAP_US = 20.0  # idle gaps below this are launch latency between kernels, above it the host's
-
-
-def start(llm: LLM, prompts: list[list[int]], new_tokens: int) -> None:
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    for i, prompt in enumerate(prompts):
-        llm.engine.add_request(f"r{time.time()}-{i}", prompt, params)
-    llm.engine.step()  # the prefill
 
 
 def engine_step_ms(llm: LLM) -> list[float]:
@@ -68,7 +62,7 @@ def host_phases_ms(llm: LLM, prompts: list[list[int]], steps: int) -> dict[str, 
     for name, (obj, attr) in originals.items():
         setattr(obj, attr, _wall(times, name, saved[name]))
     try:
-        start(llm, prompts, steps + 1)
+        start_requests(llm, prompts, steps + 1)
         times.clear()
         while engine.has_unfinished_requests():
             engine.step()
@@ -90,7 +84,7 @@ def _wall(times: dict[str, list[float]], name: str, fn: Callable) -> Callable:
 def back_to_back_ms(llm: LLM, prompts: list[list[int]], reps: int) -> dict[str, float]:
     """The decode step's device work replayed `reps` times with one synchronization at the end."""
     engine, runner = llm.engine, llm.engine.runner
-    start(llm, prompts, reps + 4)
+    start_requests(llm, prompts, reps + 4)
     output = engine.scheduler.schedule()  # a pure-decode step, never executed through the engine
     inputs = build_step_inputs(output, runner.block_size, runner.device)
     if runner.graphs is None or not runner.graphs.can_run(inputs):
@@ -120,7 +114,7 @@ def _per_call_ms(fn: Callable[[], None], reps: int) -> float:
 
 def profiled_gaps(llm: LLM, prompts: list[list[int]], steps: int) -> dict[str, float]:
     """Per step under the profiler: kernel time, short gaps (between kernels), long gaps (the host)."""
-    start(llm, prompts, steps + 1)
+    start_requests(llm, prompts, steps + 1)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         num_steps = len(engine_step_ms(llm))
     kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
@@ -143,9 +137,9 @@ def main() -> None:
         llm = LLM(model=tmp, dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True,
                   kv_cache_memory=8 << 30, progress=False, enable_prefix_caching=False)
         prompts = [[rng.randrange(1000, 30000) for _ in range(args.prompt_len)] for _ in range(args.batch)]
-        start(llm, prompts, 8)
+        start_requests(llm, prompts, 8)
         engine_step_ms(llm)  # warm-up
-        start(llm, prompts, args.steps + 1)
+        start_requests(llm, prompts, args.steps + 1)
         engine_ms = statistics.median(engine_step_ms(llm))
         phases = host_phases_ms(llm, prompts, args.steps)
         gaps = profiled_gaps(llm, prompts, args.steps)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ceilings, write_result  # noqa: E402
+from common import ceilings, timed, write_result  # noqa: E402
 from prefill import prefill_flops  # noqa: E402
 from shapes import SHAPES, write_config  # noqa: E402
 
@@ -41,12 +41,17 @@ def prompts(batch: int, length: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(1000, 30000) for _ in range(length)] for _ in range(batch)]
 
 
+def add_requests(llm: LLM, tag: str, batch_prompts: list[list[int]], new_tokens: int) -> None:
+    """Greedy requests of exactly new_tokens each, ids tag-0, tag-1, ..."""
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    for i, prompt in enumerate(batch_prompts):
+        llm.engine.add_request(f"{tag}-{i}", prompt, params)
+
+
 def decode_rate(llm: LLM, batch: int, prompt_len: int, new_tokens: int) -> dict:
     """Seconds per decode step once every sequence has its first token; tok/s = batch / step time."""
     engine, stamps = llm.engine, []
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    for i, prompt in enumerate(prompts(batch, prompt_len, seed=batch)):
-        engine.add_request(f"d{batch}-{i}", prompt, params)
+    add_requests(llm, f"d{batch}", prompts(batch, prompt_len, seed=batch), new_tokens)
     start = time.perf_counter()
     while engine.has_unfinished_requests():
         outputs = engine.step()
@@ -60,9 +65,7 @@ def decode_rate(llm: LLM, batch: int, prompt_len: int, new_tokens: int) -> dict:
 def flexgen(llm: LLM, batch: int, prompt_len: int, new_tokens: int, shape: dict) -> dict:
     """Generated tokens over the whole call (FlexGen's figure) and the prefill phase's achieved TFLOP/s."""
     engine = llm.engine
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    for i, prompt in enumerate(prompts(batch, prompt_len, seed=7)):
-        engine.add_request(f"f{i}", prompt, params)
+    add_requests(llm, "f", prompts(batch, prompt_len, seed=7), new_tokens)
     start, first_tokens, prefill_end = time.perf_counter(), set(), None
     while engine.has_unfinished_requests():
         for output in engine.step():
@@ -254,9 +257,7 @@ def traced_decode(llm: LLM, batch: int, new_tokens: int) -> dict:
     events: the host-to-device copy of this process's share, the all-gather (from the copy's end: it includes
     waiting for the other ranks), the layer's compute, and the compute stream's idle time before each layer."""
     engine, streamer = llm.engine, llm.engine.runner.streamer
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    for i, prompt in enumerate(prompts(batch, 128, seed=batch + 1)):
-        engine.add_request(f"t{batch}-{i}", prompt, params)
+    add_requests(llm, f"t{batch}", prompts(batch, 128, seed=batch + 1), new_tokens)
     engine.step()  # the prefill
     streamer.trace()
     while engine.has_unfinished_requests():
@@ -283,22 +284,13 @@ def profiled(fn):
     return result, prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50)
 
 
-def concurrent_h2d_gb_s(device: torch.device, nbytes: int = 1 << 30, repeats: int = 3) -> float:
+def concurrent_h2d_gb_s(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Pinned host-to-device GB/s of this process while every rank copies at the same time."""
     import torch.distributed as dist
 
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(repeats):
-        dist.barrier()
-        torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        dst.copy_(src, non_blocking=True)
-        torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return nbytes / best / 1e9
+    return nbytes / timed(lambda: dst.copy_(src, non_blocking=True), 3, device, before=dist.barrier) / 1e9
 
 
 def _mean(values: list[float]) -> float | None:
