@@ -119,8 +119,17 @@ def test_dead_loop_fails_every_stream_and_later_calls(fake):
 
 
 def test_stats_snapshot_follows_the_engine(fake):
-    engine, async_engine = fake
-    asyncio.run(collect(async_engine, "a", "hi"))
+    """The snapshot starts at zero: it must be seen at one running request, then back at zero."""
+    _, async_engine = fake
+    assert async_engine.stats().num_running == 0
+
+    async def main():
+        stream = async_engine.generate("long", "hi", params(max_tokens=10_000))
+        await anext(stream)
+        wait_until(lambda: async_engine.stats().num_running == 1)
+        await stream.aclose()
+
+    asyncio.run(main())
     wait_until(lambda: async_engine.stats().num_running == 0)
 
 

@@ -46,10 +46,14 @@ def _healthy(proc: subprocess.Popen, url: str, log_path) -> bool:
 
 
 def _refuses_connections(url: str) -> bool:
+    """True once nothing answers: a closed listener refuses the connection or resets it, or closes it unanswered
+    (a connection taken into the backlog just before the close); a timeout is not an answer either way."""
     try:
         httpx.get(f"{url}/health", timeout=2)
-    except httpx.ConnectError:
+    except (httpx.NetworkError, httpx.RemoteProtocolError):  # ConnectError, ReadError (reset), WriteError, ...
         return True
+    except httpx.TimeoutException:
+        return False
     return False
 
 
