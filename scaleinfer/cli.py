@@ -73,6 +73,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default="auto", choices=DTYPES)
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="split every layer over T processes (one per GPU; on a CPU, T processes over gloo)")
     parser.add_argument("--offload", default="none", choices=OFFLOAD_TARGETS,
                         help="keep layer weights in CPU memory or NVMe files and stream them (ZeRO-Inference)")
     parser.add_argument("--offload-path", default=None, help="with --offload nvme: the folder for the layer files")
@@ -91,7 +93,8 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
 def _engine_config(args: argparse.Namespace, **scheduler: int | None) -> EngineConfig:
     return EngineConfig.from_kwargs(
         model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-        offload=args.offload, offload_path=args.offload_path, offload_gpu_budget=args.offload_gpu_budget, **scheduler,
+        offload=args.offload, offload_path=args.offload_path, offload_gpu_budget=args.offload_gpu_budget,
+        tensor_parallel_size=args.tensor_parallel_size, **scheduler,
     )
 
 

@@ -180,11 +180,48 @@ class OffloadConfig:
 
 
 @dataclass(slots=True)
+class ParallelConfig:
+    """How many processes run one model. tensor_parallel_size T: every layer is split over T ranks (one per GPU;
+    on a machine without one, T CPU processes over gloo) that step together."""
+
+    tensor_parallel_size: int = 1
+    # How long a rank waits inside one collective of a step before the run is declared hung; the engine then
+    # names the rank that did not arrive and stops (a worker that dies is reported at once).
+    collective_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        size = self.tensor_parallel_size
+        _require(isinstance(size, int) and not isinstance(size, bool) and size >= 1,
+                 f"tensor_parallel_size must be an integer >= 1, got {size!r}")
+        _require(self.collective_timeout > 0, f"collective_timeout must be positive seconds, got "
+                                              f"{self.collective_timeout!r}")
+
+
+@dataclass(slots=True, frozen=True)
+class TorchrunEnv:
+    """This process's place among those torchrun (or any launcher setting the same variables) started."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def torchrun_env() -> TorchrunEnv | None:
+    """The launcher's RANK / WORLD_SIZE / LOCAL_RANK, when this process was started by one with WORLD_SIZE > 1."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1 or "RANK" not in os.environ:
+        return None
+    rank = int(os.environ["RANK"])
+    return TorchrunEnv(rank=rank, world_size=world_size, local_rank=int(os.environ.get("LOCAL_RANK", rank)))
+
+
+@dataclass(slots=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
@@ -194,12 +231,19 @@ class EngineConfig:
             kwargs.setdefault("max_num_seqs", OFFLOAD_MAX_NUM_SEQS)
         parts = {}
         sections = (("model", ModelConfig), ("cache", CacheConfig), ("scheduler", SchedulerConfig),
-                    ("offload", OffloadConfig))
+                    ("offload", OffloadConfig), ("parallel", ParallelConfig))
         for name, part in sections:
             owned = {f.name for f in fields(part)} & set(kwargs)
             parts[name] = part(**{key: kwargs.pop(key) for key in owned})
         _require(not kwargs, f"unknown engine options: {sorted(kwargs)}")
         return cls(**parts)
+
+
+def disable_nvlink_multicast() -> None:
+    """NVLink multicast (NVLS) stays off in every process of a multi-GPU run: on the machines we run on it
+    hangs or corrupts collectives. Set before the first NCCL or symmetric-memory call; an explicit value stays."""
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
 
 def env_str(name: str, default: str | None = None) -> str | None:

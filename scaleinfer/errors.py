@@ -28,3 +28,8 @@ class EngineDeadError(ScaleInferError):
 class OffloadReadError(ScaleInferError):
     """Streamed weights could not be read back (a layer file vanished, shrank or failed on disk); the requests
     of the failed step fail with it, the engine goes on."""
+
+
+class RankFailedError(EngineDeadError):
+    """A rank of a multi-process run died, raised or hung in a collective; the run can go no further. The
+    message names the rank and what happened."""

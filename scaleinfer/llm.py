@@ -23,15 +23,31 @@ class LLM:
     def __init__(self, model: str = EMBEDDED_MODEL_ALIAS, progress: bool = True, task: Task = "generate",
                  **engine_options: Any) -> None:
         """task: "generate" (a decoder) or "embed" (an encoder: embed() returns sentence vectors).
-        engine_options: any field of ModelConfig, CacheConfig or SchedulerConfig, e.g. device="cpu",
-        dtype="bfloat16", kv_cache_memory=4 << 30, num_blocks=64, max_num_batched_tokens=512, seed=0."""
+        engine_options: any field of ModelConfig, CacheConfig, SchedulerConfig, OffloadConfig or ParallelConfig,
+        e.g. device="cpu", dtype="bfloat16", kv_cache_memory=4 << 30, num_blocks=64, max_num_batched_tokens=512,
+        seed=0, tensor_parallel_size=2 (T worker processes: one per GPU, or T CPU processes over gloo)."""
         if task not in TASKS:
             raise InvalidRequestError(f"task must be one of {TASKS}, got {task!r}")
         self.task = task
         config = EngineConfig.from_kwargs(model=model, **engine_options)
+        if task == "embed" and config.parallel.tensor_parallel_size != 1:
+            raise InvalidRequestError(f"task='embed' runs in one process; got tensor_parallel_size="
+                                      f"{config.parallel.tensor_parallel_size}")
         self.engine = LLMEngine(config, progress=progress) if task == "generate" else None
         self.embedder = _embedding_runner(config, progress) if task == "embed" else None
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the worker processes of a tensor-parallel run now (otherwise when this LLM is collected, or at
+        exit); the LLM serves no more requests after."""
+        if self.engine is not None:
+            self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer if self.engine is not None else self.embedder.tokenizer

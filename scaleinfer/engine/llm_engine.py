@@ -17,7 +17,7 @@ from scaleinfer.engine.detokenizer import IncrementalDetokenizer
 from scaleinfer.engine.request_state import RequestState, SequenceState
 from scaleinfer.engine.scheduler import Scheduler
 from scaleinfer.engine.sequence import Sequence, SequenceStatus
-from scaleinfer.errors import InvalidRequestError
+from scaleinfer.errors import InvalidRequestError, RankFailedError
 from scaleinfer.outputs import RequestOutput, RunnerOutput, SchedulerOutput
 from scaleinfer.sampling_params import SamplingParams
 
@@ -44,8 +44,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, progress: bool = True, source: ModelSource | None = None) -> None:
         """source: where weights come from when not config.model.model (init_inference passes an HF model)."""
         # The data plane is imported here so that the control plane stays importable without torch.
+        from scaleinfer.executor import make_executor
         from scaleinfer.weights.source import resolve_model
-        from scaleinfer.worker.model_runner import ModelRunner
 
         self.config = config
         source = source or resolve_model(config.model.model, config.model.load_format)
@@ -54,9 +54,9 @@ class LLMEngine:
         self.arch = source.arch
         self.tokenizer = None if config.model.skip_tokenizer_init else source.load_tokenizer()
         self.max_model_len = _max_model_len(config, source.arch.max_position_embeddings)
-        self.runner = ModelRunner(config.model, config.cache, source, self.max_model_len,
-                                  config.scheduler.max_num_seqs, progress=progress, offload_config=config.offload)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
+        self.executor = make_executor(config, source, self.max_model_len, progress)
+        self.runner = self.executor.runner  # rank 0's, in this process
+        self.block_manager = BlockManager(self.executor.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
         scheduler_config = dataclasses.replace(config.scheduler, max_model_len=self.max_model_len)
         self.scheduler = Scheduler(scheduler_config, self.block_manager)
@@ -130,14 +130,16 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         """With processes streaming weights together, True until every one of them is done (they step together)."""
-        return self.runner.any_rank_busy(self.scheduler.has_unfinished())
+        return self.executor.any_rank_busy(self.scheduler.has_unfinished())
 
     # ---- the loop -------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         scheduler_output = self.scheduler.schedule()
         try:
-            runner_output = self.runner.execute(scheduler_output)
+            runner_output = self.executor.execute(scheduler_output)
+        except RankFailedError:  # the ranks are out of step: no request can run any more
+            raise
         except Exception as exc:  # e.g. streamed weights unreadable: this step's requests fail, the rest go on
             return self._fail_step(scheduler_output, exc)
         updated = self.scheduler.update(scheduler_output, runner_output)
@@ -201,6 +203,10 @@ class LLMEngine:
             state.metrics.finished_time = now
             self._forget(state)
         return output
+
+    def shutdown(self) -> None:
+        """Stop the worker processes, if any (also done when the engine is collected or at exit)."""
+        self.executor.shutdown()
 
     # ---- introspection --------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaleinfer.kernels.gemv import linear
+from scaleinfer.parallel.comm import tp_all_gather, tp_all_reduce
 from scaleinfer.parallel.state import get_parallel_state
 
 
@@ -34,17 +35,14 @@ class VocabParallelEmbedding(nn.Module):
         local = input_ids - self.vocab_start
         in_shard = (local >= 0) & (local < self.shard_size)
         out = F.embedding(local.clamp(0, self.shard_size - 1), self.weight) * in_shard.unsqueeze(-1)
-        torch.distributed.all_reduce(out)
-        return out
+        return tp_all_reduce(out)
 
 
 class ParallelLMHead(VocabParallelEmbedding):
     """hidden -> logits; each rank computes its vocab slice, gathered to the full vocab."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden, self.weight)  # [num_tokens, shard_size]
-        if self.tp_size > 1:
-            parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
-            torch.distributed.all_gather(parts, logits)
-            logits = torch.cat(parts, dim=-1)
+        # Every rank gets the whole vocabulary's logits and samples the same tokens (the same seeds): no
+        # token broadcast, and each rank can prepare its next decode step on its own.
+        logits = tp_all_gather(linear(hidden, self.weight))  # [num_tokens, tp_size * shard_size]
         return logits[:, : self.vocab_size]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from scaleinfer.kernels.gemv import linear
+from scaleinfer.parallel.comm import tp_all_reduce
 from scaleinfer.parallel.state import get_parallel_state
 
 
@@ -100,9 +101,7 @@ class RowParallelLinear(LinearBase):
         super().__init__(_divide(input_size, tp_size, "input_size"), output_size, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight)
-        if self.tp_size > 1:
-            torch.distributed.all_reduce(y)
+        y = tp_all_reduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 
 from scaleinfer.kernels.moe import fused_moe
 from scaleinfer.layers.linear import _copy_checked, _divide
+from scaleinfer.parallel.comm import tp_all_reduce
 from scaleinfer.parallel.state import get_parallel_state
 
 W13_SHARDS = ("w1", "w3")  # gate rows, then up rows of w13_weight
@@ -46,10 +47,7 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x: [num_tokens, hidden]; topk_weights, topk_ids: [num_tokens, top_k] -> [num_tokens, hidden]."""
-        out = fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
-        if self.tp_size > 1:
-            torch.distributed.all_reduce(out)
-        return out
+        return tp_all_reduce(fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids))
 
     def load_w13(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: tuple[int, str] | None = None) -> None:
         """shard_id (expert, "w1" | "w3"): one expert's gate or up matrix, [intermediate, hidden]. None: the

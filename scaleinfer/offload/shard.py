@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from scaleinfer.parallel.state import get_parallel_state
+
 
 @dataclass(slots=True, frozen=True)
 class Shard:
@@ -43,7 +45,9 @@ class Shard:
 
 def current_shard() -> Shard | None:
     """The default process group as a shard layout, when there is one of more than one process. Collective:
-    every rank must call it (it makes the gather group)."""
+    every rank must call it (it makes the gather group). Tensor-parallel ranks stream their own slices alone."""
+    if get_parallel_state().tp_size > 1:
+        return None
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
         return None
     world_size = dist.get_world_size()

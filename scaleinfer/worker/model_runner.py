@@ -11,6 +11,7 @@ from scaleinfer.layers.attention import Attention
 from scaleinfer.layers.sampler import SamplerOutput, sample
 from scaleinfer.models.registry import model_class
 from scaleinfer.outputs import RunnerOutput, SampledToken, ScheduledSequence, SchedulerOutput
+from scaleinfer.parallel.comm import min_over_ranks
 from scaleinfer.sampling_params import SamplingParams
 from scaleinfer.weights.dummy import init_dummy_weights
 from scaleinfer.weights.source import ModelSource
@@ -87,7 +88,7 @@ class ModelRunner:
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         kv_heads, head_dim = layers[0].num_kv_heads, layers[0].head_dim
         per_block = block_bytes(self.model.arch, kv_heads, self.block_size, self.dtype)
-        num_blocks = num_blocks_for(config, per_block, self.device)
+        num_blocks = min_over_ranks(num_blocks_for(config, per_block, self.device))  # every rank holds as many
         # One block more than the scheduler sees: the scratch block that padded graph rows write to.
         caches = allocate_kv_cache(
             len(layers), num_blocks + 1, self.block_size, kv_heads, head_dim, self.dtype, self.device
@@ -101,8 +102,6 @@ class ModelRunner:
         self.sampling.drop(output.finished_request_ids)
         prepared, self.next_decode = self.next_decode, None
         if output.is_empty:
-            if self.streamer is not None and self.streamer.shard is not None:
-                self._forward(self._padding_step())  # the other ranks' layers stream through this one too
             return RunnerOutput(sampled={})
         hidden, sampled, replayed = self._run_step(output, prepared)  # hidden: [num_sampled, hidden]
         if not sampled:
@@ -135,16 +134,6 @@ class ModelRunner:
         # mid-prompt is a graph row that does not).
         replayed = self.graphs is not None and self.graphs.can_run(inputs) and len(inputs.sampled) == len(scheduled)
         return hidden, inputs.sampled, replayed
-
-    def any_rank_busy(self, busy: bool) -> bool:
-        """Whether this process or any process streaming the weights with it has work: they step together."""
-        shard = self.streamer.shard if self.streamer is not None else None
-        return shard.any(busy, self.device) if shard is not None else busy
-
-    def _padding_step(self) -> StepInputs:
-        """One token at position 0 whose KV goes to the scratch block; nothing is sampled."""
-        token = ScheduledSequence("padding", [0], 0, [self.num_blocks], False, SamplingParams())
-        return build_step_inputs(SchedulerOutput([token]), self.block_size, self.device, self.staging)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         if self.graphs is not None and self.graphs.can_run(inputs):

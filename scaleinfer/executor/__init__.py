@@ -1,0 +1,103 @@
+"""The executor: the one part of the engine that knows how many processes run the model.
+
+    UniprocExecutor          the runner in this process (one GPU, the CPU, or an offload shard)
+    TensorParallelExecutor   rank 0 here, ranks 1..T-1 spawned here or started by torchrun
+
+Both answer execute(SchedulerOutput) -> RunnerOutput, num_blocks, any_rank_busy and shutdown; the engine does
+not know which it has.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+
+from scaleinfer.config import EngineConfig, TorchrunEnv, torchrun_env
+from scaleinfer.errors import InvalidRequestError
+from scaleinfer.weights.source import ModelSource
+
+
+def make_executor(config: EngineConfig, source: ModelSource, max_model_len: int, progress: bool):
+    size = config.parallel.tensor_parallel_size
+    launched = torchrun_env()
+    if size == 1:
+        from scaleinfer.executor.uniproc import UniprocExecutor
+        from scaleinfer.worker.model_runner import ModelRunner
+
+        runner = ModelRunner(config.model, config.cache, source, max_model_len, config.scheduler.max_num_seqs,
+                             progress=progress, offload_config=config.offload)
+        return UniprocExecutor(runner)
+    check_tensor_parallel(config, source, launched)
+    if launched is not None:
+        return _torchrun_executor(config, source, max_model_len, progress, launched)
+    return _spawning_executor(config, source, max_model_len, progress)
+
+
+def check_tensor_parallel(config: EngineConfig, source: ModelSource, launched: TorchrunEnv | None) -> None:
+    """Refuse sizes that cannot run, naming the value, before any process starts."""
+    size, arch = config.parallel.tensor_parallel_size, source.arch
+    if arch.num_attention_heads % size:
+        raise InvalidRequestError(f"tensor_parallel_size={size} does not divide the model's "
+                                  f"num_attention_heads={arch.num_attention_heads}")
+    if source.format == "hf_model":
+        raise InvalidRequestError("an in-memory model cannot be shared with worker processes: save it and pass the "
+                                  "folder")
+    if launched is not None and launched.world_size != size:
+        raise InvalidRequestError(
+            f"under torchrun the world size ({launched.world_size}) must equal tensor_parallel_size ({size}); to "
+            "stream one model's layers over several GPUs together (offload shards) use tensor_parallel_size=1")
+    if _uses_gpus(config.model.device) and launched is None and size > torch.cuda.device_count():
+        raise InvalidRequestError(f"tensor_parallel_size={size} exceeds the {torch.cuda.device_count()} visible "
+                                  "GPUs (one rank per GPU)")
+
+
+def _uses_gpus(device: str) -> bool:
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
+def _rank_spec(config: EngineConfig, source: ModelSource, max_model_len: int, init_method: str, rank: int,
+               local_rank: int):
+    from scaleinfer.executor.rank import RankRunnerSpec, rank_device
+    from scaleinfer.parallel.groups import RankSpec
+
+    # NCCL with one GPU per rank; gloo on CPUs, and where every rank shares the one GPU the user named.
+    backend = "nccl" if _uses_gpus(config.model.device) else "gloo"
+    size = config.parallel.tensor_parallel_size
+    return RankRunnerSpec(
+        rank=RankSpec(rank, size, init_method, backend, config.parallel.collective_timeout),
+        model=rank_device(config.model, rank, local_rank), cache=config.cache, offload=config.offload,
+        model_path=str(source.path), max_model_len=max_model_len, max_num_seqs=config.scheduler.max_num_seqs)
+
+
+def _spawning_executor(config: EngineConfig, source: ModelSource, max_model_len: int, progress: bool):
+    from scaleinfer.executor.multiproc import TensorParallelExecutor
+
+    rendezvous_dir = tempfile.mkdtemp(prefix="scaleinfer-tp-")
+    init_method = f"file://{rendezvous_dir}/rendezvous"
+    specs = [_rank_spec(config, source, max_model_len, init_method, rank, rank)
+             for rank in range(config.parallel.tensor_parallel_size)]
+    _share_cpu_cores(config)
+    return TensorParallelExecutor(specs[0], specs[1:], rendezvous_dir, progress)
+
+
+def _torchrun_executor(config: EngineConfig, source: ModelSource, max_model_len: int, progress: bool,
+                       launched: TorchrunEnv):
+    """Rank 0 returns the executor; every other rank serves steps here until rank 0 shuts down, then exits."""
+    from scaleinfer.executor.multiproc import TensorParallelExecutor
+
+    spec = _rank_spec(config, source, max_model_len, "env://", launched.rank, launched.local_rank)
+    if launched.rank == 0:
+        return TensorParallelExecutor(spec, None, None, progress)
+    from scaleinfer.executor.worker_main import run_torchrun_worker
+
+    run_torchrun_worker(spec)
+    raise SystemExit(0)
+
+
+def _share_cpu_cores(config: EngineConfig) -> None:
+    """On CPUs the T ranks share this machine's cores: rank 0 (this process) takes its part, as each worker does."""
+    if not _uses_gpus(config.model.device):
+        import os
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.parallel.tensor_parallel_size))

@@ -1,0 +1,36 @@
+"""The runner in this process: one GPU (or the CPU), or one of several processes streaming one model's layers
+together (offload shards), which step in lockstep: a rank without work runs a one-token padding step so that
+its layers' all-gathers meet the others'."""
+
+from __future__ import annotations
+
+from scaleinfer.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
+from scaleinfer.sampling_params import SamplingParams
+from scaleinfer.worker.model_runner import ModelRunner
+
+
+class UniprocExecutor:
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        streamer = runner.streamer
+        self.shard = streamer.shard if streamer is not None else None  # None: nobody to keep in step with
+
+    @property
+    def num_blocks(self) -> int:
+        return self.runner.num_blocks
+
+    def execute(self, output: SchedulerOutput) -> RunnerOutput:
+        if output.is_empty and self.shard is not None:
+            output = SchedulerOutput([self._padding_chunk()], output.finished_request_ids)
+        return self.runner.execute(output)
+
+    def any_rank_busy(self, busy: bool) -> bool:
+        """Whether this process or any process streaming the weights with it has work: they step together."""
+        return self.shard.any(busy, self.runner.device) if self.shard is not None else busy
+
+    def _padding_chunk(self) -> ScheduledSequence:
+        """One token at position 0 whose KV goes to the scratch block; nothing is sampled."""
+        return ScheduledSequence("padding", [0], 0, [self.runner.num_blocks], False, SamplingParams())
+
+    def shutdown(self) -> None:
+        """Nothing to stop: the runner lives and dies with this process."""

@@ -1,0 +1,64 @@
+"""Joining the tensor-parallel group: torch.distributed's default group over the T ranks (NCCL on GPUs, gloo on
+CPUs), a gloo group of the same ranks for the engine's control messages, and the layers' ParallelState."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from scaleinfer.config import disable_nvlink_multicast
+from scaleinfer.parallel.state import ParallelState, set_parallel_state
+
+logger = logging.getLogger(__name__)
+
+# The control group's waits are a worker's idle time between steps: a server may idle for days.
+CONTROL_TIMEOUT = timedelta(days=30)
+
+
+@dataclass(slots=True, frozen=True)
+class RankSpec:
+    """How one rank joins: its rank, the group size, the rendezvous and the step collectives' timeout."""
+
+    rank: int
+    world_size: int
+    init_method: str  # file://... for ranks this process spawned, env:// under torchrun
+    backend: str  # nccl | gloo
+    collective_timeout: float  # seconds
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def join_tensor_parallel(spec: RankSpec, device: torch.device, dtype: torch.dtype) -> ParallelState:
+    """Initialize torch.distributed for this rank and set the layers' state; returns it."""
+    disable_nvlink_multicast()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    timeout = timedelta(seconds=spec.collective_timeout)
+    dist.init_process_group(spec.backend, init_method=spec.init_method, world_size=spec.world_size,
+                            rank=spec.rank, timeout=timeout)
+    control = dist.new_group(list(range(spec.world_size)), backend="gloo", timeout=CONTROL_TIMEOUT)
+    state = ParallelState(tp_rank=spec.rank, tp_size=spec.world_size, tp_group=dist.group.WORLD,
+                          control_group=control, small_all_reduce=_small_all_reduce(spec, device, dtype))
+    set_parallel_state(state)
+    return state
+
+
+def _small_all_reduce(spec: RankSpec, device: torch.device, dtype: torch.dtype):
+    if spec.backend != "nccl":
+        return None
+    from scaleinfer.parallel.symm_mem import SmallAllReduce
+
+    return SmallAllReduce.create(device, dist.group.WORLD, dtype)
+
+
+def leave_tensor_parallel() -> None:
+    """Tear this rank's groups down (at shutdown; collectives in flight on other ranks then fail)."""
+    set_parallel_state(ParallelState())
+    if dist.is_initialized():
+        dist.destroy_process_group()
