@@ -4,7 +4,9 @@
     model = scaleinfer.init_inference(model)          # same generate() / forward() signatures
     out = model.generate(input_ids, attention_mask=mask, max_new_tokens=32)
 
-The HF model gives its parameters up as ours is filled (no second full copy); it is not usable after.
+The HF model gives its parameters up as ours is filled: ours are built without memory and each takes its
+memory as it is loaded, just before the HF tensor it copies is released, so peak memory is one copy of the
+weights plus the tensor in flight, on a GPU as on the CPU. The HF model is not usable after.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ def init_inference(model: Any, dtype: torch.dtype | None = None, tensor_parallel
     config = EngineConfig.from_kwargs(model=arch.architecture, device=str(device), dtype=_DTYPE_NAMES[dtype],
                                       skip_tokenizer_init=True, **engine_options)
     generation_config = getattr(model, "generation_config", None)
-    engine = LLMEngine(config, progress=False, source=hf_model_source(model, arch))
+    source = hf_model_source(model, arch)
+    with source.building():
+        engine = LLMEngine(config, progress=False, source=source)
     return InferenceModel(engine, generation_config)
 
 
