@@ -108,13 +108,14 @@ class TensorParallelExecutor:
 
     def _diagnose(self, exc: Exception) -> str:
         workers, step = self._run.workers, self._run.num_steps + 1
+        where = f"in step {step}" if self._run.channel is not None else "while starting"
         if workers is not None and workers.wait_for_failure(STOP_SECONDS) is not None:
             return str(workers.failure)
-        timeout = get_parallel_state().tp_group is not None and "timed out" in str(exc).lower()
-        if timeout and workers is not None and (lagging := workers.lagging_ranks(step)):
+        lagging = workers.lagging_ranks(step) if workers is not None else []
+        if "timed out" in str(exc).lower() and lagging:
             return (f"tensor-parallel rank(s) {lagging} did not finish step {step} within collective_timeout: "
                     f"hung (rank 0: {type(exc).__name__}: {exc})")
-        return f"tensor-parallel rank 0 (pid {os.getpid()}) failed in step {step}: {type(exc).__name__}: {exc}"
+        return f"tensor-parallel rank 0 (pid {os.getpid()}) failed {where}: {type(exc).__name__}: {exc}"
 
     def _on_worker_failure(self, failure: RankFailure) -> None:
         """Supervisor thread: the run is over; unblock rank 0 or, failing that, end the process."""

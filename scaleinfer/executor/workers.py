@@ -53,6 +53,7 @@ class WorkerGroup:
         self.on_failure = on_failure
         self.failure: RankFailure | None = None
         self._stopping = False
+        self._kill_lock, self._killed = threading.Lock(), False
         self.workers = [self._start(context, spec) for spec in specs]
         self._supervisor = threading.Thread(target=self._supervise, name="scaleinfer-supervisor", daemon=True)
         self._supervisor.start()
@@ -74,7 +75,10 @@ class WorkerGroup:
     def _supervise(self) -> None:
         waiting = {w.process.sentinel: w for w in self.workers} | {w.errors: w for w in self.workers}
         while waiting and not self._stopping:
-            ready = wait(list(waiting), timeout=1.0)
+            try:
+                ready = wait(list(waiting), timeout=1.0)
+            except (OSError, ValueError):  # the handles were closed under us: the group is being stopped
+                return
             for handle in ready:
                 worker = waiting.pop(handle)
                 if self._stopping:
@@ -123,14 +127,19 @@ class WorkerGroup:
         self.kill()
 
     def kill(self) -> None:
-        self._stopping = self._stopping or self.failure is not None
-        for worker in self.workers:
-            if worker.process.is_alive():
-                worker.process.kill()
-        for worker in self.workers:
-            worker.process.join(STOP_SECONDS)
-            worker.keepalive.close()
-            worker.errors.close()
+        """SIGKILL every worker still running and reap it; once, whichever thread (supervisor, engine) is first."""
+        with self._kill_lock:
+            if self._killed:
+                return
+            self._killed = True
+            self._stopping = self._stopping or self.failure is not None
+            for worker in self.workers:
+                if worker.process.is_alive():
+                    worker.process.kill()
+            for worker in self.workers:
+                worker.process.join(STOP_SECONDS)
+                worker.keepalive.close()
+                worker.errors.close()
 
 
 def _exit_reason(exitcode: int | None) -> str:

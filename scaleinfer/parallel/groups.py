@@ -1,5 +1,6 @@
-"""Joining the tensor-parallel group: torch.distributed's default group over the T ranks (NCCL on GPUs, gloo on
-CPUs), a gloo group of the same ranks for the engine's control messages, and the layers' ParallelState."""
+"""Joining the tensor-parallel group: torch.distributed's default group over the T ranks, the layers' group of the
+same ranks (NCCL on GPUs, gloo on CPUs; a short timeout), a gloo group for the engine's control messages (no
+short timeout: its waits are idle time), and the layers' ParallelState."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ logger = logging.getLogger(__name__)
 
 # The control group's waits are a worker's idle time between steps: a server may idle for days.
 CONTROL_TIMEOUT = timedelta(days=30)
+# Joining waits for every rank to start (spawn, imports, CUDA); the default group keeps this timeout and is
+# used for nothing after. The step collectives run on a group of their own with collective_timeout.
+START_TIMEOUT = timedelta(minutes=10)
 
 
 @dataclass(slots=True, frozen=True)
@@ -39,22 +43,23 @@ def join_tensor_parallel(spec: RankSpec, device: torch.device, dtype: torch.dtyp
     disable_nvlink_multicast()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    timeout = timedelta(seconds=spec.collective_timeout)
     dist.init_process_group(spec.backend, init_method=spec.init_method, world_size=spec.world_size,
-                            rank=spec.rank, timeout=timeout)
-    control = dist.new_group(list(range(spec.world_size)), backend="gloo", timeout=CONTROL_TIMEOUT)
-    state = ParallelState(tp_rank=spec.rank, tp_size=spec.world_size, tp_group=dist.group.WORLD,
-                          control_group=control, small_all_reduce=_small_all_reduce(spec, device, dtype))
+                            rank=spec.rank, timeout=START_TIMEOUT)
+    ranks = list(range(spec.world_size))
+    tp_group = dist.new_group(ranks, timeout=timedelta(seconds=spec.collective_timeout), backend=spec.backend)
+    control = dist.new_group(ranks, backend="gloo", timeout=CONTROL_TIMEOUT)
+    state = ParallelState(tp_rank=spec.rank, tp_size=spec.world_size, tp_group=tp_group, control_group=control,
+                          small_all_reduce=_small_all_reduce(spec, device, dtype, tp_group))
     set_parallel_state(state)
     return state
 
 
-def _small_all_reduce(spec: RankSpec, device: torch.device, dtype: torch.dtype):
+def _small_all_reduce(spec: RankSpec, device: torch.device, dtype: torch.dtype, group: dist.ProcessGroup):
     if spec.backend != "nccl":
         return None
     from scaleinfer.parallel.symm_mem import SmallAllReduce
 
-    return SmallAllReduce.create(device, dist.group.WORLD, dtype)
+    return SmallAllReduce.create(device, group, dtype)
 
 
 def leave_tensor_parallel() -> None:

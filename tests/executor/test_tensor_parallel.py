@@ -1,0 +1,78 @@
+"""Tensor parallelism on CPU processes over gloo: greedy tokens equal HF transformers', logprobs equal one
+process's, with chunked prefill, prefix caching and preemption in play; every worker process ends."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from tp_helpers import assert_logprobs_close, generate, hf_greedy, prompts_with_shared_prefix
+from transformers import AutoModelForCausalLM, MixtralConfig
+
+from scaleinfer import LLM, SamplingParams
+from scaleinfer.errors import InvalidRequestError
+
+# Chunks of 16 tokens, a cache too small for every sequence at once (preemption by recompute), prefix caching on.
+PRESSURE = dict(max_num_batched_tokens=16, num_blocks=10, block_size=8)
+NUM_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    config = MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=512, initializer_range=0.2, bos_token_id=None, eos_token_id=None,
+                           pad_token_id=None, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    folder = tmp_path_factory.mktemp("mixtral_tp")
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder, model
+
+
+def check_family(folder, hf_model, sizes):
+    prompts = prompts_with_shared_prefix(hf_model.config.vocab_size)
+    reference, _ = generate(folder, prompts, 1, NUM_TOKENS)
+    for size in sizes:
+        outputs, num_preempted = generate(folder, prompts, size, NUM_TOKENS, **PRESSURE)
+        assert num_preempted > 0, "the cache was meant to be too small for every sequence at once"
+        for prompt, output in zip(prompts, outputs, strict=True):
+            assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, NUM_TOKENS), (size, prompt)
+        assert_logprobs_close(outputs, reference)
+
+
+def test_llama_at_two_and_four_ranks(tiny_models):
+    """Four ranks over two KV heads: each KV head is replicated on two ranks."""
+    folder, hf_model = tiny_models["llama3.1"]
+    check_family(folder, hf_model, (2, 4))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_qkv_bias_and_layernorm_families_at_two_ranks(tiny_models, family):
+    folder, hf_model = tiny_models[family]
+    check_family(folder, hf_model, (2,))
+
+
+def test_mixtral_expert_slicing_at_two_ranks(mixtral):
+    folder, hf_model = mixtral
+    check_family(folder, hf_model, (2,))
+
+
+def test_the_embedded_model_at_three_ranks(embedded_gguf):
+    """SmolLM2-135M: 9 attention heads and 3 KV heads, one of each three per rank; text in, text out."""
+    params = SamplingParams(temperature=0, max_tokens=12)
+    prompts = ["The capital of France is", "1, 2, 3,"]
+    with LLM(str(embedded_gguf), device="cpu", progress=False, kv_cache_memory=16 << 20) as llm:
+        expected = [o.outputs[0].text for o in llm.generate(prompts, params)]
+    with LLM(str(embedded_gguf), device="cpu", progress=False, kv_cache_memory=16 << 20,
+             tensor_parallel_size=3) as llm:
+        pids = llm.engine.executor.worker_pids
+        assert [o.outputs[0].text for o in llm.generate(prompts, params)] == expected
+    assert len(pids) == 2 and not any(Path(f"/proc/{pid}").exists() for pid in pids)  # stopped and reaped
+
+
+def test_sizes_that_cannot_run_are_refused_with_the_value(tiny_models):
+    folder, _ = tiny_models["llama3.1"]
+    with pytest.raises(InvalidRequestError, match="tensor_parallel_size=3 does not divide .*num_attention_heads=4"):
+        LLM(str(folder), device="cpu", progress=False, tensor_parallel_size=3)
+    with pytest.raises(InvalidRequestError, match="tensor_parallel_size must be an integer >= 1, got 0"):
+        LLM(str(folder), device="cpu", progress=False, tensor_parallel_size=0)
