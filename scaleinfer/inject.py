@@ -17,7 +17,7 @@ import torch
 
 from scaleinfer.config import EngineConfig
 from scaleinfer.engine.llm_engine import LLMEngine
-from scaleinfer.errors import InvalidRequestError
+from scaleinfer.errors import InvalidRequestError, RequestFailedError
 from scaleinfer.outputs import ScheduledSequence, SchedulerOutput
 from scaleinfer.sampling_params import SamplingParams
 
@@ -67,7 +67,8 @@ class InferenceModel:
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> torch.Tensor:
         """input_ids: [batch, prompt_len], left-padded where attention_mask is 0 -> [batch, prompt_len + new]:
-        the prompts as given, then each row's tokens, right-padded with pad_token_id like HF."""
+        the prompts as given, then each row's tokens, right-padded with pad_token_id like HF. A row that fails
+        inside the engine raises RequestFailedError naming it and what happened; nothing is returned."""
         eos = self._eos_ids(eos_token_id)
         params = SamplingParams(
             max_tokens=max_new_tokens or self._default("max_new_tokens", 20), min_tokens=min_new_tokens,
@@ -81,13 +82,30 @@ class InferenceModel:
         return _assemble(input_ids, generated, pad)
 
     def _run(self, rows: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        """Each row's generated tokens; raises RequestFailedError naming a row that failed inside the engine
+        (its tokens stopped short), after aborting the rest of the batch, which is no use without it."""
         ids = [self._request_id() for _ in rows]
-        for request_id, row in zip(ids, rows):
-            self.engine.add_request(request_id, row, params)
+        try:
+            for request_id, row in zip(ids, rows):
+                self.engine.add_request(request_id, row, params)
+            done = self._wait(ids)
+        except BaseException:
+            self.engine.abort_request(ids)
+            raise
+        return [done[request_id] for request_id in ids]
+
+    def _wait(self, ids: list[str]) -> dict[str, list[int]]:
+        row_of = {request_id: row for row, request_id in enumerate(ids)}
         done: dict[str, list[int]] = {}
         while len(done) < len(ids):
-            done.update({o.request_id: o.outputs[0].token_ids for o in self.engine.step() if o.finished})
-        return [done[request_id] for request_id in ids]
+            for output in self.engine.step():
+                if not output.finished or output.request_id not in row_of:
+                    continue
+                if output.error is not None:
+                    raise RequestFailedError(f"row {row_of[output.request_id]} (request {output.request_id!r}) "
+                                             f"failed inside the engine: {output.error}")
+                done[output.request_id] = output.outputs[0].token_ids
+        return done
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 from typing import Any, Literal
 
 from scaleinfer.config import EMBEDDED_MODEL_ALIAS, EngineConfig
@@ -67,7 +68,12 @@ class LLM:
         prompts: Prompt | list[Prompt],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """One RequestOutput per prompt, in order. A bad prompt raises before any work starts."""
+        """One RequestOutput per prompt, in order. A bad prompt raises before any work starts.
+
+        A request that fails inside the engine (its step could not run, or its own state broke) fails alone:
+        its output comes back finished, with `error` saying what happened and only the tokens made before,
+        and a RuntimeWarning names it. Outputs rather than an exception, so that the healthy requests of a
+        large batch are not lost with it: check `error` where a failure matters."""
         self._require_task("generate", "generate()")
         prompts = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompts))
@@ -97,7 +103,18 @@ class LLM:
             for output in self.engine.step():
                 if output.finished:
                     finished[output.request_id] = output
-        return [finished[request_id] for request_id in request_ids]
+        outputs = [finished[request_id] for request_id in request_ids]
+        _warn_failed(outputs)
+        return outputs
+
+
+def _warn_failed(outputs: list[RequestOutput]) -> None:
+    failed = [f"prompt {i} (request {o.request_id!r}): {o.error}" for i, o in enumerate(outputs) if o.error]
+    if failed:
+        more = f"; and {len(failed) - 3} more" if len(failed) > 3 else ""
+        warnings.warn(f"{len(failed)} of {len(outputs)} requests failed inside the engine and hold only the tokens "
+                      f"made before (their outputs carry .error): {'; '.join(failed[:3])}{more}", RuntimeWarning,
+                      stacklevel=4)
 
 
 def _embedding_runner(config: EngineConfig, progress: bool) -> EmbeddingRunner:

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from family_checks import assert_init_inference_matches, random_prompts
+from family_checks import assert_init_inference_matches, left_padded, random_prompts
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from scaleinfer import init_inference
-from scaleinfer.errors import UnsupportedArchitectureError
+from scaleinfer.errors import RequestFailedError, UnsupportedArchitectureError
 
 FAMILIES = ["llama2", "llama3.1", "mistral", "qwen2", "gpt2", "gpt_neox"]
 PAD = 0
@@ -63,6 +63,30 @@ def peak_cpu_allocated(prof: profile) -> int:
     events = walk(prof.profiler.kineto_results.experimental_event_tree())
     return max(e.extra_fields.total_allocated for e in events
                if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu")
+
+
+def test_generate_raises_naming_a_row_that_failed_inside_the_engine(tiny_models, monkeypatch):
+    ours = init_inference(AutoModelForCausalLM.from_pretrained(tiny_models["llama2"][0]), kv_cache_memory=64 << 20)
+    ids, mask = left_padded(random_prompts(ours.engine.arch.vocab_size, lengths=(5, 9)))
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, pad_token_id=PAD)
+    expected = ours.generate(ids, **kwargs)
+    runner, calls = ours.engine.runner, []
+    execute = runner.execute
+
+    def third_step_fails(scheduler_output):
+        calls.append(scheduler_output)
+        if len(calls) == 3:  # both rows have 2 of their 8 tokens
+            raise RuntimeError("injected fault")
+        return execute(scheduler_output)
+
+    monkeypatch.setattr(runner, "execute", third_step_fails)
+    with pytest.raises(RequestFailedError, match=r"row 0 \(request 'inject-\d+'\) failed inside the engine: "
+                                                 r"RuntimeError: injected fault"):
+        ours.generate(ids, **kwargs)
+    monkeypatch.undo()
+    block_manager = ours.engine.block_manager
+    assert not ours.engine.has_unfinished_requests() and block_manager.num_free_blocks == block_manager.num_blocks
+    assert torch.equal(ours.generate(ids, **kwargs), expected)
 
 
 def test_unsupported_architecture_is_named():

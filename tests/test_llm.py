@@ -171,3 +171,23 @@ def test_a_request_failing_inside_the_engine_fails_alone(llm, alone):
     assert "detokenizer state corrupted" in finished["broken"].error
     assert finished["ok"].error is None and finished["ok"].outputs[0].token_ids == alone[0]
     assert_no_blocks_held(llm)
+
+
+def test_a_request_failing_in_its_step_returns_its_error_with_a_warning(llm, alone, monkeypatch):
+    runner = llm.engine.runner
+    execute = runner.execute
+
+    def fails_once_alone(scheduler_output):
+        if len(scheduler_output.scheduled) == 1:  # the short request is done: the long one's third step
+            raise RuntimeError("injected fault")
+        return execute(scheduler_output)
+
+    monkeypatch.setattr(runner, "execute", fails_once_alone)
+    params = [SamplingParams(temperature=0, max_tokens=2), GREEDY]
+    with pytest.warns(RuntimeWarning, match=r"1 of 2 requests failed inside the engine .*: prompt 1 \(request "
+                                            r"'\d+'\): RuntimeError: injected fault"):
+        short, failed = llm.generate(PROMPTS[:2], params)
+    assert short.error is None and short.outputs[0].token_ids == alone[0][:2]
+    assert failed.finished and failed.error == "RuntimeError: injected fault"
+    assert failed.outputs[0].token_ids == alone[1][:2]
+    assert_no_blocks_held(llm)
