@@ -80,6 +80,12 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload-path", default=None, help="with --offload nvme: the folder for the layer files")
     parser.add_argument("--offload-gpu-budget", type=_bytes, default=None,
                         help="device memory for streamed layers, e.g. 8GiB (default: two layers)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="token budget of one step (default 2048, with --offload 32768): running decodes "
+                             "first, then prompts chunked to fit; smaller keeps decodes moving while long prompts "
+                             "prefill")
+    parser.add_argument("--max-num-seqs", type=int, default=None,
+                        help="sequences in one step (default 256, with --offload 1024)")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -91,10 +97,13 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _engine_config(args: argparse.Namespace, **scheduler: int | None) -> EngineConfig:
+    # Unset budget flags leave the config's defaults, which depend on --offload.
+    budget = {name: getattr(args, name) for name in ("max_num_batched_tokens", "max_num_seqs")
+              if getattr(args, name) is not None}
     return EngineConfig.from_kwargs(
         model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
         offload=args.offload, offload_path=args.offload_path, offload_gpu_budget=args.offload_gpu_budget,
-        tensor_parallel_size=args.tensor_parallel_size, **scheduler,
+        tensor_parallel_size=args.tensor_parallel_size, **budget, **scheduler,
     )
 
 

@@ -44,6 +44,7 @@ def test_generate_with_layers_streamed_from_nvme(tmp_path):
     (["generate", "hi", "--top-p", "0"], "top_p must be in (0, 1], got 0.0"),
     (["generate", "hi", "--max-tokens", "0"], "max_tokens must be an integer >= 1, got 0"),
     (["generate", "", "--device", "cpu"], "prompt is empty"),
+    (["generate", "hi", "--max-num-batched-tokens", "0"], "max_num_batched_tokens must be positive, got 0"),
 ])
 def test_bad_input_is_one_line_and_nonzero(args, fragment):
     result = run_cli(*args)
@@ -52,3 +53,26 @@ def test_bad_input_is_one_line_and_nonzero(args, fragment):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and sum(line.startswith("error") for line in lines) == 1
+
+
+class Captured(Exception):
+    pass
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["chat"], ["serve"]])
+def test_step_budget_flags_reach_the_scheduler_config(command, monkeypatch):
+    import scaleinfer.engine.llm_engine as llm_engine
+    import scaleinfer.server.app as app
+    from scaleinfer import cli
+
+    configs = []
+
+    def capture(config, *args, **kwargs):
+        configs.append(config)
+        raise Captured  # the engine or server the command would start, given its config
+
+    monkeypatch.setattr(llm_engine, "LLMEngine", capture)
+    monkeypatch.setattr(app, "run_server", capture)
+    with pytest.raises(Captured):
+        cli.main([*command, "--max-num-batched-tokens", "64", "--max-num-seqs", "8"])
+    assert (configs[0].scheduler.max_num_batched_tokens, configs[0].scheduler.max_num_seqs) == (64, 8)
