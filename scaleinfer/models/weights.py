@@ -18,6 +18,9 @@ def load_into(
 ) -> None:
     """Copy each (HF name, tensor) into its parameter through the parameter's weight_loader.
 
+    The tensors may be read-only views of a mapped checkpoint, in their stored dtype: a loader narrows one to
+    its slice and copies that in (copy_ casts to the parameter's dtype); nothing writes into them.
+
     Raises ModelLoadError naming a checkpoint tensor with no parameter, or parameters left unloaded.
     """
     params = dict(model.named_parameters())
@@ -31,7 +34,7 @@ def load_into(
         param = params[target]
         loader = getattr(param, "weight_loader", _default_loader)
         with torch.no_grad():
-            loader(param, tensor.to(param.dtype), *(() if shard_id is None else (shard_id,)))
+            loader(param, tensor, *(() if shard_id is None else (shard_id,)))
         loaded.add(target)
     _check_complete(model, set(params) - loaded)
 

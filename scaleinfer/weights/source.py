@@ -43,12 +43,13 @@ class ModelSource:
     gguf_file: GGUFFile | None = field(default=None, repr=False)  # parsed once, reused for the weights
 
     def iter_weights(self, dtype: torch.dtype, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-        """(hf_name, tensor) pairs; floating-point tensors are cast to `dtype`."""
+        """(hf_name, tensor) pairs. GGUF tensors are dequantized into memory in `dtype`. Safetensors tensors
+        come in their stored dtype as read-only views of the mapped files: a parameter's weight_loader narrows
+        one to its rank's slice and the copy into the parameter casts, so a rank reads only its slice."""
         if self.gguf_file is not None:
             yield from self.gguf_file.iter_weights(dtype, progress)
             return
-        for name, tensor in iter_safetensors(self.path, progress):
-            yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+        yield from iter_safetensors(self.path, progress)
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         template = self.gguf_file.chat_template if self.gguf_file is not None else None
