@@ -1,10 +1,16 @@
 """Continuous batching with one token budget per step (vLLM v1 style).
 
-Every step spends up to max_num_batched_tokens over running sequences first (a decode wants 1 token, an
-unfinished prefill the rest of its prompt, chunked to fit), then admits waiting sequences first come,
-first served. A prefill and a decode are the same thing here: compute the tokens from
-num_computed_tokens on. When blocks run short the newest running sequence is preempted by recompute.
+Every step spends up to max_num_batched_tokens over running sequences first, oldest first (a decode wants
+1 token, an unfinished prefill the rest of its prompt, chunked to fit), then admits waiting sequences first
+come, first served, with what is left. A prefill and a decode are the same thing here: compute the tokens
+from num_computed_tokens on. When blocks run short the newest running sequence is preempted by recompute.
 schedule() and update() alternate: the engine calls update with each schedule's output before the next.
+
+Fairness follows from that order. A sequence is admitted only with budget left once every running one has
+its tokens, so every running sequence advances every step (at most max_num_batched_tokens of them run), and
+at most one is mid-prefill, the newest: every running decode is scheduled ahead of any prompt chunk. A long
+prompt delays the decodes beside it only by the length of the steps it shares with them, which
+max_num_batched_tokens bounds.
 """
 
 from __future__ import annotations

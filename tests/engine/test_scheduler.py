@@ -104,6 +104,45 @@ def test_max_num_seqs_limits_admission():
     harness.assert_no_leaks()
 
 
+def check_every_running_sequence_scheduled(scheduler):
+    """From now on each schedule() must give every sequence running after it its tokens: none is left out."""
+    schedule = scheduler.schedule
+
+    def checked():
+        output = schedule()
+        assert [s.request_id for s in output.scheduled] == [seq.request_id for seq in scheduler.running]
+        return output
+
+    scheduler.schedule = checked
+
+
+def test_running_decodes_get_a_token_every_step_while_a_huge_prompt_prefills():
+    harness = Harness(make_scheduler(num_blocks=700, max_num_batched_tokens=16))
+    harness.add(*(make_seq(name, 3, max_tokens=200) for name in "abc"))
+    harness.step()
+    harness.add(make_seq("huge", 2000, max_tokens=2))
+    check_every_running_sequence_scheduled(harness.scheduler)
+    while not harness.sequences["huge"].output_token_ids:
+        output = harness.step()
+        assert [(s.request_id, s.num_tokens) for s in output.scheduled][:3] == [("a", 1), ("b", 1), ("c", 1)]
+    assert harness.chunks("huge") == [(13 * i, 13) for i in range(153)] + [(1989, 11)]
+    assert harness.sequences["a"].num_output_tokens == 1 + 154
+    harness.run()
+    harness.assert_no_leaks()
+
+
+def test_no_more_sequences_run_than_a_step_has_tokens():
+    # 8 may run, but a step has 4 tokens: a 5th running sequence would get none, step after step; admission
+    # with only what the running ones leave keeps it out
+    harness = Harness(make_scheduler(max_num_batched_tokens=4, max_num_seqs=8))
+    harness.add(*(make_seq(name, 2, max_tokens=12) for name in "abcdefgh"))
+    check_every_running_sequence_scheduled(harness.scheduler)
+    harness.run()
+    assert max(len(output.scheduled) for output in harness.outputs) == 4
+    assert all(seq.num_output_tokens == 12 for seq in harness.sequences.values())
+    harness.assert_no_leaks()
+
+
 def test_update_returns_only_sequences_that_sampled():
     harness = Harness(make_scheduler(max_num_batched_tokens=8))
     harness.add(make_seq("a", 3), make_seq("b", 10))
@@ -296,6 +335,7 @@ def test_random_workload_keeps_invariants(seed):
                                enable_prefix_caching=rng.random() < 0.7, max_num_seqs=rng.randint(1, 6),
                                max_num_batched_tokens=rng.randint(4, 24), max_model_len=28)
     harness = Harness(scheduler, next_token=lambda s: rng.choice([0, 1, 2, 3, FIXED_TOKEN]))
+    check_every_running_sequence_scheduled(scheduler)  # preemption included
     prefixes = [[rng.randrange(50) for _ in range(8)] for _ in range(3)]
     for step in range(400):
         if step < 300 and rng.random() < 0.3:
