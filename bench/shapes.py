@@ -26,6 +26,9 @@ SHAPES: dict[str, dict] = {
     "mixtral-8x7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768, rope_theta=1e6,
                          num_local_experts=8, num_experts_per_tok=2, bos_token_id=1, eos_token_id=2),
+    # For checking the scripts on a CPU: a few small layers of the Llama layout.
+    "tiny-llama": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                       num_key_value_heads=4, vocab_size=4096, max_position_embeddings=2048, rope_theta=10000.0),
 }
 
 

@@ -29,6 +29,8 @@ def rank_device(config: ModelConfig, rank: int, local_rank: int | None = None) -
     """config with this rank's device: cuda:<local rank> where the user named "cuda" or "auto" and a GPU is
     present (one GPU per rank); an explicit cuda:N is shared by every rank (gloo only: NCCL refuses two ranks
     on one GPU), and cpu stays cpu."""
+    if config.device.startswith("cuda:"):  # gloo's collectives synchronize with the host: no CUDA graphs
+        return dataclasses.replace(config, enforce_eager=True)
     wants_gpu = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     if not wants_gpu:
         return config
