@@ -95,6 +95,8 @@ class TensorParallelExecutor:
 
     def shutdown(self) -> None:
         self._finalizer()
+        if self.runner.streamer is not None:
+            self.runner.streamer.close()
 
     # ---- failures -------------------------------------------------------------------------------------
 

@@ -33,4 +33,6 @@ class UniprocExecutor:
         return ScheduledSequence("padding", [0], 0, [self.runner.num_blocks], False, SamplingParams())
 
     def shutdown(self) -> None:
-        """Nothing to stop: the runner lives and dies with this process."""
+        """No process to stop; streamed layers' files and buffers go now rather than at exit."""
+        if self.runner.streamer is not None:
+            self.runner.streamer.close()

@@ -33,6 +33,8 @@ def serve_steps(runner: ModelRunner, on_step: Any = None) -> None:
         num_steps += 1
         if on_step is not None:
             on_step(num_steps)
+    if runner.streamer is not None:  # its NVMe files: a worker process runs no atexit or finalizer work
+        runner.streamer.close()
 
 
 def spawned_worker_main(spec: RankRunnerSpec, steps_done: Any, errors: Connection, parent: Connection) -> None:

@@ -76,3 +76,15 @@ def test_sizes_that_cannot_run_are_refused_with_the_value(tiny_models):
         LLM(str(folder), device="cpu", progress=False, tensor_parallel_size=3)
     with pytest.raises(InvalidRequestError, match="tensor_parallel_size must be an integer >= 1, got 0"):
         LLM(str(folder), device="cpu", progress=False, tensor_parallel_size=0)
+
+
+@pytest.mark.parametrize("offload", ["cpu", "nvme"])
+def test_each_rank_streams_its_own_shard_of_offloaded_layers(tiny_models, tmp_path, offload):
+    folder, hf_model = tiny_models["llama3.1"]
+    prompts = prompts_with_shared_prefix(hf_model.config.vocab_size)[:3]
+    reference, _ = generate(folder, prompts, 1, NUM_TOKENS)
+    path = dict(offload_path=str(tmp_path)) if offload == "nvme" else {}
+    outputs, _ = generate(folder, prompts, 2, NUM_TOKENS, offload=offload, **path)
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in reference]
+    assert_logprobs_close(outputs, reference)
+    assert list(tmp_path.iterdir()) == []  # every rank removed its layer files
