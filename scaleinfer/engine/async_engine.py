@@ -82,6 +82,7 @@ class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.model_name: str = engine.model_name
         self.max_model_len: int = engine.max_model_len
+        self.max_waiting: int | None = engine.config.scheduler.max_waiting  # sequences queued at most
         # The event loop's own copy: HF fast tokenizers are not safe to share across threads.
         self.tokenizer = copy.deepcopy(engine.tokenizer)
         self._engine = engine  # after __init__, touched by the engine thread only

@@ -24,7 +24,6 @@ from scaleinfer.engine.async_engine import AsyncLLMEngine
 from scaleinfer.engine.scheduler import QueueFullError
 from scaleinfer.errors import EngineDeadError, InvalidRequestError
 from scaleinfer.server.errors import ApiError, bad_request, from_validation_error, to_api_error
-from scaleinfer.server.metrics import ServerMetrics
 from scaleinfer.server.middleware import DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddleware
 from scaleinfer.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from scaleinfer.server.serving import ServingContext
@@ -42,7 +41,7 @@ def build_app(engine: AsyncLLMEngine, api_key: str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_n: int = 16) -> FastAPI:
     """An app serving `engine`; with api_key set, every /v1 route needs `Authorization: Bearer <api_key>`."""
     app = FastAPI(title="scaleinfer", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.ctx = ServingContext(engine, ServerMetrics(engine), max_n)
+    app.state.ctx = ServingContext.create(engine, max_n)
     app.state.api_key = api_key
     app.include_router(_public)
     app.include_router(_v1)
@@ -61,13 +60,23 @@ def run_server(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, 
 
     from scaleinfer.server.graceful import GracefulServer
 
+    check_serving_config(config)
     engine = AsyncLLMEngine.from_config(config)
+    app = build_app(engine, api_key, max_body_bytes)
     try:
-        uvicorn_config = uvicorn.Config(build_app(engine, api_key, max_body_bytes), host=host, port=port,
-                                        log_level=log_level)
+        uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level=log_level)
         GracefulServer(uvicorn_config, engine, shutdown_timeout_s).run()
     finally:
+        app.state.ctx.tokenizer.close()
         engine.shutdown(reason="server is shutting down")
+
+
+def check_serving_config(config: EngineConfig) -> None:
+    """Refuse, before the model loads, settings under which the server could serve nothing."""
+    max_waiting = config.scheduler.max_waiting
+    if max_waiting is not None and max_waiting < 1:
+        raise InvalidRequestError(f"max_waiting must be at least 1 to serve (a queue of {max_waiting} refuses "
+                                  f"every request); leave it unset for no bound")
 
 
 # ---- auth and errors --------------------------------------------------------------------------------

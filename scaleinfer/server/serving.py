@@ -16,8 +16,10 @@ from scaleinfer.engine.async_engine import AsyncLLMEngine, RequestStream
 from scaleinfer.outputs import CompletionOutput, RequestOutput
 from scaleinfer.sampling_params import SamplingParams
 from scaleinfer.server.errors import ApiError, bad_request, to_api_error
+from scaleinfer.server.limits import RequestLimits
 from scaleinfer.server.metrics import RequestTiming, ServerMetrics
 from scaleinfer.server.protocol import SamplingRequest, Usage
+from scaleinfer.server.tokenizing import Prompt, PromptTokenizer
 
 SSE_DONE = "data: [DONE]\n\n"
 
@@ -26,7 +28,13 @@ SSE_DONE = "data: [DONE]\n\n"
 class ServingContext:
     engine: AsyncLLMEngine
     metrics: ServerMetrics
-    max_n: int = 16  # choices per prompt
+    limits: RequestLimits
+    tokenizer: PromptTokenizer
+
+    @classmethod
+    def create(cls, engine: AsyncLLMEngine, max_n: int = 16) -> ServingContext:
+        limits = RequestLimits(engine.max_model_len, engine.max_waiting, max_n)
+        return cls(engine, ServerMetrics(engine), limits, PromptTokenizer(engine.tokenizer))
 
     def check_model(self, model: str) -> None:
         if model != self.engine.model_name:
@@ -36,9 +44,7 @@ class ServingContext:
 
 def build_params(ctx: ServingContext, req: SamplingRequest, max_tokens: int,
                  logprobs: int | None) -> SamplingParams:
-    """Raises InvalidRequestError (400) for values out of range."""
-    if req.n > ctx.max_n:
-        raise bad_request(f"n must be at most {ctx.max_n}, got {req.n}", "n")
+    """Raises InvalidRequestError (400) for values out of range (n: see RequestLimits.check_admissible)."""
     return SamplingParams(
         n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -58,11 +64,12 @@ def _token_id_keys(logit_bias: dict[str, float]) -> dict[int, float]:
         raise bad_request(f"logit_bias must have token ids as keys, got {keys[:5]}", "logit_bias") from None
 
 
-async def run_requests(ctx: ServingContext, req: SamplingRequest, request_id: str, prompts: list[str | list[int]],
+async def run_requests(ctx: ServingContext, req: SamplingRequest, request_id: str, prompts: list[Prompt],
                        params: SamplingParams, stream: Callable[..., AsyncIterator[str]],
-                       respond: Callable[..., Any]) -> Any:
+                       respond: Callable[..., Any], arrival: float) -> Any:
     """Admit the prompts, then either stream SSE chunks or wait for every output and build the response."""
-    requests = await open_requests(ctx, request_id, prompts, params)
+    ctx.limits.check_tokens([prompt.num_tokens for prompt in prompts], params.max_tokens, params.n)
+    requests = await open_requests(ctx, request_id, prompts, params, arrival)
     if req.stream:
         return with_error_event(stream(ctx, req, request_id, requests))
     try:
@@ -72,12 +79,12 @@ async def run_requests(ctx: ServingContext, req: SamplingRequest, request_id: st
     return respond(ctx, req, request_id, requests)
 
 
-async def open_requests(ctx: ServingContext, request_id: str, prompts: list[str | list[int]],
-                        params: SamplingParams) -> EngineRequests:
-    """Admit one engine request per prompt; all or none (the admitted ones are aborted on failure)."""
-    arrival = time.monotonic()
+async def open_requests(ctx: ServingContext, request_id: str, prompts: list[Prompt], params: SamplingParams,
+                        arrival: float) -> EngineRequests:
+    """Admit one engine request per prompt; all or none (the admitted ones are aborted on failure).
+    arrival: time.monotonic() when the HTTP request came in."""
     ids = [request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))]
-    adds = [ctx.engine.add_request(rid, prompt, params) for rid, prompt in zip(ids, prompts)]
+    adds = [ctx.engine.add_request(rid, prompt.engine_prompt, params) for rid, prompt in zip(ids, prompts)]
     results = await asyncio.gather(*adds, return_exceptions=True)
     streams = [r for r in results if isinstance(r, RequestStream)]
     errors = [r for r in results if not isinstance(r, RequestStream)]
@@ -85,18 +92,20 @@ async def open_requests(ctx: ServingContext, request_id: str, prompts: list[str 
         for stream in streams:
             stream.close()
         raise errors[0]
-    return EngineRequests(streams, params, ctx.metrics, [RequestTiming(arrival) for _ in streams])
+    return EngineRequests(streams, params, ctx.metrics, [RequestTiming(arrival) for _ in streams],
+                          [prompt.text for prompt in prompts])
 
 
 class EngineRequests:
     """The engine requests behind one HTTP request, iterated together and closed together."""
 
     def __init__(self, streams: list[RequestStream], params: SamplingParams, metrics: ServerMetrics,
-                 timings: list[RequestTiming]) -> None:
+                 timings: list[RequestTiming], prompt_texts: list[str | None]) -> None:
         self.streams = streams
         self.params = params
         self.metrics = metrics
         self.timings = timings
+        self.prompt_texts = prompt_texts  # as sent, where a prompt was text; the engine got token ids
         self.latest: list[RequestOutput | None] = [None] * len(streams)
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:

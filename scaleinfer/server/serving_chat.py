@@ -3,6 +3,7 @@ ChatCompletionResponse or an SSE stream of chunks."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,25 +29,36 @@ from scaleinfer.server.serving import (
     run_requests,
     sse,
 )
-from scaleinfer.tokenizer import apply_chat_template
+from scaleinfer.server.tokenizing import Prompt
 
 
 async def create_chat_completion(ctx: ServingContext,
                                  req: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
+    arrival = time.monotonic()
     ctx.check_model(req.model)
-    prompt_ids = render_chat(ctx.engine.tokenizer, req.messages)
+    conversation = _conversation(ctx, req.messages)
+    ctx.limits.check_admissible(req.n, 1)
+    prompt_ids = await render_chat(ctx, conversation)
     params = build_params(ctx, req, _max_tokens(ctx, req, len(prompt_ids)), _num_logprobs(req))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    return await run_requests(ctx, req, request_id, [prompt_ids], params, _stream, _response)
+    return await run_requests(ctx, req, request_id, [Prompt(prompt_ids, None)], params, _stream, _response, arrival)
 
 
-def render_chat(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
-    """Prompt token ids of the conversation under the model's chat template, as LLM.chat builds them."""
+def _conversation(ctx: ServingContext, messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The messages as the chat template takes them, within the size bound (checked before tokenizing)."""
     if not messages:
         raise bad_request("messages must not be empty", "messages")
+    if not ctx.tokenizer.has_tokenizer:
+        raise bad_request("chat needs a tokenizer; this engine was started without one", "messages")
     conversation = [{"role": m.role, "content": _text_of(m)} for m in messages]
+    ctx.limits.check_chars(sum(len(m["content"]) for m in conversation), "messages", "messages")
+    return conversation
+
+
+async def render_chat(ctx: ServingContext, conversation: list[dict[str, Any]]) -> list[int]:
+    """Prompt token ids of the conversation under the model's chat template, as LLM.chat builds them."""
     try:
-        return apply_chat_template(tokenizer, conversation)
+        return await ctx.tokenizer.chat(conversation)
     except InvalidRequestError as exc:
         raise bad_request(str(exc), "messages") from exc
     except Exception as exc:  # a template that rejects these messages (a role it does not know, ...)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -23,14 +24,18 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
 async def create_completion(ctx: ServingContext,
                             req: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
+    arrival = time.monotonic()
     ctx.check_model(req.model)
     if req.echo and req.logprobs is not None:
         raise bad_request("echo with logprobs is not supported: prompt logprobs are not computed", "echo")
-    prompts = normalize_prompts(req.prompt)
+    raw_prompts = normalize_prompts(req.prompt)
+    ctx.limits.check_prompts(raw_prompts)
+    ctx.limits.check_admissible(req.n, len(raw_prompts))
     max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
     params = build_params(ctx, req, max_tokens, req.logprobs)
+    prompts = await ctx.tokenizer.prompts(raw_prompts)
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    return await run_requests(ctx, req, request_id, prompts, params, _stream, _response)
+    return await run_requests(ctx, req, request_id, prompts, params, _stream, _response, arrival)
 
 
 def normalize_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -47,8 +52,8 @@ def normalize_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> 
 def _response(ctx: ServingContext, req: CompletionRequest, request_id: str,
               requests: EngineRequests) -> CompletionResponse:
     tracker = requests.delta_tracker()
-    choices = [_choice(ctx, delta, 0, _echo(ctx, req, output)) for i, output in enumerate(requests.latest)
-               if output is not None for delta in tracker.deltas(i, output)]
+    choices = [_choice(ctx, delta, 0, _echo(ctx, req, requests.prompt_texts[i], output))
+               for i, output in enumerate(requests.latest) if output is not None for delta in tracker.deltas(i, output)]
     choices.sort(key=lambda choice: choice.index)
     return CompletionResponse(id=request_id, model=req.model, choices=choices, usage=requests.usage())
 
@@ -59,12 +64,12 @@ def _choice(ctx: ServingContext, delta: ChoiceDelta, text_offset: int, echo: str
                             finish_reason=delta.finish_reason)
 
 
-def _echo(ctx: ServingContext, req: CompletionRequest, output: RequestOutput) -> str:
+def _echo(ctx: ServingContext, req: CompletionRequest, text: str | None, output: RequestOutput) -> str:
     """With echo, the prompt text that precedes a choice's text (token-id prompts are decoded)."""
     if not req.echo:
         return ""
-    if output.prompt is not None:
-        return output.prompt
+    if text is not None:
+        return text
     tokenizer = ctx.engine.tokenizer
     return tokenizer.decode(output.prompt_token_ids) if tokenizer is not None else ""
 
@@ -77,7 +82,7 @@ async def _stream(ctx: ServingContext, req: CompletionRequest, request_id: str,
         async for index, output in requests.outputs():
             for delta in tracker.deltas(index, output):
                 offset = len(delta.output.text) - len(delta.text)
-                echo = "" if delta.index in echoed else _echo(ctx, req, output)
+                echo = "" if delta.index in echoed else _echo(ctx, req, requests.prompt_texts[index], output)
                 echoed.add(delta.index)
                 choice = _choice(ctx, delta, offset, echo)
                 yield sse(CompletionResponse(id=request_id, model=req.model, choices=[choice]))

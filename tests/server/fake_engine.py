@@ -1,4 +1,5 @@
-"""A scripted stand-in for LLMEngine (same methods, no model): one token per step per request."""
+"""A scripted stand-in for LLMEngine (same methods, no model): one token per step per request; and a byte-level
+stand-in tokenizer that records which threads call it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from scaleinfer.config import EngineConfig
 from scaleinfer.errors import InvalidRequestError
 from scaleinfer.outputs import CompletionOutput, RequestOutput
 from scaleinfer.sampling_params import SamplingParams
@@ -27,19 +29,23 @@ class FakeEngine:
     """One token per step per request; prompts "bad" and "boom" fail in add_request; step can be made to fail."""
 
     model_name: str = "fake"
-    max_model_len: int = 64
+    max_model_len: int = 2048
     tokenizer: object = None
+    config: EngineConfig = field(default_factory=EngineConfig)
     fail_step: bool = False
     requests: dict[str, tuple[int, list[int]]] = field(default_factory=dict)
+    prompts: dict[str, str | list[int]] = field(default_factory=dict)  # as add_request got them
     aborted: list[str] = field(default_factory=list)
     caller_threads: set[str] = field(default_factory=set)
 
-    def add_request(self, request_id: str, prompt: str, params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         self._touch()
-        if prompt == "bad":
+        text = prompt if isinstance(prompt, str) else ByteTokenizer().decode(prompt)
+        if text == "bad":
             raise InvalidRequestError("prompt is bad")
-        if prompt == "boom":
+        if text == "boom":
             raise RuntimeError("tokenizer exploded")
+        self.prompts[request_id] = prompt
         self.requests[request_id] = (params.max_tokens, [])
 
     def abort_request(self, request_ids: list[str]) -> None:
@@ -72,3 +78,26 @@ class FakeEngine:
 
     def _touch(self) -> None:
         self.caller_threads.add(threading.current_thread().name)
+
+
+class ByteTokenizer:
+    """Token ids are UTF-8 bytes. Copies are the same object, so that every caller's thread is recorded here."""
+
+    chat_template = "role: content per message"
+    name_or_path = "bytes"
+
+    def __init__(self) -> None:
+        self.caller_threads: set[str] = set()
+
+    def __deepcopy__(self, memo: dict) -> ByteTokenizer:
+        return self
+
+    def encode(self, text: str) -> list[int]:
+        self.caller_threads.add(threading.current_thread().name)
+        return list(text.encode())
+
+    def decode(self, token_ids: list[int], **kwargs: object) -> str:
+        return bytes(token_ids).decode(errors="replace")
+
+    def apply_chat_template(self, messages: list[dict], **kwargs: object) -> list[int]:
+        return self.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages))

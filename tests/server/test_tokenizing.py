@@ -1,0 +1,54 @@
+"""Prompts are tokenized on the server's tokenizer thread, never on the event loop or the engine thread; the
+engine gets token ids, echo returns the text as sent. A live server over the FakeEngine and a byte tokenizer."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from fake_engine import ByteTokenizer, FakeEngine
+from server_utils import ThreadedServer
+
+from scaleinfer.engine.async_engine import AsyncLLMEngine
+from scaleinfer.server.app import build_app
+
+
+@pytest.fixture
+def byte_server():
+    fake = FakeEngine(tokenizer=ByteTokenizer())
+    engine = AsyncLLMEngine(fake)  # type: ignore[arg-type]
+    threaded = ThreadedServer(build_app(engine))
+    yield fake, threaded.url
+    threaded.stop()
+    engine.shutdown()
+
+
+def post(url: str, path: str, **body) -> httpx.Response:
+    return httpx.post(f"{url}/v1/{path}", json={"model": "fake", "max_tokens": 2, **body}, timeout=30)
+
+
+def test_completions_and_chat_tokenize_on_the_tokenizer_thread(byte_server):
+    fake, url = byte_server
+    texts = post(url, "completions", prompt=["hi", "héllo"], echo=True)
+    assert texts.status_code == 200, texts.text
+    assert [c["text"] for c in texts.json()["choices"]] == ["hixx", "hélloxx"]  # the text as sent, then the fake's "xx"
+    ids = post(url, "completions", prompt=[7, 8], max_tokens=1)
+    assert ids.status_code == 200, ids.text
+    chat = post(url, "chat/completions", messages=[{"role": "user", "content": "yo"}])
+    assert chat.status_code == 200, chat.text
+    assert sorted(map(tuple, fake.prompts.values())) == sorted([tuple(b"hi"), tuple("héllo".encode()), (7, 8),
+                                                                tuple(b"user: yo\n")])
+    assert fake.tokenizer.caller_threads == {"scaleinfer-tokenizer_0"}
+
+
+def test_text_prompts_pass_through_without_a_tokenizer():
+    """skip_tokenizer_init: the engine gets the text and answers for it (a real one refuses it)."""
+    fake = FakeEngine()
+    engine = AsyncLLMEngine(fake)  # type: ignore[arg-type]
+    threaded = ThreadedServer(build_app(engine))
+    try:
+        assert post(threaded.url, "completions", prompt="bad").json()["error"]["message"] == "prompt is bad"
+        chat = post(threaded.url, "chat/completions", messages=[{"role": "user", "content": "yo"}])
+        assert chat.status_code == 400 and "needs a tokenizer" in chat.json()["error"]["message"]
+    finally:
+        threaded.stop()
+        engine.shutdown()
