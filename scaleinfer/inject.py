@@ -11,6 +11,8 @@ weights plus the tensor in flight, on a GPU as on the CPU. The HF model is not u
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from typing import Any
 
 import torch
@@ -34,20 +36,41 @@ def init_inference(model: Any, dtype: torch.dtype | None = None, tensor_parallel
     from scaleinfer.weights.hf_config import arch_from_hf
     from scaleinfer.weights.hf_model import hf_model_source
 
-    if tensor_parallel_size != 1:
-        raise InvalidRequestError(f"tensor_parallel_size={tensor_parallel_size}: only 1 is supported so far")
     device = next(model.parameters()).device
     if device.type == "meta":
         raise InvalidRequestError("the model is on the meta device: it has no weights to move; load them first")
     check_supported(type(model).__name__)  # before reading a config we may not understand
     arch = arch_from_hf(model.config.to_dict(), f"{type(model).__name__}.config")
     dtype = dtype or next(model.parameters()).dtype
+    if tensor_parallel_size != 1:
+        return _init_tensor_parallel(model, device, dtype, tensor_parallel_size, engine_options)
     config = EngineConfig.from_kwargs(model=arch.architecture, device=str(device), dtype=_DTYPE_NAMES[dtype],
                                       skip_tokenizer_init=True, **engine_options)
     generation_config = getattr(model, "generation_config", None)
     source = hf_model_source(model, arch)
     with source.building():
         engine = LLMEngine(config, progress=False, source=source)
+    return InferenceModel(engine, generation_config)
+
+
+def _init_tensor_parallel(model: Any, device: torch.device, dtype: torch.dtype, size: int,
+                          engine_options: dict[str, Any]) -> InferenceModel:
+    """T ranks, each its own process, cannot take tensors from this one's model: its weights are written once
+    to a temporary safetensors folder, HF's parameters released, and every rank reads its slice from the
+    files (a rank holds about 1/T of the model). The folder goes once the engine has started: every rank has
+    loaded by then (the KV block count is agreed after loading)."""
+    folder = tempfile.mkdtemp(prefix="scaleinfer-inject-")
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+        generation_config = getattr(model, "generation_config", None)
+        for param in model.parameters():
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+        config = EngineConfig.from_kwargs(model=folder, device="cuda" if device.type == "cuda" else "cpu",
+                                          dtype=_DTYPE_NAMES[dtype], skip_tokenizer_init=True,
+                                          tensor_parallel_size=size, **engine_options)
+        engine = LLMEngine(config, progress=False)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return InferenceModel(engine, generation_config)
 
 
@@ -111,6 +134,11 @@ class InferenceModel:
     def forward(self, input_ids: torch.Tensor) -> Any:
         """Logits for every position of every row, like HF's forward: [batch, seq_len, vocab]."""
         from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        size = self.engine.config.parallel.tensor_parallel_size
+        if size != 1:
+            raise InvalidRequestError(f"forward() runs the model in this process only; with tensor_parallel_size="
+                                      f"{size} use generate()")
 
         logits = [self._prefill_logits(row.tolist()) for row in input_ids]
         return CausalLMOutputWithPast(logits=torch.stack(logits))

@@ -8,7 +8,7 @@ import torch
 from tp_helpers import assert_logprobs_close, generate, hf_greedy, prompts_with_shared_prefix
 from transformers import AutoModelForCausalLM, MixtralConfig
 
-from scaleinfer import LLM, SamplingParams
+from scaleinfer import LLM, SamplingParams, init_inference
 from scaleinfer.errors import InvalidRequestError
 
 # Chunks of 16 tokens, a cache too small for every sequence at once (preemption by recompute), prefix caching on.
@@ -88,3 +88,23 @@ def test_each_rank_streams_its_own_shard_of_offloaded_layers(tiny_models, tmp_pa
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in reference]
     assert_logprobs_close(outputs, reference)
     assert list(tmp_path.iterdir()) == []  # every rank removed its layer files
+
+
+def test_init_inference_at_two_ranks_on_a_left_padded_batch(tiny_models):
+    folder, _ = tiny_models["llama3.1"]
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    rows = prompts_with_shared_prefix(hf.config.vocab_size)[:3]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    kwargs = dict(max_new_tokens=NUM_TOKENS, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = hf.generate(ids, attention_mask=mask, **kwargs)
+    ours = init_inference(AutoModelForCausalLM.from_pretrained(folder).eval(), tensor_parallel_size=2,
+                          kv_cache_memory=4 << 20)
+    try:
+        assert torch.equal(ours.generate(ids, attention_mask=mask, **kwargs), expected)
+        with pytest.raises(InvalidRequestError, match="tensor_parallel_size=2 use generate"):
+            ours(ids)
+    finally:
+        ours.engine.shutdown()
