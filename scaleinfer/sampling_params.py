@@ -1,7 +1,12 @@
-"""SamplingParams: how one request is decoded; validated on construction."""
+"""SamplingParams: how one request is decoded; validated on construction.
+
+Every float field must be finite (NaN and +-inf are refused) and every bound below is chosen so that no
+accepted value can make a logit NaN or infinite in float32.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from scaleinfer.errors import InvalidRequestError
@@ -9,6 +14,16 @@ from scaleinfer.errors import InvalidRequestError
 MAX_LOGPROBS = 20
 MAX_ABS_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty
 MAX_ABS_LOGIT_BIAS = 100.0  # OpenAI's range for each logit_bias value
+# Below this a temperature is greedy (vLLM's epsilon): dividing logits by it would overflow float32.
+MIN_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 100.0  # 50x OpenAI's 2; past it sampling is uniform anyway, and it stays finite in float32
+# logits / 0.01 and logits * 100 stay finite for any logit a model produces (|logit| < 3e36).
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+# OpenAI allows 4 stop strings; every generated token is checked against each, so they are bounded.
+MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS = 16, 512
+# What torch.Generator.manual_seed accepts: any int64 or uint64; it takes the seed modulo 2**64.
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
+MAX_SHOWN_CHARS = 200  # of a bad value, in its error message
 
 
 @dataclass(slots=True)
@@ -16,11 +31,14 @@ class SamplingParams:
     n: int = 1
     max_tokens: int = 16
     min_tokens: int = 0
+    # [0, MAX_TEMPERATURE]; 0 is greedy, and so is anything below MIN_TEMPERATURE (set to 0 on construction).
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0  # 0 or -1: off
+    # 0 or -1: off. A top_k at or above the vocabulary keeps every token (the sampler clamps it, as vLLM).
+    top_k: int = 0
+    # In [MIN_SEED, MAX_SEED]. With n > 1, sequence i of the request draws from (seed + i) mod 2**64.
     seed: int | None = None
-    stop: list[str] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)  # at most MAX_STOP_STRINGS of at most MAX_STOP_STRING_CHARS
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # top-k logprobs per generated token (the sampled one always included)
@@ -29,7 +47,7 @@ class SamplingParams:
     # divided by it when positive, multiplied when negative (> 1 discourages repeats).
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.0  # in [MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY]
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -46,29 +64,47 @@ class SamplingParams:
                "max_tokens must be an integer >= 1", self.max_tokens)
         _check(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
                f"min_tokens must be in [0, max_tokens={self.max_tokens}]", self.min_tokens)
-        _check(_is_number(self.temperature) and self.temperature >= 0,
-               "temperature must be >= 0", self.temperature)
-        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]", self.top_p)
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be -1, 0 or positive", self.top_k)
-        _check(self.seed is None or isinstance(self.seed, int), "seed must be an integer", self.seed)
+        self._check_sampling()
         _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
                f"logprobs must be in [0, {MAX_LOGPROBS}]", self.logprobs)
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings", self.stop)
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-               "stop_token_ids must be non-negative integers", self.stop_token_ids)
+        self._check_stop()
         self._check_penalties()
+
+    def _check_sampling(self) -> None:
+        _check(_is_finite(self.temperature), "temperature must be a finite number", self.temperature)
+        _check(self.temperature >= 0, "temperature must be >= 0", self.temperature)
+        _check(self.temperature <= MAX_TEMPERATURE, f"temperature must be <= {MAX_TEMPERATURE}", self.temperature)
+        if self.temperature < MIN_TEMPERATURE:
+            self.temperature = 0.0
+        _check(_is_finite(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]", self.top_p)
+        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k must be -1, 0 or positive", self.top_k)
+        _check(self.seed is None or (_is_int(self.seed) and MIN_SEED <= self.seed <= MAX_SEED),
+               "seed must be an integer in [-2**63, 2**64 - 1]", self.seed)
+
+    def _check_stop(self) -> None:
+        _check(len(self.stop) <= MAX_STOP_STRINGS, f"stop must have at most {MAX_STOP_STRINGS} strings",
+               len(self.stop))
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings", self.stop)
+        longest = max((len(s) for s in self.stop), default=0)
+        if longest > MAX_STOP_STRING_CHARS:
+            raise InvalidRequestError(f"stop must be strings of at most {MAX_STOP_STRING_CHARS} characters, "
+                                      f"got one of {longest}")
+        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+               "stop_token_ids must be non-negative integers", self.stop_token_ids)
 
     def _check_penalties(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            _check(_is_number(value) and -MAX_ABS_PENALTY <= value <= MAX_ABS_PENALTY,
+            _check(_is_finite(value) and -MAX_ABS_PENALTY <= value <= MAX_ABS_PENALTY,
                    f"{name} must be in [-{MAX_ABS_PENALTY}, {MAX_ABS_PENALTY}]", value)
-        _check(_is_number(self.repetition_penalty) and 0 < self.repetition_penalty < float("inf"),
-               "repetition_penalty must be a finite number > 0", self.repetition_penalty)
+        _check(_is_finite(self.repetition_penalty)
+               and MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
+               f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}]",
+               self.repetition_penalty)
         self.logit_bias = dict(self.logit_bias or {})
-        _check(all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.logit_bias),
+        _check(all(_is_int(t) and t >= 0 for t in self.logit_bias),
                "logit_bias must have non-negative token ids as keys", list(self.logit_bias))
-        _check(all(_is_number(b) and abs(b) <= MAX_ABS_LOGIT_BIAS for b in self.logit_bias.values()),
+        _check(all(_is_finite(b) and abs(b) <= MAX_ABS_LOGIT_BIAS for b in self.logit_bias.values()),
                f"logit_bias must have values in [-{MAX_ABS_LOGIT_BIAS}, {MAX_ABS_LOGIT_BIAS}]", self.logit_bias)
 
     def check_token_ids(self, vocab_size: int) -> None:
@@ -85,10 +121,31 @@ class SamplingParams:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
+def child_seed(seed: int, index: int) -> int:
+    """The seed of sequence `index` of an n > 1 request: seed + index, wrapped into [0, 2**64) when it passes
+    MAX_SEED (torch takes every seed modulo 2**64, so wrapping changes no stream)."""
+    seed += index
+    return seed if seed <= MAX_SEED else seed % 2**64
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_finite(value: object) -> bool:
+    """A real number that is not NaN or +-inf (an int too large for a float is not finite either)."""
+    try:
+        return _is_number(value) and math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _check(ok: bool, message: str, value: object) -> None:
     if not ok:
-        raise InvalidRequestError(f"{message}, got {value!r}")
+        shown = repr(value)  # a hostile value may be megabytes long: the message keeps its start
+        shown = shown if len(shown) <= MAX_SHOWN_CHARS else shown[:MAX_SHOWN_CHARS] + "..."
+        raise InvalidRequestError(f"{message}, got {shown}")

@@ -19,7 +19,7 @@ from scaleinfer.engine.scheduler import Scheduler
 from scaleinfer.engine.sequence import Sequence, SequenceStatus
 from scaleinfer.errors import InvalidRequestError, RankFailedError
 from scaleinfer.outputs import RequestOutput, RunnerOutput, SchedulerOutput
-from scaleinfer.sampling_params import SamplingParams
+from scaleinfer.sampling_params import SamplingParams, child_seed
 
 if TYPE_CHECKING:
     from scaleinfer.weights.source import ModelSource
@@ -87,7 +87,7 @@ class LLMEngine:
     def _add_sequence(self, state: RequestState, index: int, params: SamplingParams) -> None:
         seq_id = state.request_id if params.n == 1 else f"{state.request_id}#{index}"
         if params.n > 1 and params.seed is not None:
-            params = dataclasses.replace(params, seed=params.seed + index)
+            params = dataclasses.replace(params, seed=child_seed(params.seed, index))
         seq = Sequence(seq_id, state.prompt_token_ids, params, self.eos_token_ids)
         child = SequenceState(seq, self._detokenizer(state.prompt_token_ids, params),
                               logprobs=[] if params.logprobs is not None else None,
