@@ -111,6 +111,8 @@ class SampledToken:
 
 @dataclass(slots=True)
 class RunnerOutput:
-    """One SampledToken per ScheduledSequence with sample=True, keyed by request id."""
+    """One SampledToken per ScheduledSequence with sample=True, keyed by request id, except the failed ones."""
 
     sampled: dict[str, SampledToken]
+    # Sequences whose sampling state could not be built (request id -> why): no token; they fail alone.
+    failed: dict[str, str] = field(default_factory=dict)

@@ -17,7 +17,7 @@ from scaleinfer.engine.detokenizer import IncrementalDetokenizer
 from scaleinfer.engine.request_state import RequestState, SequenceState
 from scaleinfer.engine.scheduler import Scheduler
 from scaleinfer.engine.sequence import Sequence, SequenceStatus
-from scaleinfer.errors import InvalidRequestError, RankFailedError
+from scaleinfer.errors import InvalidRequestError, RankFailedError, RequestFailedError
 from scaleinfer.outputs import RequestOutput, RunnerOutput, SchedulerOutput
 from scaleinfer.sampling_params import SamplingParams, child_seed
 
@@ -142,9 +142,10 @@ class LLMEngine:
             raise
         except Exception as exc:  # e.g. streamed weights unreadable: this step's requests fail, the rest go on
             return self._fail_step(scheduler_output, exc)
+        failed = self._fail_sequences(runner_output.failed)  # first: the scheduler appends them no token
         updated = self.scheduler.update(scheduler_output, runner_output)
         self.num_generation_tokens += len(updated)
-        return self._process(updated, runner_output)
+        return self._process(updated, runner_output) + failed
 
     def _process(self, updated: list[Sequence], runner_output: RunnerOutput) -> list[RequestOutput]:
         touched: dict[str, RequestState] = {}
@@ -176,6 +177,15 @@ class LLMEngine:
                 failed[state.request_id] = state
         return [self._fail(state, exc) for state in failed.values()]
 
+    def _fail_sequences(self, failed: dict[str, str]) -> list[RequestOutput]:
+        """The requests of the sequences the runner could not sample (sequence id -> why) fail alone."""
+        states = {}
+        for seq_id, message in failed.items():
+            if seq_id in self.children:  # not aborted while the step ran
+                state = self.children[seq_id][0]
+                states.setdefault(state.request_id, (state, RequestFailedError(f"sequence {seq_id}: {message}")))
+        return [self._fail(state, exc) for state, exc in states.values()]
+
     def _process_token(self, seq: Sequence, child: SequenceState, runner_output: RunnerOutput) -> None:
         child.record(runner_output.sampled[seq.request_id], self.tokenizer)
         stop = child.advance(seq.last_token_id)
@@ -183,7 +193,7 @@ class LLMEngine:
             self._stop_on_string(seq, stop)
 
     def _fail(self, state: RequestState, exc: Exception) -> RequestOutput:
-        logger.exception("request %s failed inside the engine; aborting it alone", state.request_id)
+        logger.error("request %s failed inside the engine; aborting it alone", state.request_id, exc_info=exc)
         self.scheduler.abort([child.seq.request_id for child in state.children])
         self._forget(state)
         output = state.output()

@@ -6,7 +6,7 @@ A seeded request draws q from its own generator, so its tokens do not depend on 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,6 +48,9 @@ class SamplingBatch:
     all_greedy: bool  # argmax only: temperatures, top_ps, top_ks and generators are not read
     penalties: PenaltyBatch | None = None  # None when no row has a penalty
     logit_bias: LogitBias | None = None  # None when no row has a logit bias
+    # Rows whose parameters could not be built (request id -> why): sampled as greedy rows with nothing
+    # applied, their tokens meant to be thrown away.
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

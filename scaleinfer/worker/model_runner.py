@@ -117,7 +117,9 @@ class ModelRunner:
         tokens = _to_host(result)
         if self.next_decode is not None:
             self.next_decode.token_ids = [t.token_id for t in tokens]
-        return RunnerOutput(sampled=dict(zip([s.request_id for s in sampled], tokens)))
+        failed = batch.failed  # rows whose sampling state could not be built: no token, their requests fail
+        return RunnerOutput(sampled={s.request_id: t for s, t in zip(sampled, tokens) if s.request_id not in failed},
+                            failed=failed)
 
     def _run_step(self, output: SchedulerOutput,
                   prepared: NextDecode | None) -> tuple[torch.Tensor, list[ScheduledSequence], bool]:

@@ -4,6 +4,7 @@ SamplingBatch."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -12,6 +13,30 @@ import torch
 from scaleinfer.layers.sampler import NEG_INF, LogitBias, PenaltyBatch, SamplingBatch
 from scaleinfer.outputs import ScheduledSequence
 from scaleinfer.sampling_params import SamplingParams
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+@dataclass(slots=True)
+class _Row:
+    """One request's sampling values as the batch's tensors hold them, built apart from the other rows (and
+    kept while the request lives): a value they cannot hold (a seed torch refuses, a token id past the
+    vocabulary) fails its row alone."""
+
+    params: SamplingParams | None  # what the values were built from (identity); None for a failed row
+    temperature: float  # 0 = greedy
+    top_p: float
+    top_k: int  # in [0, vocab]: 0 = off
+    num_logprobs: int  # -1 = none asked
+    generator: torch.Generator | None
+    logit_bias: list[tuple[int, float]]  # (token id < vocab, finite bias)
+    penalties: tuple[float, float, float] | None  # presence, frequency, repetition; None = off
+    min_tokens: int
+    ban_ids: list[int]  # each < vocab: eos and stop tokens, banned while below min_tokens
+
+
+# What a failed row samples with: an argmax over its untouched logits, whose token is thrown away.
+_FAILED_ROW = _Row(None, 0.0, 1.0, 0, -1, None, [], None, 0, [])
 
 
 @dataclass(slots=True)
@@ -22,6 +47,8 @@ class _Composition:
 
     request_ids: list[str]
     params: list[SamplingParams]
+    rows: list[_Row]
+    failed: dict[str, str]  # request id -> why its row could not be built
     temperatures: torch.Tensor | None  # None when every row is greedy
     top_ps: torch.Tensor | None
     top_ks: torch.Tensor | None
@@ -42,12 +69,16 @@ class SamplingState:
 
     The per-row tensors of a step are built once per batch composition (the same requests in the same
     rows): a decode loop over an unchanged batch copies nothing to the device. What must be copied goes
-    through pinned memory, asynchronously: a pageable copy would make the host wait for the forward."""
+    through pinned memory, asynchronously: a pageable copy would make the host wait for the forward.
+
+    A row whose values cannot be built is named in the batch's `failed` and sampled as a greedy row with
+    nothing applied; the other rows sample as if it were not there."""
 
     def __init__(self, device: torch.device, seed: int) -> None:
         self.device = device
         self.pin = device.type == "cuda"
         self.generators: dict[str, torch.Generator] = {}
+        self.rows: dict[str, _Row] = {}  # by request id: built once per request, not once per composition
         self.default_generator = torch.Generator(device=device)
         self.default_generator.manual_seed(seed)
         self.penalty_state = PenaltyState(device, self._upload)
@@ -58,6 +89,7 @@ class SamplingState:
             self.composition = None
         for request_id in request_ids:
             self.generators.pop(request_id, None)
+            self.rows.pop(request_id, None)
         self.penalty_state.drop(request_ids)
 
     def batch(self, seqs: list[ScheduledSequence], vocab_size: int) -> SamplingBatch:
@@ -67,10 +99,10 @@ class SamplingState:
         penalties = comp.penalties
         return SamplingBatch(
             temperatures=comp.temperatures, top_ps=comp.top_ps, top_ks=comp.top_ks, generators=comp.generators,
-            banned=self._banned(seqs) if comp.may_ban else None, num_logprobs=comp.num_logprobs,
+            banned=self._banned(seqs, comp.rows) if comp.may_ban else None, num_logprobs=comp.num_logprobs,
             all_greedy=comp.temperatures is None,
             penalties=None if penalties is None else self.penalty_state.refresh(penalties),
-            logit_bias=comp.logit_bias,
+            logit_bias=comp.logit_bias, failed=comp.failed,
         )
 
     def record(self, batch: SamplingBatch, token_ids: torch.Tensor) -> None:
@@ -79,41 +111,74 @@ class SamplingState:
             self.penalty_state.record(batch.penalties, token_ids)
 
     def _compose(self, seqs: list[ScheduledSequence], vocab_size: int) -> _Composition:
-        params = [s.sampling_params for s in seqs]
-        logprobs = [p.logprobs for p in params if p.logprobs is not None]
-        greedy = all(p.temperature == 0 for p in params)
-        top_ks, top_ps = [p.top_k for p in params], [p.top_p for p in params]
+        rows, failed = self._rows(seqs, vocab_size)
+        greedy = all(r.temperature == 0 for r in rows)
+        top_ks, top_ps = [r.top_k for r in rows], [r.top_p for r in rows]
         return _Composition(
-            request_ids=[s.request_id for s in seqs], params=params,
-            # A greedy batch is an argmax: it needs no temperatures, top-k/top-p or generators.
-            temperatures=None if greedy else self._upload([p.temperature for p in params], torch.float32),
+            request_ids=[s.request_id for s in seqs], params=[s.sampling_params for s in seqs], rows=rows,
+            failed=failed,
+            # A greedy batch is an argmax: it needs no temperatures or top-k/top-p (and has no generators).
+            temperatures=None if greedy else self._upload([r.temperature for r in rows], torch.float32),
             top_ps=self._upload(top_ps, torch.float32) if not greedy and any(p < 1.0 for p in top_ps) else None,
-            top_ks=self._top_ks(top_ks) if not greedy and any(top_ks) else None,
-            generators=[None] * len(seqs) if greedy else [self._generator(s) for s in seqs],
-            num_logprobs=max(logprobs, default=-1),
-            logit_bias=self._logit_bias(seqs),
-            penalties=self.penalty_state.gather(seqs, vocab_size),
-            may_ban=any(p.min_tokens > 0 for p in params),
+            top_ks=self._upload([k or vocab_size for k in top_ks], torch.int64) if not greedy and any(top_ks)
+            else None,
+            generators=[r.generator for r in rows], num_logprobs=max(r.num_logprobs for r in rows),
+            logit_bias=self._triples([(i, t, b) for i, r in enumerate(rows) for t, b in r.logit_bias]),
+            penalties=self.penalty_state.gather(seqs, [r.penalties for r in rows], vocab_size),
+            may_ban=any(r.min_tokens > 0 and r.ban_ids for r in rows),
         )
 
-    def _generator(self, seq: ScheduledSequence) -> torch.Generator | None:
-        seed = seq.sampling_params.seed
-        if seed is None or seq.sampling_params.temperature == 0:
-            return None
-        if seq.request_id not in self.generators:
+    def _rows(self, seqs: list[ScheduledSequence], vocab_size: int) -> tuple[list[_Row], dict[str, str]]:
+        rows, failed = [], {}
+        for seq in seqs:
+            row = self.rows.get(seq.request_id)
+            if row is None or row.params is not seq.sampling_params:
+                try:
+                    row = self.rows[seq.request_id] = self._row(seq, vocab_size)
+                except Exception as exc:  # this request's values alone: the rest of the batch samples
+                    row = _FAILED_ROW
+                    failed[seq.request_id] = f"its sampling state could not be built: {type(exc).__name__}: {exc}"
+            rows.append(row)
+        return rows, failed
+
+    def _row(self, seq: ScheduledSequence, vocab_size: int) -> _Row:
+        """Raises for a value the batch's tensors cannot hold; the generator is made last, so a failed row
+        leaves nothing behind."""
+        p = seq.sampling_params
+        temperature = _finite("temperature", p.temperature)
+        logprobs = -1 if p.logprobs is None else _int_in("logprobs", p.logprobs, 0, vocab_size)
+        bias = [(t, _finite("logit_bias", b)) for t, b in p.logit_bias.items()]
+        _check_token_ids("logit_bias", [t for t, _ in bias], vocab_size)
+        ban_ids = ([] if p.ignore_eos else list(seq.eos_token_ids)) + p.stop_token_ids
+        _check_token_ids("stop_token_ids", ban_ids, vocab_size)
+        penalties = None if not p.has_penalties else (
+            _finite("presence_penalty", p.presence_penalty), _finite("frequency_penalty", p.frequency_penalty),
+            _finite("repetition_penalty", p.repetition_penalty))
+        row = _Row(
+            params=p, temperature=temperature, top_p=_finite("top_p", p.top_p),
+            top_k=min(_int_in("top_k", p.top_k, 0, None), vocab_size),  # past the vocabulary: every token
+            num_logprobs=logprobs, generator=None, logit_bias=bias, penalties=penalties,
+            min_tokens=_int_in("min_tokens", p.min_tokens, 0, None), ban_ids=ban_ids,
+        )
+        if temperature != 0 and p.seed is not None:
+            row.generator = self._generator(seq.request_id, p.seed)
+        return row
+
+    def _generator(self, request_id: str, seed: int) -> torch.Generator:
+        if request_id not in self.generators:
             gen = torch.Generator(device=self.device)
-            gen.manual_seed(seed)
-            self.generators[seq.request_id] = gen
-        return self.generators[seq.request_id]
+            try:
+                gen.manual_seed(seed)
+            except (TypeError, ValueError, RuntimeError, OverflowError) as exc:  # outside [-2**63, 2**64 - 1]
+                raise ValueError(f"seed={seed!r}: {exc}") from exc
+            self.generators[request_id] = gen
+        return self.generators[request_id]
 
-    def _logit_bias(self, seqs: list[ScheduledSequence]) -> LogitBias | None:
-        triples = [(row, token_id, bias) for row, seq in enumerate(seqs)
-                   for token_id, bias in seq.sampling_params.logit_bias.items()]
-        return self._triples(triples)
-
-    def _banned(self, seqs: list[ScheduledSequence]) -> LogitBias | None:
-        """This step's banned (row, token) pairs as a bias of -inf; None when no row bans any."""
-        return self._triples([(row, token_id, NEG_INF) for row, seq in enumerate(seqs) for token_id in _banned(seq)])
+    def _banned(self, seqs: list[ScheduledSequence], rows: list[_Row]) -> LogitBias | None:
+        """This step's banned (row, token) pairs as a bias of -inf; None when no row bans any.
+        Before min_tokens, neither eos nor a stop token may end the sequence."""
+        return self._triples([(i, t, NEG_INF) for i, (seq, row) in enumerate(zip(seqs, rows))
+                              if seq.num_output_tokens < row.min_tokens for t in row.ban_ids])
 
     def _triples(self, triples: list[tuple[int, int, float]]) -> LogitBias | None:
         if not triples:
@@ -126,10 +191,6 @@ class SamplingState:
         """A host list on the device without making the host wait: packed into pinned memory (torch's
         caching host allocator keeps the block until its copy is done) and copied asynchronously."""
         return torch.tensor(values, dtype=dtype, pin_memory=self.pin).to(self.device, non_blocking=True)
-
-    def _top_ks(self, values: list[int]) -> torch.Tensor:
-        big = 1 << 30  # top_k == 0 means every token
-        return self._upload([k or big for k in values], torch.int64)
 
 
 class PenaltyState:
@@ -156,20 +217,20 @@ class PenaltyState:
             if slot is not None:
                 self.free_slots.append(slot)
 
-    def gather(self, seqs: list[ScheduledSequence], vocab_size: int) -> PenaltyBatch | None:
-        """The statistics of the rows with penalties, copied out of the buffers; None when no row has any."""
-        rows = [row for row, seq in enumerate(seqs) if seq.sampling_params.has_penalties]
+    def gather(self, seqs: list[ScheduledSequence], values: list[tuple[float, float, float] | None],
+               vocab_size: int) -> PenaltyBatch | None:
+        """The statistics of the rows with penalties (values[row]: presence, frequency, repetition, or None),
+        copied out of the buffers; None when no row has any."""
+        rows = [row for row, v in enumerate(values) if v is not None]
         if not rows:
             return None
         slots = self.upload([self._slot(seqs[row], vocab_size) for row in rows], torch.int64)
-        params = [seqs[row].sampling_params for row in rows]
-        values = self.upload([[p.presence_penalty, p.frequency_penalty, p.repetition_penalty] for p in params],
-                             torch.float32)  # [num_penalized, 3]
+        penalties = self.upload([values[row] for row in rows], torch.float32)  # [num_penalized, 3]
         return PenaltyBatch(
             rows=self.upload(rows, torch.int64), slots=slots,
             output_counts=self.output_counts.index_select(0, slots),
             prompt_mask=self.prompt_mask.index_select(0, slots),
-            presence=values[:, 0], frequency=values[:, 1], repetition=values[:, 2])
+            presence=penalties[:, 0], frequency=penalties[:, 1], repetition=penalties[:, 2])
 
     def refresh(self, penalties: PenaltyBatch) -> PenaltyBatch:
         """penalties (gathered at an earlier step, same rows) with this step's output counts. The buffers
@@ -207,9 +268,27 @@ class PenaltyState:
         self.free_slots.extend(range(new - 1, old - 1, -1))
 
 
-def _banned(seq: ScheduledSequence) -> list[int]:
-    # Before min_tokens, neither eos nor a stop token may end the sequence.
-    if seq.num_output_tokens >= seq.sampling_params.min_tokens:
-        return []
-    eos = [] if seq.sampling_params.ignore_eos else list(seq.eos_token_ids)
-    return eos + seq.sampling_params.stop_token_ids
+def _finite(name: str, value: object) -> float:
+    """value as a float32 tensor holds it; raises unless it is a finite real number there."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}={value!r} is not a number")
+    try:
+        as_float = float(value)
+    except OverflowError:
+        as_float = math.inf
+    if not abs(as_float) <= FLOAT32_MAX:
+        raise ValueError(f"{name}={value!r} is not finite in float32")
+    return as_float
+
+
+def _int_in(name: str, value: object, low: int, high: int | None) -> int:
+    """value, an integer in [low, high] (no upper bound when high is None)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        raise ValueError(f"{name}={value!r} is not an integer in [{low}, {'inf' if high is None else high}]")
+    return value
+
+
+def _check_token_ids(name: str, token_ids: list[int], vocab_size: int) -> None:
+    bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"{name} token ids {bad[:5]} are not in [0, {vocab_size})")

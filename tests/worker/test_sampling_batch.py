@@ -1,6 +1,9 @@
 """SamplingState over several steps: penalty statistics follow each request's own samples, whatever its row,
 survive buffer growth, and start from zero for a request that reuses a finished one's slot."""
 
+import dataclasses
+
+import pytest
 import torch
 
 from scaleinfer.layers.sampler import sample
@@ -129,3 +132,62 @@ def test_eos_is_banned_only_before_min_tokens():
         seq = scheduled("m", params, [1])
         seq.num_output_tokens, seq.eos_token_ids = num_output_tokens, (5,)
         assert sample(logits.clone(), state.batch([seq], VOCAB), None).token_ids.item() == expected
+
+
+def broken(**values):
+    """Valid params with values set afterwards, past validation (what a bug or a bypass could hand the runner)."""
+    params = SamplingParams(temperature=1.0)
+    for name, value in values.items():
+        setattr(params, name, value)
+    return params
+
+
+HEALTHY = {
+    "greedy": SamplingParams(temperature=0, logprobs=2),
+    "seeded": SamplingParams(temperature=0.8, top_k=7, seed=5),
+    "nucleus": SamplingParams(temperature=1.2, top_p=0.8, seed=6, logit_bias={3: 2.0}),
+    "penalized": dataclasses.replace(PENALIZED, temperature=0.7, seed=8),
+}
+
+
+def sample_rows(state, requests, logits):
+    seqs = [scheduled(rid, params, [1, 2]) for rid, params in requests.items()]
+    batch = state.batch(seqs, VOCAB)
+    out = sample(logits[:len(seqs)].clone(), batch, None)
+    state.record(batch, out.token_ids)
+    return batch, dict(zip(requests, out.token_ids.tolist()))
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    (dict(seed=2**64), "seed=18446744073709551616"), (dict(seed=-2**63 - 1), "seed=-9223372036854775809"),
+    (dict(temperature=10**400), "temperature=1000"), (dict(logit_bias={VOCAB + 5: 1.0}), "logit_bias token ids [45]"),
+    (dict(stop_token_ids=[VOCAB], min_tokens=3), "stop_token_ids token ids [40]"),
+    (dict(logprobs=10**9), "logprobs=1000000000"), (dict(top_k=-3), "top_k=-3"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty=inf"),
+])
+def test_a_row_that_cannot_be_built_fails_alone(bad, fragment):
+    gen = torch.Generator()
+    gen.manual_seed(1)
+    steps = [torch.randn(len(HEALTHY) + 1, VOCAB, generator=gen) * 3 for _ in range(3)]
+    alone_state, state = SamplingState(torch.device("cpu"), seed=0), SamplingState(torch.device("cpu"), seed=0)
+    requests = dict(HEALTHY)
+    with_bad = {"bad": broken(**bad), **HEALTHY}  # the bad row first: every healthy row moves down one
+    for logits in steps:
+        _, alone = sample_rows(alone_state, requests, logits[1:])
+        batch, together = sample_rows(state, with_bad, logits)
+        assert list(batch.failed) == ["bad"] and fragment in batch.failed["bad"], batch.failed
+        assert {rid: together[rid] for rid in HEALTHY} == alone
+    assert "bad" not in state.generators and "bad" not in state.penalty_state.slots and "bad" not in state.rows
+
+
+def test_top_k_past_the_vocabulary_keeps_every_token():
+    logits = torch.randn(1, VOCAB)
+    draws = {}
+    for top_k in (0, VOCAB, 2**63, broken(top_k=2**70).top_k):
+        state = SamplingState(torch.device("cpu"), seed=0)
+        params = SamplingParams(temperature=1.0, seed=3)
+        params.top_k = top_k
+        batch = state.batch([scheduled("k", params, [1])], VOCAB)
+        assert not batch.failed
+        draws[top_k] = [sample(logits.clone(), batch, None).token_ids.item() for _ in range(5)]
+    assert len({tuple(d) for d in draws.values()}) == 1, draws
