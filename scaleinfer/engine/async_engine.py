@@ -177,6 +177,8 @@ class AsyncLLMEngine:
             self._die(error)
         else:
             self._die(EngineDeadError(self._stop_reason))
+        finally:
+            self._engine.shutdown()  # worker processes of a tensor-parallel engine stop with the loop
 
     def _wait_for_work(self) -> bool:
         with self._cond:

@@ -55,7 +55,8 @@ def run_server(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, 
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info",
                shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> None:
     """Load the engine and serve until SIGTERM or SIGINT; then drain for up to shutdown_timeout_s, abort what
-    is left, stop the engine thread and return (see server/graceful.py)."""
+    is left, stop the engine thread and return (see server/graceful.py). Raises the engine's EngineDeadError
+    when the engine died while serving."""
     import uvicorn
 
     from scaleinfer.server.graceful import GracefulServer
@@ -65,7 +66,10 @@ def run_server(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, 
     app = build_app(engine, api_key, max_body_bytes)
     try:
         uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level=log_level)
-        GracefulServer(uvicorn_config, engine, shutdown_timeout_s).run()
+        server = GracefulServer(uvicorn_config, engine, shutdown_timeout_s)
+        server.run()
+        if server.engine_failure is not None:
+            raise server.engine_failure
     finally:
         app.state.ctx.tokenizer.close()
         engine.shutdown(reason="server is shutting down")

@@ -5,7 +5,8 @@ On SIGTERM or SIGINT the server stops accepting connections at once and gives in
 with EngineDeadError (on a stream an error event then [DONE], otherwise a 503), so their connections
 close cleanly; uvicorn's own cancellation is only the backstop. The signal is not re-raised afterwards
 (uvicorn's default), so the caller stops the engine thread and the process exits 0. A second SIGINT
-forces the exit, as in uvicorn.
+forces the exit, as in uvicorn. If the engine dies (a tensor-parallel rank failed, the loop raised), the
+server stops the same way and the caller raises the engine's error: the process exits 1.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class GracefulServer(uvicorn.Server):
         super().__init__(config)
         self.engine = engine
         self.grace_s = grace_s
+        self.engine_failure: Exception | None = None  # set when a dead engine stopped the server
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -49,6 +51,15 @@ class GracefulServer(uvicorn.Server):
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    async def on_tick(self, counter: int) -> bool:
+        """uvicorn's tick (every 0.1 s); a dead engine (a failed rank, the loop itself) ends the server too, so a
+        process manager sees the exit and restarts it rather than a server answering 503 forever."""
+        if not self.should_exit and self.engine.dead_error is not None:
+            self.engine_failure = self.engine.dead_error
+            logger.error("the engine died (%s): the server stops", self.engine_failure)
+            self.should_exit = True
+        return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """uvicorn's shutdown (stop accepting, drain); past grace_s, end the engine's unfinished requests."""

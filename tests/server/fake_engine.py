@@ -37,6 +37,7 @@ class FakeEngine:
     prompts: dict[str, str | list[int]] = field(default_factory=dict)  # as add_request got them
     aborted: list[str] = field(default_factory=list)
     caller_threads: set[str] = field(default_factory=set)
+    shut_down: bool = False  # LLMEngine.shutdown stops worker processes; the loop calls it when it ends
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         self._touch()
@@ -75,6 +76,10 @@ class FakeEngine:
 
     def stats(self) -> FakeStats:
         return FakeStats(num_running=len(self.requests))
+
+    def shutdown(self) -> None:
+        self._touch()
+        self.shut_down = True
 
     def _touch(self) -> None:
         self.caller_threads.add(threading.current_thread().name)

@@ -145,3 +145,9 @@ def test_shutdown_fails_pending_streams(fake):
                 pass
 
     asyncio.run(main())
+
+
+def test_the_loop_shuts_its_engine_down_when_it_ends(fake):
+    engine, async_engine = fake
+    async_engine.shutdown()
+    assert engine.shut_down and engine.caller_threads <= {async_engine._thread.name}
