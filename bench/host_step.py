@@ -25,7 +25,7 @@ from common import write_result  # noqa: E402
 from scaleinfer import SamplingParams  # noqa: E402
 from scaleinfer.config import EngineConfig  # noqa: E402
 from scaleinfer.engine.llm_engine import LLMEngine  # noqa: E402
-from scaleinfer.worker import model_runner  # noqa: E402
+from scaleinfer.worker import step_forward  # noqa: E402
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=512, max_position_embeddings=4096)
@@ -37,7 +37,7 @@ def stub_model(engine: LLMEngine) -> None:
     runner, arch = engine.runner, engine.runner.model.arch
     hidden = torch.zeros(1, arch.hidden_size)
     logits = torch.randn(1, arch.vocab_size)
-    runner._forward = lambda inputs: hidden.expand(inputs.input_ids.shape[0], -1)
+    runner.steps.forward_inputs = lambda inputs: hidden.expand(inputs.input_ids.shape[0], -1)
     runner.model.compute_logits = lambda rows: logits.expand(rows.shape[0], -1).clone()
 
 
@@ -56,7 +56,7 @@ def instrument(engine: LLMEngine, times: dict[str, list[int]]) -> None:
     scheduler.update = timed(times, "update", scheduler.update)
     engine._process = timed(times, "outputs", engine._process)
     engine.runner.execute = timed(times, "execute", engine.runner.execute)
-    model_runner.build_step_inputs = timed(times, "build_step_inputs", model_runner.build_step_inputs)
+    step_forward.build_step_inputs = timed(times, "build_step_inputs", step_forward.build_step_inputs)
     engine.step = timed(times, "step", engine.step)
 
 

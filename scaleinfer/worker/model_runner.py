@@ -18,10 +18,9 @@ from scaleinfer.weights.source import ModelSource
 from scaleinfer.worker.cuda_graph import DecodeGraphs, capture_sizes
 from scaleinfer.worker.device import default_dtype, resolve_device, resolve_dtype
 from scaleinfer.worker.kv_cache import allocate_kv_cache, block_bytes, num_blocks_for
-from scaleinfer.worker.next_step import NextDecode
 from scaleinfer.worker.sampling_batch import SamplingState
 from scaleinfer.worker.staging import StagingBuffer
-from scaleinfer.worker.step_inputs import StepInputs, build_step_inputs
+from scaleinfer.worker.step_forward import EagerForward, GraphedForward
 
 
 class ModelRunner:
@@ -40,14 +39,20 @@ class ModelRunner:
         self.sampling = SamplingState(self.device, model_config.seed)
         self.staging = StagingBuffer(self.device)  # the step's inputs: one pinned copy per step
         self.graphs = None
-        self.next_decode: NextDecode | None = None  # the decode step the graph's rows are prepared for
+        self.steps = EagerForward(self.model, self.block_size, self.device, self.staging)
         # Streamed layers rebind their weights every step, which a captured graph cannot follow.
         if self.device.type == "cuda" and not model_config.enforce_eager and not self.offload.enabled:
             max_blocks = -(-(max_model_len or source.arch.max_position_embeddings) // self.block_size)
-            self.graphs = DecodeGraphs(self.model, capture_sizes(max_num_seqs), max_blocks, self.num_blocks,
-                                       self.block_size, self.device)
-            self.graphs.capture()
+            graphs = DecodeGraphs(self.model, capture_sizes(max_num_seqs), max_blocks, self.num_blocks,
+                                  self.block_size, self.device)
+            graphs.capture()
+            self.use_graphs(graphs)
         self.warm_up_seconds = self._warm_up() if self.device.type == "cuda" and not self.offload.enabled else 0.0
+
+    def use_graphs(self, graphs: DecodeGraphs) -> None:
+        """Run decode steps through these (captured) graphs from now on."""
+        self.graphs = graphs
+        self.steps = GraphedForward(self.model, self.block_size, self.device, self.staging, graphs)
 
     def _warm_up(self) -> float:
         """One unsampled prefill of a block of tokens into the scratch block: the prefill kernels compile now,
@@ -100,47 +105,22 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
         self.sampling.drop(output.finished_request_ids)
-        prepared, self.next_decode = self.next_decode, None
         if output.is_empty:
+            self.steps.skip()
             return RunnerOutput(sampled={})
-        hidden, sampled, replayed = self._run_step(output, prepared)  # hidden: [num_sampled, hidden]
+        hidden, sampled = self.steps.run(output)  # hidden: [num_sampled, hidden]
         if not sampled:
             return RunnerOutput(sampled={})
         logits = self.model.compute_logits(hidden)  # [num_sampled, vocab]
         batch = self.sampling.batch(sampled, logits.shape[1])
         result = sample(logits, batch, self.sampling.default_generator)
         self.sampling.record(batch, result.token_ids)
-        if replayed:  # set the graph's rows up for the same sequences' next token while this step runs
-            self.next_decode = NextDecode.after(sampled, self.block_size)
-            if self.next_decode is not None:
-                self.graphs.advance(len(sampled), result.token_ids)
+        self.steps.sampled_on_device(sampled, result.token_ids)
         tokens = _to_host(result)
-        if self.next_decode is not None:
-            self.next_decode.token_ids = [t.token_id for t in tokens]
+        self.steps.sampled_on_host([t.token_id for t in tokens])
         failed = batch.failed  # rows whose sampling state could not be built: no token, their requests fail
         return RunnerOutput(sampled={s.request_id: t for s, t in zip(sampled, tokens) if s.request_id not in failed},
                             failed=failed)
-
-    def _run_step(self, output: SchedulerOutput,
-                  prepared: NextDecode | None) -> tuple[torch.Tensor, list[ScheduledSequence], bool]:
-        """(the sampled rows' hidden states, the sampled sequences in row order, whether a decode graph ran it
-        with every row sampled)."""
-        scheduled = output.scheduled
-        if prepared is not None and prepared.matches(scheduled):
-            hidden = self.graphs.replay(len(scheduled), max(s.start_pos for s in scheduled) + 1)
-            if hidden is not None:
-                return hidden, scheduled, True
-        inputs = build_step_inputs(output, self.block_size, self.device, self.staging)
-        hidden = inputs.sampled_hidden(self._forward(inputs))
-        # Only a graph step whose every row samples can be advanced row for row (a one-token prompt chunk
-        # mid-prompt is a graph row that does not).
-        replayed = self.graphs is not None and self.graphs.can_run(inputs) and len(inputs.sampled) == len(scheduled)
-        return hidden, inputs.sampled, replayed
-
-    def _forward(self, inputs: StepInputs) -> torch.Tensor:
-        if self.graphs is not None and self.graphs.can_run(inputs):
-            return self.graphs.run(inputs)
-        return self.model(inputs.input_ids, inputs.positions, inputs.attn)
 
 
 def _to_host(result: SamplerOutput) -> list[SampledToken]:

@@ -28,7 +28,7 @@ def eager_graphs(llm: LLM, max_num_seqs: int) -> tuple[DecodeGraphs, list]:
         for key in graphs.keys:
             graphs.outputs[key] = graphs._forward(*key)
             graphs.graphs[key] = EagerReplay(graphs, key, replays)
-    runner.graphs = graphs
+    runner.use_graphs(graphs)
     return graphs, replays
 
 

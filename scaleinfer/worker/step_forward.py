@@ -1,0 +1,78 @@
+"""How a step's hidden states are computed: built inputs through the model (EagerForward), or, on a GPU,
+decode steps replayed from CUDA graphs with the same sequences' next step prepared on the device while the
+current one runs (GraphedForward, which owns DecodeGraphs and NextDecode). The runner calls run, then,
+after sampling, sampled_on_device and sampled_on_host, the same way whichever it has."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from scaleinfer.outputs import ScheduledSequence, SchedulerOutput
+from scaleinfer.worker.cuda_graph import DecodeGraphs
+from scaleinfer.worker.next_step import NextDecode
+from scaleinfer.worker.staging import StagingBuffer
+from scaleinfer.worker.step_inputs import StepInputs, build_step_inputs
+
+
+class EagerForward:
+    def __init__(self, model: nn.Module, block_size: int, device: torch.device, staging: StagingBuffer) -> None:
+        self.model, self.block_size, self.device, self.staging = model, block_size, device, staging
+
+    def run(self, output: SchedulerOutput) -> tuple[torch.Tensor, list[ScheduledSequence]]:
+        """(the sampled rows' hidden states [num_sampled, hidden], the sampled sequences in row order)."""
+        inputs = build_step_inputs(output, self.block_size, self.device, self.staging)
+        return inputs.sampled_hidden(self.forward_inputs(inputs)), inputs.sampled
+
+    def forward_inputs(self, inputs: StepInputs) -> torch.Tensor:
+        return self.model(inputs.input_ids, inputs.positions, inputs.attn)
+
+    def sampled_on_device(self, sampled: list[ScheduledSequence], token_ids: torch.Tensor) -> None:
+        """The step's tokens, still on the device."""
+
+    def sampled_on_host(self, token_ids: list[int]) -> None:
+        """The same tokens, once copied to the host."""
+
+    def skip(self) -> None:
+        """A step with nothing to compute ran in between."""
+
+
+class GraphedForward(EagerForward):
+    def __init__(self, model: nn.Module, block_size: int, device: torch.device, staging: StagingBuffer,
+                 graphs: DecodeGraphs) -> None:
+        super().__init__(model, block_size, device, staging)
+        self.graphs = graphs
+        self.next_decode: NextDecode | None = None  # the step the graph's rows are prepared for
+        self._advanceable = False  # whether this step's rows can be advanced to the next one
+
+    def run(self, output: SchedulerOutput) -> tuple[torch.Tensor, list[ScheduledSequence]]:
+        prepared, self.next_decode = self.next_decode, None
+        scheduled = output.scheduled
+        if prepared is not None and prepared.matches(scheduled):
+            hidden = self.graphs.replay(len(scheduled), max(s.start_pos for s in scheduled) + 1)
+            if hidden is not None:
+                self._advanceable = True
+                return hidden, scheduled
+        hidden, sampled = super().run(output)
+        # Only a graph step whose every row samples can be advanced row for row (a one-token prompt chunk
+        # mid-prompt is a graph row that does not).
+        self._advanceable = self._ran_graph and len(sampled) == len(scheduled)
+        return hidden, sampled
+
+    def forward_inputs(self, inputs: StepInputs) -> torch.Tensor:
+        self._ran_graph = self.graphs.can_run(inputs)
+        return self.graphs.run(inputs) if self._ran_graph else super().forward_inputs(inputs)
+
+    def sampled_on_device(self, sampled: list[ScheduledSequence], token_ids: torch.Tensor) -> None:
+        """Set the graph's rows up for the same sequences' next token while this step runs."""
+        if self._advanceable:
+            self.next_decode = NextDecode.after(sampled, self.block_size)
+            if self.next_decode is not None:
+                self.graphs.advance(len(sampled), token_ids)
+
+    def sampled_on_host(self, token_ids: list[int]) -> None:
+        if self.next_decode is not None:
+            self.next_decode.token_ids = token_ids
+
+    def skip(self) -> None:
+        self.next_decode = None
