@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="required bearer token (or SCALEINFER_API_KEY)")
-    serve.add_argument("--max-waiting", type=int, default=None, help="bound on queued requests; past it, 503")
+    serve.add_argument("--max-waiting", type=int, default=None,
+                       help="bound on queued sequences (n per prompt, at least 1); past it, 503")
     serve.add_argument("--shutdown-timeout", type=_non_negative_float, default=10.0,
                        help="seconds in-flight requests get to finish after SIGTERM or SIGINT; then they are aborted")
     serve.set_defaults(run=_run_serve)

@@ -143,14 +143,15 @@ class SchedulerConfig:
     max_num_seqs: int = 256  # sequences in one step
     max_num_batched_tokens: int = 2048  # token budget of one step; prefills are chunked to fit
     max_model_len: int = 8192  # set from the model once it is known
-    max_waiting: int | None = None  # admission bound; None: unbounded
+    max_waiting: int | None = None  # admission bound on queued sequences (n per prompt); None: unbounded
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs > 0, f"max_num_seqs must be positive, got {self.max_num_seqs!r}")
         _require(self.max_num_batched_tokens > 0,
                  f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens!r}")
-        _require(self.max_waiting is None or self.max_waiting >= 0,
-                 f"max_waiting must be >= 0, got {self.max_waiting!r}")
+        _require(self.max_waiting is None or self.max_waiting >= 1,
+                 f"max_waiting must be at least 1 (a queue of {self.max_waiting!r} refuses every request); "
+                 "leave it unset for no bound")
 
 
 @dataclass(slots=True)

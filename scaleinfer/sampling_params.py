@@ -21,6 +21,7 @@ MAX_TEMPERATURE = 100.0  # 50x OpenAI's 2; past it sampling is uniform anyway, a
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 # OpenAI allows 4 stop strings; every generated token is checked against each, so they are bounded.
 MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS = 16, 512
+MAX_STOP_TOKEN_IDS = 256  # the scheduler checks every sampled token against them
 # What torch.Generator.manual_seed accepts: any int64 or uint64; it takes the seed modulo 2**64.
 MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 MAX_SHOWN_CHARS = 200  # of a bad value, in its error message
@@ -89,6 +90,8 @@ class SamplingParams:
         if longest > MAX_STOP_STRING_CHARS:
             raise InvalidRequestError(f"stop must be strings of at most {MAX_STOP_STRING_CHARS} characters, "
                                       f"got one of {longest}")
+        _check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+               f"stop_token_ids must have at most {MAX_STOP_TOKEN_IDS} ids", len(self.stop_token_ids))
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
                "stop_token_ids must be non-negative integers", self.stop_token_ids)
 

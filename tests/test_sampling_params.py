@@ -34,6 +34,7 @@ BAD = {
     "logit_bias inf": (dict(logit_bias={3: INF}), "inf"),
     "too many stop strings": (dict(stop=[f"s{i}" for i in range(1000)]), "1000"),
     "a stop string too long": (dict(stop=["ok", "x" * 1000]), "1000"),
+    "too many stop token ids": (dict(stop_token_ids=list(range(1000))), "1000"),
     "top_k a bool": (dict(top_k=True), "True"),
 }
 

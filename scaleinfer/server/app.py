@@ -61,7 +61,6 @@ def run_server(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, 
 
     from scaleinfer.server.graceful import GracefulServer
 
-    check_serving_config(config)
     engine = AsyncLLMEngine.from_config(config)
     app = build_app(engine, api_key, max_body_bytes)
     try:
@@ -73,14 +72,6 @@ def run_server(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, 
     finally:
         app.state.ctx.tokenizer.close()
         engine.shutdown(reason="server is shutting down")
-
-
-def check_serving_config(config: EngineConfig) -> None:
-    """Refuse, before the model loads, settings under which the server could serve nothing."""
-    max_waiting = config.scheduler.max_waiting
-    if max_waiting is not None and max_waiting < 1:
-        raise InvalidRequestError(f"max_waiting must be at least 1 to serve (a queue of {max_waiting} refuses "
-                                  f"every request); leave it unset for no bound")
 
 
 # ---- auth and errors --------------------------------------------------------------------------------

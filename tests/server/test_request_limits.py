@@ -12,9 +12,9 @@ import httpx
 import pytest
 from server_utils import API_KEY, MAX_MODEL_LEN, MODEL, ThreadedServer
 
-from scaleinfer.config import EngineConfig, ModelConfig, SchedulerConfig
+from scaleinfer.config import SchedulerConfig
 from scaleinfer.errors import InvalidRequestError
-from scaleinfer.server.app import build_app, run_server
+from scaleinfer.server.app import build_app
 from scaleinfer.server.errors import ApiError
 from scaleinfer.server.limits import CHARS_PER_TOKEN, MAX_PROMPTS, RequestLimits
 from scaleinfer.server.middleware import DEFAULT_MAX_BODY_BYTES
@@ -67,10 +67,9 @@ def test_request_limits_count_tokens_as_n_times_prompt_plus_max_tokens():
         limits.check_admissible(n=1, num_prompts=5)
 
 
-def test_serve_refuses_max_waiting_0_before_loading_the_model():
-    config = EngineConfig(model=ModelConfig(model="/no/such/model"), scheduler=SchedulerConfig(max_waiting=0))
+def test_max_waiting_0_is_refused_before_anything_loads():
     with pytest.raises(InvalidRequestError, match="max_waiting must be at least 1"):
-        run_server(config)
+        SchedulerConfig(max_waiting=0)
 
 
 # ---- on the live server -----------------------------------------------------------------------------
