@@ -23,13 +23,22 @@ def run(folder, prompts, dtype, size):
 def test_two_ranks_on_one_gpu_match_one_rank(tiny_models):
     folder, hf_model = tiny_models["llama3.1"]
     prompts = prompts_with_shared_prefix(hf_model.config.vocab_size)
-    for ours, ref in zip(run(folder, prompts, "float32", 2), run(folder, prompts, "float32", 1), strict=True):
+    fp32 = run(folder, prompts, "float32", 1)
+    for ours, ref in zip(run(folder, prompts, "float32", 2), fp32, strict=True):
         assert ours.outputs[0].token_ids == ref.outputs[0].token_ids
-    bf16, bf16_ref = run(folder, prompts, "bfloat16", 2), run(folder, prompts, "bfloat16", 1)
-    for ours, ref in zip(bf16, bf16_ref, strict=True):  # the first token's logprobs: same inputs on both
+    # bf16: the first token's logprobs (same inputs everywhere) are no further from float32's at two ranks than
+    # at one, within bf16's rounding of logits near 10 (a few hundredths)
+    tp2, tp1 = first_logprob_errors(run(folder, prompts, "bfloat16", 2), fp32), \
+        first_logprob_errors(run(folder, prompts, "bfloat16", 1), fp32)
+    assert max(tp2) <= 2 * max(tp1) + 0.02, (tp2, tp1)
+
+
+def first_logprob_errors(outputs, reference) -> list[float]:
+    errors = []
+    for ours, ref in zip(outputs, reference, strict=True):
         first, first_ref = ours.outputs[0].logprobs[0], ref.outputs[0].logprobs[0]
-        for token_id in first.keys() & first_ref.keys():
-            assert abs(first[token_id].logprob - first_ref[token_id].logprob) < 0.05
+        errors += [abs(first[t].logprob - first_ref[t].logprob) for t in first.keys() & first_ref.keys()]
+    return errors
 
 
 def test_symmetric_memory_all_reduce_equals_nccl_in_a_graph():
