@@ -2,7 +2,6 @@
 with the output they have without it, the bad one finishes with its error, and no KV block is left held."""
 
 import pytest
-from conftest import make_tiny_model
 
 from scaleinfer import LLM, SamplingParams
 
@@ -20,10 +19,8 @@ HEALTHY = [
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("llama")
-    make_tiny_model("llama2", folder)
-    return LLM(model=str(folder), device="cpu", progress=False)
+def llm(tiny_models):
+    return LLM(model=str(tiny_models["llama2"][0]), device="cpu", progress=False, kv_cache_memory=16 << 20)
 
 
 @pytest.fixture(scope="module")
