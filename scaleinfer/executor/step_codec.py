@@ -15,6 +15,7 @@ the same list object exactly as long as it is on the engine's side (NextDecode r
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 
 import msgspec
@@ -27,7 +28,7 @@ class NewSequence(msgspec.Struct, array_like=True):
     request_id: str
     sampling_params: SamplingParams
     eos_token_ids: tuple[int, ...]
-    prompt_token_ids: list[int]
+    prompt_token_ids: bytes  # int64s: decoded into an array, which the garbage collector never walks
 
 
 class Chunk(msgspec.Struct, array_like=True):
@@ -57,7 +58,7 @@ class _Sent:
 class _Known:
     sampling_params: SamplingParams
     eos_token_ids: tuple[int, ...]
-    prompt_token_ids: list[int]
+    prompt_token_ids: array  # of int64: a sequence of ints, as the runner reads it (its length, its values)
     block_table: list[int] = field(default_factory=list)
 
 
@@ -77,12 +78,14 @@ class StepEncoder:
         return self._encoder.encode(message)
 
     def _chunk(self, s: ScheduledSequence, new: list[NewSequence]) -> Chunk:
-        sent = self._sent.get(s.request_id)
+        sent, table = self._sent.get(s.request_id), s.block_table
         if sent is None:
-            new.append(NewSequence(s.request_id, s.sampling_params, s.eos_token_ids, s.prompt_token_ids))
-        table = s.block_table
-        start = sent.num_sent if sent is not None and sent.block_table is table else 0
-        self._sent[s.request_id] = _Sent(table, len(table))
+            prompt = array("q", s.prompt_token_ids).tobytes()
+            new.append(NewSequence(s.request_id, s.sampling_params, s.eos_token_ids, prompt))
+            sent = self._sent[s.request_id] = _Sent(table, 0)
+        elif sent.block_table is not table:
+            sent.block_table, sent.num_sent = table, 0
+        start, sent.num_sent = sent.num_sent, len(table)
         return Chunk(s.request_id, s.token_ids, s.start_pos, start, table[start:], s.sample, s.num_output_tokens)
 
 
@@ -98,8 +101,9 @@ class StepDecoder:
         for request_id in message.finished_request_ids:
             self._known.pop(request_id, None)
         for seq in message.new:
-            self._known[seq.request_id] = _Known(seq.sampling_params, tuple(seq.eos_token_ids),
-                                                 seq.prompt_token_ids)
+            prompt = array("q")
+            prompt.frombytes(seq.prompt_token_ids)
+            self._known[seq.request_id] = _Known(seq.sampling_params, tuple(seq.eos_token_ids), prompt)
         scheduled = [self._scheduled(chunk) for chunk in message.chunks]
         return SchedulerOutput(scheduled, message.finished_request_ids, message.num_preempted)
 

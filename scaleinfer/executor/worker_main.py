@@ -4,6 +4,7 @@ its shard of the model, then runs every step rank 0 broadcasts until told to sto
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 def serve_steps(runner: ModelRunner, on_step: Any = None) -> None:
     """Run rank 0's steps until it shuts the run down; on_step(n) after the n-th."""
+    gc.freeze()  # the model and everything built so far: no garbage collection walks them again
     channel, decoder = StepChannel(get_parallel_state().control_group), StepDecoder()
     num_steps = 0
     while (payload := channel.recv()) is not None:

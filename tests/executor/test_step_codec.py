@@ -22,6 +22,9 @@ def test_a_step_decodes_to_the_scheduled_sequences():
     encoder, decoder = StepEncoder(), StepDecoder()
     step = SchedulerOutput([chunk("a", [9, 8, 7], 0, [3, 4]), chunk("b", [1], 5, [6], sample=False)], ["old"], 1)
     _, decoded = roundtrip(encoder, decoder, step)
+    for seq in decoded.scheduled:
+        assert list(seq.prompt_token_ids) == [9, 8, 7]  # an int64 array on the worker
+        seq.prompt_token_ids = [9, 8, 7]
     assert decoded == step
 
 
@@ -49,4 +52,4 @@ def test_a_rebound_table_is_sent_whole_and_a_finished_sequence_forgotten():
     assert "a" not in decoder._known
     payload, reused = roundtrip(encoder, decoder, SchedulerOutput([chunk("a", [1, 2], 0, [5])]))  # the id used anew
     assert msgspec.msgpack.decode(payload, type=StepMessage).new  # its parameters travel again
-    assert reused.scheduled[0].prompt_token_ids == [9, 8, 7] and reused.scheduled[0].block_table == [5]
+    assert list(reused.scheduled[0].prompt_token_ids) == [9, 8, 7] and reused.scheduled[0].block_table == [5]
