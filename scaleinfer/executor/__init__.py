@@ -37,9 +37,14 @@ def make_executor(config: EngineConfig, source: ModelSource, max_model_len: int,
 def check_tensor_parallel(config: EngineConfig, source: ModelSource, launched: TorchrunEnv | None) -> None:
     """Refuse sizes that cannot run, naming the value, before any process starts."""
     size, arch = config.parallel.tensor_parallel_size, source.arch
-    if arch.num_attention_heads % size:
-        raise InvalidRequestError(f"tensor_parallel_size={size} does not divide the model's "
-                                  f"num_attention_heads={arch.num_attention_heads}")
+    for name in ("num_attention_heads", "intermediate_size"):
+        if getattr(arch, name) % size:
+            raise InvalidRequestError(f"tensor_parallel_size={size} does not divide the model's "
+                                      f"{name}={getattr(arch, name)}")
+    kv_heads = arch.num_key_value_heads
+    if kv_heads % size and size % kv_heads:  # each rank holds whole KV heads, or one head some ranks share
+        raise InvalidRequestError(f"tensor_parallel_size={size} neither divides nor is a multiple of the model's "
+                                  f"num_key_value_heads={kv_heads}")
     if source.format == "hf_model":
         raise InvalidRequestError("an in-memory model cannot be shared with worker processes: save it and pass the "
                                   "folder")

@@ -78,6 +78,17 @@ def test_sizes_that_cannot_run_are_refused_with_the_value(tiny_models):
         LLM(str(folder), device="cpu", progress=False, tensor_parallel_size=0)
 
 
+def test_kv_heads_that_ranks_cannot_split_are_refused(tmp_path):
+    """6 heads over 3 KV heads at T=2: a rank would hold one and a half KV heads."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=6,
+                num_key_value_heads=3).save_pretrained(tmp_path)
+    with pytest.raises(InvalidRequestError, match="tensor_parallel_size=2 neither divides .*num_key_value_heads=3"):
+        LLM(str(tmp_path), device="cpu", load_format="dummy", skip_tokenizer_init=True, progress=False,
+            tensor_parallel_size=2)
+
+
 @pytest.mark.parametrize("offload", ["cpu", "nvme"])
 def test_each_rank_streams_its_own_shard_of_offloaded_layers(tiny_models, tmp_path, offload):
     folder, hf_model = tiny_models["llama3.1"]
