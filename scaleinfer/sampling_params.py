@@ -35,6 +35,9 @@ class SamplingParams:
     # [0, MAX_TEMPERATURE]; 0 is greedy, and so is anything below MIN_TEMPERATURE (set to 0 on construction).
     temperature: float = 1.0
     top_p: float = 1.0
+    # In [0, 1]; 0 is off. Tokens whose probability (after temperature) is below min_p times the most likely
+    # token's are dropped (vLLM's min_p).
+    min_p: float = 0.0
     # 0 or -1: off. A top_k at or above the vocabulary keeps every token (the sampler clamps it, as vLLM).
     top_k: int = 0
     # In [MIN_SEED, MAX_SEED]. With n > 1, sequence i of the request draws from (seed + i) mod 2**64.
@@ -78,6 +81,7 @@ class SamplingParams:
         if self.temperature < MIN_TEMPERATURE:
             self.temperature = 0.0
         _check(_is_finite(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]", self.top_p)
+        _check(_is_finite(self.min_p) and 0 <= self.min_p <= 1, "min_p must be in [0, 1]", self.min_p)
         _check(_is_int(self.top_k) and self.top_k >= 0, "top_k must be -1, 0 or positive", self.top_k)
         _check(self.seed is None or (_is_int(self.seed) and MIN_SEED <= self.seed <= MAX_SEED),
                "seed must be an integer in [-2**63, 2**64 - 1]", self.seed)

@@ -36,6 +36,9 @@ BAD = {
     "a stop string too long": (dict(stop=["ok", "x" * 1000]), "1000"),
     "too many stop token ids": (dict(stop_token_ids=list(range(1000))), "1000"),
     "top_k a bool": (dict(top_k=True), "True"),
+    "min_p negative": (dict(min_p=-0.1), "-0.1"),
+    "min_p past 1": (dict(min_p=1.5), "1.5"),
+    "min_p nan": (dict(min_p=NAN), "nan"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Sampling on the device: logit bias, penalties, greedy, temperature, top-k, top-p, per-request seeds, logprobs.
+"""Sampling on the device: logit bias, penalties, greedy, temperature, min-p, top-k, top-p, per-request seeds, logprobs.
 
 Random rows use the exponential race: argmax(p / q) with q ~ Exp(1) draws a token with probability p.
 A seeded request draws q from its own generator, so its tokens do not depend on the rest of the batch.
@@ -51,6 +51,7 @@ class SamplingBatch:
     # Rows whose parameters could not be built (request id -> why): sampled as greedy rows with nothing
     # applied, their tokens meant to be thrown away.
     failed: dict[str, str] = field(default_factory=dict)
+    min_ps: torch.Tensor | None = None  # float32 in [0, 1], 0 = off; None when no row uses min-p
 
 
 @dataclass(slots=True)
@@ -95,11 +96,20 @@ def _sample_random(
 ) -> torch.Tensor:
     temps = torch.where(batch.temperatures == 0, 1.0, batch.temperatures)
     logits = logits / temps.unsqueeze(1)
+    if batch.min_ps is not None:  # before top-k/top-p, as vLLM
+        logits = _apply_min_p(logits, batch.min_ps)
     if batch.top_ks is not None or batch.top_ps is not None:
         logits = _apply_top_k_top_p(logits, batch.top_ks, batch.top_ps)
     probs = torch.softmax(logits, dim=-1)
     noise = _exponential_noise(probs, batch.generators, default_generator)
     return (probs / noise).argmax(dim=-1)
+
+
+def _apply_min_p(logits: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:
+    """Drop the tokens less likely than min_p times the most likely one; the most likely always stays."""
+    probs = logits.softmax(dim=-1)  # [num_seqs, vocab]
+    threshold = min_ps.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < threshold, NEG_INF)
 
 
 def _apply_top_k_top_p(logits: torch.Tensor, top_ks: torch.Tensor | None, top_ps: torch.Tensor | None) -> torch.Tensor:

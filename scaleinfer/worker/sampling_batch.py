@@ -26,6 +26,7 @@ class _Row:
     params: SamplingParams | None  # what the values were built from (identity); None for a failed row
     temperature: float  # 0 = greedy
     top_p: float
+    min_p: float  # 0 = off
     top_k: int  # in [0, vocab]: 0 = off
     num_logprobs: int  # -1 = none asked
     generator: torch.Generator | None
@@ -36,7 +37,7 @@ class _Row:
 
 
 # What a failed row samples with: an argmax over its untouched logits, whose token is thrown away.
-_FAILED_ROW = _Row(None, 0.0, 1.0, 0, -1, None, [], None, 0, [])
+_FAILED_ROW = _Row(None, 0.0, 1.0, 0.0, 0, -1, None, [], None, 0, [])
 
 
 @dataclass(slots=True)
@@ -52,6 +53,7 @@ class _Composition:
     temperatures: torch.Tensor | None  # None when every row is greedy
     top_ps: torch.Tensor | None
     top_ks: torch.Tensor | None
+    min_ps: torch.Tensor | None
     generators: list[torch.Generator | None]
     num_logprobs: int
     logit_bias: LogitBias | None
@@ -102,7 +104,7 @@ class SamplingState:
             banned=self._banned(seqs, comp.rows) if comp.may_ban else None, num_logprobs=comp.num_logprobs,
             all_greedy=comp.temperatures is None,
             penalties=None if penalties is None else self.penalty_state.refresh(penalties),
-            logit_bias=comp.logit_bias, failed=comp.failed,
+            logit_bias=comp.logit_bias, failed=comp.failed, min_ps=comp.min_ps,
         )
 
     def record(self, batch: SamplingBatch, token_ids: torch.Tensor) -> None:
@@ -113,7 +115,7 @@ class SamplingState:
     def _compose(self, seqs: list[ScheduledSequence], vocab_size: int) -> _Composition:
         rows, failed = self._rows(seqs, vocab_size)
         greedy = all(r.temperature == 0 for r in rows)
-        top_ks, top_ps = [r.top_k for r in rows], [r.top_p for r in rows]
+        top_ks, top_ps, min_ps = [r.top_k for r in rows], [r.top_p for r in rows], [r.min_p for r in rows]
         return _Composition(
             request_ids=[s.request_id for s in seqs], params=[s.sampling_params for s in seqs], rows=rows,
             failed=failed,
@@ -122,6 +124,7 @@ class SamplingState:
             top_ps=self._upload(top_ps, torch.float32) if not greedy and any(p < 1.0 for p in top_ps) else None,
             top_ks=self._upload([k or vocab_size for k in top_ks], torch.int64) if not greedy and any(top_ks)
             else None,
+            min_ps=self._upload(min_ps, torch.float32) if not greedy and any(min_ps) else None,
             generators=[r.generator for r in rows], num_logprobs=max(r.num_logprobs for r in rows),
             logit_bias=self._triples([(i, t, b) for i, r in enumerate(rows) for t, b in r.logit_bias]),
             penalties=self.penalty_state.gather(seqs, [r.penalties for r in rows], vocab_size),
@@ -155,7 +158,7 @@ class SamplingState:
             _finite("presence_penalty", p.presence_penalty), _finite("frequency_penalty", p.frequency_penalty),
             _finite("repetition_penalty", p.repetition_penalty))
         row = _Row(
-            params=p, temperature=temperature, top_p=_finite("top_p", p.top_p),
+            params=p, temperature=temperature, top_p=_finite("top_p", p.top_p), min_p=_finite("min_p", p.min_p),
             top_k=min(_int_in("top_k", p.top_k, 0, None), vocab_size),  # past the vocabulary: every token
             num_logprobs=logprobs, generator=None, logit_bias=bias, penalties=penalties,
             min_tokens=_int_in("min_tokens", p.min_tokens, 0, None), ban_ids=ban_ids,

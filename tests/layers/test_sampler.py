@@ -8,7 +8,8 @@ from scaleinfer.layers.sampler import LogitBias, PenaltyBatch, SamplingBatch, sa
 VOCAB = 50
 
 
-def batch(temps, top_ps=None, top_ks=None, gens=None, banned=None, num_logprobs=-1, penalties=None, logit_bias=None):
+def batch(temps, top_ps=None, top_ks=None, gens=None, banned=None, num_logprobs=-1, penalties=None, logit_bias=None,
+          min_ps=None):
     n = len(temps)
     return SamplingBatch(
         temperatures=None if all(t == 0 for t in temps) else torch.tensor(temps, dtype=torch.float32),
@@ -20,6 +21,7 @@ def batch(temps, top_ps=None, top_ks=None, gens=None, banned=None, num_logprobs=
         all_greedy=all(t == 0 for t in temps),
         penalties=penalties,
         logit_bias=logit_bias,
+        min_ps=None if min_ps is None else torch.tensor(min_ps, dtype=torch.float32),
     )
 
 
@@ -146,3 +148,35 @@ def test_logit_bias_is_added_before_sampling():
     expected[2, 4] -= 100.0
     torch.testing.assert_close(biased, expected)
     assert out.token_ids[0].item() == 4 and out.token_ids[2].item() != 4
+
+
+# ---- min-p -------------------------------------------------------------------------------------------
+
+
+def reference_min_p_draw(row, temperature, min_p, gen):
+    """One row as vLLM's docs state min_p: after temperature, tokens with probability below min_p times the
+    top token's are removed; then the exponential race with the row's own noise."""
+    probs = torch.softmax(row / temperature, dim=-1)
+    kept = torch.where(probs >= min_p * probs.max(), probs, torch.zeros_like(probs))
+    kept = kept / kept.sum()
+    noise = torch.empty_like(kept).exponential_(generator=gen)
+    return (kept / noise).argmax().item(), set(torch.nonzero(kept).flatten().tolist())
+
+
+def test_min_p_matches_the_reference_row_by_row():
+    logits = torch.randn(4, VOCAB, generator=seeded(5)) * 3
+    temps, min_ps = [0.7, 1.0, 1.3, 1.0], [0.3, 0.0, 0.05, 1.0]
+    for seed in range(20):
+        gens = [seeded(seed * 10 + row) for row in range(4)]
+        out = sample(logits.clone(), batch(temps, gens=gens, min_ps=min_ps), None)
+        for row in range(4):
+            token, kept = reference_min_p_draw(logits[row], temps[row], min_ps[row], seeded(seed * 10 + row))
+            assert out.token_ids[row].item() == token and token in kept, (seed, row)
+    assert len(reference_min_p_draw(logits[3], 1.0, 1.0, seeded(0))[1]) == 1  # min_p 1: only the top token
+
+
+def test_min_p_removes_the_tail_and_keeps_the_rest():
+    logits = torch.full((1, VOCAB), -10.0)
+    logits[0, [3, 9, 12]] = torch.tensor([5.0, 4.0, 2.0])  # p(9) / p(3) ~ 0.37, p(12) / p(3) ~ 0.05
+    draws = {sample(logits.clone(), batch([1.0], min_ps=[0.2]), seeded(s)).token_ids.item() for s in range(80)}
+    assert draws == {3, 9}

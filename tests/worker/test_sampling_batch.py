@@ -191,3 +191,14 @@ def test_top_k_past_the_vocabulary_keeps_every_token():
         assert not batch.failed
         draws[top_k] = [sample(logits.clone(), batch, None).token_ids.item() for _ in range(5)]
     assert len({tuple(d) for d in draws.values()}) == 1, draws
+
+
+def test_min_p_is_batched_only_when_a_sampled_row_uses_it():
+    state = SamplingState(torch.device("cpu"), seed=0)
+    plain = [scheduled("a", SamplingParams(temperature=1.0), [1]), scheduled("b", SamplingParams(temperature=0), [2])]
+    assert state.batch(plain, VOCAB).min_ps is None
+    greedy = [scheduled("c", SamplingParams(temperature=0, min_p=0.5), [1])]
+    assert state.batch(greedy, VOCAB).min_ps is None
+    mixed = [*plain, scheduled("d", SamplingParams(temperature=0.8, min_p=0.25), [3])]
+    assert state.batch(mixed, VOCAB).min_ps.tolist() == [0.0, 0.0, 0.25]
+
