@@ -14,7 +14,8 @@ from scaleinfer.server.protocol import ErrorInfo, ErrorResponse
 
 RETRY_AFTER_S = 1
 # Request fields an InvalidRequestError message may be about; see _param_of.
-_PARAM_NAMES = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "logprobs", "stop",
+_PARAM_NAMES = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "logprobs", "stop",
+                "stop_token_ids",
                 "n", "prompt", "messages", "presence_penalty", "frequency_penalty", "repetition_penalty",
                 "logit_bias")
 _PARAM_MESSAGE = re.compile(r"(\w+)(?: token ids)? (?:must|is) ")

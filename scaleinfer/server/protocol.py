@@ -1,7 +1,8 @@
 """OpenAI API request and response schemas (the subset scaleinfer serves).
 
 Requests are parsed strictly (no "1" -> 1 coercion) so a wrong-typed field is a 422 naming it; unknown
-fields are ignored, as OpenAI clients send optional ones freely. Value checks (ranges, lengths) are not
+fields are kept in model_extra, where unsupported.py refuses those that would change the output and the
+rest are ignored, as OpenAI clients send optional ones freely. Value checks (ranges, lengths) are not
 here: SamplingParams and the engine own them and answer 400.
 """
 
@@ -14,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="allow")
 
 
 class _Response(BaseModel):
@@ -36,10 +37,14 @@ class SamplingRequest(_Request):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None  # extension (vLLM)
+    min_p: float | None = None  # extension (vLLM)
     min_tokens: int = 0  # extension (vLLM)
     ignore_eos: bool = False  # extension (vLLM): benchmarks use it for fixed output lengths
     seed: int | None = None
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None  # extension (vLLM)
+    include_stop_str_in_output: bool = False  # extension (vLLM)
+    skip_special_tokens: bool = True  # extension (vLLM)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None

@@ -30,12 +30,14 @@ from scaleinfer.server.serving import (
     sse,
 )
 from scaleinfer.server.tokenizing import Prompt
+from scaleinfer.server.unsupported import refuse_unsupported_chat
 
 
 async def create_chat_completion(ctx: ServingContext,
                                  req: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator[str]:
     arrival = time.monotonic()
     ctx.check_model(req.model)
+    refuse_unsupported_chat(req.model_extra, [m.model_extra for m in req.messages])
     conversation = _conversation(ctx, req.messages)
     ctx.limits.check_admissible(req.n, 1)
     prompt_ids = await render_chat(ctx, conversation)

@@ -18,6 +18,7 @@ from scaleinfer.server.serving import (
     run_requests,
     sse,
 )
+from scaleinfer.server.unsupported import refuse_unsupported_completion
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
@@ -26,6 +27,7 @@ async def create_completion(ctx: ServingContext,
                             req: CompletionRequest) -> CompletionResponse | AsyncIterator[str]:
     arrival = time.monotonic()
     ctx.check_model(req.model)
+    refuse_unsupported_completion(req.model_extra)
     if req.echo and req.logprobs is not None:
         raise bad_request("echo with logprobs is not supported: prompt logprobs are not computed", "echo")
     raw_prompts = normalize_prompts(req.prompt)
