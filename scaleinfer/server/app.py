@@ -25,10 +25,19 @@ from scaleinfer.engine.scheduler import QueueFullError
 from scaleinfer.errors import EngineDeadError, InvalidRequestError
 from scaleinfer.server.errors import ApiError, bad_request, from_validation_error, to_api_error
 from scaleinfer.server.middleware import DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddleware
-from scaleinfer.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from scaleinfer.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    VersionResponse,
+)
 from scaleinfer.server.serving import ServingContext
 from scaleinfer.server.serving_chat import create_chat_completion
 from scaleinfer.server.serving_completion import create_completion
+from scaleinfer.server.serving_tokenize import detokenize, tokenize, version
 
 # Answered in the ExceptionMiddleware; `Exception` (a 500) goes to the ServerErrorMiddleware, which logs it.
 _HANDLED = (ApiError, InvalidRequestError, QueueFullError, EngineDeadError, StarletteHTTPException, Exception)
@@ -44,6 +53,7 @@ def build_app(engine: AsyncLLMEngine, api_key: str | None = None,
     app.state.ctx = ServingContext.create(engine, max_n)
     app.state.api_key = api_key
     app.include_router(_public)
+    app.include_router(_authed)
     app.include_router(_v1)
     for exc_type in _HANDLED:
         app.add_exception_handler(exc_type, _error_response)
@@ -102,6 +112,7 @@ def _ctx(request: Request) -> ServingContext:
 # ---- routes -----------------------------------------------------------------------------------------
 
 _public = APIRouter()
+_authed = APIRouter(dependencies=[Depends(_check_api_key)])  # vLLM's paths outside /v1 that do work
 _v1 = APIRouter(prefix="/v1", dependencies=[Depends(_check_api_key)])
 
 
@@ -116,6 +127,21 @@ async def health(request: Request) -> Response:
 @_public.get("/metrics")
 async def metrics(request: Request) -> Response:
     return Response(_ctx(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@_public.get("/version")
+async def version_route() -> VersionResponse:
+    return version()
+
+
+@_authed.post("/tokenize")
+async def tokenize_route(request: Request) -> Response:
+    return await _serve(request, TokenizeRequest, tokenize)
+
+
+@_authed.post("/detokenize")
+async def detokenize_route(request: Request) -> Response:
+    return await _serve(request, DetokenizeRequest, detokenize)
 
 
 @_v1.get("/models")

@@ -84,6 +84,21 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = None
 
 
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize: a prompt, or messages rendered through the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # None: True for a prompt, False for messages (the template adds them)
+    add_generation_prompt: bool = True  # messages only
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
+
+
 # ---- responses --------------------------------------------------------------------------------------
 
 
@@ -186,6 +201,20 @@ class ModelCard(_Response):
 class ModelList(_Response):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeResponse(_Response):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(_Response):
+    prompt: str
+
+
+class VersionResponse(_Response):
+    version: str
 
 
 class ErrorInfo(_Response):

@@ -38,7 +38,7 @@ async def create_chat_completion(ctx: ServingContext,
     arrival = time.monotonic()
     ctx.check_model(req.model)
     refuse_unsupported_chat(req.model_extra, [m.model_extra for m in req.messages])
-    conversation = _conversation(ctx, req.messages)
+    conversation = conversation_of(ctx, req.messages)
     ctx.limits.check_admissible(req.n, 1)
     prompt_ids = await render_chat(ctx, conversation)
     params = build_params(ctx, req, _max_tokens(ctx, req, len(prompt_ids)), _num_logprobs(req))
@@ -46,7 +46,7 @@ async def create_chat_completion(ctx: ServingContext,
     return await run_requests(ctx, req, request_id, [Prompt(prompt_ids, None)], params, _stream, _response, arrival)
 
 
-def _conversation(ctx: ServingContext, messages: list[ChatMessage]) -> list[dict[str, Any]]:
+def conversation_of(ctx: ServingContext, messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """The messages as the chat template takes them, within the size bound (checked before tokenizing)."""
     if not messages:
         raise bad_request("messages must not be empty", "messages")
@@ -57,10 +57,11 @@ def _conversation(ctx: ServingContext, messages: list[ChatMessage]) -> list[dict
     return conversation
 
 
-async def render_chat(ctx: ServingContext, conversation: list[dict[str, Any]]) -> list[int]:
+async def render_chat(ctx: ServingContext, conversation: list[dict[str, Any]],
+                      add_generation_prompt: bool = True) -> list[int]:
     """Prompt token ids of the conversation under the model's chat template, as LLM.chat builds them."""
     try:
-        return await ctx.tokenizer.chat(conversation)
+        return await ctx.tokenizer.chat(conversation, add_generation_prompt)
     except InvalidRequestError as exc:
         raise bad_request(str(exc), "messages") from exc
     except Exception as exc:  # a template that rejects these messages (a role it does not know, ...)

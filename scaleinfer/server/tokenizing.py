@@ -49,9 +49,15 @@ class PromptTokenizer:
         return [Prompt(next(encoded), prompt) if isinstance(prompt, str) else Prompt(prompt, None)
                 for prompt in prompts]
 
-    async def chat(self, conversation: list[dict[str, Any]]) -> list[int]:
+    async def chat(self, conversation: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """Prompt token ids of a conversation under the model's chat template (raises what the template raises)."""
-        return await self._run(apply_chat_template, conversation)
+        return await self._run(apply_chat_template, conversation, add_generation_prompt)
+
+    async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return await self._run(_encode, text, add_special_tokens)
+
+    async def decode(self, token_ids: list[int]) -> str:
+        return await self._run(_decode, token_ids)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, self._tokenizer, *args)
@@ -62,3 +68,11 @@ class PromptTokenizer:
 
 def _encode_all(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return [list(tokenizer.encode(text)) for text in texts]
+
+
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
+def _decode(tokenizer: Any, token_ids: list[int]) -> str:
+    return tokenizer.decode(token_ids)
