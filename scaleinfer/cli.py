@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="required bearer token (or SCALEINFER_API_KEY)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name /v1/models lists and requests must name (default: --model)")
     serve.add_argument("--max-waiting", type=int, default=None,
                        help="bound on queued sequences (n per prompt, at least 1); past it, 503")
     serve.add_argument("--shutdown-timeout", type=_non_negative_float, default=10.0,
@@ -87,6 +89,23 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                              "prefill")
     parser.add_argument("--max-num-seqs", type=int, default=None,
                         help="sequences in one step (default 256, with --offload 1024)")
+    _add_vllm_engine_args(parser)
+
+
+def _add_vllm_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The options vLLM users reach for, under vLLM's names."""
+    parser.add_argument("--tokenizer", default=None, help="a folder (or .gguf file) to load the tokenizer from "
+                                                          "instead of the model's")
+    parser.add_argument("--chat-template", default=None,
+                        help="a file holding a Jinja chat template, or the template itself; replaces the tokenizer's")
+    parser.add_argument("--enforce-eager", action="store_true", help="GPU: run decode steps without CUDA graphs")
+    parser.add_argument("--kv-cache-memory", type=_bytes, default=None,
+                        help="bytes for the KV cache, e.g. 20GiB (default: --gpu-memory-utilization of free memory)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="fraction in (0, 1] (default 0.9) of the device memory still free once the weights are "
+                             "loaded that the KV cache takes, less a 2 GiB activation reserve (on a CPU: of the "
+                             "available RAM, at most 1 GiB). Unlike vLLM's, which bounds all the memory the instance "
+                             "uses on the whole GPU, weights included: the same value gives a larger cache here")
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -104,8 +123,15 @@ def _engine_config(args: argparse.Namespace, **scheduler: int | None) -> EngineC
     return EngineConfig.from_kwargs(
         model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
         offload=args.offload, offload_path=args.offload_path, offload_gpu_budget=args.offload_gpu_budget,
-        tensor_parallel_size=args.tensor_parallel_size, **budget, **scheduler,
+        tensor_parallel_size=args.tensor_parallel_size, tokenizer=args.tokenizer, chat_template=args.chat_template,
+        enforce_eager=args.enforce_eager, kv_cache_memory=args.kv_cache_memory, **_memory_fraction(args), **budget,
+        **scheduler,
     )
+
+
+def _memory_fraction(args: argparse.Namespace) -> dict[str, float]:
+    """--gpu-memory-utilization as CacheConfig.memory_fraction; unset, the config's default."""
+    return {} if args.gpu_memory_utilization is None else {"memory_fraction": args.gpu_memory_utilization}
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -161,7 +187,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     api_key = args.api_key or env_str("SCALEINFER_API_KEY")
     run_server(_engine_config(args, max_waiting=args.max_waiting), args.host, args.port, api_key,
-               shutdown_timeout_s=args.shutdown_timeout)
+               shutdown_timeout_s=args.shutdown_timeout, served_model_name=args.served_model_name)
     return 0
 
 

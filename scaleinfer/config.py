@@ -102,6 +102,8 @@ class ArchConfig:
 @dataclass(slots=True)
 class ModelConfig:
     model: str = EMBEDDED_MODEL_ALIAS  # HF-style folder, .gguf file, or the alias
+    tokenizer: str | None = None  # a folder to load the tokenizer from; None: the model's
+    chat_template: str | None = None  # a file path or a Jinja template string; None: the tokenizer's
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     max_model_len: int | None = None  # None: the model's own context

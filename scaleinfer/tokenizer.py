@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from scaleinfer.config import cache_dir
+from scaleinfer.config import ModelConfig, cache_dir
 from scaleinfer.errors import InvalidRequestError, ModelLoadError
 
 if TYPE_CHECKING:
@@ -29,6 +29,32 @@ def load_tokenizer(path: Path, chat_template: str | None = None) -> PreTrainedTo
     if tokenizer.chat_template is None and chat_template:
         tokenizer.chat_template = chat_template
     return tokenizer
+
+
+def tokenizer_for(source: Any, config: ModelConfig) -> PreTrainedTokenizerBase | None:
+    """The model's tokenizer (source.load_tokenizer()), or config.tokenizer's; config.chat_template replaces its
+    template. None for a source without one (init_inference's HF model object)."""
+    if config.tokenizer is not None:
+        path = Path(config.tokenizer).expanduser()
+        if not path.exists():
+            raise ModelLoadError(f"tokenizer path {path} does not exist")
+        tokenizer = load_tokenizer(path)
+    else:
+        tokenizer = source.load_tokenizer()
+    if tokenizer is not None and config.chat_template is not None:
+        tokenizer.chat_template = read_chat_template(config.chat_template)
+    return tokenizer
+
+
+def read_chat_template(value: str) -> str:
+    """A chat template given as a file path (its contents) or as the Jinja template itself (as vLLM takes it)."""
+    path = Path(value).expanduser()
+    with contextlib.suppress(OSError):  # a long template string is no file name
+        if path.is_file():
+            return path.read_text()
+    if "{" in value:
+        return value
+    raise InvalidRequestError(f"chat_template {value!r} is neither a file nor a Jinja template")
 
 
 def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, Any]],

@@ -76,3 +76,34 @@ def test_step_budget_flags_reach_the_scheduler_config(command, monkeypatch):
     with pytest.raises(Captured):
         cli.main([*command, "--max-num-batched-tokens", "64", "--max-num-seqs", "8"])
     assert (configs[0].scheduler.max_num_batched_tokens, configs[0].scheduler.max_num_seqs) == (64, 8)
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["serve"]])
+def test_vllm_named_flags_reach_the_config(command, monkeypatch, tmp_path):
+    import scaleinfer.engine.llm_engine as llm_engine
+    import scaleinfer.server.app as app
+    from scaleinfer import cli
+
+    calls = []
+
+    def capture(config, *args, **kwargs):
+        calls.append((config, kwargs))
+        raise Captured
+
+    monkeypatch.setattr(llm_engine, "LLMEngine", capture)
+    monkeypatch.setattr(app, "run_server", capture)
+    extra = ["--served-model-name", "my-model"] if command == ["serve"] else []
+    with pytest.raises(Captured):
+        cli.main([*command, "--tokenizer", str(tmp_path), "--chat-template", "{{ messages }}", "--enforce-eager",
+                  "--kv-cache-memory", "3GiB", "--gpu-memory-utilization", "0.5", *extra])
+    config, kwargs = calls[0]
+    assert (config.model.tokenizer, config.model.chat_template, config.model.enforce_eager) == (
+        str(tmp_path), "{{ messages }}", True)
+    assert (config.cache.kv_cache_memory, config.cache.memory_fraction) == (3 * 2**30, 0.5)
+    if command == ["serve"]:
+        assert kwargs["served_model_name"] == "my-model"
+
+
+def test_gpu_memory_utilization_out_of_range_is_one_line():
+    result = run_cli("generate", "hi", "--gpu-memory-utilization", "1.5")
+    assert result.returncode == 1 and "memory_fraction must be in (0, 1], got 1.5" in result.stderr

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
+from scaleinfer.config import ModelConfig
 from scaleinfer.errors import InvalidRequestError, ModelLoadError
-from scaleinfer.tokenizer import apply_chat_template, load_tokenizer
+from scaleinfer.tokenizer import apply_chat_template, load_tokenizer, tokenizer_for
 from scaleinfer.weights.source import ModelSource, embedded_model_path
 
 TEXTS = ["Hello world!", "héllo wörld 🇫🇷 👨‍👩‍👧 你好", "  leading spaces\n\ttabs and <|im_end|> in text"]
@@ -101,3 +102,29 @@ def test_cache_can_be_turned_off(monkeypatch, tmp_path):
     from scaleinfer.config import cache_dir
 
     assert cache_dir() is None
+
+
+class _NoTokenizerSource:
+    """A model source whose own tokenizer must not be loaded (--tokenizer replaces it)."""
+
+    def load_tokenizer(self):
+        raise AssertionError("the model's tokenizer was loaded")
+
+
+def test_tokenizer_option_loads_another_folder_and_chat_template_replaces_its_template(saved_folder, tmp_path):
+    tokenizer = tokenizer_for(_NoTokenizerSource(), ModelConfig(tokenizer=str(saved_folder)))
+    assert tokenizer.encode("hi") == load_tokenizer(saved_folder).encode("hi")
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    as_string = tokenizer_for(_NoTokenizerSource(), ModelConfig(tokenizer=str(saved_folder), chat_template=template))
+    (tmp_path / "t.jinja").write_text(template)
+    as_file = tokenizer_for(_NoTokenizerSource(), ModelConfig(tokenizer=str(saved_folder),
+                                                              chat_template=str(tmp_path / "t.jinja")))
+    expected = tokenizer.encode("<user>hi", add_special_tokens=False)
+    assert apply_chat_template(as_string, CHAT) == apply_chat_template(as_file, CHAT) == expected
+
+
+def test_tokenizer_and_chat_template_options_refuse_what_they_cannot_read(saved_folder, tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        tokenizer_for(_NoTokenizerSource(), ModelConfig(tokenizer=str(tmp_path / "nope")))
+    with pytest.raises(InvalidRequestError, match="neither a file nor a Jinja template"):
+        tokenizer_for(_NoTokenizerSource(), ModelConfig(tokenizer=str(saved_folder), chat_template="no/such.jinja"))

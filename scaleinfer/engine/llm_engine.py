@@ -45,6 +45,7 @@ class LLMEngine:
         """source: where weights come from when not config.model.model (init_inference passes an HF model)."""
         # The data plane is imported here so that the control plane stays importable without torch.
         from scaleinfer.executor import make_executor
+        from scaleinfer.tokenizer import tokenizer_for
         from scaleinfer.weights.source import resolve_model
 
         self.config = config
@@ -52,7 +53,7 @@ class LLMEngine:
         self.model_name = config.model.model
         self.model_path = source.path
         self.arch = source.arch
-        self.tokenizer = None if config.model.skip_tokenizer_init else source.load_tokenizer()
+        self.tokenizer = None if config.model.skip_tokenizer_init else tokenizer_for(source, config.model)
         self.max_model_len = _max_model_len(config, source.arch.max_position_embeddings)
         self.executor = make_executor(config, source, self.max_model_len, progress)
         self.runner = self.executor.runner  # rank 0's, in this process

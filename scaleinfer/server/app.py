@@ -47,10 +47,12 @@ RequestModel = TypeVar("RequestModel", bound=BaseModel)
 
 
 def build_app(engine: AsyncLLMEngine, api_key: str | None = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_n: int = 16) -> FastAPI:
-    """An app serving `engine`; with api_key set, every /v1 route needs `Authorization: Bearer <api_key>`."""
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_n: int = 16,
+              served_model_name: str | None = None) -> FastAPI:
+    """An app serving `engine` under served_model_name (default: the engine's model name); with api_key set,
+    every /v1 route, /tokenize and /detokenize need `Authorization: Bearer <api_key>`."""
     app = FastAPI(title="scaleinfer", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.ctx = ServingContext.create(engine, max_n)
+    app.state.ctx = ServingContext.create(engine, max_n, served_model_name)
     app.state.api_key = api_key
     app.include_router(_public)
     app.include_router(_authed)
@@ -63,7 +65,7 @@ def build_app(engine: AsyncLLMEngine, api_key: str | None = None,
 
 def run_server(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info",
-               shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> None:
+               shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S, served_model_name: str | None = None) -> None:
     """Load the engine and serve until SIGTERM or SIGINT; then drain for up to shutdown_timeout_s, abort what
     is left, stop the engine thread and return (see server/graceful.py). Raises the engine's EngineDeadError
     when the engine died while serving."""
@@ -72,7 +74,7 @@ def run_server(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, 
     from scaleinfer.server.graceful import GracefulServer
 
     engine = AsyncLLMEngine.from_config(config)
-    app = build_app(engine, api_key, max_body_bytes)
+    app = build_app(engine, api_key, max_body_bytes, served_model_name=served_model_name)
     try:
         uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level=log_level)
         server = GracefulServer(uvicorn_config, engine, shutdown_timeout_s)
@@ -146,8 +148,8 @@ async def detokenize_route(request: Request) -> Response:
 
 @_v1.get("/models")
 async def models(request: Request) -> ModelList:
-    engine = _ctx(request).engine
-    return ModelList(data=[ModelCard(id=engine.model_name, max_model_len=engine.max_model_len)])
+    ctx = _ctx(request)
+    return ModelList(data=[ModelCard(id=ctx.model_name, max_model_len=ctx.engine.max_model_len)])
 
 
 @_v1.post("/completions")

@@ -30,16 +30,18 @@ class ServingContext:
     metrics: ServerMetrics
     limits: RequestLimits
     tokenizer: PromptTokenizer
+    model_name: str  # what /v1/models lists and requests must name
 
     @classmethod
-    def create(cls, engine: AsyncLLMEngine, max_n: int = 16) -> ServingContext:
+    def create(cls, engine: AsyncLLMEngine, max_n: int = 16, served_model_name: str | None = None) -> ServingContext:
         limits = RequestLimits(engine.max_model_len, engine.max_waiting, max_n)
-        return cls(engine, ServerMetrics(engine), limits, PromptTokenizer(engine.tokenizer))
+        return cls(engine, ServerMetrics(engine), limits, PromptTokenizer(engine.tokenizer),
+                   served_model_name or engine.model_name)
 
     def check_model(self, model: str) -> None:
-        if model != self.engine.model_name:
-            raise ApiError(404, f"The model {model!r} does not exist; this server serves "
-                                f"{self.engine.model_name!r}", param="model", code="model_not_found")
+        if model != self.model_name:
+            raise ApiError(404, f"The model {model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
 
 
 def build_params(ctx: ServingContext, req: SamplingRequest, max_tokens: int,
