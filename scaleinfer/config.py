@@ -15,6 +15,7 @@ from scaleinfer.errors import InvalidRequestError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
 OFFLOAD_TARGETS = ("none", "cpu", "nvme")
+QUANTIZATIONS = (None, "int8")  # None: weights in the run dtype; int8: per-output-channel weight-only, on load
 # With streamed weights a step costs one pass over the weights whatever its size: fill it, in large prefill
 # chunks and with as many sequences as the KV cache holds.
 OFFLOAD_MAX_BATCHED_TOKENS = 32768
@@ -111,6 +112,7 @@ class ModelConfig:
     load_format: str = "auto"  # auto: the checkpoint; dummy: random weights from config.json (benchmarks)
     skip_tokenizer_init: bool = False  # token ids in and out, no text (models without a tokenizer)
     enforce_eager: bool = False  # GPU: no CUDA graphs for decode steps
+    quantization: str | None = None  # one of QUANTIZATIONS: the parallel linears' weights quantized as they load
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
@@ -120,6 +122,8 @@ class ModelConfig:
         _require(ok, f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _require(self.max_model_len is None or self.max_model_len > 0,
                  f"max_model_len must be positive, got {self.max_model_len!r}")
+        _require(self.quantization in QUANTIZATIONS,
+                 f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
 
 
 @dataclass(slots=True)

@@ -1,11 +1,19 @@
-"""Linear layers that know their tensor-parallel shard.
+"""Linear layers that know their tensor-parallel shard, and hold their weight as a quantization scheme says.
 
 Each parameter carries a `weight_loader(param, loaded_weight, shard_id=None)`: the checkpoint gives the
-full HF tensor, the loader narrows it to this rank's slice and copies it in place. Fused layers (QKV,
-gate/up) take one checkpoint tensor per shard_id and place it at its offset.
+full HF tensor, the loader narrows it to this rank's rows (the rank's output features, or all of them for a
+row-parallel layer, whose columns the scheme narrows) and the scheme stores them at their offset. Fused
+layers (QKV, gate/up) take one checkpoint tensor per shard_id and place it at its offset.
+
+A scheme owns the weight's parameters, how rows are stored and the matmul. The parallel linears take the one
+set by `linear_scheme(...)` while the model is built (the model files never name it); ReplicatedLinear (a
+router, OPT's projections) always stays unquantized.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -13,6 +21,53 @@ from torch import nn
 from scaleinfer.kernels.gemv import linear
 from scaleinfer.parallel.comm import tp_all_reduce
 from scaleinfer.parallel.state import get_parallel_state
+
+Columns = tuple[int, int] | None  # (start, size) of the input features this rank keeps; None: all of them
+
+
+class Unquantized:
+    """Weights in the run dtype, as the checkpoint gives them."""
+
+    name = None
+
+    def create_weights(self, layer: nn.Module, output_size: int, input_size: int) -> None:
+        layer.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+
+    def load_rows(self, layer: nn.Module, offset: int, rows: torch.Tensor, columns: Columns,
+                  shard_id: object) -> None:
+        """rows: [n, full input features] of the checkpoint -> weight rows [offset, offset + n)."""
+        _copy_checked(rows_of(layer.weight.data, offset, rows), narrow_columns(rows, columns))
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return linear(x, layer.weight, bias)
+
+
+UNQUANTIZED = Unquantized()
+_scheme = UNQUANTIZED
+
+
+@contextmanager
+def linear_scheme(scheme) -> Iterator[None]:
+    """The parallel linears built inside the block hold their weights as `scheme` says."""
+    global _scheme
+    previous, _scheme = _scheme, scheme
+    try:
+        yield
+    finally:
+        _scheme = previous
+
+
+def quantization_scheme(name: str | None):
+    """The scheme for a ModelConfig.quantization value (validated there)."""
+    if name is None:
+        return UNQUANTIZED
+    from scaleinfer.layers.quant_int8 import Int8Scheme
+
+    return Int8Scheme()
+
+
+def narrow_columns(rows: torch.Tensor, columns: Columns) -> torch.Tensor:
+    return rows if columns is None else rows.narrow(1, *columns)
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -22,11 +77,12 @@ def _divide(numerator: int, denominator: int, what: str) -> int:
 
 
 class LinearBase(nn.Module):
-    def __init__(self, input_size: int, output_size: int, bias: bool) -> None:
+    def __init__(self, input_size: int, output_size: int, bias: bool, scheme=None) -> None:
         super().__init__()
         state = get_parallel_state()
         self.tp_rank, self.tp_size = state.tp_rank, state.tp_size
-        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        self.scheme = scheme or _scheme
+        self.scheme.create_weights(self, output_size, input_size)
         self.weight.weight_loader = self.weight_loader
         self.bias = None
         if bias:
@@ -34,14 +90,25 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.scheme.apply(self, x, self.bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
-        _copy_checked(param.data, loaded)
+        self._load(param, 0, loaded, shard_id)
+
+    def _load(self, param: nn.Parameter, offset: int, rows: torch.Tensor, shard_id: object,
+              columns: Columns = None) -> None:
+        """rows: this rank's rows of a checkpoint weight (or bias), placed at `offset` of the parameter."""
+        if param is self.bias:
+            _copy_checked(rows_of(param.data, offset, rows), rows)
+        else:
+            self.scheme.load_rows(self, offset, rows, columns, shard_id)
 
 
 class ReplicatedLinear(LinearBase):
-    """The same full weight on every rank."""
+    """The same full weight on every rank, unquantized."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__(input_size, output_size, bias, scheme=UNQUANTIZED)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -53,7 +120,7 @@ class ColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
         rows = param.shape[0]
-        _copy_checked(param.data, loaded.narrow(0, self.tp_rank * rows, rows))
+        self._load(param, 0, loaded.narrow(0, self.tp_rank * rows, rows), shard_id)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -67,8 +134,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         assert isinstance(shard_id, int), f"merged linear needs an integer shard_id, got {shard_id!r}"
         size = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        shard = loaded.narrow(0, self.tp_rank * size, size)
-        _copy_checked(param.data.narrow(0, offset, size), shard)
+        self._load(param, offset, loaded.narrow(0, self.tp_rank * size, size), shard_id)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -90,7 +156,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             "k": (q_size, kv_size, self.tp_rank // self.kv_replicas),
             "v": (q_size + kv_size, kv_size, self.tp_rank // self.kv_replicas),
         }[shard_id]
-        _copy_checked(param.data.narrow(0, offset, size), loaded.narrow(0, rank * size, size))
+        self._load(param, offset, loaded.narrow(0, rank * size, size), shard_id)
 
 
 class RowParallelLinear(LinearBase):
@@ -101,15 +167,27 @@ class RowParallelLinear(LinearBase):
         super().__init__(_divide(input_size, tp_size, "input_size"), output_size, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = tp_all_reduce(linear(x, self.weight))
+        y = tp_all_reduce(self.scheme.apply(self, x, None))
         return y if self.bias is None else y + self.bias
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
         if param.dim() == 1:  # bias: whole on every rank
             _copy_checked(param.data, loaded)
             return
-        cols = param.shape[1]
-        _copy_checked(param.data, loaded.narrow(1, self.tp_rank * cols, cols))
+        cols = self.weight.shape[1]
+        if loaded.dim() != 2 or tuple(loaded.shape) != (self.weight.shape[0], cols * self.tp_size):
+            raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit parameter "
+                             f"{tuple(self.weight.shape)} at tensor_parallel_size={self.tp_size}")
+        # Every output row whole: a quantizing scheme takes each row's scale over all its input features, so
+        # the stored values are the same at every tensor-parallel size.
+        self._load(param, 0, loaded, shard_id, columns=(self.tp_rank * cols, cols))
+
+
+def rows_of(param: torch.Tensor, offset: int, rows: torch.Tensor) -> torch.Tensor:
+    """The parameter's rows [offset, offset + len(rows)); a checkpoint tensor that overruns it is named."""
+    if offset + rows.shape[0] > param.shape[0]:
+        raise ValueError(f"checkpoint tensor of shape {tuple(rows.shape)} does not fit parameter {tuple(param.shape)}")
+    return param.narrow(0, offset, rows.shape[0])
 
 
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:

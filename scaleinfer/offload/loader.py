@@ -18,6 +18,7 @@ from torch import nn
 
 from scaleinfer.config import ModelConfig, OffloadConfig
 from scaleinfer.errors import InvalidRequestError, UnsupportedArchitectureError
+from scaleinfer.layers.linear import linear_scheme, quantization_scheme
 from scaleinfer.models.registry import model_class
 from scaleinfer.models.weights import _default_loader
 from scaleinfer.offload.host_store import HostStore
@@ -40,7 +41,10 @@ def build_offloaded_model(
     dtype: torch.dtype,
     progress: bool,
 ) -> tuple[nn.Module, LayerStreamer]:
-    with default_dtype(dtype), torch.device(device), parameters_on_meta():
+    # A quantized layer streams its int8 levels (parameters, packed like any other); its scales are buffers and
+    # stay resident.
+    scheme = quantization_scheme(config.quantization)
+    with default_dtype(dtype), torch.device(device), parameters_on_meta(), linear_scheme(scheme):
         model = model_class(source.arch)(source.arch)
     layers = _decoder_layers(model)
     shard = current_shard()

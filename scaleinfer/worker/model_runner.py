@@ -8,6 +8,7 @@ import torch
 
 from scaleinfer.config import CacheConfig, ModelConfig, OffloadConfig
 from scaleinfer.layers.attention import Attention
+from scaleinfer.layers.linear import linear_scheme, quantization_scheme
 from scaleinfer.layers.sampler import SamplerOutput, sample
 from scaleinfer.models.registry import model_class
 from scaleinfer.outputs import RunnerOutput, SampledToken, ScheduledSequence, SchedulerOutput
@@ -81,7 +82,8 @@ class ModelRunner:
             model, self.streamer = build_offloaded_model(source, config, self.offload, self.device, self.dtype,
                                                          progress)
             return model.eval()
-        with default_dtype(self.dtype), torch.device(self.device):
+        scheme = quantization_scheme(config.quantization)
+        with default_dtype(self.dtype), torch.device(self.device), linear_scheme(scheme):
             model = model_class(source.arch)(source.arch)
         if config.load_format == "dummy":
             init_dummy_weights(model, config.seed)
