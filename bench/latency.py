@@ -2,6 +2,10 @@
 HF with a static cache (which compiles itself), all in one process on one card.
 
     python bench/latency.py --shape llama3-8b|llama3-1b|llama2-7b [--prompt-len 128 --new-tokens 128] [--skip-hf]
+        [--quantization int8]
+
+With --quantization the scaleinfer run quantizes its random weights on load (the HF runs stay bf16); its floor
+counts the bytes it holds (int8 levels and their scales).
 """
 
 from __future__ import annotations
@@ -23,15 +27,18 @@ from shapes import SHAPES, write_config  # noqa: E402
 from scaleinfer import LLM, SamplingParams  # noqa: E402
 
 
-def scaleinfer_latency(folder: Path, prompt: list[int], new_tokens: int, kv_bytes: int) -> dict:
+def scaleinfer_latency(folder: Path, prompt: list[int], new_tokens: int, kv_bytes: int,
+                       quantization: str | None = None) -> dict:
     start = time.perf_counter()
     llm = LLM(model=str(folder), dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True,
-              kv_cache_memory=kv_bytes, progress=False)
+              kv_cache_memory=kv_bytes, progress=False, quantization=quantization)
     startup = time.perf_counter() - start
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm-up
     stamps = _timed_steps(llm, prompt, params)
-    weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+    model = llm.engine.runner.model
+    weight_bytes = sum(p.nbytes for p in model.parameters())
+    weight_bytes += sum(b.nbytes for name, b in model.named_buffers() if name.endswith("weight_scale"))
     out = {"startup_s": startup, "weight_bytes": weight_bytes, **_latency_figures(stamps)}
     out["runner"] = llm.engine.runner.describe() if hasattr(llm.engine.runner, "describe") else {}
     del llm
@@ -109,7 +116,9 @@ def main() -> None:
         if not args.skip_hf:
             result["hf_eager"] = hf_latency(config, prompt, args.new_tokens, static=False)
             result["hf_static_compile"] = hf_latency(config, prompt, args.new_tokens, static=True)
-        result["scaleinfer"] = ours = scaleinfer_latency(Path(tmp), prompt, args.new_tokens, args.kv_cache_gib << 30)
+        result["quantization"] = args.quantization
+        result["scaleinfer"] = ours = scaleinfer_latency(Path(tmp), prompt, args.new_tokens, args.kv_cache_gib << 30,
+                                                         args.quantization)
     copy = result["ceilings"]["copy_gb_s"]
     # A decode step reads every weight once: bytes / step time, against the copy bandwidth.
     ours["weight_gb_s"] = ours["weight_bytes"] / ours["ms_per_token"] / 1e6
@@ -128,6 +137,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--kv-cache-gib", type=int, default=8)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--quantization", choices=["int8"], default=None,
+                        help="quantize scaleinfer's weights on load (LLM(quantization=...)); HF stays bf16")
     return parser.parse_args()
 
 

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
-from scaleinfer.config import DTYPES, EMBEDDED_MODEL_ALIAS, OFFLOAD_TARGETS, EngineConfig, env_str
+from scaleinfer.config import DTYPES, EMBEDDED_MODEL_ALIAS, OFFLOAD_TARGETS, QUANTIZATIONS, EngineConfig, env_str
 from scaleinfer.errors import InvalidRequestError, ScaleInferError
 from scaleinfer.sampling_params import SamplingParams
 from scaleinfer.tokenizer import apply_chat_template
@@ -76,6 +76,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default="auto", choices=DTYPES)
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--quantization", default=None, choices=[q for q in QUANTIZATIONS if q],
+                        help="quantize the linear layers' weights as they load (int8: per-output-channel, "
+                             "weight-only; embeddings, LM head and MoE experts stay in --dtype)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="split every layer over T processes (one per GPU; on a CPU, T processes over gloo)")
     parser.add_argument("--offload", default="none", choices=OFFLOAD_TARGETS,
@@ -122,7 +125,8 @@ def _engine_config(args: argparse.Namespace, **scheduler: int | None) -> EngineC
               if getattr(args, name) is not None}
     return EngineConfig.from_kwargs(
         model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-        offload=args.offload, offload_path=args.offload_path, offload_gpu_budget=args.offload_gpu_budget,
+        quantization=args.quantization, offload=args.offload, offload_path=args.offload_path,
+        offload_gpu_budget=args.offload_gpu_budget,
         tensor_parallel_size=args.tensor_parallel_size, tokenizer=args.tokenizer, chat_template=args.chat_template,
         enforce_eager=args.enforce_eager, kv_cache_memory=args.kv_cache_memory, **_memory_fraction(args), **budget,
         **scheduler,

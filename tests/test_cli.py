@@ -107,3 +107,24 @@ def test_vllm_named_flags_reach_the_config(command, monkeypatch, tmp_path):
 def test_gpu_memory_utilization_out_of_range_is_one_line():
     result = run_cli("generate", "hi", "--gpu-memory-utilization", "1.5")
     assert result.returncode == 1 and "memory_fraction must be in (0, 1], got 1.5" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["chat"], ["serve"]])
+def test_quantization_flag_reaches_the_model_config(command, monkeypatch):
+    import scaleinfer.engine.llm_engine as llm_engine
+    import scaleinfer.server.app as app
+    from scaleinfer import cli
+
+    configs = []
+
+    def capture(config, *args, **kwargs):
+        configs.append(config)
+        raise Captured
+
+    monkeypatch.setattr(llm_engine, "LLMEngine", capture)
+    monkeypatch.setattr(app, "run_server", capture)
+    with pytest.raises(Captured):
+        cli.main([*command, "--quantization", "int8"])
+    assert configs[0].model.quantization == "int8"
+    with pytest.raises(SystemExit):  # argparse: "invalid choice: 'int4'"
+        cli.main([*command, "--quantization", "int4"])

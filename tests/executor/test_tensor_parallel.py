@@ -46,6 +46,17 @@ def test_llama_at_two_and_four_ranks(tiny_models):
     check_family(folder, hf_model, (2, 4))
 
 
+def test_int8_llama_at_two_ranks_equals_one_process(tiny_models):
+    """Each rank quantizes its rows (row-parallel: its columns, with the whole row's scale), so the int8 levels
+    are the ones one process holds: the same greedy tokens, logprobs within float32 all-reduce order."""
+    folder, hf_model = tiny_models["llama3.1"]
+    prompts = prompts_with_shared_prefix(hf_model.config.vocab_size)
+    reference, _ = generate(folder, prompts, 1, NUM_TOKENS, quantization="int8")
+    outputs, _ = generate(folder, prompts, 2, NUM_TOKENS, quantization="int8")
+    assert [o.outputs[0].token_ids for o in outputs] == [r.outputs[0].token_ids for r in reference]
+    assert_logprobs_close(outputs, reference)
+
+
 @pytest.mark.parametrize("family", ["qwen2", "gpt2"])
 def test_qkv_bias_and_layernorm_families_at_two_ranks(tiny_models, family):
     folder, hf_model = tiny_models[family]
