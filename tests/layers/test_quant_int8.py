@@ -173,3 +173,57 @@ def test_the_embedded_model_in_int8_still_knows_paris(embedded_gguf):
     with LLM(str(embedded_gguf), device="cpu", progress=False, kv_cache_memory=16 << 20, quantization="int8") as llm:
         text = llm.generate("The capital of France is", params)[0].outputs[0].text
     assert "Paris" in text, text
+
+
+GPU_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,", "1, 2, 3, 4,",
+               "The largest planet in the solar system is", "Q: What is 2 + 2?\nA:"]
+
+
+def _gpu_tokens(folder, prompts, **options) -> list[list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    with LLM(str(folder), device="cuda", progress=False, kv_cache_memory=1 << 30, **options) as llm:
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+@pytest.mark.gpu
+def test_int8_on_gpu_cuda_graph_decode_equals_eager(tiny_models):
+    """float32 activations: alone (1 row: the Triton int8 GEMV, captured) and as a batch of 6 (the cast levels
+    through cuBLAS), graph decode gives eager decode's tokens."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    folder, _ = tiny_models["llama3.1"]
+    for prompts in ([GPU_PROMPTS[0]], [GPU_PROMPTS[3]], GPU_PROMPTS):
+        eager = _gpu_tokens(folder, prompts, dtype="float32", quantization="int8", enforce_eager=True)
+        assert _gpu_tokens(folder, prompts, dtype="float32", quantization="int8") == eager
+
+
+@pytest.mark.gpu
+def test_int8_on_gpu_bf16_tokens_close_to_bf16(tiny_models):
+    """bf16 with CUDA graphs, int8 against unquantized: the first token equal for at least 5 of 6 prompts and at
+    least 40% of all 24-token outputs equal position by position (on CPU in float32: every first token, > 50%)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    folder, _ = tiny_models["llama3.1"]
+    exact = _gpu_tokens(folder, GPU_PROMPTS, dtype="bfloat16")
+    quantized = _gpu_tokens(folder, GPU_PROMPTS, dtype="bfloat16", quantization="int8")
+    assert sum(a[0] == b[0] for a, b in zip(exact, quantized)) >= 5
+    same = sum(a == b for x, y in zip(exact, quantized) for a, b in zip(x, y))
+    assert same / sum(map(len, exact)) >= 0.4, (exact, quantized)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_int8_linear_captured_in_a_cuda_graph_matches_its_reference(m):
+    """The scheme's matmul (GEMV up to 4 rows, cuBLAS past it) captures and replays on fresh inputs: no syncs."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    torch.manual_seed(m)
+    levels, scale = quantize_rows(torch.randn(4096, 1024, device="cuda"))
+    x = torch.randn(m, 1024, dtype=torch.bfloat16, device="cuda")
+    int8_linear(x, levels, scale)  # compile the kernel outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = int8_linear(x, levels, scale)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(y, int8_linear_ref(x, levels, scale), atol=2e-2, rtol=2e-2)
