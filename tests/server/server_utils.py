@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -84,3 +86,13 @@ def parse_metrics(text: str) -> dict[str, float]:
 def engine_is_idle(engine: AsyncLLMEngine) -> bool:
     stats = engine.stats()
     return stats.num_running == 0 and stats.num_waiting == 0 and stats.num_used_blocks == 0
+
+
+def process_healthy(proc: subprocess.Popen, url: str, log_path: Path) -> bool:
+    """Whether a `scaleinfer serve` process answers /health with 200; raises with its log if it exited."""
+    if proc.poll() is not None:
+        raise RuntimeError(f"scaleinfer serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False

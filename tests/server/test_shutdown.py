@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from server_utils import MODEL, free_port, wait_until
+from server_utils import MODEL, free_port, process_healthy, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -28,21 +28,12 @@ def serve_process(tmp_path):
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _healthy(proc, url, log_path), timeout_s=240, what="scaleinfer serve health")
+        wait_until(lambda: process_healthy(proc, url, log_path), timeout_s=240, what="scaleinfer serve health")
         yield proc, url, log_path
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
-
-
-def _healthy(proc: subprocess.Popen, url: str, log_path) -> bool:
-    if proc.poll() is not None:
-        raise RuntimeError(f"scaleinfer serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _refuses_connections(url: str) -> bool:

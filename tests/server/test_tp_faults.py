@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_utils import free_port, wait_until
+from server_utils import free_port, process_healthy, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def test_a_killed_worker_stops_the_server_with_status_1(tiny_models, tmp_path):
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _healthy(proc, url, log_path), timeout_s=240, what="serve health")
+        wait_until(lambda: process_healthy(proc, url, log_path), timeout_s=240, what="serve health")
         (worker,) = worker_pids(proc.pid)
         body = {"model": str(folder), "prompt": "The capital", "max_tokens": 200, "ignore_eos": True,
                 "stream": True}
@@ -63,11 +63,3 @@ def _until_closed(lines):
     except httpx.HTTPError:
         return
 
-
-def _healthy(proc: subprocess.Popen, url: str, log_path: Path) -> bool:
-    if proc.poll() is not None:
-        raise RuntimeError(f"scaleinfer serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
