@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="required bearer token (or SCALEINFER_API_KEY)")
+    serve.add_argument("--task", default="generate", choices=("generate", "embed"),
+                       help="generate: a decoder, /v1/completions and /v1/chat/completions; embed: an encoder "
+                            "(e.g. --model all-minilm-l6-v2), /v1/embeddings")
     serve.add_argument("--served-model-name", default=None,
                        help="the model name /v1/models lists and requests must name (default: --model)")
     serve.add_argument("--max-waiting", type=int, default=None,
@@ -191,7 +194,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     api_key = args.api_key or env_str("SCALEINFER_API_KEY")
     run_server(_engine_config(args, max_waiting=args.max_waiting), args.host, args.port, api_key,
-               shutdown_timeout_s=args.shutdown_timeout, served_model_name=args.served_model_name)
+               shutdown_timeout_s=args.shutdown_timeout, served_model_name=args.served_model_name, task=args.task)
     return 0
 
 

@@ -104,6 +104,31 @@ def test_vllm_named_flags_reach_the_config(command, monkeypatch, tmp_path):
         assert kwargs["served_model_name"] == "my-model"
 
 
+@pytest.mark.parametrize(("flags", "task"), [([], "generate"), (["--task", "embed"], "embed")])
+def test_serve_task_reaches_run_server(flags, task, monkeypatch):
+    import scaleinfer.server.app as app
+    from scaleinfer import cli
+
+    calls = []
+
+    def capture(config, *args, **kwargs):
+        calls.append((config, kwargs))
+        raise Captured
+
+    monkeypatch.setattr(app, "run_server", capture)
+    with pytest.raises(Captured):
+        cli.main(["serve", "--model", "all-minilm-l6-v2", *flags])
+    assert calls[0][0].model.model == "all-minilm-l6-v2" and calls[0][1]["task"] == task
+
+
+def test_serve_task_is_generate_or_embed(capsys):
+    from scaleinfer import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--task", "classify"])
+    assert "invalid choice: 'classify'" in capsys.readouterr().err
+
+
 def test_gpu_memory_utilization_out_of_range_is_one_line():
     result = run_cli("generate", "hi", "--gpu-memory-utilization", "1.5")
     assert result.returncode == 1 and "memory_fraction must be in (0, 1], got 1.5" in result.stderr

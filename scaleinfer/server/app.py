@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from scaleinfer.config import EngineConfig
+from scaleinfer.engine.async_embedder import AsyncEmbedder
 from scaleinfer.engine.async_engine import AsyncLLMEngine
 from scaleinfer.engine.scheduler import QueueFullError
 from scaleinfer.errors import EngineDeadError, InvalidRequestError
@@ -29,6 +30,7 @@ from scaleinfer.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
@@ -37,6 +39,7 @@ from scaleinfer.server.protocol import (
 from scaleinfer.server.serving import ServingContext
 from scaleinfer.server.serving_chat import create_chat_completion
 from scaleinfer.server.serving_completion import create_completion
+from scaleinfer.server.serving_embedding import create_embedding
 from scaleinfer.server.serving_tokenize import detokenize, tokenize, version
 
 # Answered in the ExceptionMiddleware; `Exception` (a 500) goes to the ServerErrorMiddleware, which logs it.
@@ -44,13 +47,15 @@ _HANDLED = (ApiError, InvalidRequestError, QueueFullError, EngineDeadError, Star
 DEFAULT_SHUTDOWN_TIMEOUT_S = 10.0  # in-flight requests get this long to finish after SIGTERM / SIGINT
 T = TypeVar("T")
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
+TASKS = ("generate", "embed")
 
 
-def build_app(engine: AsyncLLMEngine, api_key: str | None = None,
+def build_app(engine: AsyncLLMEngine | AsyncEmbedder, api_key: str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_n: int = 16,
               served_model_name: str | None = None) -> FastAPI:
     """An app serving `engine` under served_model_name (default: the engine's model name); with api_key set,
-    every /v1 route, /tokenize and /detokenize need `Authorization: Bearer <api_key>`."""
+    every /v1 route, /tokenize and /detokenize need `Authorization: Bearer <api_key>`. An AsyncEmbedder
+    serves /v1/embeddings, an AsyncLLMEngine the completions routes; each refuses the other's with a 400."""
     app = FastAPI(title="scaleinfer", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ServingContext.create(engine, max_n, served_model_name)
     app.state.api_key = api_key
@@ -65,15 +70,18 @@ def build_app(engine: AsyncLLMEngine, api_key: str | None = None,
 
 def run_server(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info",
-               shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S, served_model_name: str | None = None) -> None:
-    """Load the engine and serve until SIGTERM or SIGINT; then drain for up to shutdown_timeout_s, abort what
-    is left, stop the engine thread and return (see server/graceful.py). Raises the engine's EngineDeadError
-    when the engine died while serving."""
+               shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S, served_model_name: str | None = None,
+               task: str = "generate") -> None:
+    """Load the engine (task "generate": a decoder; "embed": an encoder) and serve until SIGTERM or SIGINT;
+    then drain for up to shutdown_timeout_s, abort what is left, stop the engine thread and return (see
+    server/graceful.py). Raises the engine's EngineDeadError when the engine died while serving."""
     import uvicorn
 
     from scaleinfer.server.graceful import GracefulServer
 
-    engine = AsyncLLMEngine.from_config(config)
+    if task not in TASKS:
+        raise InvalidRequestError(f"task must be one of {TASKS}, got {task!r}")
+    engine = AsyncEmbedder.from_config(config) if task == "embed" else AsyncLLMEngine.from_config(config)
     app = build_app(engine, api_key, max_body_bytes, served_model_name=served_model_name)
     try:
         uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level=log_level)
@@ -154,12 +162,20 @@ async def models(request: Request) -> ModelList:
 
 @_v1.post("/completions")
 async def completions(request: Request) -> Response:
+    _ctx(request).require_task("generate", "/v1/completions")
     return await _serve(request, CompletionRequest, create_completion)
 
 
 @_v1.post("/chat/completions")
 async def chat_completions(request: Request) -> Response:
+    _ctx(request).require_task("generate", "/v1/chat/completions")
     return await _serve(request, ChatCompletionRequest, create_chat_completion)
+
+
+@_v1.post("/embeddings")
+async def embeddings(request: Request) -> Response:
+    _ctx(request).require_task("embed", "/v1/embeddings")
+    return await _serve(request, EmbeddingRequest, create_embedding)
 
 
 async def _serve(request: Request, schema: type[RequestModel],

@@ -41,16 +41,17 @@ class RequestLimits:
     def max_request_tokens(self) -> int:
         return self.max_n * self.max_model_len
 
-    def check_prompts(self, prompts: Sequence[str | list[int]]) -> None:
-        """Count, emptiness and size of a completions request's prompts, before any is tokenized."""
+    def check_prompts(self, prompts: Sequence[str | list[int]], param: str = "prompt") -> None:
+        """Count, emptiness and size of a request's prompts (param: the field holding them, e.g. embeddings'
+        "input"), before any is tokenized."""
         if len(prompts) > self.max_prompts:
-            raise bad_request(f"a request may have at most {self.max_prompts} prompts, got {len(prompts)}", "prompt")
+            raise bad_request(f"a request may have at most {self.max_prompts} {param}s, got {len(prompts)}", param)
         for index, prompt in enumerate(prompts):
-            where = "prompt" if len(prompts) == 1 else f"prompt {index}"
+            where = param if len(prompts) == 1 else f"{param} {index}"
             if len(prompt) == 0:
-                raise bad_request(f"{where} is empty", "prompt")
+                raise bad_request(f"{where} is empty", param)
             if isinstance(prompt, str):
-                self.check_chars(len(prompt), where, "prompt")
+                self.check_chars(len(prompt), where, param)
 
     def check_chars(self, num_chars: int, what: str, param: str) -> None:
         if num_chars > self.max_prompt_chars:

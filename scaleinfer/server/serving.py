@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from scaleinfer.engine.async_embedder import AsyncEmbedder
 from scaleinfer.engine.async_engine import AsyncLLMEngine, RequestStream
 from scaleinfer.outputs import CompletionOutput, RequestOutput
 from scaleinfer.sampling_params import SamplingParams
@@ -26,17 +27,28 @@ SSE_DONE = "data: [DONE]\n\n"
 
 @dataclass(slots=True)
 class ServingContext:
-    engine: AsyncLLMEngine
+    engine: AsyncLLMEngine | AsyncEmbedder  # an AsyncEmbedder when serving an encoder (task "embed")
     metrics: ServerMetrics
     limits: RequestLimits
     tokenizer: PromptTokenizer
     model_name: str  # what /v1/models lists and requests must name
 
     @classmethod
-    def create(cls, engine: AsyncLLMEngine, max_n: int = 16, served_model_name: str | None = None) -> ServingContext:
+    def create(cls, engine: AsyncLLMEngine | AsyncEmbedder, max_n: int = 16,
+               served_model_name: str | None = None) -> ServingContext:
         limits = RequestLimits(engine.max_model_len, engine.max_waiting, max_n)
         return cls(engine, ServerMetrics(engine), limits, PromptTokenizer(engine.tokenizer),
                    served_model_name or engine.model_name)
+
+    @property
+    def task(self) -> str:
+        return "embed" if isinstance(self.engine, AsyncEmbedder) else "generate"
+
+    def require_task(self, task: str, route: str) -> None:
+        """A route of the other task: 400 naming both tasks."""
+        if self.task != task:
+            raise bad_request(f"{route} needs a server started with --task {task}; this one serves "
+                              f"{self.model_name!r} with --task {self.task}")
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:

@@ -62,6 +62,18 @@ _CHAT = {
 }
 
 
+_EMBEDDING = {
+    "truncate_prompt_tokens": (_NOT_SET, "truncate_prompt_tokens is not supported: texts are truncated to the "
+                                         "model's sequence limit"),
+    "add_special_tokens": ((None, True), "add_special_tokens=false is not supported for embeddings"),
+    "normalize": ((None, True), "normalize=false is not supported: vectors are L2-normalized"),
+}
+
+
+def refuse_unsupported_embedding(extra: dict[str, Any] | None) -> None:
+    _refuse(extra, _EMBEDDING)
+
+
 def refuse_unsupported_completion(extra: dict[str, Any] | None) -> None:
     _refuse(extra, _COMPLETION)
 

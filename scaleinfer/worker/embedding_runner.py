@@ -116,8 +116,11 @@ class EmbeddingRunner:
         """One L2-normalized vector per text, in order."""
         if isinstance(texts, str) or not texts:
             raise InvalidRequestError(f"embed() takes a non-empty list of strings, got {texts!r}")
-        token_ids = self.tokenize(texts)
-        vectors: list[list[float]] = [[] for _ in texts]
+        return self.embed_batched(self.tokenize(texts))
+
+    def embed_batched(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """One vector per token-id list, in order, packed into batches within the budgets."""
+        vectors: list[list[float]] = [[] for _ in token_ids]
         for indices in batches(token_ids, self.max_num_tokens, self.max_num_seqs):
             for i, vector in zip(indices, self.embed_token_ids([token_ids[i] for i in indices])):
                 vectors[i] = vector
