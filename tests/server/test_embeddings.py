@@ -120,6 +120,9 @@ def test_api_key_model_name_and_the_other_routes(embed_server):
     assert httpx.get(f"{embed_server.url}/health", timeout=30).json() == {"status": "ok"}
     metrics = httpx.get(f"{embed_server.url}/metrics", timeout=30).text
     assert "scaleinfer_prompt_tokens_total" in metrics and "scaleinfer_engine_healthy 1.0" in metrics
+    tokens = httpx.post(f"{embed_server.url}/tokenize", headers={"Authorization": f"Bearer {API_KEY}"},
+                        json={"model": MODEL, "prompt": TEXTS[0]}, timeout=30).json()["tokens"]
+    assert tokens == embed_server.token_ids[0]
 
 
 def test_an_embed_server_refuses_generation(embed_server):
