@@ -35,7 +35,7 @@ def scaleinfer_latency(folder: Path, prompt: list[int], new_tokens: int, kv_byte
     startup = time.perf_counter() - start
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm-up
-    stamps = _timed_steps(llm, prompt, params)
+    stamps = timed_steps(llm, prompt, params)
     model = llm.engine.runner.model
     weight_bytes = sum(p.nbytes for p in model.parameters())
     weight_bytes += sum(b.nbytes for name, b in model.named_buffers() if name.endswith("weight_scale"))
@@ -46,9 +46,11 @@ def scaleinfer_latency(folder: Path, prompt: list[int], new_tokens: int, kv_byte
     return out
 
 
-def _timed_steps(llm: LLM, prompt: list[int], params: SamplingParams) -> list[float]:
+def timed_steps(llm: LLM, prompt: list[int], params: SamplingParams) -> list[float]:
+    """The clock at the request's start and after each step that gave an output (one token per step)."""
     engine = llm.engine
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     start = time.perf_counter()
     engine.add_request("latency", prompt, params)
     stamps = [start]

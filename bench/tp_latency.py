@@ -21,7 +21,8 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ceilings, write_result  # noqa: E402
+from common import ceilings, timed, write_result  # noqa: E402
+from latency import timed_steps  # noqa: E402
 from shapes import SHAPES, write_config  # noqa: E402
 
 from scaleinfer import LLM, SamplingParams  # noqa: E402
@@ -36,21 +37,11 @@ def decode_latency(folder: Path, size: int, device: str, dtype: str, prompt: lis
              progress=False) as llm:
         startup = time.perf_counter() - start
         llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm-up
-        stamps = _timed_steps(llm, prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+        stamps = timed_steps(llm, prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
         shard_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
     decode = (stamps[-1] - stamps[1]) / (len(stamps) - 2)
     return {"startup_s": startup, "ttft_ms": (stamps[1] - stamps[0]) * 1e3, "ms_per_token": decode * 1e3,
             "tok_s": 1 / decode, "rank0_weight_bytes": shard_bytes}
-
-
-def _timed_steps(llm: LLM, prompt: list[int], params: SamplingParams) -> list[float]:
-    engine = llm.engine
-    stamps = [time.perf_counter()]
-    engine.add_request("latency", prompt, params)
-    while engine.has_unfinished_requests():
-        if engine.step():
-            stamps.append(time.perf_counter())
-    return stamps
 
 
 def all_reduce_us(size: int, hidden: int, device: str, dtype: torch.dtype) -> float:
@@ -81,21 +72,10 @@ def _all_reduce_rank(rank: int, size: int, init: str, hidden: int, device: str, 
         with torch.cuda.graph(graph):
             reduce_many()
         run = graph.replay
-    best = min(_time(run, dev) for _ in range(10))
+    best = timed(run, repeats=10, device=dev)
     if rank == 0:
         out["us"] = best / REPEATS * 1e6
     leave_tensor_parallel()
-
-
-def _time(fn, device: torch.device) -> float:
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def main() -> None:

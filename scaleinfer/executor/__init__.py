@@ -15,6 +15,8 @@ import torch
 
 from scaleinfer.config import EngineConfig, TorchrunEnv, torchrun_env
 from scaleinfer.errors import InvalidRequestError
+from scaleinfer.executor.rank import RankRunnerSpec, rank_device, share_cpu_cores, uses_gpus
+from scaleinfer.parallel.groups import RankSpec
 from scaleinfer.weights.source import ModelSource
 
 
@@ -52,26 +54,19 @@ def check_tensor_parallel(config: EngineConfig, source: ModelSource, launched: T
         raise InvalidRequestError(
             f"under torchrun the world size ({launched.world_size}) must equal tensor_parallel_size ({size}); to "
             "stream one model's layers over several GPUs together (offload shards) use tensor_parallel_size=1")
-    if _uses_gpus(config.model.device) and launched is None and size > torch.cuda.device_count():
+    if uses_gpus(config.model.device) and launched is None and size > torch.cuda.device_count():
         raise InvalidRequestError(f"tensor_parallel_size={size} exceeds the {torch.cuda.device_count()} visible "
                                   "GPUs (one rank per GPU)")
 
 
-def _uses_gpus(device: str) -> bool:
-    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
-
-
 def _rank_spec(config: EngineConfig, source: ModelSource, max_model_len: int, init_method: str, rank: int,
-               local_rank: int):
-    from scaleinfer.executor.rank import RankRunnerSpec, rank_device
-    from scaleinfer.parallel.groups import RankSpec
-
+               local_rank: int) -> RankRunnerSpec:
     # NCCL with one GPU per rank; gloo on CPUs, and where every rank shares the one GPU the user named.
-    backend = "nccl" if _uses_gpus(config.model.device) else "gloo"
+    backend = "nccl" if uses_gpus(config.model.device) else "gloo"
     size = config.parallel.tensor_parallel_size
     return RankRunnerSpec(
         rank=RankSpec(rank, size, init_method, backend, config.parallel.collective_timeout),
-        model=rank_device(config.model, rank, local_rank), cache=config.cache, offload=config.offload,
+        model=rank_device(config.model, local_rank), cache=config.cache, offload=config.offload,
         model_path=str(source.path), max_model_len=max_model_len, max_num_seqs=config.scheduler.max_num_seqs)
 
 
@@ -102,7 +97,5 @@ def _torchrun_executor(config: EngineConfig, source: ModelSource, max_model_len:
 
 def _share_cpu_cores(config: EngineConfig) -> None:
     """On CPUs the T ranks share this machine's cores: rank 0 (this process) takes its part, as each worker does."""
-    if not _uses_gpus(config.model.device):
-        import os
-
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.parallel.tensor_parallel_size))
+    if not uses_gpus(config.model.device):
+        share_cpu_cores(config.parallel.tensor_parallel_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -25,16 +26,23 @@ class RankRunnerSpec:
     max_num_seqs: int
 
 
-def rank_device(config: ModelConfig, rank: int, local_rank: int | None = None) -> ModelConfig:
-    """config with this rank's device: cuda:<local rank> where the user named "cuda" or "auto" and a GPU is
-    present (one GPU per rank); an explicit cuda:N is shared by every rank (gloo only: NCCL refuses two ranks
-    on one GPU), and cpu stays cpu."""
+def uses_gpus(device: str) -> bool:
+    """Whether the ranks of ModelConfig.device get one GPU each (NCCL); otherwise they share the CPU or the one
+    GPU the user named (gloo)."""
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
+def rank_device(config: ModelConfig, local_rank: int) -> ModelConfig:
+    """config with this rank's device: cuda:<local rank> where the ranks get a GPU each; an explicit cuda:N is
+    shared by every rank (gloo only: NCCL refuses two ranks on one GPU), and cpu stays cpu."""
     if config.device.startswith("cuda:"):  # gloo's collectives synchronize with the host: no CUDA graphs
         return dataclasses.replace(config, enforce_eager=True)
-    wants_gpu = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    if not wants_gpu:
-        return config
-    return dataclasses.replace(config, device=f"cuda:{rank if local_rank is None else local_rank}")
+    return dataclasses.replace(config, device=f"cuda:{local_rank}") if uses_gpus(config.device) else config
+
+
+def share_cpu_cores(world_size: int) -> None:
+    """This process's part of the machine's cores, the world's ranks sharing them."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
 
 
 def build_rank_runner(spec: RankRunnerSpec, progress: bool) -> ModelRunner:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import logging
 import os
 import sys
 import threading
@@ -13,16 +12,12 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
-import torch
-
 from scaleinfer.executor.channel import StepChannel
-from scaleinfer.executor.rank import RankRunnerSpec, build_rank_runner
+from scaleinfer.executor.rank import RankRunnerSpec, build_rank_runner, share_cpu_cores
 from scaleinfer.executor.step_codec import StepDecoder
 from scaleinfer.parallel.groups import leave_tensor_parallel
 from scaleinfer.parallel.state import get_parallel_state
 from scaleinfer.worker.model_runner import ModelRunner
-
-logger = logging.getLogger(__name__)
 
 
 def serve_steps(runner: ModelRunner, on_step: Any = None) -> None:
@@ -45,7 +40,7 @@ def spawned_worker_main(spec: RankRunnerSpec, steps_done: Any, errors: Connectio
     parent: EOF on it means the engine process is gone, and so this one goes too."""
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     rank = spec.rank.rank
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.rank.world_size))
+    share_cpu_cores(spec.rank.world_size)
     try:
         runner = build_rank_runner(spec, progress=False)
         steps_done[rank] = 0  # built: the engine counts this rank as ready

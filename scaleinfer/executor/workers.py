@@ -73,17 +73,15 @@ class WorkerGroup:
         return [w.process.pid for w in self.workers]
 
     def _supervise(self) -> None:
-        waiting = {w.process.sentinel: w for w in self.workers} | {w.errors: w for w in self.workers}
-        while waiting and not self._stopping:
+        """Until the group is stopped: the first worker to exit or report an error ends the run."""
+        owners = {w.process.sentinel: w for w in self.workers} | {w.errors: w for w in self.workers}
+        while not self._stopping:
             try:
-                ready = wait(list(waiting), timeout=1.0)
+                ready = wait(list(owners), timeout=1.0)
             except (OSError, ValueError):  # the handles were closed under us: the group is being stopped
                 return
-            for handle in ready:
-                worker = waiting.pop(handle)
-                if self._stopping:
-                    return
-                self._fail(self._failure_of(worker))
+            if ready and not self._stopping:
+                self._fail(self._failure_of(owners[ready[0]]))
                 return
 
     def _failure_of(self, worker: _Worker) -> RankFailure:
@@ -131,8 +129,7 @@ class WorkerGroup:
         with self._kill_lock:
             if self._killed:
                 return
-            self._killed = True
-            self._stopping = self._stopping or self.failure is not None
+            self._killed, self._stopping = True, True  # the supervisor reads no exit of ours as a failure
             for worker in self.workers:
                 if worker.process.is_alive():
                     worker.process.kill()

@@ -4,7 +4,6 @@ short timeout: its waits are idle time), and the layers' ParallelState."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -13,8 +12,6 @@ import torch.distributed as dist
 
 from scaleinfer.config import disable_nvlink_multicast
 from scaleinfer.parallel.state import ParallelState, set_parallel_state
-
-logger = logging.getLogger(__name__)
 
 # The control group's waits are a worker's idle time between steps: a server may idle for days.
 CONTROL_TIMEOUT = timedelta(days=30)

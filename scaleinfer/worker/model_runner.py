@@ -39,7 +39,6 @@ class ModelRunner:
         self.num_blocks = self._init_kv_cache(cache_config)
         self.sampling = SamplingState(self.device, model_config.seed)
         self.staging = StagingBuffer(self.device)  # the step's inputs: one pinned copy per step
-        self.graphs = None
         self.steps = EagerForward(self.model, self.block_size, self.device, self.staging)
         # Streamed layers rebind their weights every step, which a captured graph cannot follow.
         if self.device.type == "cuda" and not model_config.enforce_eager and not self.offload.enabled:
@@ -52,8 +51,11 @@ class ModelRunner:
 
     def use_graphs(self, graphs: DecodeGraphs) -> None:
         """Run decode steps through these (captured) graphs from now on."""
-        self.graphs = graphs
         self.steps = GraphedForward(self.model, self.block_size, self.device, self.staging, graphs)
+
+    @property
+    def graphs(self) -> DecodeGraphs | None:
+        return self.steps.graphs if isinstance(self.steps, GraphedForward) else None
 
     def _warm_up(self) -> float:
         """One unsampled prefill of a block of tokens into the scratch block: the prefill kernels compile now,

@@ -43,6 +43,7 @@ class GraphedForward(EagerForward):
         super().__init__(model, block_size, device, staging)
         self.graphs = graphs
         self.next_decode: NextDecode | None = None  # the step the graph's rows are prepared for
+        self._ran_graph = False  # whether the last built step ran a graph
         self._advanceable = False  # whether this step's rows can be advanced to the next one
 
     def run(self, output: SchedulerOutput) -> tuple[torch.Tensor, list[ScheduledSequence]]:
