@@ -52,26 +52,24 @@ def assert_no_process_left(pids: list[int]) -> None:
 
 def test_a_killed_worker_ends_the_run_naming_it(tiny_models):
     folder, _ = tiny_models["llama3.1"]
-    llm = start_tp2(folder)
-    pids = llm.engine.executor.worker_pids
-    signal_worker_after(llm, signal.SIGKILL, num_steps=3)
-    error, seconds = run_until_failure(llm)
-    assert "rank 1" in str(error) and "SIGKILL" in str(error), error
-    assert seconds < BOUND_SECONDS
-    with pytest.raises(RankFailedError, match="rank 1"):  # and every later call says so again
-        llm.generate([[5, 6]], SamplingParams(max_tokens=2))
-    llm.shutdown()
+    with start_tp2(folder) as llm:  # stopped (its workers killed) even when an assertion fails
+        pids = llm.engine.executor.worker_pids
+        signal_worker_after(llm, signal.SIGKILL, num_steps=3)
+        error, seconds = run_until_failure(llm)
+        assert "rank 1" in str(error) and "SIGKILL" in str(error), error
+        assert seconds < BOUND_SECONDS
+        with pytest.raises(RankFailedError, match="rank 1"):  # and every later call says so again
+            llm.generate([[5, 6]], SamplingParams(max_tokens=2))
     assert_no_process_left(pids)
 
 
 def test_a_worker_stuck_in_a_collective_ends_the_run_naming_it(tiny_models):
     """SIGSTOP freezes rank 1 between two steps: alive, silent; rank 0 waits in the next all-reduce."""
     folder, _ = tiny_models["llama3.1"]
-    llm = start_tp2(folder, collective_timeout=5.0)
-    pids = llm.engine.executor.worker_pids
-    signal_worker_after(llm, signal.SIGSTOP, num_steps=3)
-    error, seconds = run_until_failure(llm)
-    assert "rank(s) [1]" in str(error) and "hung" in str(error), error
-    assert seconds < BOUND_SECONDS
-    llm.shutdown()
+    with start_tp2(folder, collective_timeout=5.0) as llm:
+        pids = llm.engine.executor.worker_pids
+        signal_worker_after(llm, signal.SIGSTOP, num_steps=3)
+        error, seconds = run_until_failure(llm)
+        assert "rank(s) [1]" in str(error) and "hung" in str(error), error
+        assert seconds < BOUND_SECONDS
     assert_no_process_left(pids)
