@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from scaleinfer.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -38,6 +40,31 @@ def commit() -> str:
     return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def decode_bytes_read(model: torch.nn.Module) -> int:
+    """Bytes one decode step of one sequence reads: every weight (and quantization scale) once, except that
+    an input embedding not shared with the LM head gives one row (a tied one is read whole by the head)."""
+    total = sum(p.nbytes for p in model.parameters())
+    total += sum(b.nbytes for name, b in model.named_buffers() if name.endswith("weight_scale"))
+    head = getattr(model, "lm_head", None)
+    tied = {id(head.weight)} if head is not None else set()
+    for module in model.modules():
+        if isinstance(module, VocabParallelEmbedding) and not isinstance(module, ParallelLMHead):
+            weight = module.weight  # [vocab (this rank's share), dim]
+            if id(weight) not in tied:
+                total -= weight.nbytes - weight[0].nbytes
+    return total
+
+
+def clean_commit() -> str:
+    """The commit a result was made by; a tree with uncommitted changes makes no result unless
+    SCALEINFER_ALLOW_DIRTY=1 says so (the commit is then recorded with -dirty)."""
+    sha = commit()
+    if sha.endswith("-dirty") and os.environ.get("SCALEINFER_ALLOW_DIRTY") != "1":
+        raise SystemExit(f"refusing to write a result from a dirty tree ({sha}): commit first, "
+                         "or set SCALEINFER_ALLOW_DIRTY=1 to record it as dirty")
+    return sha
+
+
 def timed(fn, repeats: int = 5, device: torch.device | None = None, before=None) -> float:
     """Best wall time of fn() in seconds, after one warm-up call; before(), untimed, ahead of each timed call
     (e.g. a barrier, so that several processes time the same moment)."""
@@ -60,7 +87,9 @@ def sync(device: torch.device | None) -> None:
 
 
 def ceilings(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
-    """The card's own limits, measured now: copy bandwidth (read + write), matmul rate, pinned H2D."""
+    """The card's own limits, measured now: copy bandwidth (read + write), matmul rate, pinned H2D.
+    Every benchmark measures these first, so a run that could not be recorded stops here, not at the end."""
+    clean_commit()
     out = {"copy_gb_s": _copy_gb_s(device), f"matmul_{_short(dtype)}_tflop_s": _matmul_tflop_s(device, dtype)}
     if device.type == "cuda":
         out["pinned_h2d_gb_s"] = _h2d_gb_s(device)
@@ -96,7 +125,8 @@ def write_result(name: str, device: torch.device, payload: dict[str, Any]) -> Pa
     """bench/results/<name>-<card>-<date>.json with the card, date and commit first."""
     now = datetime.datetime.now(datetime.timezone.utc)
     card = card_name(device)
-    record = {"benchmark": name, "card": card, "date": now.isoformat(timespec="seconds"), "commit": commit(),
+    sha = clean_commit()
+    record = {"benchmark": name, "card": card, "date": now.isoformat(timespec="seconds"), "commit": sha,
               "torch": torch.__version__, **payload}
     slug = "cpu" if device.type == "cpu" else card.lower().replace(" ", "-").replace("nvidia-", "")
     path = RESULTS / f"{name}-{slug}-{now:%Y%m%d-%H%M%S}.json"

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ceilings, sync, write_result  # noqa: E402
+from common import ceilings, decode_bytes_read, sync, write_result  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 
 from scaleinfer import init_inference  # noqa: E402
@@ -140,7 +140,7 @@ def run_shape(name: str, shape: tuple[str, dict], args: argparse.Namespace, devi
     _drop_compiled(model)
     ours, startup = _inject(model, args.kv_cache_gib)
     rates["scaleinfer"] = batch_rates(ours_generate(ours), prompts, args)
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.engine.runner.model.parameters())
+    weight_bytes = decode_bytes_read(ours.engine.runner.model)
     return {"shape": name, "config": shape[1], "inject_s": startup, "weight_bytes": weight_bytes,
             "compiled": device.type == "cuda", **rates}
 

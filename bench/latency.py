@@ -2,17 +2,21 @@
 HF with a static cache (which compiles itself), all in one process on one card.
 
     python bench/latency.py --shape llama3-8b|llama3-1b|llama2-7b [--prompt-len 128 --new-tokens 128] [--skip-hf]
-        [--quantization int8]
+        [--quantization int8] [--gpt-fast PEERS_DIR]
 
 With --quantization the scaleinfer run quantizes its random weights on load (the HF runs stay bf16); its floor
-counts the bytes it holds (int8 levels and their scales).
+counts the bytes a decode step reads (the quantized levels and their scales; one row of the input embedding).
+With --gpt-fast, gpt-fast's compiled decoder runs first in a child process (`PEERS_DIR/gptfast_peer.py`, as
+../shared/peers holds it), in int8 when --quantization int8; its tok/s counts its 128-token prefill too.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,10 +25,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ceilings, write_result  # noqa: E402
+from common import ceilings, decode_bytes_read, write_result  # noqa: E402
 from shapes import SHAPES, write_config  # noqa: E402
 
 from scaleinfer import LLM, SamplingParams  # noqa: E402
+from scaleinfer.config import QUANTIZATIONS  # noqa: E402
 
 
 def scaleinfer_latency(folder: Path, prompt: list[int], new_tokens: int, kv_bytes: int,
@@ -37,9 +42,7 @@ def scaleinfer_latency(folder: Path, prompt: list[int], new_tokens: int, kv_byte
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm-up
     stamps = timed_steps(llm, prompt, params)
     model = llm.engine.runner.model
-    weight_bytes = sum(p.nbytes for p in model.parameters())
-    weight_bytes += sum(b.nbytes for name, b in model.named_buffers() if name.endswith("weight_scale"))
-    out = {"startup_s": startup, "weight_bytes": weight_bytes, **_latency_figures(stamps)}
+    out = {"startup_s": startup, "bytes_read_per_token": decode_bytes_read(model), **_latency_figures(stamps)}
     out["runner"] = llm.engine.runner.describe() if hasattr(llm.engine.runner, "describe") else {}
     del llm
     _free()
@@ -64,6 +67,20 @@ def _latency_figures(stamps: list[float]) -> dict:
     ttft = stamps[1] - stamps[0]
     decode = (stamps[-1] - stamps[1]) / (len(stamps) - 2)
     return {"ttft_ms": ttft * 1e3, "ms_per_token": decode * 1e3, "tok_s": 1.0 / decode}
+
+
+GPT_FAST_NAMES = {"llama3-8b": "llama-3-8b", "llama2-7b": "7B"}
+
+
+def gpt_fast_latency(peers: Path, shape: str, quantization: str | None) -> dict:
+    """gpt-fast's best timed run (it prints one JSON line per run), on random weights of the same shape."""
+    args = [sys.executable, str(peers / "gptfast_peer.py"), GPT_FAST_NAMES[shape]]
+    args += ["int8"] if quantization == "int8" else []
+    run = subprocess.run(args, capture_output=True, text=True, check=True)
+    runs = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    best = max(runs, key=lambda r: r["tok_s"])
+    return {"system": best["system"], "tok_s_including_prefill": best["tok_s"], "weight_bytes": best["weight_bytes"],
+            "runs": runs}
 
 
 def hf_latency(config, prompt: list[int], new_tokens: int, static: bool) -> dict:
@@ -115,6 +132,8 @@ def main() -> None:
         config = write_config(args.shape, Path(tmp))
         result = {"shape": args.shape, "config": SHAPES[args.shape], "prompt_len": args.prompt_len,
                   "new_tokens": args.new_tokens, "batch": 1, "ceilings": ceilings(device, torch.bfloat16)}
+        if args.gpt_fast:
+            result["gpt_fast"] = gpt_fast_latency(Path(args.gpt_fast), args.shape, args.quantization)
         if not args.skip_hf:
             result["hf_eager"] = hf_latency(config, prompt, args.new_tokens, static=False)
             result["hf_static_compile"] = hf_latency(config, prompt, args.new_tokens, static=True)
@@ -123,10 +142,12 @@ def main() -> None:
                                                          args.quantization)
     copy = result["ceilings"]["copy_gb_s"]
     # A decode step reads every weight once: bytes / step time, against the copy bandwidth.
-    ours["weight_gb_s"] = ours["weight_bytes"] / ours["ms_per_token"] / 1e6
+    ours["weight_gb_s"] = ours["bytes_read_per_token"] / ours["ms_per_token"] / 1e6
     ours["fraction_of_copy_bandwidth"] = ours["weight_gb_s"] / copy
     result["ratios"] = {f"tok_s_vs_{peer}": ours["tok_s"] / result[peer]["tok_s"]
                         for peer in ("hf_eager", "hf_static_compile") if peer in result}
+    if "gpt_fast" in result:
+        result["ratios"]["tok_s_vs_gpt_fast"] = ours["tok_s"] / result["gpt_fast"]["tok_s_including_prefill"]
     path = write_result(f"latency-{args.shape}", device, result)
     print({k: v for k, v in result.items() if k != "config"})
     print(f"wrote {path}")
@@ -139,7 +160,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--kv-cache-gib", type=int, default=8)
     parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--quantization", choices=["int8"], default=None,
+    parser.add_argument("--gpt-fast", metavar="PEERS_DIR", default=None,
+                        help="run gpt-fast from this folder (gptfast_peer.py and gpt-fast/) in the same run")
+    parser.add_argument("--quantization", choices=[q for q in QUANTIZATIONS if q], default=None,
                         help="quantize scaleinfer's weights on load (LLM(quantization=...)); HF stays bf16")
     return parser.parse_args()
 

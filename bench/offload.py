@@ -1,9 +1,10 @@
 """ZeRO-Inference: a random-weight model whose layers live in pinned CPU memory (or NVMe files) and stream to
 the GPU through a budget of two layers; batch-1 and batch-32 decode, the FlexGen workload (prompt 512, 32 new
 tokens) at the largest batch the KV cache holds, the achieved host-to-device GB/s against the pinned copy
-bandwidth measured in the same run, and HF accelerate's offload on the same shape in the same run.
+bandwidth measured in the same run, and HF accelerate's offload on the same shape in the same run; with
+--deepspeed, DeepSpeed ZeRO-Inference on the same shape and requests too (its ratios only then).
 
-    python bench/offload.py --shape llama3-8b [--offload cpu|nvme --offload-path DIR] [--skip-hf]
+    python bench/offload.py --shape llama3-8b [--offload cpu|nvme --offload-path DIR] [--skip-hf] [--deepspeed]
     python bench/offload.py --shape llama3-70b --ranks 2   # N GPUs, each fetching 1/N and all-gathering
 
 With --ranks N, N processes (one per GPU, NCCL) each serve their own batch and stream the layers together;
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,9 +33,6 @@ from shapes import SHAPES, write_config  # noqa: E402
 
 from scaleinfer import LLM, SamplingParams  # noqa: E402
 
-# DESIGN.md's figures for DeepSpeed 0.19.8 ZeRO-Inference on one H200 (not installable here): quoted, not measured.
-DEEPSPEED_REFERENCE = {"batch1_tok_s": 2.47, "batch32_tok_s": 79.6, "flexgen_batch64_tok_s": 133,
-                       "flexgen_batch256_tok_s": 472, "card": "NVIDIA H200 (DESIGN.md)"}
 ACTIVATION_RESERVE = 12 << 30  # a 32k-token prefill step's activations
 
 
@@ -85,9 +85,23 @@ def largest_batch(shape: dict, kv_bytes: int, tokens_per_seq: int) -> int:
     return kv_bytes // (per_token * (tokens_per_seq + 16))  # a block of slack per sequence
 
 
+def flexgen_batch(shape: dict, args: argparse.Namespace) -> int:
+    return args.flexgen_batch or largest_batch(shape, _kv_budget(shape), args.flexgen_prompt + args.flexgen_new_tokens)
+
+
+def deepspeed_peer(args: argparse.Namespace, batch: int) -> dict:
+    """bench/deepspeed_peer.py in a child process (its GPU memory is gone before ours loads), same requests."""
+    command = [sys.executable, str(Path(__file__).with_name("deepspeed_peer.py")), "--shape", args.shape,
+               "--batches", ",".join(map(str, args.batches)), "--new-tokens", str(args.new_tokens),
+               "--flexgen-prompt", str(args.flexgen_prompt), "--flexgen-new-tokens", str(args.flexgen_new_tokens)]
+    command += [] if args.skip_flexgen else ["--flexgen-batch", str(batch)]
+    run = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def run_scaleinfer(folder: Path, args: argparse.Namespace, shape: dict) -> dict:
     kv_bytes = _kv_budget(shape)
-    batch = args.flexgen_batch or largest_batch(shape, kv_bytes, args.flexgen_prompt + args.flexgen_new_tokens)
+    batch = flexgen_batch(shape, args)
     options = {"offload_path": args.offload_path} if args.offload == "nvme" else {}
     start = time.perf_counter()
     llm = LLM(str(folder), dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True, progress=False,
@@ -308,7 +322,7 @@ def main() -> None:
     if args.fill_disk:  # the largest model of this shape's layers that the disk at offload_path holds
         shape["num_hidden_layers"] = layers_for_disk(shape, args.offload_path, args.fill_disk)
     result = {"shape": args.shape, "config": shape, "offload": args.offload, "gpu_budget_layers": 2,
-              "ceilings": ceilings(device, torch.bfloat16), "deepspeed_reference": DEEPSPEED_REFERENCE}
+              "ceilings": ceilings(device, torch.bfloat16)}
     if args.offload == "nvme":
         result["ceilings"].update(disk_read_gb_s(args.offload_path))
     with tempfile.TemporaryDirectory() as tmp:
@@ -319,6 +333,8 @@ def main() -> None:
         if args.ranks > 1:
             result["ranks"] = run_ranks(Path(tmp), args)
         else:
+            if args.deepspeed:
+                result["deepspeed"] = deepspeed_peer(args, flexgen_batch(shape, args))
             result["scaleinfer"] = run_scaleinfer(Path(tmp), args, shape)
             if not args.skip_hf:
                 result["hf_accelerate"] = hf_accelerate(config, args.hf_batches, args.hf_new_tokens,
@@ -361,12 +377,11 @@ def _ratios(result: dict) -> None:
             ratios[f"{key}_read_fraction_of_disk"] = ours[key]["h2d_gb_s"] / disk
         if key in result.get("hf_accelerate", {}):
             ratios[f"{key}_vs_hf_accelerate"] = ours[key]["decode_tok_s"] / result["hf_accelerate"][key]["decode_tok_s"]
-        # DESIGN.md's DeepSpeed figures are for the Llama-3-8B shape: no ratio for any other model.
-        reference = DEEPSPEED_REFERENCE.get(f"{key}_tok_s") if result["shape"] == "llama3-8b" else None
-        if reference:
-            ratios[f"{key}_vs_deepspeed_reference"] = ours[key]["decode_tok_s"] / reference
+        if key in result.get("deepspeed", {}):
+            ratios[f"{key}_vs_deepspeed"] = ours[key]["decode_tok_s"] / result["deepspeed"][key]["decode_tok_s"]
     if "flexgen" in ours:
-        ratios["flexgen_vs_deepspeed_reference_batch256"] = ours["flexgen"]["tok_s"] / 472
+        if "flexgen" in result.get("deepspeed", {}):
+            ratios["flexgen_vs_deepspeed"] = ours["flexgen"]["tok_s"] / result["deepspeed"]["flexgen"]["tok_s"]
         ratios["flexgen_prefill_fraction_of_matmul"] = (ours["flexgen"]["prefill_tflop_s"]
                                                         / result["ceilings"]["matmul_bfloat16_tflop_s"])
     result["ratios"] = ratios
@@ -385,6 +400,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--skip-flexgen", action="store_true")
     parser.add_argument("--ranks", type=int, default=1, help="GPUs streaming together (one process each)")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--deepspeed", action="store_true",
+                        help="DeepSpeed ZeRO-Inference on the same shape and requests, first (bench/deepspeed_peer.py)")
     parser.add_argument("--profile-first", action="store_true",
                         help="with --ranks: profile rank 0's first run at each batch size above 1")
     parser.add_argument("--fill-disk", type=float, default=0.0,

@@ -21,7 +21,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ceilings, timed, write_result  # noqa: E402
+from common import ceilings, decode_bytes_read, timed, write_result  # noqa: E402
 from latency import timed_steps  # noqa: E402
 from shapes import SHAPES, write_config  # noqa: E402
 
@@ -38,7 +38,7 @@ def decode_latency(folder: Path, size: int, device: str, dtype: str, prompt: lis
         startup = time.perf_counter() - start
         llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm-up
         stamps = timed_steps(llm, prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
-        shard_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+        shard_bytes = decode_bytes_read(llm.engine.runner.model)
     decode = (stamps[-1] - stamps[1]) / (len(stamps) - 2)
     return {"startup_s": startup, "ttft_ms": (stamps[1] - stamps[0]) * 1e3, "ms_per_token": decode * 1e3,
             "tok_s": 1 / decode, "rank0_weight_bytes": shard_bytes}
