@@ -73,6 +73,7 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.capture_seconds = 0.0
+        self.capture_log: list[tuple[int, int, float, float]] = []  # (size, width, warm-up s, capture s)
 
     @property
     def bucket_tokens(self) -> list[int]:
@@ -88,12 +89,16 @@ class DecodeGraphs:
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         for key in sorted(self.keys, reverse=True):  # largest first: smaller graphs reuse its memory pool
+            begin = time.perf_counter()
             self._forward(*key)  # warm-up outside the graph (lazy init, autotuning)
+            torch.cuda.synchronize()
+            warmed = time.perf_counter()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self.outputs[key] = self._forward(*key)
             self.graphs[key] = graph
-        torch.cuda.synchronize()
+            torch.cuda.synchronize()
+            self.capture_log.append((*key, warmed - begin, time.perf_counter() - warmed))
         self.capture_seconds = time.perf_counter() - start
 
     def _forward(self, size: int, width: int) -> torch.Tensor:
