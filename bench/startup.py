@@ -87,8 +87,7 @@ def main() -> None:
         result["warm_triton_cache"] = trial(args, cache, enforce_eager=False)
         result["warm_enforce_eager"] = trial(args, cache, enforce_eager=True)
     path = write_result(f"startup-{args.shape}", device, result)
-    print(json.dumps({k: {key: v[key] for key in ("llm_s", "to_first_token_s", "num_graphs")}
-                      for k, v in result.items() if isinstance(v, dict) and "llm_s" in v}))
+    print(json.dumps(result))
     print(f"wrote {path}")
 
 
