@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="bound on queued sequences (n per prompt, at least 1); past it, 503")
     serve.add_argument("--shutdown-timeout", type=_non_negative_float, default=10.0,
                        help="seconds in-flight requests get to finish after SIGTERM or SIGINT; then they are aborted")
+    serve.add_argument("--tool-call-parser", default=None, choices=("hermes", "llama3_json", "mistral"),
+                       help="how tool calls are read from the output (tool_choice auto); default: the format the "
+                            "chat template writes, if it names one")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help="refuse to start unless a tool-call format is given or found in the chat template "
+                            "(vLLM's flag; tool_choice auto works whenever a format is known)")
     serve.set_defaults(run=_run_serve)
     return parser
 
@@ -194,7 +200,8 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     api_key = args.api_key or env_str("SCALEINFER_API_KEY")
     run_server(_engine_config(args, max_waiting=args.max_waiting), args.host, args.port, api_key,
-               shutdown_timeout_s=args.shutdown_timeout, served_model_name=args.served_model_name, task=args.task)
+               shutdown_timeout_s=args.shutdown_timeout, served_model_name=args.served_model_name, task=args.task,
+               tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice)
     return 0
 
 

@@ -58,13 +58,14 @@ def read_chat_template(value: str) -> str:
 
 
 def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, Any]],
-                        add_generation_prompt: bool = True) -> list[int]:
-    """Prompt token ids of a chat, rendered with the tokenizer's own template."""
+                        add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """Prompt token ids of a chat, rendered with the tokenizer's own template; tools: OpenAI's tool dicts,
+    which the template renders (HF's `tools=`)."""
     if not tokenizer.chat_template:
         raise InvalidRequestError(f"tokenizer of {tokenizer.name_or_path!r} has no chat template")
     # return_dict=False: transformers 5 returns a BatchEncoding by default when tokenizing
     ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
-                                        tokenize=True, return_dict=False)
+                                        tokenize=True, return_dict=False, tools=tools)
     return list(ids)
 
 

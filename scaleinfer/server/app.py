@@ -52,12 +52,14 @@ TASKS = ("generate", "embed")
 
 def build_app(engine: AsyncLLMEngine | AsyncEmbedder, api_key: str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_n: int = 16,
-              served_model_name: str | None = None) -> FastAPI:
+              served_model_name: str | None = None, tool_call_parser: str | None = None,
+              enable_auto_tool_choice: bool = False) -> FastAPI:
     """An app serving `engine` under served_model_name (default: the engine's model name); with api_key set,
     every /v1 route, /tokenize and /detokenize need `Authorization: Bearer <api_key>`. An AsyncEmbedder
-    serves /v1/embeddings, an AsyncLLMEngine the completions routes; each refuses the other's with a 400."""
+    serves /v1/embeddings, an AsyncLLMEngine the completions routes; each refuses the other's with a 400.
+    tool_call_parser: the tool-call format (default: the chat template's; see tool_parsers)."""
     app = FastAPI(title="scaleinfer", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.ctx = ServingContext.create(engine, max_n, served_model_name)
+    app.state.ctx = ServingContext.create(engine, max_n, served_model_name, tool_call_parser, enable_auto_tool_choice)
     app.state.api_key = api_key
     app.include_router(_public)
     app.include_router(_authed)
@@ -71,7 +73,8 @@ def build_app(engine: AsyncLLMEngine | AsyncEmbedder, api_key: str | None = None
 def run_server(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info",
                shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S, served_model_name: str | None = None,
-               task: str = "generate") -> None:
+               task: str = "generate", tool_call_parser: str | None = None,
+               enable_auto_tool_choice: bool = False) -> None:
     """Load the engine (task "generate": a decoder; "embed": an encoder) and serve until SIGTERM or SIGINT;
     then drain for up to shutdown_timeout_s, abort what is left, stop the engine thread and return (see
     server/graceful.py). Raises the engine's EngineDeadError when the engine died while serving."""
@@ -82,7 +85,12 @@ def run_server(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, 
     if task not in TASKS:
         raise InvalidRequestError(f"task must be one of {TASKS}, got {task!r}")
     engine = AsyncEmbedder.from_config(config) if task == "embed" else AsyncLLMEngine.from_config(config)
-    app = build_app(engine, api_key, max_body_bytes, served_model_name=served_model_name)
+    try:
+        app = build_app(engine, api_key, max_body_bytes, served_model_name=served_model_name,
+                        tool_call_parser=tool_call_parser, enable_auto_tool_choice=enable_auto_tool_choice)
+    except BaseException:
+        engine.shutdown(reason="server did not start")
+        raise
     try:
         uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level=log_level)
         server = GracefulServer(uvicorn_config, engine, shutdown_timeout_s)

@@ -21,6 +21,7 @@ from scaleinfer.server.limits import RequestLimits
 from scaleinfer.server.metrics import RequestTiming, ServerMetrics
 from scaleinfer.server.protocol import SamplingRequest, Usage
 from scaleinfer.server.tokenizing import Prompt, PromptTokenizer
+from scaleinfer.server.tool_parsers import resolve_parser
 
 SSE_DONE = "data: [DONE]\n\n"
 
@@ -32,13 +33,16 @@ class ServingContext:
     limits: RequestLimits
     tokenizer: PromptTokenizer
     model_name: str  # what /v1/models lists and requests must name
+    tool_call_parser: str | None = None  # the tool-call format of tool_choice "auto" (serving_tools.py)
 
     @classmethod
-    def create(cls, engine: AsyncLLMEngine | AsyncEmbedder, max_n: int = 16,
-               served_model_name: str | None = None) -> ServingContext:
+    def create(cls, engine: AsyncLLMEngine | AsyncEmbedder, max_n: int = 16, served_model_name: str | None = None,
+               tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False) -> ServingContext:
         limits = RequestLimits(engine.max_model_len, engine.max_waiting, max_n)
+        template = getattr(engine.tokenizer, "chat_template", None)
         return cls(engine, ServerMetrics(engine), limits, PromptTokenizer(engine.tokenizer),
-                   served_model_name or engine.model_name)
+                   served_model_name or engine.model_name,
+                   resolve_parser(tool_call_parser, template, enable_auto_tool_choice))
 
     @property
     def task(self) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 from scaleinfer.errors import InvalidRequestError
@@ -18,7 +19,6 @@ from scaleinfer.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessage,
-    ChatMessageOut,
     DeltaMessage,
     Usage,
 )
@@ -28,6 +28,14 @@ from scaleinfer.server.serving import (
     build_params,
     run_requests,
     sse,
+)
+from scaleinfer.server.serving_tools import (
+    ToolCallStreams,
+    ToolPlan,
+    apply_plan,
+    message_fields,
+    message_out,
+    plan_tools,
 )
 from scaleinfer.server.tokenizing import Prompt
 from scaleinfer.server.unsupported import refuse_unsupported_chat
@@ -39,11 +47,14 @@ async def create_chat_completion(ctx: ServingContext,
     ctx.check_model(req.model)
     refuse_unsupported_chat(req.model_extra, [m.model_extra for m in req.messages])
     conversation = conversation_of(ctx, req.messages)
+    plan = plan_tools(req, ctx.tool_call_parser)
     ctx.limits.check_admissible(req.n, 1)
-    prompt_ids = await render_chat(ctx, conversation)
+    prompt_ids = await render_chat(ctx, conversation, tools=plan.tools)
     params = build_params(ctx, req, _max_tokens(ctx, req, len(prompt_ids)), _num_logprobs(req))
+    params = apply_plan(params, plan)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    return await run_requests(ctx, req, request_id, [Prompt(prompt_ids, None)], params, _stream, _response, arrival)
+    return await run_requests(ctx, req, request_id, [Prompt(prompt_ids, None)], params, partial(_stream, plan),
+                              partial(_response, plan), arrival)
 
 
 def conversation_of(ctx: ServingContext, messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -52,16 +63,16 @@ def conversation_of(ctx: ServingContext, messages: list[ChatMessage]) -> list[di
         raise bad_request("messages must not be empty", "messages")
     if not ctx.tokenizer.has_tokenizer:
         raise bad_request("chat needs a tokenizer; this engine was started without one", "messages")
-    conversation = [{"role": m.role, "content": _text_of(m)} for m in messages]
+    conversation = [{"role": m.role, "content": _text_of(m), **message_fields(i, m)} for i, m in enumerate(messages)]
     ctx.limits.check_chars(sum(len(m["content"]) for m in conversation), "messages", "messages")
     return conversation
 
 
 async def render_chat(ctx: ServingContext, conversation: list[dict[str, Any]],
-                      add_generation_prompt: bool = True) -> list[int]:
+                      add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None) -> list[int]:
     """Prompt token ids of the conversation under the model's chat template, as LLM.chat builds them."""
     try:
-        return await ctx.tokenizer.chat(conversation, add_generation_prompt)
+        return await ctx.tokenizer.chat(conversation, add_generation_prompt, tools)
     except InvalidRequestError as exc:
         raise bad_request(str(exc), "messages") from exc
     except Exception as exc:  # a template that rejects these messages (a role it does not know, ...)
@@ -91,30 +102,33 @@ def _num_logprobs(req: ChatCompletionRequest) -> int | None:
     return (req.top_logprobs or 0) if req.logprobs else None
 
 
-def _response(ctx: ServingContext, req: ChatCompletionRequest, request_id: str,
+def _response(plan: ToolPlan, ctx: ServingContext, req: ChatCompletionRequest, request_id: str,
               requests: EngineRequests) -> ChatCompletionResponse:
     output = requests.latest[0]
     assert output is not None, "a finished request has an output"
-    choices = [ChatChoice(index=c.index, message=ChatMessageOut(content=c.text), finish_reason=c.finish_reason,
+    choices = [ChatChoice(index=c.index, message=message, finish_reason=finish_reason,
                           logprobs=chat_logprobs(ctx.engine.tokenizer, c, 0, req.top_logprobs or 0))
-               for c in output.outputs]
+               for c in output.outputs for message, finish_reason in [message_out(plan, c)]]
     return ChatCompletionResponse(id=request_id, model=req.model, choices=choices, usage=requests.usage())
 
 
-async def _stream(ctx: ServingContext, req: ChatCompletionRequest, request_id: str,
+async def _stream(plan: ToolPlan, ctx: ServingContext, req: ChatCompletionRequest, request_id: str,
                   requests: EngineRequests) -> AsyncIterator[str]:
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
         return sse(ChatCompletionChunk(id=request_id, model=req.model, choices=choices, usage=usage))
 
-    tracker = requests.delta_tracker()
+    tracker, tool_streams = requests.delta_tracker(), ToolCallStreams(plan)
     try:
         yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                      for i in range(req.n)])
         async for _, output in requests.outputs():
             for d in tracker.deltas(0, output):
                 logprobs = chat_logprobs(ctx.engine.tokenizer, d.output, d.token_start, req.top_logprobs or 0)
-                yield chunk([ChatChunkChoice(index=d.index, delta=DeltaMessage(content=d.text), logprobs=logprobs,
-                                             finish_reason=d.finish_reason)])
+                s = tool_streams.delta(d)
+                if s.content or s.tool_calls or s.finish_reason or logprobs or plan.format is None:
+                    delta = DeltaMessage(content=s.content, tool_calls=s.tool_calls)
+                    yield chunk([ChatChunkChoice(index=d.index, delta=delta, logprobs=logprobs,
+                                                 finish_reason=s.finish_reason)])
         if req.include_usage:
             yield chunk([], requests.usage())
     finally:

@@ -49,9 +49,10 @@ class PromptTokenizer:
         return [Prompt(next(encoded), prompt) if isinstance(prompt, str) else Prompt(prompt, None)
                 for prompt in prompts]
 
-    async def chat(self, conversation: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    async def chat(self, conversation: list[dict[str, Any]], add_generation_prompt: bool = True,
+                   tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Prompt token ids of a conversation under the model's chat template (raises what the template raises)."""
-        return await self._run(apply_chat_template, conversation, add_generation_prompt)
+        return await self._run(apply_chat_template, conversation, add_generation_prompt, tools)
 
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return await self._run(_encode, text, add_special_tokens)

@@ -41,10 +41,8 @@ _COMPLETION = {
 
 _CHAT = {
     **_SAMPLING,
-    "tools": ((None, []), "tools (tool calling) is not supported yet"),
-    "tool_choice": ((None, "none"), "tool_choice (tool calling) is not supported yet"),
-    "functions": ((None, []), "functions (tool calling) is not supported yet"),
-    "function_call": ((None, "none"), "function_call (tool calling) is not supported yet"),
+    "functions": ((None, []), "functions (OpenAI's deprecated form) is not supported; use tools"),
+    "function_call": ((None, "none"), "function_call (OpenAI's deprecated form) is not supported; use tool_choice"),
     "audio": (_NOT_SET, "audio output is not supported"),
     "modalities": ((None, ["text"]), "modalities other than ['text'] are not supported"),
     "reasoning_effort": (_NOT_SET, "reasoning_effort is not supported"),
@@ -82,9 +80,9 @@ def refuse_unsupported_chat(extra: dict[str, Any] | None, messages_extra: list[d
     """extra: the request's fields the schema does not declare; messages_extra: each message's."""
     _refuse(extra, _CHAT)
     for i, fields in enumerate(messages_extra):
-        if (fields or {}).get("tool_calls"):
-            raise bad_request(f"messages[{i}].tool_calls: tool calls in the history are not supported yet",
-                              "messages")
+        if (fields or {}).get("function_call"):
+            raise bad_request(f"messages[{i}].function_call: OpenAI's deprecated form is not supported; use "
+                              "tool_calls", "messages")
 
 
 def _refuse(extra: dict[str, Any] | None, table: dict[str, tuple[tuple[Any, ...], str]]) -> None:

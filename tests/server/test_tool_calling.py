@@ -1,0 +1,227 @@
+"""Tool calling through the official openai client: a scripted engine whose output is a call (Hermes and
+Llama 3.1 JSON formats; non-streamed and streamed, then the round trip back with the call and its result in
+the history), and the embedded model under the Hermes-style template the tests ship."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from fake_engine import ByteTokenizer, FakeEngine
+from server_utils import ThreadedServer
+
+from scaleinfer.engine.async_engine import AsyncLLMEngine
+from scaleinfer.outputs import CompletionOutput, RequestOutput
+from scaleinfer.server.app import build_app
+
+TEMPLATES = Path(__file__).parent / "templates"
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+                   "required": ["city"]}}}
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+TOOLS = [WEATHER_TOOL, TIME_TOOL]
+ARGS = {"city": "Paris", "unit": "c"}
+USER = [{"role": "user", "content": "Weather in Paris, and the time?"}]
+SCRIPTS = {  # (the model's text, the content around its calls)
+    "hermes": (f'Checking.\n<tool_call>\n{{"name": "get_weather", "arguments": {json.dumps(ARGS)}}}\n</tool_call>\n'
+               '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>', "Checking."),
+    "llama3_json": (f'<|python_tag|>{{"name": "get_weather", "parameters": {json.dumps(ARGS)}}}; '
+                    '{"name": "get_time", "parameters": {}}', None),
+}
+
+
+class RecordingTokenizer(ByteTokenizer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rendered: list[tuple[list[dict], list[dict] | None]] = []  # (messages, tools) per chat prompt
+
+    def apply_chat_template(self, messages: list[dict], **kwargs: object) -> list[int]:
+        self.rendered.append((messages, kwargs.get("tools")))
+        return super().apply_chat_template(messages, **kwargs)
+
+
+@dataclass
+class ScriptedEngine(FakeEngine):
+    """Writes `script`, a few characters per step, then stops."""
+
+    script: str = ""
+    chars_per_step: int = 4
+    params: list = field(default_factory=list)
+
+    def add_request(self, request_id, prompt, params) -> None:
+        super().add_request(request_id, prompt, params)
+        self.params.append(params)
+
+    def _advance(self, request_id: str) -> RequestOutput:
+        _, tokens = self.requests[request_id]
+        tokens.append(len(tokens))
+        text = self.script[:len(tokens) * self.chars_per_step]
+        finished = len(text) == len(self.script)
+        if finished:
+            del self.requests[request_id]
+        completion = CompletionOutput(0, text, list(tokens), finish_reason="stop" if finished else None)
+        return RequestOutput(request_id, None, [1, 2], [completion], finished)
+
+
+@dataclass
+class Scripted:
+    engine: ScriptedEngine
+    tokenizer: RecordingTokenizer
+    client: openai.OpenAI
+    url: str
+
+
+def _scripted_server(tool_call_parser: str | None):
+    tokenizer = RecordingTokenizer()
+    fake = ScriptedEngine(tokenizer=tokenizer)
+    engine = AsyncLLMEngine(fake)  # type: ignore[arg-type]
+    threaded = ThreadedServer(build_app(engine, tool_call_parser=tool_call_parser))
+    client = openai.OpenAI(base_url=f"{threaded.url}/v1", api_key="none", max_retries=0, timeout=30)
+    return Scripted(fake, tokenizer, client, threaded.url), threaded, engine
+
+
+@pytest.fixture(scope="module", params=sorted(SCRIPTS))
+def scripted(request):
+    served, threaded, engine = _scripted_server(request.param)
+    served.engine.script = SCRIPTS[request.param][0]
+    yield request.param, served
+    threaded.stop()
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def no_parser():
+    served, threaded, engine = _scripted_server(None)
+    yield served
+    threaded.stop()
+    engine.shutdown()
+
+
+def _calls(message) -> list[tuple[str, dict]]:
+    return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls]
+
+
+def test_non_streamed_calls_then_the_round_trip(scripted):
+    name, served = scripted
+    response = served.client.chat.completions.create(model="fake", messages=USER, tools=TOOLS, max_tokens=500)
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == SCRIPTS[name][1]
+    assert _calls(choice.message) == [("get_weather", ARGS), ("get_time", {})]
+    assert all(c.id.startswith("call_") and c.type == "function" for c in choice.message.tool_calls)
+    assert served.tokenizer.rendered[-1][1] == TOOLS  # the template got the tools as OpenAI's dicts
+    if name == "llama3_json":  # <|python_tag|> is a special token: the text must keep it
+        assert served.engine.params[-1].skip_special_tokens is False
+
+    call = choice.message.tool_calls[0]
+    history = [*USER, choice.message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'}]
+    served.engine.script = "It is 21 degrees."
+    try:
+        again = served.client.chat.completions.create(model="fake", messages=history, tools=TOOLS, max_tokens=500)
+    finally:
+        served.engine.script = SCRIPTS[name][0]
+    assert again.choices[0].message.content == "It is 21 degrees." and again.choices[0].message.tool_calls is None
+    assert again.choices[0].finish_reason == "stop"
+    messages, _ = served.tokenizer.rendered[-1]
+    assert messages[1]["tool_calls"][0] == {"id": call.id, "type": "function",
+                                            "function": {"name": "get_weather", "arguments": ARGS}}
+    assert messages[2] == {"role": "tool", "content": '{"temperature": 21}', "tool_call_id": call.id}
+
+
+def test_streamed_calls_as_openai_sends_them(scripted):
+    name, served = scripted
+    stream = served.client.chat.completions.create(model="fake", messages=USER, tools=TOOLS, max_tokens=500,
+                                                   stream=True)
+    content, calls, finish = "", {}, None
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for d in delta.tool_calls or []:
+            if d.index not in calls:  # the first delta of a call: id, type and name
+                assert d.id.startswith("call_") and d.type == "function" and d.function.name
+                calls[d.index] = [d.function.name, ""]
+            else:
+                assert d.id is None and d.function.name is None
+            calls[d.index][1] += d.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls"
+    assert content.strip() == (SCRIPTS[name][1] or "")
+    assert [(n, json.loads(a)) for n, a in calls.values()] == [("get_weather", ARGS), ("get_time", {})]
+
+
+def test_one_call_without_parallel_tool_calls_and_none_reads_content(scripted):
+    name, served = scripted
+    one = served.client.chat.completions.create(model="fake", messages=USER, tools=TOOLS, max_tokens=500,
+                                                parallel_tool_calls=False)
+    assert _calls(one.choices[0].message) == [("get_weather", ARGS)]
+    none = served.client.chat.completions.create(model="fake", messages=USER, tools=TOOLS, max_tokens=500,
+                                                 tool_choice="none")
+    assert none.choices[0].message.content == SCRIPTS[name][0] and none.choices[0].message.tool_calls is None
+    assert none.choices[0].finish_reason == "stop"
+    assert served.tokenizer.rendered[-1][1] == TOOLS  # rendered still, as vLLM does
+
+
+def test_tool_errors_are_400_naming_the_field(no_parser):
+    client = no_parser.client
+    cases = [
+        ("tool_choice", dict(tools=TOOLS)),  # auto, and the template names no format
+        ("tool_choice", dict(tool_choice="auto")),  # no tools
+        ("messages", dict(messages=[*USER, {"role": "assistant", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{bad"}}]}])),
+        ("messages", dict(messages=[*USER, {"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}}])),
+        ("functions", dict(functions=[{"name": "f"}])),
+    ]
+    for param, fields in cases:
+        body = {"model": "fake", "messages": USER, "max_tokens": 4, **fields}
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(**body)
+        assert info.value.body["param"] == param, (fields, info.value.body)
+    ok = client.chat.completions.create(model="fake", messages=USER, max_tokens=4, tools=TOOLS, tool_choice="none")
+    assert ok.choices[0].message.tool_calls is None
+
+
+def test_a_bad_parser_name_fails_at_start():
+    with pytest.raises(Exception, match="'qwen9'"):
+        build_app(AsyncLLMEngine(FakeEngine(tokenizer=ByteTokenizer())), tool_call_parser="qwen9")  # type: ignore[arg-type]
+
+
+# ---- the embedded model, through the Hermes-style template ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hermes_model():
+    from scaleinfer.llm import LLM
+
+    llm = LLM(max_model_len=1024, num_blocks=128, progress=False, chat_template=str(TEMPLATES / "hermes_tools.jinja"))
+    tokenizer = llm.engine.tokenizer
+    engine = AsyncLLMEngine(llm.engine)
+    threaded = ThreadedServer(build_app(engine))  # the format comes from the template: hermes
+    yield openai.OpenAI(base_url=f"{threaded.url}/v1", api_key="none", max_retries=0, timeout=120), tokenizer, threaded
+    threaded.stop()
+    engine.shutdown()
+
+
+def test_embedded_model_renders_tools_and_tool_messages(hermes_model):
+    client, tokenizer, threaded = hermes_model
+    history = [*USER, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps(ARGS)}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'}]
+    response = client.chat.completions.create(model="smollm2-135m", messages=history, tools=TOOLS, max_tokens=8,
+                                              temperature=0)
+    conversation = [{"role": "user", "content": USER[0]["content"]},
+                    {"role": "assistant", "content": "", "tool_calls": [
+                        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ARGS}}]},
+                    {"role": "tool", "content": '{"temperature": 21}', "tool_call_id": "call_1"}]
+    expected = tokenizer.apply_chat_template(conversation, tools=TOOLS, add_generation_prompt=True, tokenize=False)
+    assert '"name": "get_weather"' in expected and "<tool_response>" in expected and "<tools>" in expected
+    assert response.usage.prompt_tokens == len(tokenizer.encode(expected, add_special_tokens=False))
+    choice = response.choices[0]
+    assert choice.finish_reason in ("stop", "length") and isinstance(choice.message.content, str)
+    tokenized = httpx.post(f"{threaded.url}/tokenize", json={"messages": USER}, timeout=30).json()
+    assert tokenized["count"] < response.usage.prompt_tokens
