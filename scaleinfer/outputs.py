@@ -39,6 +39,7 @@ class RequestMetrics:
     first_token_time: float | None = None
     finished_time: float | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    queue_time_s: float | None = None  # arrival to first scheduled, by the core's clock
 
 
 @dataclass(slots=True)

@@ -158,7 +158,7 @@ def test_a_request_failing_inside_the_engine_fails_alone(llm, alone):
     engine = llm.engine
     engine.add_request("ok", PROMPTS[0], GREEDY)
     engine.add_request("broken", PROMPTS[1], GREEDY)
-    _, broken = engine.children["broken"]
+    (broken,) = engine.output_processor.requests["broken"].children  # the front's state of its one sequence
 
     class Corrupted:
         def update(self, *args, **kwargs):

@@ -1,4 +1,4 @@
-"""What the engine keeps per user request: its n sequences' text, logprobs and timing."""
+"""What the front keeps per user request: its n sequences' tokens, text, logprobs, finish and timing."""
 
 from __future__ import annotations
 
@@ -6,52 +6,70 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from scaleinfer.engine.core_types import EngineCoreOutput, SampledLogprobs
 from scaleinfer.engine.detokenizer import IncrementalDetokenizer
-from scaleinfer.engine.sequence import Sequence, SequenceStatus
-from scaleinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput, SampledToken
+from scaleinfer.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 
 
 @dataclass(slots=True)
 class SequenceState:
-    seq: Sequence
     detokenizer: IncrementalDetokenizer | None  # None: token ids only (skip_tokenizer_init)
-    logprobs: list[dict[int, Logprob]] | None
-    cumulative_logprob: float | None
+    num_top_logprobs: int | None  # None: no logprobs asked for
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
     text: str = ""  # streamed so far: never shrinks, so callers may send differences
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
-    def advance(self, token_id: int) -> str | None:
+    def __post_init__(self) -> None:
+        if self.num_top_logprobs is not None:
+            self.logprobs, self.cumulative_logprob = [], 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def update(self, output: EngineCoreOutput, tokenizer: Any) -> str | None:
+        """Take one step's new tokens; returns the stop string they completed (then this sequence is finished
+        with the tokens up to the one that completed it), else None."""
+        last = len(output.new_token_ids) - 1
+        for i, token_id in enumerate(output.new_token_ids):
+            self.token_ids.append(token_id)
+            if output.new_logprobs is not None:
+                self._record(token_id, output.new_logprobs[i], tokenizer)
+            finish_reason = output.finish_reason if i == last else None
+            stop = self._advance(token_id, finish_reason)
+            if stop is not None:
+                self.finish_reason, self.stop_reason = "stop", stop
+                return stop
+        self.finish_reason, self.stop_reason = output.finish_reason, output.stop_reason
+        return None
+
+    def _advance(self, token_id: int, finish_reason: str | None) -> str | None:
         """Detokenize the newest token; returns the stop string it completed, if any."""
-        seq = self.seq
         if self.detokenizer is None:
             return None
-        stop_terminated = seq.status is SequenceStatus.FINISHED_STOPPED
-        stop = self.detokenizer.update([token_id], stop_terminated=stop_terminated)
-        if stop is not None or seq.is_finished:
+        stop = self.detokenizer.update([token_id], stop_terminated=finish_reason == "stop")
+        if stop is not None or finish_reason is not None:
             self.detokenizer.finish()
         self.text += self.detokenizer.delta()
         return stop
 
-    def record(self, sampled: SampledToken, tokenizer: Any) -> None:
-        if self.logprobs is None or sampled.logprob is None:
+    def _record(self, token_id: int, sampled: SampledLogprobs, tokenizer: Any) -> None:
+        if self.logprobs is None:
             return
-        entry = {sampled.token_id: Logprob(sampled.logprob, sampled.rank, _decode(tokenizer, sampled.token_id))}
-        top = self.seq.sampling_params.logprobs or 0
-        for rank, (token_id, logprob) in enumerate(zip(sampled.top_token_ids[:top], sampled.top_logprobs), 1):
-            entry.setdefault(token_id, Logprob(logprob, rank, _decode(tokenizer, token_id)))
+        entry = {token_id: Logprob(sampled.logprob, sampled.rank, _decode(tokenizer, token_id))}
+        pairs = zip(sampled.top_token_ids[:self.num_top_logprobs], sampled.top_logprobs)
+        for rank, (top_id, logprob) in enumerate(pairs, 1):
+            entry.setdefault(top_id, Logprob(logprob, rank, _decode(tokenizer, top_id)))
         self.logprobs.append(entry)
         self.cumulative_logprob += sampled.logprob
 
     def completion(self, index: int) -> CompletionOutput:
-        seq = self.seq
         return CompletionOutput(
-            index=index,
-            text=self.text,
-            token_ids=list(seq.output_token_ids),
-            cumulative_logprob=self.cumulative_logprob,
-            logprobs=self.logprobs,
-            finish_reason=seq.finish_reason,
-            stop_reason=seq.stop_reason,
-        )
+            index=index, text=self.text, token_ids=list(self.token_ids), cumulative_logprob=self.cumulative_logprob,
+            logprobs=self.logprobs, finish_reason=self.finish_reason, stop_reason=self.stop_reason)
 
 
 @dataclass(slots=True)
@@ -64,7 +82,7 @@ class RequestState:
 
     @property
     def finished(self) -> bool:
-        return all(child.seq.is_finished for child in self.children)
+        return all(child.finished for child in self.children)
 
     def output(self) -> RequestOutput:
         return RequestOutput(

@@ -15,6 +15,7 @@ max_num_batched_tokens bounds.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -142,6 +143,7 @@ class Scheduler:
         seq.num_computed_tokens = num_cached_tokens
         if seq.num_preemptions == 0:
             seq.num_cached_tokens = num_cached_tokens
+            seq.first_scheduled_time = time.time()
         self.running.append(seq)
 
     def _schedule_chunk(self, seq: Sequence, num_new_tokens: int, budget: _StepBudget) -> ScheduledSequence:

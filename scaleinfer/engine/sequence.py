@@ -57,6 +57,7 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)  # the block table
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache at first admission
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None  # time.time() when it first ran: queue time ends there
     stop_reason: int | str | None = None  # the stop token id or stop string that finished it
     # Prefix-cache keys of this sequence's full blocks, filled lazily by the block manager. Tokens are
     # only ever appended, so a full block's key never changes and the cache survives preemption.

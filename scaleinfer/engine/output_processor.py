@@ -1,0 +1,123 @@
+"""The front's half of every request, for both paths (LLMEngine's call, the server's core process): the
+EngineCoreOutputs of a step in, RequestOutputs out. Detokenization, stop strings, logprob formatting and
+RequestOutput assembly happen here and nowhere else; eos, stop token ids and length are the core's.
+
+A stop string ends its sequence here; process() names those sequences in `to_stop` so that the caller aborts
+them in the core (which may have sampled further tokens meanwhile: they are dropped). A request whose
+output cannot be processed (its own state broke) fails alone: it comes back finished with `error`, and
+its id is in `to_abort`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from scaleinfer.engine.core_types import ERROR_INVALID, ERROR_QUEUE_FULL, EngineCoreOutput
+from scaleinfer.engine.detokenizer import IncrementalDetokenizer
+from scaleinfer.engine.request_state import RequestState, SequenceState
+from scaleinfer.errors import InvalidRequestError
+from scaleinfer.outputs import RequestMetrics, RequestOutput
+from scaleinfer.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ProcessedOutputs:
+    request_outputs: list[RequestOutput] = field(default_factory=list)
+    to_stop: list[tuple[str, int]] = field(default_factory=list)  # (request id, index): a stop string ended it
+    to_abort: list[str] = field(default_factory=list)  # requests that failed here: the core must drop them
+    # request id -> error_kind of the requests the core failed or refused (ERROR_INVALID, ...)
+    error_kinds: dict[str, str] = field(default_factory=dict)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.requests: dict[str, RequestState] = {}
+
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                    params: SamplingParams, arrival_time: float) -> None:
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if self.tokenizer is None and params.stop:
+            raise InvalidRequestError(f"stop strings {params.stop} need a tokenizer; this engine skipped it")
+        children = [SequenceState(self._detokenizer(prompt_token_ids, params), params.logprobs)
+                    for _ in range(params.n)]
+        self.requests[request_id] = RequestState(request_id, prompt, prompt_token_ids, children,
+                                                 RequestMetrics(arrival_time=arrival_time))
+
+    def _detokenizer(self, prompt_token_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
+        if self.tokenizer is None:
+            return None
+        return IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
+
+    def abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.requests.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def process(self, outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
+        processed = ProcessedOutputs()
+        touched: dict[str, RequestState] = {}
+        now = time.time()
+        for output in outputs:
+            state = self.requests.get(output.request_id)
+            if state is None:  # aborted, or failed earlier in this step
+                continue
+            if output.error is not None:
+                processed.request_outputs.append(self._fail(state, output.error))
+                processed.error_kinds[state.request_id] = output.error_kind
+                touched.pop(state.request_id, None)
+                continue
+            if self._update(state, output, processed, now):
+                touched[state.request_id] = state
+        processed.request_outputs += [self._emit(state, now) for state in touched.values()]
+        return processed
+
+    def _update(self, state: RequestState, output: EngineCoreOutput, processed: ProcessedOutputs,
+                now: float) -> bool:
+        """True when the request has something new to show."""
+        child = state.children[output.index]
+        if child.finished:  # a stop string ended it; the core sampled on before its abort arrived
+            return False
+        try:
+            stop = child.update(output, self.tokenizer)
+        except Exception as exc:  # one request's bad state must not end the others
+            logger.error("request %s failed in the output processor; aborting it alone", state.request_id,
+                         exc_info=exc)
+            processed.request_outputs.append(self._fail(state, f"{type(exc).__name__}: {exc}"))
+            processed.to_abort.append(state.request_id)
+            return False
+        if stop is not None and output.finish_reason is None:
+            processed.to_stop.append((state.request_id, output.index))
+        metrics = state.metrics
+        metrics.first_token_time = metrics.first_token_time or now
+        if output.index == 0 and output.num_cached_tokens:
+            metrics.num_cached_tokens = output.num_cached_tokens
+        if output.queue_time_s is not None and metrics.queue_time_s is None:
+            metrics.queue_time_s = output.queue_time_s
+        return True
+
+    def _fail(self, state: RequestState, error: str) -> RequestOutput:
+        self.requests.pop(state.request_id, None)
+        output = state.output()
+        output.finished, output.error = True, error
+        return output
+
+    def _emit(self, state: RequestState, now: float) -> RequestOutput:
+        output = state.output()  # output.metrics is state.metrics: the finish time below reaches it
+        if output.finished:
+            state.metrics.finished_time = now
+            self.requests.pop(state.request_id, None)
+        return output
+
+
+def is_refusal(error_kind: str | None) -> bool:
+    """A request the core refused outright (never ran), as opposed to one that failed while it ran."""
+    return error_kind in (ERROR_INVALID, ERROR_QUEUE_FULL)
