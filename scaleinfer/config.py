@@ -21,6 +21,7 @@ QUANTIZATIONS = (None, "int8")  # None: weights in the run dtype; int8: per-outp
 OFFLOAD_MAX_BATCHED_TOKENS = 32768
 OFFLOAD_MAX_NUM_SEQS = 1024
 EMBEDDED_MODEL_ALIAS = "smollm2-135m"
+MOE_ALL_TO_ALL = ("coordinated", "plain")  # ParallelConfig.moe_all_to_all
 
 
 def _require(ok: bool, message: str) -> None:
@@ -65,6 +66,15 @@ class ArchConfig:
     # num_experts_per_tok of them; None / 0 for a dense MLP.
     num_local_experts: int | None = None
     num_experts_per_tok: int = 0
+    # Qwen-MoE: experts moe_intermediate_size wide (None: intermediate_size, Mixtral), the top-k weights
+    # renormalized to sum to 1 only with norm_topk_prob (Mixtral always), a shared expert of
+    # shared_expert_intermediate_size (0: none) beside the routed ones; layer i is sparse unless it is in
+    # mlp_only_layers or (i + 1) is not a multiple of decoder_sparse_step (then a dense intermediate_size MLP).
+    moe_intermediate_size: int | None = None
+    norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int = 0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -81,6 +91,17 @@ class ArchConfig:
         _require(self.num_local_experts is None or 0 < self.num_experts_per_tok <= self.num_local_experts,
                  f"model config num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_local_experts="
                  f"{self.num_local_experts}]")
+        _require(self.decoder_sparse_step >= 1,
+                 f"model config decoder_sparse_step must be >= 1, got {self.decoder_sparse_step!r}")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer `layer`'s MLP is the sparse mixture of experts (HF Qwen2-MoE's rule; Mixtral: every one)."""
+        return (bool(self.num_local_experts) and layer not in self.mlp_only_layers
+                and (layer + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
 
     @property
     def q_size(self) -> int:
@@ -192,6 +213,13 @@ class ParallelConfig:
     on a machine without one, T CPU processes over gloo) that step together."""
 
     tensor_parallel_size: int = 1
+    # Mixture-of-experts layers: the experts split over expert_parallel_size E groups of ranks inside the
+    # T tensor-parallel ranks, each expert sliced over the T / E ranks of its group; tokens reach their experts
+    # by all-to-all, "coordinated" (each rank of a slicing group sends its 1/(T/E) share, an all-gather restores
+    # the rest: the paper's PCC) or "plain" (every rank sends all its group's tokens). Attention and dense layers
+    # stay sliced over all T ranks.
+    expert_parallel_size: int = 1
+    moe_all_to_all: str = "coordinated"
     # How long a rank waits inside one collective of a step before the run is declared hung; the engine then
     # names the rank that did not arrive and stops (a worker that dies is reported at once).
     collective_timeout: float = 30.0
@@ -202,6 +230,17 @@ class ParallelConfig:
                  f"tensor_parallel_size must be an integer >= 1, got {size!r}")
         _require(self.collective_timeout > 0, f"collective_timeout must be positive seconds, got "
                                               f"{self.collective_timeout!r}")
+        self._check_experts()
+
+    def _check_experts(self) -> None:
+        experts, size = self.expert_parallel_size, self.tensor_parallel_size
+        _require(isinstance(experts, int) and not isinstance(experts, bool) and experts >= 1,
+                 f"expert_parallel_size must be an integer >= 1, got {experts!r}")
+        _require(size % experts == 0,
+                 f"expert_parallel_size={experts} x the expert-slicing size must equal tensor_parallel_size={size} "
+                 f"(the ranks experts are spread over): {experts} does not divide {size}")
+        _require(self.moe_all_to_all in MOE_ALL_TO_ALL,
+                 f"moe_all_to_all must be one of {MOE_ALL_TO_ALL}, got {self.moe_all_to_all!r}")
 
 
 @dataclass(slots=True, frozen=True)

@@ -16,6 +16,7 @@ import torch
 from scaleinfer.config import EngineConfig, TorchrunEnv, torchrun_env
 from scaleinfer.errors import InvalidRequestError
 from scaleinfer.executor.rank import RankRunnerSpec, rank_device, share_cpu_cores, uses_gpus
+from scaleinfer.parallel.expert import check_expert_parallel
 from scaleinfer.parallel.groups import RankSpec
 from scaleinfer.weights.source import ModelSource
 
@@ -47,6 +48,7 @@ def check_tensor_parallel(config: EngineConfig, source: ModelSource, launched: T
     if kv_heads % size and size % kv_heads:  # each rank holds whole KV heads, or one head some ranks share
         raise InvalidRequestError(f"tensor_parallel_size={size} neither divides nor is a multiple of the model's "
                                   f"num_key_value_heads={kv_heads}")
+    check_expert_parallel(arch, size, config.parallel.expert_parallel_size)
     if source.format == "hf_model":
         raise InvalidRequestError("an in-memory model cannot be shared with worker processes: save it and pass the "
                                   "folder")
@@ -65,7 +67,9 @@ def _rank_spec(config: EngineConfig, source: ModelSource, max_model_len: int, in
     backend = "nccl" if uses_gpus(config.model.device) else "gloo"
     size = config.parallel.tensor_parallel_size
     return RankRunnerSpec(
-        rank=RankSpec(rank, size, init_method, backend, config.parallel.collective_timeout),
+        rank=RankSpec(rank, size, init_method, backend, config.parallel.collective_timeout,
+                      expert_parallel_size=config.parallel.expert_parallel_size,
+                      moe_all_to_all=config.parallel.moe_all_to_all),
         model=rank_device(config.model, local_rank), cache=config.cache, offload=config.offload,
         model_path=str(source.path), max_model_len=max_model_len, max_num_seqs=config.scheduler.max_num_seqs)
 

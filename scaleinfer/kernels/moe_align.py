@@ -1,7 +1,9 @@
 """Token-expert pairs grouped by expert, each group padded to a multiple of block_m: the row order of the
 fused MoE GEMM (kernels/moe.py), whose programs each take one block of block_m rows of a single expert.
 
-A pair is one (token, slot) of the router's choice, numbered token * top_k + slot. Everything is computed
+A pair is one (token, slot) of the router's choice, numbered token * top_k + slot; a negative expert id
+marks a pair no expert takes (the unused rows of the expert-parallel all-to-all): it gets no row, and the
+GEMM never writes its output. Everything is computed
 with torch ops on the device at sizes fixed by (num_pairs, num_experts, block_m): no host sync and no
 data-dependent shape, so a decode step that routes tokens can be captured in a CUDA graph. The price is
 an upper bound on the padded rows (num_pairs + num_experts * (block_m - 1)); the GEMM's programs past the
@@ -55,18 +57,22 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoEAl
 
 def align_pairs_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> MoEAlignment:
     device, num_pairs = topk_ids.device, topk_ids.numel()
-    expert_of_pair = topk_ids.flatten().long()  # [num_pairs]
+    ids = topk_ids.flatten().long()  # [num_pairs]
+    valid = ids >= 0
+    expert_of_pair = ids.clamp_min(0)
     # A one-hot table rather than a sort: its cumulative sum ranks each pair within its expert, and every
     # op on it has a shape known in advance. [num_pairs, num_experts] is small for Mixtral's 8 experts.
-    one_hot = expert_of_pair[:, None] == torch.arange(num_experts, device=device)  # [num_pairs, num_experts]
+    one_hot = ids[:, None] == torch.arange(num_experts, device=device)  # [num_pairs, num_experts]
     counts = one_hot.sum(0)  # [num_experts]
     rank = one_hot.cumsum(0).gather(1, expert_of_pair[:, None]).squeeze(1) - 1  # [num_pairs]
     padded_counts = (counts + block_m - 1) // block_m * block_m
     padded_ends = padded_counts.cumsum(0)  # [num_experts]
-    rows = padded_ends[expert_of_pair] - padded_counts[expert_of_pair] + rank  # [num_pairs]
     total = max_rows(num_pairs, num_experts, block_m)
-    sorted_pair_ids = torch.full((total,), num_pairs, dtype=torch.int32, device=device)
+    rows = padded_ends[expert_of_pair] - padded_counts[expert_of_pair] + rank  # [num_pairs]
+    rows = torch.where(valid, rows, total)  # pairs of no expert: a spare row past the end, dropped
+    sorted_pair_ids = torch.full((total + 1,), num_pairs, dtype=torch.int32, device=device)
     sorted_pair_ids.scatter_(0, rows, torch.arange(num_pairs, dtype=torch.int32, device=device))
+    sorted_pair_ids = sorted_pair_ids[:total]
     block_starts = torch.arange(0, total, block_m, device=device)  # [max_blocks]
     # A block's expert: how many groups end at or before its first row (idle blocks get num_experts: clamped).
     block_expert_ids = (block_starts[:, None] >= padded_ends[None, :]).sum(1).clamp_max(num_experts - 1)
@@ -126,7 +132,7 @@ def _align_kernel(
         ids = tl.load(ids_ptr + pairs, mask=pairs < num_pairs, other=-1)
         one_hot = (ids[:, None] == experts[None, :]).to(tl.int32)  # [BLOCK, BLOCK_E]
         rows = tl.sum((tl.cumsum(one_hot, axis=0) - 1 + next_row[None, :]) * one_hot, axis=1)  # [BLOCK]
-        tl.store(sorted_ptr + rows, pairs, mask=pairs < num_pairs)
+        tl.store(sorted_ptr + rows, pairs, mask=(pairs < num_pairs) & (ids >= 0))
         next_row += tl.sum(one_hot, axis=0)
     tl.store(num_rows_ptr, tl.sum(padded, axis=0))
     for start in range(0, num_blocks, BLOCK):  # each block's expert: the groups ending at or before its first row

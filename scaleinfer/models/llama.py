@@ -42,10 +42,12 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, arch: ArchConfig) -> None:
+    def __init__(self, arch: ArchConfig, intermediate_size: int | None = None) -> None:
+        """intermediate_size: None for arch.intermediate_size (a shared expert has its own)."""
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(arch.hidden_size, [arch.intermediate_size] * 2)
-        self.down_proj = RowParallelLinear(arch.intermediate_size, arch.hidden_size)
+        size = intermediate_size or arch.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(arch.hidden_size, [size] * 2)
+        self.down_proj = RowParallelLinear(size, arch.hidden_size)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,16 +55,18 @@ class LlamaMLP(nn.Module):
 
 
 # Builds a layer's MLP: [num_tokens, hidden] -> [num_tokens, hidden]; a family with another MLP (Mixtral's
-# experts) passes its own.
+# experts) passes its own. A mixture-of-experts model's dense layers (ArchConfig.is_moe_layer false) get LlamaMLP.
 MLPFactory = Callable[[ArchConfig], nn.Module]
+# Builds a layer's attention, called as LlamaAttention is; Qwen3-MoE passes one that norms q and k.
+AttentionFactory = Callable[[ArchConfig, RotaryEmbedding, "int | None"], nn.Module]
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, arch: ArchConfig, rotary_emb: RotaryEmbedding, sliding_window: int | None = None,
-                 mlp: MLPFactory = LlamaMLP) -> None:
+                 mlp: MLPFactory = LlamaMLP, attention: AttentionFactory = LlamaAttention) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = LlamaAttention(arch, rotary_emb, sliding_window)
+        self.self_attn = attention(arch, rotary_emb, sliding_window)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = mlp(arch)
 
@@ -79,14 +83,16 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, arch: ArchConfig, mlp: MLPFactory = LlamaMLP) -> None:
+    def __init__(self, arch: ArchConfig, mlp: MLPFactory = LlamaMLP,
+                 attention: AttentionFactory = LlamaAttention) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size)
         # One table of cos/sin for every layer: at a 128k context it is 64 MB.
         rotary_emb = RotaryEmbedding(arch.rotary_dim, arch.max_position_embeddings, arch.rope_theta,
                                      arch.rope_scaling)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(arch, rotary_emb, arch.layer_window(i), mlp) for i in range(arch.num_hidden_layers)
+            LlamaDecoderLayer(arch, rotary_emb, arch.layer_window(i), layer_mlp(arch, i, mlp), attention)
+            for i in range(arch.num_hidden_layers)
         )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
@@ -96,6 +102,11 @@ class LlamaModel(nn.Module):
             x, residual = layer(positions, x, residual, meta)
         x, _ = self.norm(x, residual)
         return x
+
+
+def layer_mlp(arch: ArchConfig, layer: int, mlp: MLPFactory) -> MLPFactory:
+    """The family's MLP, or LlamaMLP on a mixture-of-experts model's dense layers."""
+    return LlamaMLP if arch.num_local_experts and not arch.is_moe_layer(layer) else mlp
 
 
 class LlamaForCausalLM(CausalLM):

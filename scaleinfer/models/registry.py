@@ -14,6 +14,8 @@ from scaleinfer.models.llama import LlamaForCausalLM
 from scaleinfer.models.mixtral import MixtralForCausalLM
 from scaleinfer.models.opt import OPTForCausalLM
 from scaleinfer.models.phi3 import Phi3ForCausalLM
+from scaleinfer.models.qwen2_moe import Qwen2MoeForCausalLM
+from scaleinfer.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODELS: dict[str, type[nn.Module]] = {
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
@@ -26,6 +28,8 @@ MODELS: dict[str, type[nn.Module]] = {
     "OPTForCausalLM": OPTForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 ENCODERS: dict[str, type[nn.Module]] = {
     "BertModel": BertModel,

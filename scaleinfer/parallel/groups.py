@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from scaleinfer.config import disable_nvlink_multicast
+from scaleinfer.parallel.expert import ExpertParallelState, join_expert_parallel, set_expert_state
 from scaleinfer.parallel.state import ParallelState, set_parallel_state
 
 # The control group's waits are a worker's idle time between steps: a server may idle for days.
@@ -29,6 +30,8 @@ class RankSpec:
     init_method: str  # file://... for ranks this process spawned, env:// under torchrun
     backend: str  # nccl | gloo
     collective_timeout: float  # seconds
+    expert_parallel_size: int = 1  # MoE expert groups inside each stage's ranks (parallel/expert.py)
+    moe_all_to_all: str = "coordinated"  # ParallelConfig.moe_all_to_all
 
 
 def backend_for(device: torch.device) -> str:
@@ -48,6 +51,9 @@ def join_tensor_parallel(spec: RankSpec, device: torch.device, dtype: torch.dtyp
     state = ParallelState(tp_rank=spec.rank, tp_size=spec.world_size, tp_group=tp_group, control_group=control,
                           small_all_reduce=_small_all_reduce(spec, device, dtype, tp_group))
     set_parallel_state(state)
+    set_expert_state(join_expert_parallel(spec.expert_parallel_size, spec.moe_all_to_all == "coordinated",
+                                          state.tp_rank, state.tp_size, state.tp_group, spec.world_size,
+                                          spec.backend, spec.collective_timeout))
     return state
 
 
@@ -62,5 +68,6 @@ def _small_all_reduce(spec: RankSpec, device: torch.device, dtype: torch.dtype, 
 def leave_tensor_parallel() -> None:
     """Tear this rank's groups down (at shutdown; collectives in flight on other ranks then fail)."""
     set_parallel_state(ParallelState())
+    set_expert_state(ExpertParallelState())
     if dist.is_initialized():
         dist.destroy_process_group()

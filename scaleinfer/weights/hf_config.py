@@ -1,4 +1,5 @@
-"""Map an HF config.json (Llama 2/3, Mistral, Mixtral, Qwen2, SmolLM2, GPT-2, GPT-NeoX, OPT, Phi-3) to ArchConfig.
+"""Map an HF config.json (Llama 2/3, Mistral, Mixtral, Qwen2, Qwen2/3-MoE, SmolLM2, GPT-2, GPT-NeoX, OPT,
+Phi-3) to ArchConfig.
 
 GPT-2 and OPT spell some keys their own way (n_embd, ffn_dim, ...); they are renamed to the Llama spelling
 first.
@@ -27,25 +28,29 @@ GENERATION_CONFIG_NAME = "generation_config.json"
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "max_position_embeddings")
 # These always carry q/k/v biases and so write no `attention_bias` key.
-BIASED_QKV_ARCHITECTURES = ("Qwen2ForCausalLM",)
+BIASED_QKV_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
 # model_type -> architecture for configs saved without `architectures`; others ask transformers.
 CAUSAL_LM_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                            "mixtral": "MixtralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                            "gpt2": "GPT2LMHeadModel", "gpt_neox": "GPTNeoXForCausalLM",
-                           "opt": "OPTForCausalLM", "phi3": "Phi3ForCausalLM"}
+                           "opt": "OPTForCausalLM", "phi3": "Phi3ForCausalLM",
+                           "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 # model_type -> {its key: the Llama spelling}
 KEY_SPELLINGS = {
     "gpt2": {"n_embd": "hidden_size", "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
              "n_positions": "max_position_embeddings", "layer_norm_epsilon": "layer_norm_eps",
              "activation_function": "hidden_act"},
     "opt": {"ffn_dim": "intermediate_size", "activation_function": "hidden_act"},
+    "qwen2_moe": {"qkv_bias": "attention_bias", "num_experts": "num_local_experts"},
+    "qwen3_moe": {"num_experts": "num_local_experts"},
 }
 TIED_BY_DEFAULT = ("gpt2", "opt")
 # Families without grouped-query attention: any num_key_value_heads key is not theirs.
 MULTI_HEAD_ONLY = ("gpt2", "gpt_neox", "opt")
 # model_type -> {key: a value no released checkpoint uses}, refused rather than loaded wrongly
 UNSUPPORTED_VALUES = {"opt": {"enable_bias": False, "layer_norm_elementwise_affine": False,
-                              "_remove_final_layer_norm": True}}
+                              "_remove_final_layer_norm": True},
+                      "qwen2_moe": {"use_sliding_window": True}, "qwen3_moe": {"use_sliding_window": True}}
 ROPE_TYPE_ALIASES = {"su": "longrope"}
 
 
@@ -98,6 +103,7 @@ def arch_from_hf(config: dict[str, Any], path: str | Path = CONFIG_NAME) -> Arch
         word_embed_proj_dim=config.get("word_embed_proj_dim"),
         num_local_experts=config.get("num_local_experts"),
         num_experts_per_tok=config.get("num_experts_per_tok") or 0,
+        **_moe_fields(config),
         bos_token_id=config.get("bos_token_id"),
         eos_token_ids=_as_ids(config.get("eos_token_id")),
     )
@@ -106,6 +112,19 @@ def arch_from_hf(config: dict[str, Any], path: str | Path = CONFIG_NAME) -> Arch
         return ArchConfig(**fields)
     except InvalidRequestError as exc:
         raise ModelLoadError(f"{path}: {exc}") from exc
+
+
+def _moe_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """Qwen-MoE's expert width, top-k renormalization, shared expert and sparse-layer rule; {} elsewhere
+    (Mixtral's defaults: experts intermediate_size wide, renormalized, every layer sparse)."""
+    if config.get("model_type") not in ("qwen2_moe", "qwen3_moe"):
+        return {}
+    return dict(moe_intermediate_size=config.get("moe_intermediate_size"),
+                norm_topk_prob=bool(config.get("norm_topk_prob", False)),
+                shared_expert_intermediate_size=(config.get("shared_expert_intermediate_size") or 0
+                                                 if config["model_type"] == "qwen2_moe" else 0),
+                decoder_sparse_step=config.get("decoder_sparse_step") or 1,
+                mlp_only_layers=tuple(config.get("mlp_only_layers") or ()))
 
 
 def _llama_spelling(config: dict[str, Any]) -> dict[str, Any]:

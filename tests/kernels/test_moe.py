@@ -135,3 +135,21 @@ def test_fused_moe_gpu_captures_in_a_cuda_graph_and_replays_new_routes(cuda):
     x.copy_(new_x), weights.copy_(new_weights), ids.copy_(new_ids)
     graph.replay()
     torch.testing.assert_close(out, fused_moe_ref(x, w13, w2, weights, ids), **tolerance(torch.bfloat16))
+
+
+@pytest.mark.parametrize("num_experts", [4, 5])
+def test_negative_ids_take_no_row_and_no_expert(num_experts, device, triton_path):
+    """The all-to-all's unused rows carry expert -1: the alignment gives them no row (kernel equals reference),
+    and the other rows' outputs are those of the pairs without them."""
+    x, w13, w2, weights, ids = random_moe(9, num_experts, 1, 32, 32, None, torch.float32, device, seed=4)
+    ids = ids.int()
+    unused = torch.tensor([1, 0, 0, 1, 1, 0, 0, 0, 1], dtype=torch.bool, device=device)
+    ids[unused] = -1
+    got, expected = align_pairs_triton(ids, num_experts, 4), align_pairs_ref(ids, num_experts, 4)
+    assert torch.equal(got.sorted_pair_ids, expected.sorted_pair_ids) and torch.equal(got.num_rows, expected.num_rows)
+    kept = expected.sorted_pair_ids[expected.sorted_pair_ids < 9].sort().values
+    assert kept.tolist() == (~unused).nonzero().flatten().tolist()
+    out = fused_moe(x, w13, w2, weights, ids)
+    reference = fused_moe_ref(x[~unused], w13, w2, weights[~unused], ids[~unused])
+    torch.testing.assert_close(out[~unused], reference, **tolerance(torch.float32))
+    assert (fused_moe_ref(x, w13, w2, weights, ids)[unused] == 0).all()
