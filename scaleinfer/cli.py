@@ -9,7 +9,15 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
-from scaleinfer.config import DTYPES, EMBEDDED_MODEL_ALIAS, OFFLOAD_TARGETS, QUANTIZATIONS, EngineConfig, env_str
+from scaleinfer.config import (
+    DTYPES,
+    EMBEDDED_MODEL_ALIAS,
+    MOE_ALL_TO_ALL,
+    OFFLOAD_TARGETS,
+    QUANTIZATIONS,
+    EngineConfig,
+    env_str,
+)
 from scaleinfer.errors import InvalidRequestError, ScaleInferError
 from scaleinfer.sampling_params import SamplingParams
 from scaleinfer.tokenizer import apply_chat_template
@@ -90,6 +98,13 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                              "weight-only; embeddings, LM head and MoE experts stay in --dtype)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="split every layer over T processes (one per GPU; on a CPU, T processes over gloo)")
+    parser.add_argument("--expert-parallel-size", type=int, default=1,
+                        help="MoE models: split the experts over E groups of the T ranks, each expert sliced over "
+                             "T / E of them (E must divide T and the number of experts)")
+    parser.add_argument("--moe-all-to-all", default="coordinated", choices=MOE_ALL_TO_ALL,
+                        help="with E > 1: coordinated (each rank sends its 1/T share of the tokens, an all-gather "
+                             "inside its slice group restores the rest) or plain (each expert group's tokens sent "
+                             "by all its ranks)")
     parser.add_argument("--offload", default="none", choices=OFFLOAD_TARGETS,
                         help="keep layer weights in CPU memory or NVMe files and stream them (ZeRO-Inference)")
     parser.add_argument("--offload-path", default=None, help="with --offload nvme: the folder for the layer files")
@@ -136,7 +151,8 @@ def _engine_config(args: argparse.Namespace, **scheduler: int | None) -> EngineC
         model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
         quantization=args.quantization, offload=args.offload, offload_path=args.offload_path,
         offload_gpu_budget=args.offload_gpu_budget,
-        tensor_parallel_size=args.tensor_parallel_size, tokenizer=args.tokenizer, chat_template=args.chat_template,
+        tensor_parallel_size=args.tensor_parallel_size, expert_parallel_size=args.expert_parallel_size,
+        moe_all_to_all=args.moe_all_to_all, tokenizer=args.tokenizer, chat_template=args.chat_template,
         enforce_eager=args.enforce_eager, kv_cache_memory=args.kv_cache_memory, **_memory_fraction(args), **budget,
         **scheduler,
     )

@@ -120,3 +120,28 @@ def test_placements_that_cannot_run_are_refused_with_the_values(models, tiny_mod
         LLM(mixtral, tensor_parallel_size=2, expert_parallel_size=2, moe_all_to_all="ring", **common)
     with pytest.raises(InvalidRequestError, match="expert_parallel_size=2 needs a mixture-of-experts model"):
         LLM(str(tiny_models["llama3.1"][0]), tensor_parallel_size=2, expert_parallel_size=2, **common)
+
+
+class Captured(Exception):
+    pass
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["serve"]])
+def test_expert_parallel_flags_reach_the_parallel_config(command, monkeypatch):
+    import scaleinfer.engine.llm_engine as llm_engine
+    import scaleinfer.server.app as app
+    from scaleinfer import cli
+
+    configs = []
+
+    def capture(config, *args, **kwargs):
+        configs.append(config)
+        raise Captured
+
+    monkeypatch.setattr(llm_engine, "LLMEngine", capture)
+    monkeypatch.setattr(app, "run_server", capture)
+    with pytest.raises(Captured):
+        cli.main([*command, "--tensor-parallel-size", "4", "--expert-parallel-size", "2", "--moe-all-to-all", "plain"])
+    parallel = configs[0].parallel
+    assert (parallel.expert_parallel_size, parallel.moe_all_to_all) == (2, "plain")
+    assert cli.main([*command, "--tensor-parallel-size", "4", "--expert-parallel-size", "3"]) == 1
