@@ -55,3 +55,14 @@ def test_linear_takes_the_gemv_for_one_row_where_it_is_faster(device, triton_pat
         torch.testing.assert_close(module.linear(*skipped), gemv_ref(*skipped))
     assert len(calls) == 1
     assert module.decode_config(128256, 4096) is module.WIDE and module.decode_config(28672, 4096) is module.WIDE
+
+
+def test_decode_config_follows_the_card():
+    from scaleinfer.kernels import gemv as module
+
+    h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+    assert module.decode_config(4096, 14336, h100) is module.NARROW
+    assert module.decode_config(28672, 4096, h100) is module.WIDE
+    assert module.decode_config(4096, 4096, h200) is module.NARROW  # o_proj
+    assert [module.decode_config(n, k, h200) for n, k in [(6144, 4096), (28672, 4096), (4096, 14336),
+                                                           (128256, 4096)]] == [None] * 4
