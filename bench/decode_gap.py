@@ -28,7 +28,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ceilings, write_result  # noqa: E402
+from common import ceilings, decode_bytes_read, write_result  # noqa: E402
 from profile_step import start_requests  # noqa: E402
 from shapes import SHAPES, write_config  # noqa: E402
 
@@ -54,10 +54,11 @@ def host_phases_ms(llm: LLM, prompts: list[list[int]], steps: int) -> dict[str, 
     """Median wall ms of each phase of engine.step(), by wrapping the engine's parts."""
     engine, runner = llm.engine, llm.engine.runner
     times: dict[str, list[float]] = {}
+    # forward: the step's inputs built and the model (or its graph) launched
     originals = {"schedule": (engine.scheduler, "schedule"), "update": (engine.scheduler, "update"),
-                 "outputs": (engine, "_process"), "forward": (runner, "_forward"),
+                 "outputs": (engine.output_processor, "process"), "forward": (runner.steps, "run"),
                  "logits": (runner.model, "compute_logits"), "to_host": (model_runner, "_to_host"),
-                 "inputs": (model_runner, "build_step_inputs"), "step": (engine, "step")}
+                 "step": (engine, "step")}
     saved = {name: getattr(obj, attr) for name, (obj, attr) in originals.items()}
     for name, (obj, attr) in originals.items():
         setattr(obj, attr, _wall(times, name, saved[name]))
@@ -144,7 +145,7 @@ def main() -> None:
         phases = host_phases_ms(llm, prompts, args.steps)
         gaps = profiled_gaps(llm, prompts, args.steps)
         replay = back_to_back_ms(llm, prompts, args.steps)
-    weight_gb = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters()) / 1e9
+    weight_gb = decode_bytes_read(llm.engine.runner.model) / 1e9
     payload = {"shape": args.shape, "batch": args.batch, "prompt_len": args.prompt_len, "steps": args.steps,
                "ceilings": limits, "engine_step_ms": engine_ms, **replay, "host_phases_ms": phases,
                "profiler": gaps, "host_gap_ms": engine_ms - replay["device_only_ms"],

@@ -26,6 +26,16 @@ SHAPES: dict[str, dict] = {
     "mixtral-8x7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768, rope_theta=1e6,
                          num_local_experts=8, num_experts_per_tok=2, bos_token_id=1, eos_token_id=2),
+    # 30.5B parameters, 3.3B active per token: 128 experts of width 768, top 8 renormalized, q/k norm.
+    "qwen3-30b-a3b": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+                          num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
+                          max_position_embeddings=40960, rope_theta=1e6, num_experts=128, num_experts_per_tok=8,
+                          norm_topk_prob=True, tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645),
+    # For checking the MoE script on a CPU: two small layers of the Qwen3-MoE layout.
+    "tiny-moe": dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=1024,
+                     max_position_embeddings=2048, rope_theta=1e6, num_experts=16, num_experts_per_tok=4,
+                     norm_topk_prob=True, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
     # For checking the scripts on a CPU: a few small layers of the Llama layout.
     "tiny-llama": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
                        num_key_value_heads=4, vocab_size=4096, max_position_embeddings=2048, rope_theta=10000.0),
@@ -33,12 +43,13 @@ SHAPES: dict[str, dict] = {
 
 
 def write_config(shape: str, folder: Path):
-    """Save the shape's config (MixtralConfig for a mixture of experts, else LlamaConfig) to folder/config.json
-    and return it."""
+    """Save the shape's config (Qwen3MoeConfig where it counts num_experts, MixtralConfig for num_local_experts,
+    else LlamaConfig) to folder/config.json and return it."""
     import transformers
 
     fields = {"rms_norm_eps": 1e-5, "bos_token_id": 128000, "eos_token_id": 128001, **SHAPES[shape]}
     config_class = transformers.MixtralConfig if "num_local_experts" in fields else transformers.LlamaConfig
+    config_class = transformers.Qwen3MoeConfig if "num_experts" in fields else config_class
     config = config_class(**fields)
     config.save_pretrained(folder)
     return config
