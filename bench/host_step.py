@@ -54,7 +54,8 @@ def instrument(engine: LLMEngine, times: dict[str, list[int]]) -> None:
     scheduler = engine.scheduler
     scheduler.schedule = timed(times, "schedule", scheduler.schedule)
     scheduler.update = timed(times, "update", scheduler.update)
-    engine._process = timed(times, "outputs", engine._process)
+    processor = engine.output_processor
+    processor.process = timed(times, "outputs", processor.process)
     engine.runner.execute = timed(times, "execute", engine.runner.execute)
     step_forward.build_step_inputs = timed(times, "build_step_inputs", step_forward.build_step_inputs)
     engine.step = timed(times, "step", engine.step)
