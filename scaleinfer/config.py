@@ -15,7 +15,9 @@ from scaleinfer.errors import InvalidRequestError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
 OFFLOAD_TARGETS = ("none", "cpu", "nvme")
-QUANTIZATIONS = (None, "int8")  # None: weights in the run dtype; int8: per-output-channel weight-only, on load
+QUANTIZATIONS = (None, "int8", "fp8")  # None: weights in the run dtype; int8: per-output-channel weight-only, on load
+# auto: the KV cache in the run dtype; fp8 (= fp8_e4m3, vLLM's spelling too): e4m3 with a scale per layer
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 # With streamed weights a step costs one pass over the weights whatever its size: fill it, in large prefill
 # chunks and with as many sequences as the KV cache holds.
 OFFLOAD_MAX_BATCHED_TOKENS = 32768
@@ -154,8 +156,11 @@ class CacheConfig:
     memory_fraction: float = 0.9  # of the device memory left after the weights (GPU), of free RAM (CPU)
     enable_prefix_caching: bool = True
     num_blocks: int | None = None  # overrides both budgets (tests)
+    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
 
     def __post_init__(self) -> None:
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES,
+                 f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         _require(self.block_size > 0 and self.block_size & (self.block_size - 1) == 0,
                  f"block_size must be a power of two, got {self.block_size!r}")
         _require(self.kv_cache_memory is None or self.kv_cache_memory > 0,

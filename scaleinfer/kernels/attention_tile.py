@@ -8,6 +8,8 @@ SOFTCAP > 0 caps each score at softcap * tanh(score / softcap) (Gemma 2), and WI
 positions <= the query's position - WINDOW (sliding-window layers).
 """
 
+import torch
+
 from scaleinfer.kernels.dispatch import mma, tl, triton
 
 LOG2E = 1.4426950408889634  # softmax runs in base 2: callers pass scale * LOG2E
@@ -26,6 +28,11 @@ def feature_constants(sliding_window: int | None, logits_soft_cap: float | None)
     if logits_soft_cap is not None and not logits_soft_cap > 0:
         raise ValueError(f"logits_soft_cap is {logits_soft_cap!r}, expected a positive float or None")
     return dict(WINDOW=sliding_window or 0, SOFTCAP=float(logits_soft_cap or 0.0))
+
+
+def cache_scales(k_cache: torch.Tensor, q: torch.Tensor, k_scale: float, v_scale: float) -> tuple[float, float]:
+    """The scales the kernels apply: an FP8 cache's, 1.0 for a cache in q's dtype."""
+    return (k_scale, v_scale) if k_cache.dtype != q.dtype else (1.0, 1.0)
 
 
 @triton.jit
@@ -53,7 +60,8 @@ def attend_tile(
 
     q: [BLOCK_M, BLOCK_D] query rows; m_i, l_i: [BLOCK_M] running max (log2 domain) and sum; acc:
     [BLOCK_M, BLOCK_D]; query_pos: [BLOCK_M], each row sees keys at positions <= its own and < kv_end
-    (and > its own - WINDOW when WINDOW > 0). qk_scale: score_scale(scale, softcap). k_ptr, v_ptr point at
+    (and > its own - WINDOW when WINDOW > 0). qk_scale: score_scale(scale, softcap), times an FP8 cache's
+    k_scale. k_ptr, v_ptr point at
     the KV head in the caches; table_ptr at the sequence's block table. With MASKED off the tile must lie
     wholly below kv_end and be visible to every row.
     """
@@ -62,7 +70,8 @@ def attend_tile(
     blocks = tl.load(table_ptr + keys // BLOCK_SIZE, mask=key_mask, other=0)
     kv_off = blocks.to(tl.int64) * cache_stride_block + (keys % BLOCK_SIZE) * cache_stride_slot  # [BLOCK_N]
     kv_mask = key_mask[:, None] & dim_mask
-    k = tl.load(k_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    # An FP8 cache is read as q's dtype; its scales are the callers' (k's in qk_scale, v's on the output).
+    k = tl.load(k_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, BLOCK_D]
     scores = mma(q, tl.trans(k), UPCAST, PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
     if SOFTCAP > 0:
         scores = tanh(scores) * (SOFTCAP * 1.4426950408889634)  # softcap * LOG2E
@@ -80,6 +89,6 @@ def attend_tile(
     alpha = tl.exp2(m_i - m_ref)
     p = tl.exp2(scores - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(v_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)
     acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST, PRECISION)
     return m_new, l_i, acc

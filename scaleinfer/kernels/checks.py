@@ -51,7 +51,8 @@ def check_power_of_two(name: str, value: int) -> None:
 
 
 def check_query_and_caches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    """q: [*, num_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim], q's dtype."""
+    """q: [*, num_heads, head_dim]; caches: [num_blocks, block_size, num_kv_heads, head_dim], q's dtype or
+    FP8 (float8_e4m3fn)."""
     check_shape("q", q, [None, None, None])
     num_heads, head_dim = q.shape[1:]
     check_dtype("q", q, FLOAT_DTYPES)
@@ -61,8 +62,15 @@ def check_query_and_caches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if num_heads % k_cache.shape[2]:
         raise ValueError(f"q has {num_heads} heads, not a multiple of the caches' {k_cache.shape[2]} KV heads")
     for name, t in dict(k_cache=k_cache, v_cache=v_cache).items():
-        check_same_dtype(name, t, q)
+        check_cache_dtype(name, t, q)
         check_contiguous(name, t)
+
+
+def check_cache_dtype(name: str, cache: torch.Tensor, like: torch.Tensor) -> None:
+    """A KV cache holds like's dtype or FP8."""
+    if cache.dtype not in (like.dtype, torch.float8_e4m3fn):
+        raise ValueError(f"{name} has dtype {cache.dtype}, expected {like.dtype} like the input or "
+                         "torch.float8_e4m3fn")
 
 
 def check_out(out: torch.Tensor | None, like: torch.Tensor) -> None:

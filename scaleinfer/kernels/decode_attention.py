@@ -12,7 +12,7 @@ only tokens below its sequence's context_len, and partitions past it do no work.
 
 A sliding window starts each partition's walk at the window's first key (partitions wholly before it
 do no work); soft-capping caps each score (attention_tile.py). Both are constexpr: off, the kernel is
-the plain one.
+the plain one. An FP8 cache's k_scale multiplies the scores' scale and its v_scale each partition's output.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from scaleinfer.kernels.attention_tile import attend_tile, feature_constants, score_scale
+from scaleinfer.kernels.attention_tile import attend_tile, cache_scales, feature_constants, score_scale
 from scaleinfer.kernels.checks import (
     INDEX_DTYPES,
     check_device,
@@ -49,8 +49,10 @@ def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, scale: float, max_context_len: int | None = None, out: torch.Tensor | None = None,
     sliding_window: int | None = None, logits_soft_cap: float | None = None,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """q: [num_seqs, num_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim];
+    """q: [num_seqs, num_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+    in q's dtype, or FP8 holding k / k_scale and v / v_scale (a cache in q's dtype ignores the scales);
     block_tables: [num_seqs, max_blocks] int32/int64; context_lens: [num_seqs] int32/int64, each at most
     max_context_len (default max_blocks * block_size). Returns out ([num_seqs, num_heads, head_dim], q's
     dtype; written in place when given). A sequence of context_len 0 gets zeros on the Triton path.
@@ -59,9 +61,10 @@ def decode_attention(
     """
     if use_triton(q):
         return decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, max_context_len, out,
-                                       sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+                                       sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                                       k_scale=k_scale, v_scale=v_scale)
     result = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window,
-                                    logits_soft_cap)
+                                    logits_soft_cap, k_scale, v_scale)
     return result if out is None else out.copy_(result)
 
 
@@ -69,6 +72,7 @@ def decode_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, scale: float, max_context_len: int | None = None, out: torch.Tensor | None = None,
     partition_size: int | None = None, sliding_window: int | None = None, logits_soft_cap: float | None = None,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """partition_size: context tokens per stage-1 program (a power of two >= 16); chosen to fill the GPU
     when None. Tokens past cdiv(max_context_len, partition_size) partitions are never read: the bound is
@@ -86,9 +90,10 @@ def decode_attention_triton(
     num_partitions = triton.cdiv(max(max_context_len, 1), partition_size)
     part_out, part_max, part_sum = _partials(q, num_partitions, out)
     consts = _constants(q, k_cache, partition_size) | feature_constants(sliding_window, logits_soft_cap)
+    k_scale, v_scale = cache_scales(k_cache, q, k_scale, v_scale)
     _partition_kernel[(num_seqs, num_kv_heads, num_partitions)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_max, part_sum,
-        score_scale(scale, logits_soft_cap), q.stride(0), q.stride(1),
+        score_scale(scale, logits_soft_cap) * k_scale, v_scale, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), num_partitions,
         ONE_PARTITION=num_partitions == 1, **consts, **dot_args(q), num_warps=4, num_stages=2,
@@ -165,7 +170,7 @@ def _check(q, k_cache, v_cache, block_tables, context_lens, out) -> None:
 def _partition_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
-    qk_scale, q_stride_s, q_stride_h, cache_stride_block, cache_stride_slot, cache_stride_head,
+    qk_scale, v_scale, q_stride_s, q_stride_h, cache_stride_block, cache_stride_slot, cache_stride_head,
     bt_stride, out_stride_s, out_stride_h, num_partitions,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, PARTITION_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -203,7 +208,7 @@ def _partition_kernel(
             cache_stride_slot, qk_scale, dims, dim_mask, True, BLOCK_SIZE, BLOCK_N, UPCAST, PRECISION, 0, SOFTCAP,
         )
 
-    acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # an empty context gives zeros, not NaN
+    acc = acc * (v_scale / tl.where(l_i == 0.0, 1.0, l_i))[:, None]  # an empty context gives zeros, not NaN
     if ONE_PARTITION:
         out = out_ptr + seq * out_stride_s + heads[:, None] * out_stride_h + dims[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=q_mask)

@@ -11,14 +11,15 @@ each K/V tile is read once per group.
 
 Optional, constexpr (off, the kernel is the plain one): a sliding window (a query at position p sees keys
 at positions > p - window only), whose tiles wholly outside every row's window are skipped, and
-soft-capping of the scores (attention_tile.py).
+soft-capping of the scores (attention_tile.py). An FP8 cache's k_scale multiplies the scores' scale and its
+v_scale the output.
 """
 
 from __future__ import annotations
 
 import torch
 
-from scaleinfer.kernels.attention_tile import attend_tile, feature_constants, score_scale
+from scaleinfer.kernels.attention_tile import attend_tile, cache_scales, feature_constants, score_scale
 from scaleinfer.kernels.checks import (
     INDEX_DTYPES,
     check_device,
@@ -44,9 +45,11 @@ def prefill_attention(
     query_start_loc: torch.Tensor, start_pos: torch.Tensor, scale: float,
     max_query_len: int | None = None, out: torch.Tensor | None = None,
     sliding_window: int | None = None, logits_soft_cap: float | None = None,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """q: [num_tokens, num_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, num_kv_heads,
-    head_dim]; block_tables: [num_seqs, max_blocks]; query_start_loc: [num_seqs + 1]; start_pos: [num_seqs]
+    head_dim] in q's dtype, or FP8 holding k / k_scale and v / v_scale; block_tables: [num_seqs, max_blocks];
+    query_start_loc: [num_seqs + 1]; start_pos: [num_seqs]
     (all int32/int64). max_query_len: the longest chunk, a host int (read from query_start_loc, a device
     sync, when None). Returns out ([num_tokens, num_heads, head_dim], q's dtype; written in place when given).
     sliding_window: a query at position p sees keys at positions > p - sliding_window only; logits_soft_cap:
@@ -55,10 +58,10 @@ def prefill_attention(
     if use_triton(q):
         return prefill_attention_triton(
             q, k_cache, v_cache, block_tables, query_start_loc, start_pos, scale, max_query_len, out,
-            sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+            sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, k_scale=k_scale, v_scale=v_scale,
         )
     result = paged_prefill_attention_varlen(q, k_cache, v_cache, block_tables, query_start_loc, start_pos, scale,
-                                            sliding_window, logits_soft_cap)
+                                            sliding_window, logits_soft_cap, k_scale, v_scale)
     return result if out is None else out.copy_(result)
 
 
@@ -68,11 +71,13 @@ def prefill_attention_triton(
     max_query_len: int | None = None, out: torch.Tensor | None = None,
     block_m: int | None = None, block_n: int | None = None,
     sliding_window: int | None = None, logits_soft_cap: float | None = None,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """block_m (query rows per program, tokens x padded group) and block_n (keys per tile): tile sizes,
     powers of two >= 16, tuned for the GPU when None."""
     _check(q, k_cache, v_cache, block_tables, query_start_loc, start_pos, out)
     features = feature_constants(sliding_window, logits_soft_cap)
+    k_scale, v_scale = cache_scales(k_cache, q, k_scale, v_scale)
     _, num_heads, head_dim = q.shape
     num_seqs, num_kv_heads = block_tables.shape[0], k_cache.shape[2]
     if out is None:
@@ -84,7 +89,8 @@ def prefill_attention_triton(
     tiles = _tiles(q, group_pad, block_m, block_n)
     block_q = tiles["BLOCK_M"] // group_pad
     _prefill_kernel[(triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)](
-        q, k_cache, v_cache, block_tables, query_start_loc, start_pos, out, score_scale(scale, logits_soft_cap),
+        q, k_cache, v_cache, block_tables, query_start_loc, start_pos, out,
+        score_scale(scale, logits_soft_cap) * k_scale, v_scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
@@ -125,7 +131,7 @@ def _check(q, k_cache, v_cache, block_tables, query_start_loc, start_pos, out) -
 # divisibility class of each, mid-run); only shapes fixed by the model are.
 @triton.jit(do_not_specialize=["bt_stride"])
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, start_pos_ptr, out_ptr, qk_scale,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, start_pos_ptr, out_ptr, qk_scale, v_scale,
     q_stride_t, q_stride_h, cache_stride_block, cache_stride_slot, cache_stride_head,
     bt_stride, out_stride_t, out_stride_h,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -185,7 +191,7 @@ def _prefill_kernel(
             True, BLOCK_SIZE, BLOCK_N, UPCAST, PRECISION, WINDOW, SOFTCAP,
         )
 
-    acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    acc = acc * (v_scale / tl.where(l_i == 0.0, 1.0, l_i))[:, None]
     out_off = (q_first + tokens)[:, None] * out_stride_t + heads[:, None] * out_stride_h + dims[None, :]
     tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask)
 

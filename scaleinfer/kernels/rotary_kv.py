@@ -5,7 +5,8 @@ layout, as HF Llama and GPT-NeoX), the rest are left as they are, and k and v ar
 slot. rotary_dim is 2 * cos_cache.shape[1]: the whole head (Llama), a part of it (GPT-NeoX, Phi), or 0
 (learned positions, GPT-2: only the cache write). Equal to rotating then write_kv_cache. A token whose
 slot is negative is rotated but not written; the engine pads captured batches with a scratch slot
-instead, so no step depends on that.
+instead, so no step depends on that. An FP8 cache stores k / k_scale and v / v_scale, saturated at +-448
+(paged_attention.py); q and k keep their rotated values in the run dtype.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from scaleinfer.kernels.checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_cache_dtype,
     check_contiguous,
     check_device,
     check_dtype,
@@ -23,13 +25,14 @@ from scaleinfer.kernels.checks import (
     check_shape,
 )
 from scaleinfer.kernels.dispatch import tl, triton, use_triton
-from scaleinfer.kernels.paged_attention import write_kv_cache
+from scaleinfer.kernels.paged_attention import FP8_CACHE_DTYPE, write_kv_cache
 
 
 def rotary_kv(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cos_cache: torch.Tensor, sin_cache: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> None:
     """Rotate the first rotary_dim dims of q and k in place and write k, v into the caches.
 
@@ -37,22 +40,23 @@ def rotary_kv(
     k, v: [num_tokens, num_kv_heads, head_dim] (views of a fused QKV output are fine: only the last
     dimension must be contiguous); cos_cache, sin_cache: [max_position, rotary_dim / 2] float32, with
     rotary_dim even and <= head_dim ([*, 0]: no rotation); k_cache, v_cache: [num_blocks, block_size,
-    num_kv_heads, head_dim] in q's dtype.
+    num_kv_heads, head_dim] in q's dtype or FP8 (then k_scale, v_scale: the layer's cache scales).
     """
     run = rotary_kv_triton if use_triton(q) else rotary_kv_ref
-    run(positions, q, k, v, cos_cache, sin_cache, k_cache, v_cache, slot_mapping)
+    run(positions, q, k, v, cos_cache, sin_cache, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def rotary_kv_ref(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cos_cache: torch.Tensor, sin_cache: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> None:
     rotary_dim = 2 * cos_cache.shape[1]
     if rotary_dim:
         rotate_(positions, q[..., :rotary_dim], cos_cache, sin_cache)
         rotate_(positions, k[..., :rotary_dim], cos_cache, sin_cache)
-    write_kv(k, v, k_cache, v_cache, slot_mapping)
+    write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def rotate_(positions: torch.Tensor, x: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor) -> None:
@@ -63,14 +67,14 @@ def rotate_(positions: torch.Tensor, x: torch.Tensor, cos_cache: torch.Tensor, s
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """write_kv_cache, skipping tokens whose slot is negative, as the kernel does. The reference: on a GPU
     the check would be a host sync, and the kernel serves there."""
     slots = slot_mapping.long()
     if bool((slots < 0).any()):
         keep = slots >= 0
         k, v, slots = k[keep], v[keep], slots[keep]
-    write_kv_cache(k, v, k_cache, v_cache, slots)
+    write_kv_cache(k, v, k_cache, v_cache, slots, k_scale, v_scale)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -82,14 +86,17 @@ def rotary_kv_triton(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cos_cache: torch.Tensor, sin_cache: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> None:
     _check(positions, q, k, v, cos_cache, sin_cache, k_cache, v_cache, slot_mapping)
+    fp8 = k_cache.dtype == FP8_CACHE_DTYPE
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, block_size, half_rot = k.shape[1], k_cache.shape[1], cos_cache.shape[1]
     _rotary_kv_kernel[(num_tokens,)](
         positions, slot_mapping, q, k, v, cos_cache, sin_cache, k_cache, v_cache,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_cache.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        1.0 / k_scale if fp8 else 1.0, 1.0 / v_scale if fp8 else 1.0, FP8=fp8, ROUND=not k_cache.is_cuda,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF_ROT=half_rot,
         BLOCK_SIZE=block_size, BLOCK_H=triton.next_power_of_2(num_heads),
         BLOCK_KVH=triton.next_power_of_2(num_kv_heads), BLOCK_R=triton.next_power_of_2(max(half_rot, 1)),
@@ -113,8 +120,10 @@ def _check(positions, q, k, v, cos_cache, sin_cache, k_cache, v_cache, slot_mapp
     check_shape("sin_cache", sin_cache, list(cos_cache.shape))
     check_shape("k_cache", k_cache, [None, None, k.shape[1], head_dim])
     check_shape("v_cache", v_cache, list(k_cache.shape))
-    for name, t in dict(k=k, v=v, k_cache=k_cache, v_cache=v_cache).items():
+    for name, t in dict(k=k, v=v).items():
         check_same_dtype(name, t, q)
+    for name, t in dict(k_cache=k_cache, v_cache=v_cache).items():
+        check_cache_dtype(name, t, q)
     for name, t in dict(positions=positions, slot_mapping=slot_mapping).items():
         check_dtype(name, t, INDEX_DTYPES)
     for name, t in dict(cos_cache=cos_cache, sin_cache=sin_cache).items():
@@ -151,7 +160,8 @@ def _rotate_heads(x_ptr, token_stride, head_stride, token, cos, sin,
 def _rotary_kv_kernel(
     pos_ptr, slot_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr,
     q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, cos_stride,
-    cache_stride_block, cache_stride_slot, cache_stride_head,
+    cache_stride_block, cache_stride_slot, cache_stride_head, k_inv_scale, v_inv_scale,
+    FP8: tl.constexpr, ROUND: tl.constexpr,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF_ROT: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_TAIL: tl.constexpr,
@@ -176,13 +186,36 @@ def _rotary_kv_kernel(
         k1, k2 = _rotate_heads(k_ptr, k_stride_t, k_stride_h, token, cos, sin, NUM_KV_HEADS, HALF_ROT,
                                BLOCK_KVH, BLOCK_R)
         mask = written & (dims < HALF_ROT)
-        tl.store(k_cache_ptr + cache_off + dims, k1, mask=mask)
-        tl.store(k_cache_ptr + cache_off + HALF_ROT + dims, k2, mask=mask)
+        tl.store(k_cache_ptr + cache_off + dims, _to_cache(k1, k_inv_scale, FP8, ROUND), mask=mask)
+        tl.store(k_cache_ptr + cache_off + HALF_ROT + dims, _to_cache(k2, k_inv_scale, FP8, ROUND), mask=mask)
     if 2 * HALF_ROT < HEAD_DIM:  # the dims past the rotary ones go to the cache as they are
         tail = 2 * HALF_ROT + tl.arange(0, BLOCK_TAIL)[None, :]
         mask = written & (tail < HEAD_DIM)
-        tl.store(k_cache_ptr + cache_off + tail, tl.load(k_row + tail, mask=mask), mask=mask)
+        tl.store(k_cache_ptr + cache_off + tail, _to_cache(tl.load(k_row + tail, mask=mask), k_inv_scale, FP8, ROUND),
+                 mask=mask)
     dims = tl.arange(0, BLOCK_D)[None, :]
     mask = written & (dims < HEAD_DIM)
     v_row = v_ptr + token * v_stride_t + heads * v_stride_h
-    tl.store(v_cache_ptr + cache_off + dims, tl.load(v_row + dims, mask=mask), mask=mask)
+    tl.store(v_cache_ptr + cache_off + dims, _to_cache(tl.load(v_row + dims, mask=mask), v_inv_scale, FP8, ROUND),
+             mask=mask)
+
+
+@triton.jit
+def _to_cache(x, inv_scale, FP8: tl.constexpr, ROUND: tl.constexpr):
+    """x as the cache stores it: as it is, or for FP8 x / scale saturated to +-448 (the store casts). ROUND
+    (off the GPU): rounded to e4m3's grid first, since Triton's interpreter casts a value that rounds up into
+    the next binade to half of it (127.6 -> 64); the GPU's conversion rounds to nearest even itself."""
+    if FP8:
+        x = tl.clamp(x.to(tl.float32) * inv_scale, -448.0, 448.0)
+        if ROUND:
+            x = _round_e4m3(x)
+    return x
+
+
+@triton.jit
+def _round_e4m3(x):
+    """x (|x| <= 448) to the nearest e4m3 value, ties to even: 3 mantissa bits, subnormal steps of 2^-9."""
+    exponent = tl.floor(tl.log2(tl.maximum(tl.abs(x), 1e-30)))
+    step = tl.exp2(tl.maximum(exponent, -6.0) - 3.0)
+    magic = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds |x / step| < 2^22 to even
+    return ((x / step + magic) - magic) * step

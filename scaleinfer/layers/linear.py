@@ -57,10 +57,17 @@ def linear_scheme(scheme) -> Iterator[None]:
         _scheme = previous
 
 
-def quantization_scheme(name: str | None):
-    """The scheme for a ModelConfig.quantization value (validated there)."""
+def quantization_scheme(name: str | None, checkpoint=None):
+    """The scheme for a ModelConfig.quantization value (validated there), or for a pre-quantized checkpoint's
+    quantization_config (weights/quant_config.py), which then decides."""
+    if checkpoint is not None:
+        return checkpoint.scheme(name)
     if name is None:
         return UNQUANTIZED
+    if name == "fp8":
+        from scaleinfer.layers.quant_fp8 import Fp8Scheme
+
+        return Fp8Scheme()
     from scaleinfer.layers.quant_int8 import Int8Scheme
 
     return Int8Scheme()
@@ -100,8 +107,10 @@ class LinearBase(nn.Module):
         """rows: this rank's rows of a checkpoint weight (or bias), placed at `offset` of the parameter."""
         if param is self.bias:
             _copy_checked(rows_of(param.data, offset, rows), rows)
-        else:
+        elif param is self.weight:
             self.scheme.load_rows(self, offset, rows, columns, shard_id)
+        else:  # a scheme's own checkpoint tensor (a scale) in rows of the weight, columns in its own units
+            _copy_checked(rows_of(param.data, offset, rows), narrow_columns(rows, columns))
 
 
 class ReplicatedLinear(LinearBase):
@@ -174,10 +183,10 @@ class RowParallelLinear(LinearBase):
         if param.dim() == 1:  # bias: whole on every rank
             _copy_checked(param.data, loaded)
             return
-        cols = self.weight.shape[1]
-        if loaded.dim() != 2 or tuple(loaded.shape) != (self.weight.shape[0], cols * self.tp_size):
+        cols = param.shape[1]  # the weight's, or a scheme's scale tensor's groups of them
+        if loaded.dim() != 2 or tuple(loaded.shape) != (param.shape[0], cols * self.tp_size):
             raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit parameter "
-                             f"{tuple(self.weight.shape)} at tensor_parallel_size={self.tp_size}")
+                             f"{tuple(param.shape)} at tensor_parallel_size={self.tp_size}")
         # Every output row whole: a quantizing scheme takes each row's scale over all its input features, so
         # the stored values are the same at every tensor-parallel size.
         self._load(param, 0, loaded, shard_id, columns=(self.tp_rank * cols, cols))

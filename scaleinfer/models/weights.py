@@ -24,14 +24,16 @@ def load_into(
     Raises ModelLoadError naming a checkpoint tensor with no parameter, or parameters left unloaded.
     """
     params = dict(model.named_parameters())
+    # Buffers with a loader take a checkpoint tensor when there is one (the KV cache's scales), else keep theirs.
+    targets = params | {n: b for n, b in model.named_buffers() if hasattr(b, "weight_loader")}
     loaded: set[str] = set()
     for name, tensor in weights:
         if name.endswith(skip_suffixes):
             continue
         target, shard_id = _map_name(name, stacked_params)
-        if target not in params:
+        if target not in targets:
             raise ModelLoadError(f"checkpoint tensor {name!r} matches no parameter of {type(model).__name__}")
-        param = params[target]
+        param = targets[target]
         loader = getattr(param, "weight_loader", _default_loader)
         with torch.no_grad():
             loader(param, tensor, *(() if shard_id is None else (shard_id,)))

@@ -43,7 +43,7 @@ def build_offloaded_model(
 ) -> tuple[nn.Module, LayerStreamer]:
     # A quantized layer streams its int8 levels (parameters, packed like any other); its scales are buffers and
     # stay resident.
-    scheme = quantization_scheme(config.quantization)
+    scheme = quantization_scheme(config.quantization, source.quant)
     with default_dtype(dtype), torch.device(device), parameters_on_meta(), linear_scheme(scheme):
         model = model_class(source.arch)(source.arch)
     layers = _decoder_layers(model)

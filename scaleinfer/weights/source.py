@@ -21,6 +21,7 @@ from scaleinfer.errors import ModelLoadError
 from scaleinfer.tokenizer import load_tokenizer
 from scaleinfer.weights.gguf import GGUFFile, open_gguf
 from scaleinfer.weights.hf_config import CONFIG_NAME, read_hf_config
+from scaleinfer.weights.quant_config import CheckpointQuant, kv_scale_name, read_quant_config
 from scaleinfer.weights.safetensors import iter_safetensors, safetensors_files
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ class ModelSource:
     format: Literal["safetensors", "gguf", "hf_model"]
     arch: ArchConfig
     gguf_file: GGUFFile | None = field(default=None, repr=False)  # parsed once, reused for the weights
+    quant: CheckpointQuant | None = None  # a pre-quantized checkpoint's quantization_config
 
     def iter_weights(self, dtype: torch.dtype, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         """(hf_name, tensor) pairs. GGUF tensors are dequantized into memory in `dtype`. Safetensors tensors
@@ -49,7 +51,8 @@ class ModelSource:
         if self.gguf_file is not None:
             yield from self.gguf_file.iter_weights(dtype, progress)
             return
-        yield from iter_safetensors(self.path, progress)
+        for name, tensor in iter_safetensors(self.path, progress):
+            yield kv_scale_name(name), tensor
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         template = self.gguf_file.chat_template if self.gguf_file is not None else None
@@ -109,4 +112,4 @@ def _from_folder(folder: Path, needs_weights: bool) -> ModelSource:
         raise ModelLoadError(f"{folder} has no {CONFIG_NAME}{hint}")
     if needs_weights:
         safetensors_files(folder)  # fail now, not after the model is built, when there are none
-    return ModelSource(folder, "safetensors", read_hf_config(folder))
+    return ModelSource(folder, "safetensors", read_hf_config(folder), quant=read_quant_config(folder))

@@ -17,6 +17,11 @@ def block_bytes(arch: ArchConfig, num_kv_heads: int, block_size: int, dtype: tor
     return per_token * block_size
 
 
+def kv_cache_dtype(config: CacheConfig, dtype: torch.dtype) -> torch.dtype:
+    """The cache's element type: the run dtype, or e4m3 for kv_cache_dtype fp8 (twice the bf16 tokens)."""
+    return dtype if config.kv_cache_dtype == "auto" else torch.float8_e4m3fn
+
+
 def num_blocks_for(config: CacheConfig, bytes_per_block: int, device: torch.device) -> int:
     if config.num_blocks is not None:
         return config.num_blocks

@@ -18,7 +18,7 @@ from scaleinfer.weights.dummy import init_dummy_weights
 from scaleinfer.weights.source import ModelSource
 from scaleinfer.worker.cuda_graph import DecodeGraphs, capture_sizes
 from scaleinfer.worker.device import default_dtype, resolve_device, resolve_dtype
-from scaleinfer.worker.kv_cache import allocate_kv_cache, block_bytes, num_blocks_for
+from scaleinfer.worker.kv_cache import allocate_kv_cache, block_bytes, kv_cache_dtype, num_blocks_for
 from scaleinfer.worker.sampling_batch import SamplingState
 from scaleinfer.worker.staging import StagingBuffer
 from scaleinfer.worker.step_forward import EagerForward, GraphedForward
@@ -84,7 +84,7 @@ class ModelRunner:
             model, self.streamer = build_offloaded_model(source, config, self.offload, self.device, self.dtype,
                                                          progress)
             return model.eval()
-        scheme = quantization_scheme(config.quantization)
+        scheme = quantization_scheme(config.quantization, source.quant)
         with default_dtype(self.dtype), torch.device(self.device), linear_scheme(scheme):
             model = model_class(source.arch)(source.arch)
         if config.load_format == "dummy":
@@ -96,14 +96,15 @@ class ModelRunner:
     def _init_kv_cache(self, config: CacheConfig) -> int:
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         kv_heads, head_dim = layers[0].num_kv_heads, layers[0].head_dim
-        per_block = block_bytes(self.model.arch, kv_heads, self.block_size, self.dtype)
+        dtype = kv_cache_dtype(config, self.dtype)
+        per_block = block_bytes(self.model.arch, kv_heads, self.block_size, dtype)
         num_blocks = min_over_ranks(num_blocks_for(config, per_block, self.device))  # every rank holds as many
         # One block more than the scheduler sees: the scratch block that padded graph rows write to.
         caches = allocate_kv_cache(
-            len(layers), num_blocks + 1, self.block_size, kv_heads, head_dim, self.dtype, self.device
+            len(layers), num_blocks + 1, self.block_size, kv_heads, head_dim, dtype, self.device
         )
         for layer, (k_cache, v_cache) in zip(layers, caches):
-            layer.k_cache, layer.v_cache = k_cache, v_cache
+            layer.bind_kv_cache(k_cache, v_cache)
         return num_blocks
 
     @torch.inference_mode()

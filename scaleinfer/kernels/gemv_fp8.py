@@ -1,0 +1,131 @@
+"""y = x @ (q * scale).T for fp8 (e4m3) weights: a weight-streaming GEMV for decode, and the per-token
+activation quantization the fp8 matmul at larger M takes.
+
+The FP8 schemes (layers/quant_fp8.py) store q [N, K] float8_e4m3fn and scale [N, G] float32, G groups of
+group_k input features per row: G == 1 is one scale per output row (quantized on load, or a per-channel or
+per-tensor checkpoint, a tensor scale repeated on its rows); group_k == 128 is a block-wise checkpoint
+(HF fine-grained FP8: 128 x 128 blocks, each block's scale repeated on its 128 rows). At one to a few
+tokens a decode matmul only streams its weight, so one byte per weight instead of two is the gain. Each
+program owns BLOCK_N output features of one row of x and walks K with float32 partial sums: a per-row scale
+applies once at the end, a block scale once per group (BLOCK_K is then the group, so each step reads one
+scale per feature). No workspace, no dequantized copy of the weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scaleinfer.kernels.checks import FLOAT_DTYPES, check_contiguous, check_dtype, check_shape
+from scaleinfer.kernels.dispatch import tl, triton, use_triton
+from scaleinfer.kernels.gemv import GemvConfig
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448: e4m3fn has no infinity, and overflow is NaN unless clamped
+FP8_GEMV = GemvConfig(block_n=16, block_k=1024, num_warps=4, num_stages=2)
+MAX_GEMV_ROWS = 4  # rows of x the GEMV takes; past it each extra row rereads the weight
+
+
+def num_groups(k: int, group_k: int) -> int:
+    return -(-k // group_k)
+
+
+def expand_groups(scale: torch.Tensor, k: int, group_k: int) -> torch.Tensor:
+    """scale [N, G] -> [N, k]: each group's scale on its input features."""
+    return scale.repeat_interleave(group_k, dim=1)[:, :k]
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, group_k: int, dtype: torch.dtype = torch.float32
+                   ) -> torch.Tensor:
+    """q [N, K] e4m3, scale [N, G] -> [N, K] weights in `dtype`."""
+    return (q.float() * expand_groups(scale.float(), q.shape[1], group_k)).to(dtype)
+
+
+def quantize_per_token(x: torch.Tensor, static_scale: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], float32 scales [M, 1]) with x ~ q * scale: each row's own max |x| / 448
+    (dynamic), or one given scale [1] (a checkpoint's static input_scale), saturated at +-448."""
+    if static_scale is None:
+        scale = x.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX  # [M, 1]
+    else:
+        scale = static_scale.float().reshape(1, 1).expand(x.shape[0], 1)
+    q = (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale.contiguous()
+
+
+def fp8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group_k: int,
+             bias: torch.Tensor | None = None, config: GemvConfig = FP8_GEMV) -> torch.Tensor:
+    """x: [M, K] float, q: [N, K] e4m3, scale: [N, cdiv(K, group_k)] float32 -> [M, N] in x's dtype."""
+    if use_triton(x):
+        return fp8_gemv_triton(x, q, scale, group_k, bias, config)
+    return fp8_linear_ref(x, q, scale, group_k, bias)
+
+
+def fp8_linear_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group_k: int,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference: float32 products of x and the dequantized weight."""
+    y = x.float() @ dequantize_fp8(q, scale, group_k).T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def fp8_gemv_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group_k: int,
+                    bias: torch.Tensor | None, config: GemvConfig = FP8_GEMV) -> torch.Tensor:
+    _check(x, q, scale, group_k, bias)
+    m, k = x.shape
+    n, groups = scale.shape
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_k = config.block_k if groups == 1 else group_k  # a block scale: one group per step
+    _fp8_gemv_kernel[(triton.cdiv(n, config.block_n), m)](
+        x, q, scale, bias if bias is not None else out, out, n, k, groups,
+        PER_ROW=groups == 1, HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
+
+
+def _check(x, q, scale, group_k, bias) -> None:
+    check_shape("x", x, [None, None])
+    k = x.shape[1]
+    check_shape("q", q, [None, k])
+    n = q.shape[0]
+    groups = num_groups(k, group_k)
+    if groups > 1 and (group_k < 16 or group_k & (group_k - 1)):
+        raise ValueError(f"group_k is {group_k}: a block-scaled GEMV needs a power of two >= 16")
+    check_shape("scale", scale, [n, groups])
+    check_dtype("x", x, FLOAT_DTYPES)
+    check_dtype("q", q, (FP8_DTYPE,))
+    check_dtype("scale", scale, (torch.float32,))
+    for name, t in (("x", x), ("q", q), ("scale", scale)):
+        check_contiguous(name, t)
+    if bias is not None:
+        check_shape("bias", bias, [n])
+        check_dtype("bias", bias, (x.dtype,))
+
+
+@triton.jit
+def _fp8_gemv_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, out_ptr, n, k, groups, PER_ROW: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(1).to(tl.int64)
+    features = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    feature_mask = features < n
+    q_rows = q_ptr + features.to(tl.int64)[:, None] * k  # [BLOCK_N, 1]
+    scale_rows = scale_ptr + features.to(tl.int64) * groups  # [BLOCK_N]
+    x_row = x_ptr + row * k
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for start in range(0, k, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+        col_mask = cols < k
+        xs = tl.load(x_row + cols, mask=col_mask, other=0.0).to(tl.float32)
+        w = tl.load(q_rows + cols[None, :], mask=feature_mask[:, None] & col_mask[None, :], other=0.0)
+        if PER_ROW:
+            acc += w.to(tl.float32) * xs[None, :]
+        else:  # BLOCK_K is the group: one scale per feature for this step
+            s = tl.load(scale_rows + start // BLOCK_K, mask=feature_mask, other=0.0)  # [BLOCK_N]
+            y += tl.sum(w.to(tl.float32) * xs[None, :], axis=1) * s
+    if PER_ROW:
+        y = tl.sum(acc, axis=1) * tl.load(scale_rows, mask=feature_mask, other=0.0)  # [BLOCK_N]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + features, mask=feature_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * n + features, y.to(out_ptr.dtype.element_ty), mask=feature_mask)
