@@ -51,6 +51,9 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     error: str | None = None  # set when this request failed alone inside the engine (finished, aborted)
+    # With SamplingParams.prompt_logprobs, once the prompt ran: one entry per prompt position, None for the
+    # first, else token id -> Logprob with the prompt token included (vLLM's shape).
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 # ---- control plane -> data plane ------------------------------------------------------------------
@@ -111,9 +114,23 @@ class SampledToken:
 
 
 @dataclass(slots=True)
+class PromptLogprobsChunk:
+    """Logprobs of the prompt tokens at first_pos, first_pos + 1, ... that one prefill chunk scored, each under
+    the logits of the position before it (SamplingParams.prompt_logprobs)."""
+
+    first_pos: int
+    logprobs: list[float]  # of each prompt token
+    ranks: list[int]  # its rank (1 = most likely)
+    top_token_ids: list[list[int]]  # prompt_logprobs alternatives per position, best first
+    top_logprobs: list[list[float]]
+
+
+@dataclass(slots=True)
 class RunnerOutput:
     """One SampledToken per ScheduledSequence with sample=True, keyed by request id, except the failed ones."""
 
     sampled: dict[str, SampledToken]
     # Sequences whose sampling state could not be built (request id -> why): no token; they fail alone.
     failed: dict[str, str] = field(default_factory=dict)
+    # Request id -> what its prompt chunk of this step scored, for sequences that ask for prompt logprobs.
+    prompt_logprobs: dict[str, PromptLogprobsChunk] = field(default_factory=dict)

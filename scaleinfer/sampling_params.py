@@ -46,6 +46,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # top-k logprobs per generated token (the sampled one always included)
+    # Top-k logprobs per prompt position (each prompt token's own always included; None for the first).
+    # Such a request's prompt is always computed: it takes no prefix-cache hits (as vLLM).
+    prompt_logprobs: int | None = None
     # OpenAI: subtracted from the logit of every token generated so far, once (presence) or per occurrence
     # (frequency). vLLM/HF repetition_penalty: the logit of every token in the prompt or the output is
     # divided by it when positive, multiplied when negative (> 1 discourages repeats).
@@ -71,6 +74,9 @@ class SamplingParams:
         self._check_sampling()
         _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
                f"logprobs must be in [0, {MAX_LOGPROBS}]", self.logprobs)
+        _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs)
+                                                and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+               f"prompt_logprobs must be in [0, {MAX_LOGPROBS}]", self.prompt_logprobs)
         self._check_stop()
         self._check_penalties()
 

@@ -84,9 +84,10 @@ class BlockManager:
     def get_computed_blocks(self, seq: Sequence) -> tuple[list[int], int]:
         """The longest cached prefix of a waiting sequence: (block ids, number of tokens they hold).
 
-        Never the whole sequence: at least one token must be left to compute so the step yields logits.
+        Never the whole sequence: at least one token must be left to compute so the step yields logits. None for
+        a request that asks for prompt logprobs: they come from computing every prompt position.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.sampling_params.prompt_logprobs is not None:
             return [], 0
         num_full_blocks = (seq.num_tokens - 1) // self.block_size
         self._extend_block_hashes(seq, num_full_blocks)

@@ -24,6 +24,7 @@ from scaleinfer.engine.core_types import (
     EngineStats,
     SampledLogprobs,
 )
+from scaleinfer.engine.prompt_logprobs import PromptLogprobsCollector
 from scaleinfer.engine.scheduler import Scheduler
 from scaleinfer.engine.sequence import Sequence
 from scaleinfer.errors import EngineDeadError, InvalidRequestError, RankFailedError, RequestFailedError
@@ -66,6 +67,7 @@ class EngineCore:
         self.eos_token_ids = eos_token_ids(source.arch.eos_token_ids, tokenizer_eos_token_id)
         self.sequences: dict[str, list[Sequence]] = {}  # request id -> its n sequences, until all finish
         self.owners: dict[str, tuple[str, int]] = {}  # sequence id -> (request id, index)
+        self.prompt_logprobs = PromptLogprobsCollector()  # sent with each request's first token
         self.stats_totals = EngineStats()
         self.num_failed_steps = 0  # one after another
 
@@ -116,6 +118,7 @@ class EngineCore:
     def _end(self, seq: Sequence) -> None:
         self.scheduler.abort([seq.request_id])
         self.owners.pop(seq.request_id, None)
+        self.prompt_logprobs.drop(seq.request_id)
 
     def _forget_if_done(self, request_id: str) -> None:
         seqs = self.sequences.get(request_id, [])
@@ -139,6 +142,7 @@ class EngineCore:
             return self._fail_step(scheduler_output, exc)
         self.num_failed_steps = 0
         failed = self._fail_sequences(runner_output.failed)  # first: the scheduler appends them no token
+        self.prompt_logprobs.record(runner_output.prompt_logprobs, self._awaits_first_token)
         updated = self.scheduler.update(scheduler_output, runner_output)
         self._count(scheduler_output, len(updated))
         outputs = [self._output(seq, runner_output.sampled[seq.request_id]) for seq in updated]
@@ -154,7 +158,15 @@ class EngineCore:
             request_id, index, [sampled.token_id], _logprobs(sampled), seq.finish_reason,
             seq.stop_reason, seq.num_cached_tokens if first else 0,
             seq.first_scheduled_time - seq.arrival_time if first and seq.first_scheduled_time else None)
+        if first and index == 0 and seq.sampling_params.prompt_logprobs is not None:
+            output.prompt_logprobs = self.prompt_logprobs.take(seq.request_id)
         return output
+
+    def _awaits_first_token(self, seq_id: str) -> bool:
+        """Whether this is a request's first sequence (the one whose prompt logprobs are sent), still in its
+        prompt."""
+        owner = self.owners.get(seq_id)
+        return owner is not None and owner[1] == 0 and self.sequences[owner[0]][0].num_output_tokens == 0
 
     def _count(self, scheduler_output: SchedulerOutput, num_generated: int) -> None:
         totals = self.stats_totals

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import msgspec
 
+from scaleinfer.engine.prompt_logprobs import PromptLogprobs
 from scaleinfer.sampling_params import SamplingParams
 
 # Why a request failed in the core; the front raises the matching exception.
@@ -60,6 +61,7 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     queue_time_s: float | None = None  # on a sequence's first output: arrival to first scheduled
     error: str | None = None  # the whole request failed in the core (finished); error_kind says how
     error_kind: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # with a request's first token, when it asked for them
 
     @property
     def finished(self) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 
 from scaleinfer.engine.core_types import ERROR_INVALID, ERROR_QUEUE_FULL, EngineCoreOutput
 from scaleinfer.engine.detokenizer import IncrementalDetokenizer
+from scaleinfer.engine.prompt_logprobs import prompt_logprob_dicts
 from scaleinfer.engine.request_state import RequestState, SequenceState
 from scaleinfer.errors import InvalidRequestError
 from scaleinfer.outputs import RequestMetrics, RequestOutput
@@ -102,6 +103,9 @@ class OutputProcessor:
             metrics.num_cached_tokens = output.num_cached_tokens
         if output.queue_time_s is not None and metrics.queue_time_s is None:
             metrics.queue_time_s = output.queue_time_s
+        if output.prompt_logprobs is not None:
+            state.prompt_logprobs = prompt_logprob_dicts(state.prompt_token_ids, output.prompt_logprobs,
+                                                         self.tokenizer)
         return True
 
     def _fail(self, state: RequestState, error: str) -> RequestOutput:

@@ -79,6 +79,7 @@ class RequestState:
     prompt_token_ids: list[int]
     children: list[SequenceState]
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.time()))
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # once the prompt ran, when asked for
 
     @property
     def finished(self) -> bool:
@@ -92,6 +93,7 @@ class RequestState:
             outputs=[child.completion(i) for i, child in enumerate(self.children)],
             finished=self.finished,
             metrics=self.metrics,
+            prompt_logprobs=self.prompt_logprobs,
         )
 
 

@@ -18,6 +18,7 @@ from scaleinfer.weights.dummy import init_dummy_weights
 from scaleinfer.weights.source import ModelSource
 from scaleinfer.worker.cuda_graph import DecodeGraphs, capture_sizes
 from scaleinfer.worker.device import default_dtype, resolve_device, resolve_dtype
+from scaleinfer.worker.prompt_logprobs import compute_prompt_logprobs
 from scaleinfer.worker.kv_cache import allocate_kv_cache, block_bytes, kv_cache_dtype, num_blocks_for
 from scaleinfer.worker.sampling_batch import SamplingState
 from scaleinfer.worker.staging import StagingBuffer
@@ -114,8 +115,10 @@ class ModelRunner:
             self.steps.skip()
             return RunnerOutput(sampled={})
         hidden, sampled = self.steps.run(output)  # hidden: [num_sampled, hidden]
+        prompt_logprobs = compute_prompt_logprobs(self.model, self.steps.hidden, output) if any(
+            s.sampling_params.prompt_logprobs is not None for s in output.scheduled) else {}
         if not sampled:
-            return RunnerOutput(sampled={})
+            return RunnerOutput(sampled={}, prompt_logprobs=prompt_logprobs)
         logits = self.model.compute_logits(hidden)  # [num_sampled, vocab]
         batch = self.sampling.batch(sampled, logits.shape[1])
         result = sample(logits, batch, self.sampling.default_generator)
@@ -125,7 +128,7 @@ class ModelRunner:
         self.steps.sampled_on_host([t.token_id for t in tokens])
         failed = batch.failed  # rows whose sampling state could not be built: no token, their requests fail
         return RunnerOutput(sampled={s.request_id: t for s, t in zip(sampled, tokens) if s.request_id not in failed},
-                            failed=failed)
+                            failed=failed, prompt_logprobs=prompt_logprobs)
 
 
 def _to_host(result: SamplerOutput) -> list[SampledToken]:

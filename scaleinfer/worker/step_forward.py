@@ -18,11 +18,14 @@ from scaleinfer.worker.step_inputs import StepInputs, build_step_inputs
 class EagerForward:
     def __init__(self, model: nn.Module, block_size: int, device: torch.device, staging: StagingBuffer) -> None:
         self.model, self.block_size, self.device, self.staging = model, block_size, device, staging
+        # [num_tokens, hidden] of the last step built from its inputs, every row (prompt logprobs read them).
+        self.hidden: torch.Tensor | None = None
 
     def run(self, output: SchedulerOutput) -> tuple[torch.Tensor, list[ScheduledSequence]]:
         """(the sampled rows' hidden states [num_sampled, hidden], the sampled sequences in row order)."""
         inputs = build_step_inputs(output, self.block_size, self.device, self.staging)
-        return inputs.sampled_hidden(self.forward_inputs(inputs)), inputs.sampled
+        self.hidden = self.forward_inputs(inputs)
+        return inputs.sampled_hidden(self.hidden), inputs.sampled
 
     def forward_inputs(self, inputs: StepInputs) -> torch.Tensor:
         return self.model(inputs.input_ids, inputs.positions, inputs.attn)
