@@ -18,8 +18,8 @@ from scaleinfer.weights.dummy import init_dummy_weights
 from scaleinfer.weights.source import ModelSource
 from scaleinfer.worker.cuda_graph import DecodeGraphs, capture_sizes
 from scaleinfer.worker.device import default_dtype, resolve_device, resolve_dtype
-from scaleinfer.worker.prompt_logprobs import compute_prompt_logprobs
 from scaleinfer.worker.kv_cache import allocate_kv_cache, block_bytes, kv_cache_dtype, num_blocks_for
+from scaleinfer.worker.prompt_logprobs import compute_prompt_logprobs
 from scaleinfer.worker.sampling_batch import SamplingState
 from scaleinfer.worker.staging import StagingBuffer
 from scaleinfer.worker.step_forward import EagerForward, GraphedForward
