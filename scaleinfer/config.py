@@ -15,7 +15,8 @@ from scaleinfer.errors import InvalidRequestError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
 OFFLOAD_TARGETS = ("none", "cpu", "nvme")
-QUANTIZATIONS = (None, "int8", "fp8")  # None: weights in the run dtype; int8: per-output-channel weight-only, on load
+QUANTIZATIONS = (None, "int8", "int4", "fp8")  # None: weights in the run dtype; int8: per-output-channel
+# weight-only, on load; int4: group-wise weight-only, on load
 # auto: the KV cache in the run dtype; fp8 (= fp8_e4m3, vLLM's spelling too): e4m3 with a scale per layer
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 # With streamed weights a step costs one pass over the weights whatever its size: fill it, in large prefill

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from scaleinfer.errors import ModelLoadError
 from scaleinfer.kernels.gemv import linear
 from scaleinfer.parallel.comm import tp_all_reduce
 from scaleinfer.parallel.state import get_parallel_state
@@ -57,6 +58,11 @@ def linear_scheme(scheme) -> Iterator[None]:
         _scheme = previous
 
 
+def current_scheme():
+    """The scheme set by linear_scheme (UNQUANTIZED outside it): the embedding asks it about its table."""
+    return _scheme
+
+
 def quantization_scheme(name: str | None, checkpoint=None):
     """The scheme for a ModelConfig.quantization value (validated there), or for a pre-quantized checkpoint's
     quantization_config (weights/quant_config.py), which then decides."""
@@ -68,6 +74,12 @@ def quantization_scheme(name: str | None, checkpoint=None):
         from scaleinfer.layers.quant_fp8 import Fp8Scheme
 
         return Fp8Scheme()
+    if name == "int4":
+        from scaleinfer.layers.quant_int4 import Int4Scheme
+
+        return Int4Scheme()
+    if name == "gguf":
+        raise ModelLoadError("quantization='gguf' keeps a GGUF file's quantized weights; the model is not a .gguf file")
     from scaleinfer.layers.quant_int8 import Int8Scheme
 
     return Int8Scheme()
@@ -88,6 +100,7 @@ class LinearBase(nn.Module):
         super().__init__()
         state = get_parallel_state()
         self.tp_rank, self.tp_size = state.tp_rank, state.tp_size
+        self.input_size = input_size  # this rank's input features (a packed scheme's weight may hold fewer columns)
         self.scheme = scheme or _scheme
         self.scheme.create_weights(self, output_size, input_size)
         self.weight.weight_loader = self.weight_loader
@@ -183,7 +196,8 @@ class RowParallelLinear(LinearBase):
         if param.dim() == 1:  # bias: whole on every rank
             _copy_checked(param.data, loaded)
             return
-        cols = param.shape[1]  # the weight's, or a scheme's scale tensor's groups of them
+        # the weight's input features, or a scheme's scale tensor's groups of them
+        cols = self.input_size if param is self.weight else param.shape[1]
         if loaded.dim() != 2 or tuple(loaded.shape) != (param.shape[0], cols * self.tp_size):
             raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit parameter "
                              f"{tuple(param.shape)} at tensor_parallel_size={self.tp_size}")

@@ -11,7 +11,7 @@ them), and with offload they stay resident while the int8 levels stream.
 
 The matmul: on the GPU the Triton int8 GEMV (kernels/gemv_int8.py) up to MAX_GEMV_ROWS rows, else the levels
 cast to the run dtype through cuBLAS; on the CPU torch's int8 weight-only kernel
-(aten._weight_int8pack_mm, f32/bf16/fp16 activations, scales in the activation dtype) for decode rows, and
+(aten._weight_int8pack_mm, in bf16 activations and scales where K allows: _cpu_int8pack_mm) for decode rows, and
 for prefill the cast + matmul (that kernel's cost grows with every row: 6x the dequantized matmul at 32).
 """
 
@@ -50,12 +50,21 @@ def int8_linear(x: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor,
         y = int8_gemv_triton(x2.contiguous(), levels, scale, bias)
         return y.view(*x.shape[:-1], -1)
     if x.device.type == "cpu" and small:
-        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), levels, scale.to(x.dtype))
+        y = _cpu_int8pack_mm(x2, levels, scale)
     else:  # int8 levels are exact in bf16/fp16/fp32; the row scale applies to the output
         y = F.linear(x2, levels.to(x.dtype)) * scale.to(x.dtype)
     if bias is not None:
         y = y + bias
     return y.view(*x.shape[:-1], -1)
+
+
+def _cpu_int8pack_mm(x2: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """torch's CPU kernel in bf16 activations where K is a multiple of 32 (its float32 path is a scalar loop,
+    10x slower; its bf16 path reads garbage past the last whole 32 columns), else in float32."""
+    if levels.shape[1] % 32:
+        return torch.ops.aten._weight_int8pack_mm(x2.float().contiguous(), levels, scale.float()).to(x2.dtype)
+    y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), levels, scale.to(torch.bfloat16))
+    return y.to(x2.dtype)
 
 
 class Int8Scheme:

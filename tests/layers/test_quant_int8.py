@@ -56,7 +56,8 @@ def test_columns_are_quantized_with_the_whole_rows_scale():
 @pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_linear_matches_its_reference_on_cpu(m, dtype):
-    """m <= 4 takes torch's _weight_int8pack_mm, more rows the dequantized matmul."""
+    """m <= 4 takes torch's _weight_int8pack_mm (K = 40: in float32, bf16 inputs too), more rows the dequantized
+    matmul."""
     torch.manual_seed(m)
     levels, scale = quantize_rows(torch.randn(48, 40))
     x, bias = torch.randn(m, 40, dtype=dtype), torch.randn(48, dtype=dtype)
@@ -64,6 +65,17 @@ def test_int8_linear_matches_its_reference_on_cpu(m, dtype):
     assert got.shape == (m, 1, 48) and got.dtype == dtype
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
     torch.testing.assert_close(got.view(m, 48), int8_linear_ref(x, levels, scale, bias), **tol)
+
+
+@pytest.mark.parametrize("k", [64, 576, 40])
+def test_int8_linear_on_cpu_in_bf16_activations_where_k_is_a_multiple_of_32(k):
+    """float32 runs: K % 32 == 0 goes through the kernel's bf16 path (bf16 closeness), K = 40 its float32 path
+    (whose bf16 path returns garbage past the last 32 columns)."""
+    torch.manual_seed(k)
+    levels, scale = quantize_rows(torch.randn(64, k))
+    x = torch.randn(2, k)
+    tol = dict(atol=1e-4, rtol=1e-4) if k % 32 else dict(atol=0.01 * k**0.5, rtol=2e-2)  # outputs ~ sqrt(k)
+    torch.testing.assert_close(int8_linear(x, levels, scale), int8_linear_ref(x, levels, scale), **tol)
 
 
 def test_fused_and_sharded_loaders_quantize_each_ranks_rows():
@@ -97,8 +109,8 @@ def test_fused_and_sharded_loaders_quantize_each_ranks_rows():
 
 
 def test_unknown_quantization_is_refused_with_its_value():
-    with pytest.raises(InvalidRequestError, match="quantization must be one of .*'int4'"):
-        ModelConfig(quantization="int4")
+    with pytest.raises(InvalidRequestError, match="quantization must be one of .*'int3'"):
+        ModelConfig(quantization="int3")
 
 
 def _runner(folder, quantization, dtype="float32", load_format="auto"):

@@ -1,0 +1,119 @@
+"""INT4 group-wise weights: quantization against a per-group reference, the CPU kernel path against the
+reference matmul, the fused and sharded loaders at TP=2, and the group-size errors at start."""
+
+import pytest
+import torch
+
+from scaleinfer.errors import ModelLoadError
+from scaleinfer.kernels.gemv_int4 import dequantize_int4, int4_linear_ref, pack_int4
+from scaleinfer.layers import quant_int4
+from scaleinfer.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    linear_scheme,
+)
+from scaleinfer.layers.quant_int4 import Int4Rows, Int4Scheme, group_size_for, quantize_groups
+from scaleinfer.parallel.state import ParallelState, set_parallel_state
+
+
+def _ref(x, rows: Int4Rows):
+    return int4_linear_ref(x, pack_int4(rows.levels), rows.scale, rows.zero)
+
+
+def test_quantize_maps_each_group_min_and_max_onto_the_levels():
+    torch.manual_seed(0)
+    w = torch.randn(6, 256)
+    rows = quantize_groups(w, 128)
+    assert rows.levels.dtype == torch.uint8 and rows.scale.shape == rows.zero.shape == (6, 2)
+    groups = w.view(6, 2, 128)
+    torch.testing.assert_close(rows.scale, (groups.amax(2) - groups.amin(2)) / 15)
+    back = dequantize_int4(pack_int4(rows.levels), rows.scale, rows.zero).view(6, 2, 128)
+    torch.testing.assert_close(back.amin(2), groups.amin(2))
+    torch.testing.assert_close(back.amax(2), groups.amax(2))
+    assert ((back - groups).abs() <= rows.scale[..., None] / 2 + 1e-6).all()  # within half a step everywhere
+
+
+def test_group_size_is_128_where_it_divides_else_64_or_32():
+    assert (group_size_for(4096), group_size_for(576), group_size_for(1440)) == (128, 64, 32)
+    with pytest.raises(ModelLoadError, match="input_size=100 is not a multiple"):
+        group_size_for(100)
+
+
+@pytest.mark.parametrize("m", [1, 5, 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_path_matches_the_reference(m, dtype):
+    """m <= 16: torch's _weight_int4pack_mm_for_cpu in bf16 activations; 20 rows: the dequantized matmul."""
+    torch.manual_seed(m)
+    with linear_scheme(Int4Scheme()):
+        layer = ColumnParallelLinear(576, 48, bias=True)
+    w = torch.randn(48, 576) / 24
+    layer.weight_loader(layer.weight, w)
+    layer.bias.data = torch.randn(48).to(dtype)  # the run dtype's, as a model builds it
+    x = torch.randn(m, 576).to(dtype)
+    expected = int4_linear_ref(x, layer.weight, layer.weight_scale, layer.weight_zero, layer.bias)
+    got = layer(x)
+    assert got.dtype == dtype and layer.group_size == 64
+    torch.testing.assert_close(got.float(), expected.float(), atol=3e-2, rtol=2e-2)
+    # the kernel's own packing is made once and dropped when rows load again
+    assert (layer.cpu_int4 is not None) == (m <= 16)
+    layer.weight_loader(layer.weight, -w)
+    assert layer.cpu_int4 is None
+    torch.testing.assert_close(layer(x).float(), -expected.float() + 2 * layer.bias.float(), atol=3e-2, rtol=2e-2)
+
+
+def test_fused_and_sharded_loaders_quantize_each_ranks_rows(monkeypatch):
+    """qkv / gate_up at their offsets, row-parallel columns whole groups, at TP=2: each rank's layer equals the
+    same rows (columns) of the full weights quantized on their own (through the float32 dequantized matmul)."""
+    monkeypatch.setattr(quant_int4, "CPU_KERNEL_ROWS", 0)
+    g = torch.Generator().manual_seed(3)
+    full_q, full_k, full_v = (torch.randn(n, 64, generator=g) for n in (64, 32, 32))
+    full_gate, full_up, full_down = torch.randn(32, 64, generator=g), torch.randn(32, 64, generator=g), \
+        torch.randn(64, 128, generator=g)
+    x64 = torch.randn(2, 64, generator=g)
+    for rank in range(2):
+        set_parallel_state(ParallelState(tp_rank=rank, tp_size=2))
+        try:
+            with linear_scheme(Int4Scheme(group_size=32)):
+                qkv = QKVParallelLinear(hidden_size=64, head_dim=16, num_heads=4, num_kv_heads=2, bias=False)
+                gate_up = MergedColumnParallelLinear(64, [32, 32])
+                down = RowParallelLinear(128, 64)
+        finally:
+            set_parallel_state(ParallelState())
+        for shard, full in zip("qkv", (full_q, full_k, full_v)):
+            qkv.weight_loader(qkv.weight, full, shard)
+        gate_up.weight_loader(gate_up.weight, full_gate, 0)
+        gate_up.weight_loader(gate_up.weight, full_up, 1)
+        down.weight_loader(down.weight, full_down)
+        assert qkv.weight.shape == (64, 32) and down.weight.shape == (64, 32) and down.weight_scale.shape == (64, 2)
+        expected_qkv = torch.cat([full_q[rank * 32: rank * 32 + 32], full_k[rank * 16: rank * 16 + 16],
+                                  full_v[rank * 16: rank * 16 + 16]])
+        expected_gate_up = torch.cat([full_gate[rank * 16: rank * 16 + 16], full_up[rank * 16: rank * 16 + 16]])
+        torch.testing.assert_close(qkv(x64), _ref(x64, quantize_groups(expected_qkv, 32)))
+        torch.testing.assert_close(gate_up(x64), _ref(x64, quantize_groups(expected_gate_up, 32)))
+        columns = full_down[:, rank * 64: rank * 64 + 64]
+        torch.testing.assert_close(down(x64), _ref(x64, quantize_groups(columns, 32)))
+        # kept rows (a GGUF file's) take the same path: the rank's columns are whole groups of them
+        down.weight_loader(down.weight, quantize_groups(full_down, 32))
+        torch.testing.assert_close(down(x64), _ref(x64, quantize_groups(columns, 32)))
+
+
+def test_a_group_that_does_not_divide_a_ranks_columns_is_an_error_at_start():
+    set_parallel_state(ParallelState(tp_rank=0, tp_size=2))
+    try:
+        with linear_scheme(Int4Scheme()), pytest.raises(ModelLoadError) as error:
+            RowParallelLinear(576, 64)  # group 64 of 576, a rank's 288 columns are 4.5 groups
+    finally:
+        set_parallel_state(ParallelState())
+    message = str(error.value)
+    assert "group size 64" in message and "288 input features" in message and "tensor_parallel_size=2" in message
+    with linear_scheme(Int4Scheme(group_size=32)), pytest.raises(ModelLoadError, match="group size 32 does not"):
+        ColumnParallelLinear(48, 16)
+
+
+def test_kept_rows_of_another_group_size_are_refused():
+    with linear_scheme(Int4Scheme(group_size=64)):
+        layer = ColumnParallelLinear(128, 16)
+    with pytest.raises(ModelLoadError, match="groups of 32 do not fit a layer built with groups of 64"):
+        layer.weight_loader(layer.weight, quantize_groups(torch.randn(16, 128), 32))
