@@ -8,8 +8,9 @@ MoE kernel's bandwidth at batch 1, 8, 64, and at E > 1 the all-to-all's time and
   once, top_k of each MoE layer's experts, at the card's measured copy bandwidth), and HF transformers eager on
   the same shape in the same run (--skip-hf drops it; on a CPU it is skipped).
 - --requests N: the output tok/s of N requests (prompt 128, output 128) offline.
-- kernel: one MoE layer's fused_moe (the Triton kernel on a GPU, the reference on a CPU) at 1, 8, 64 tokens with
-  random routing: the bytes of the experts the routing touches / time, against the copy bandwidth.
+- kernel: one MoE layer's fused_moe (the Triton kernel replayed from a CUDA graph on a GPU, the reference on a
+  CPU) at 1, 8, 64 tokens with random routing: the bytes of the experts the routing touches / time, against
+  the copy bandwidth.
 - all-to-all (--ep-world W > 1): W ranks (one per GPU, or CPU processes over gloo), E = --ep-size expert groups;
   parallel/all_to_all.py's exchange of one MoE layer at 1, 8, 64 tokens with the experts replaced by a copy,
   timed and its bytes counted per rank, plain and coordinated.
@@ -87,11 +88,26 @@ def kernel_bandwidth(arch_config: dict, device: torch.device, dtype: torch.dtype
     for batch in BATCHES:
         x = torch.randn(batch, hidden, device=device, dtype=dtype)
         weights, ids = torch.randn(batch, experts, device=device).softmax(-1).topk(top_k, dim=-1)
-        seconds = timed(lambda x=x, w=weights, i=ids: fused_moe(x, w13, w2, w, i), repeats=20, device=device)
+        seconds = timed(_graphed(lambda x=x, w=weights, i=ids: fused_moe(x, w13, w2, w, i), device), repeats=20,
+                        device=device)
         touched = int(ids.unique().numel()) * per_expert
         rows.append({"batch": batch, "us": seconds * 1e6, "experts_touched": int(ids.unique().numel()),
                      "bytes": touched, "gb_s": touched / seconds / 1e9})
     return rows
+
+
+def _graphed(fn, device: torch.device):
+    """fn replayed from a CUDA graph on a GPU (as a decode step runs it: no launch overhead), else fn."""
+    if device.type != "cuda":
+        return fn
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        fn()  # compile and warm up outside the capture
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def _num_experts(arch_config: dict) -> int:

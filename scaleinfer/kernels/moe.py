@@ -103,7 +103,9 @@ def grouped_gemm(
     num_n = w.shape[1]
     c = torch.empty(align.num_pairs, num_n, dtype=a.dtype, device=a.device)
     weights = topk_weights if topk_weights is not None else c  # unread when MUL_WEIGHT is off
-    grid = (align.max_blocks, triton.cdiv(num_n, tiles.block_n))
+    # Rows in use are a prefix of at most num_pairs blocks (each holds a pair): with many experts and few tokens
+    # (decode) that is far below max_blocks, whose extra programs would only start and exit.
+    grid = (max(1, min(align.max_blocks, align.num_pairs)), triton.cdiv(num_n, tiles.block_n))
     _grouped_gemm_kernel[grid](
         a,
         w,
