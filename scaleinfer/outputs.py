@@ -87,10 +87,24 @@ class ScheduledSequence:
 
 
 @dataclass(slots=True)
+class GrammarBitmask:
+    """The tokens a grammar allows next, for the sampled sequences of a step that have one (structured outputs).
+
+    data: [len(request_ids), num_words] int32, little-endian, row-major: bit j of word w set <=> token 32 * w + j
+    is allowed (xgrammar's layout). Bytes, so it crosses to other ranks as it is; tokens past 32 * num_words
+    (a vocabulary padded past the tokenizer's) are never allowed."""
+
+    request_ids: list[str]
+    num_words: int
+    data: bytes
+
+
+@dataclass(slots=True)
 class SchedulerOutput:
     scheduled: list[ScheduledSequence]
     finished_request_ids: list[str] = field(default_factory=list)  # runner drops their state
     num_preempted: int = 0
+    grammar_bitmask: GrammarBitmask | None = None  # None when no sampled sequence is constrained
 
     @property
     def num_batched_tokens(self) -> int:

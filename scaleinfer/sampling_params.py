@@ -6,8 +6,10 @@ accepted value can make a logit NaN or infinite in float32.
 
 from __future__ import annotations
 
+import json as json_module
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from scaleinfer.errors import InvalidRequestError
 
@@ -25,6 +27,52 @@ MAX_STOP_TOKEN_IDS = 256  # the scheduler checks every sampled token against the
 # What torch.Generator.manual_seed accepts: any int64 or uint64; it takes the seed modulo 2**64.
 MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 MAX_SHOWN_CHARS = 200  # of a bad value, in its error message
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(slots=True)
+class StructuredOutputsParams:
+    """What the output must match (vLLM's StructuredOutputsParams), exactly one of: `json`, a JSON schema (a
+    dict, or its JSON text); `json_object`, any JSON object; `regex`; `choice`, one of these strings;
+    `grammar`, an EBNF/GBNF grammar as xgrammar takes it (rule `root` first). Plain data: it crosses a
+    msgspec channel as it is. Compiled by the engine when the request is added, where a bad schema, regex
+    or grammar is refused."""
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    # JSON only: no whitespace but json.dumps' (one space after "," and ":"); small models otherwise tend to
+    # spend their tokens on newlines. By default any whitespace is allowed, as vLLM's xgrammar backend does.
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.json is None or isinstance(self.json, (dict, str)), "structured_outputs.json must be a JSON "
+               "schema: an object or its JSON text", self.json)
+        if isinstance(self.json, str):
+            _check(_parses_as_object(self.json), "structured_outputs.json must be a JSON schema object", self.json)
+        _check(isinstance(self.json_object, bool), "structured_outputs.json_object must be a bool", self.json_object)
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, str) and value), f"structured_outputs.{name} must be a "
+                   "non-empty string", value)
+        if self.choice is not None:
+            self.choice = list(self.choice) if isinstance(self.choice, (list, tuple)) else self.choice
+            _check(isinstance(self.choice, list) and self.choice and all(isinstance(c, str) and c
+                   for c in self.choice), "structured_outputs.choice must be a non-empty list of non-empty "
+                   "strings", self.choice)
+        kinds = self.kinds
+        _check(len(kinds) == 1, f"structured_outputs must set exactly one of {', '.join(STRUCTURED_KINDS)}", kinds)
+
+    @property
+    def kinds(self) -> list[str]:
+        """The constraint fields that are set (one, once constructed)."""
+        return [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+
+    @property
+    def kind(self) -> str:
+        return self.kinds[0]
 
 
 @dataclass(slots=True)
@@ -58,6 +106,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None  # the output must match it (JSON, regex, ...)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -79,6 +128,7 @@ class SamplingParams:
                f"prompt_logprobs must be in [0, {MAX_LOGPROBS}]", self.prompt_logprobs)
         self._check_stop()
         self._check_penalties()
+        self._check_structured()
 
     def _check_sampling(self) -> None:
         _check(_is_finite(self.temperature), "temperature must be a finite number", self.temperature)
@@ -120,6 +170,16 @@ class SamplingParams:
         _check(all(_is_finite(b) and abs(b) <= MAX_ABS_LOGIT_BIAS for b in self.logit_bias.values()),
                f"logit_bias must have values in [-{MAX_ABS_LOGIT_BIAS}, {MAX_ABS_LOGIT_BIAS}]", self.logit_bias)
 
+    def _check_structured(self) -> None:
+        value = self.structured_outputs
+        if isinstance(value, dict):  # as a server or a msgspec channel without the type may hand it over
+            value = self.structured_outputs = StructuredOutputsParams(**value)
+        _check(value is None or isinstance(value, StructuredOutputsParams),
+               "structured_outputs must be a StructuredOutputsParams", value)
+        # Where a grammar ends it allows only the end of sequence, which min_tokens would ban: nothing is left.
+        _check(value is None or self.min_tokens == 0, "min_tokens cannot be combined with structured_outputs "
+               "(the grammar decides where the output ends)", self.min_tokens)
+
     def check_token_ids(self, vocab_size: int) -> None:
         """The token ids this request names (stop_token_ids, logit_bias) must exist in the model's vocabulary."""
         bad = [t for t in [*self.stop_token_ids, *self.logit_bias] if t >= vocab_size]
@@ -139,6 +199,13 @@ def child_seed(seed: int, index: int) -> int:
     MAX_SEED (torch takes every seed modulo 2**64, so wrapping changes no stream)."""
     seed += index
     return seed if seed <= MAX_SEED else seed % 2**64
+
+
+def _parses_as_object(text: str) -> bool:
+    try:
+        return isinstance(json_module.loads(text), dict)
+    except ValueError:
+        return False
 
 
 def _is_int(value: object) -> bool:

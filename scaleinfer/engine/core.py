@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from scaleinfer.config import EngineConfig
 from scaleinfer.engine.block_manager import BlockManager
@@ -27,6 +27,7 @@ from scaleinfer.engine.core_types import (
 from scaleinfer.engine.prompt_logprobs import PromptLogprobsCollector
 from scaleinfer.engine.scheduler import Scheduler
 from scaleinfer.engine.sequence import Sequence
+from scaleinfer.engine.structured_output import StructuredOutputs
 from scaleinfer.errors import EngineDeadError, InvalidRequestError, RankFailedError, RequestFailedError
 from scaleinfer.outputs import SampledToken, SchedulerOutput
 from scaleinfer.sampling_params import child_seed
@@ -65,6 +66,7 @@ class EngineCore:
         scheduler_config = dataclasses.replace(config.scheduler, max_model_len=self.max_model_len)
         self.scheduler = Scheduler(scheduler_config, self.block_manager)
         self.eos_token_ids = eos_token_ids(source.arch.eos_token_ids, tokenizer_eos_token_id)
+        self.structured_outputs = StructuredOutputs.for_model(config.model, source, self.eos_token_ids)
         self.sequences: dict[str, list[Sequence]] = {}  # request id -> its n sequences, until all finish
         self.owners: dict[str, tuple[str, int]] = {}  # sequence id -> (request id, index)
         self.prompt_logprobs = PromptLogprobsCollector()  # sent with each request's first token
@@ -85,21 +87,24 @@ class EngineCore:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         params.check_token_ids(self.arch.vocab_size)
         check_prompt_token_ids(request.prompt_token_ids, self.arch.vocab_size)
+        grammar = self.structured_outputs.compile(params.structured_outputs)  # None when unconstrained
         seqs = self.sequences[request_id] = []
         try:
             for index in range(params.n):
-                self._add_sequence(request, index, seqs)
+                self._add_sequence(request, index, seqs, grammar)
         except Exception:
             self.abort([request_id])
             raise
         self.stats_totals.num_prompt_tokens += len(request.prompt_token_ids)
 
-    def _add_sequence(self, request: EngineCoreRequest, index: int, seqs: list[Sequence]) -> None:
+    def _add_sequence(self, request: EngineCoreRequest, index: int, seqs: list[Sequence], grammar: Any) -> None:
+        """grammar: the request's compiled structured-output grammar, or None."""
         params = request.sampling_params
         seq_id = request.request_id if params.n == 1 else f"{request.request_id}#{index}"
         if params.n > 1 and params.seed is not None:
             params = dataclasses.replace(params, seed=child_seed(params.seed, index))
-        seq = Sequence(seq_id, request.prompt_token_ids, params, self.eos_token_ids, request.arrival_time)
+        seq = Sequence(seq_id, request.prompt_token_ids, params, self.eos_token_ids, request.arrival_time,
+                       grammar=self.structured_outputs.grammar(grammar))
         self.scheduler.add(seq)
         seqs.append(seq)
         self.owners[seq_id] = (request.request_id, index)

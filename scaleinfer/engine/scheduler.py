@@ -15,16 +15,20 @@ max_num_batched_tokens bounds.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from scaleinfer.config import SchedulerConfig
 from scaleinfer.engine.block_manager import BlockManager
 from scaleinfer.engine.sequence import Sequence, SequenceStatus
+from scaleinfer.engine.structured_output import grammar_bitmask
 from scaleinfer.errors import InvalidRequestError, ScaleInferError
 from scaleinfer.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
+
+logger = logging.getLogger(__name__)
 
 
 class QueueFullError(ScaleInferError):
@@ -43,6 +47,7 @@ class SchedulerStats:
 @dataclass(slots=True)
 class _StepBudget:
     num_tokens: int  # left to schedule this step
+    constrained: list[Sequence] = field(default_factory=list)  # that sample this step and have a grammar
 
 
 class Scheduler:
@@ -93,7 +98,7 @@ class Scheduler:
         if num_preempted == 0:  # under memory pressure, admit nothing new
             scheduled += self._schedule_waiting(budget)
         finished_request_ids, self.finished_request_ids = self.finished_request_ids, []
-        return SchedulerOutput(scheduled, finished_request_ids, num_preempted)
+        return SchedulerOutput(scheduled, finished_request_ids, num_preempted, grammar_bitmask(budget.constrained))
 
     def _schedule_running(self, budget: _StepBudget) -> list[ScheduledSequence]:
         scheduled: list[ScheduledSequence] = []
@@ -158,6 +163,8 @@ class Scheduler:
         seq.num_computed_tokens = end
         budget.num_tokens -= num_new_tokens
         all_token_ids = seq.all_token_ids
+        if seq.grammar is not None and end == len(all_token_ids):
+            budget.constrained.append(seq)
         # Positional, in ScheduledSequence's field order (request_id, token_ids, start_pos, block_table,
         # sample, sampling_params, num_output_tokens, eos_token_ids, prompt_token_ids): every sequence, every step.
         return ScheduledSequence(
@@ -187,6 +194,8 @@ class Scheduler:
 
     def _check_stop(self, seq: Sequence, token_id: int) -> tuple[SequenceStatus | None, int | None]:
         """token_id: the one just appended. Called for every sequence every step: counts read once."""
+        if seq.grammar is not None and (status := _advance_grammar(seq, token_id)) is not None:
+            return status, None
         params, num_output_tokens = seq.sampling_params, len(seq.output_token_ids)
         if num_output_tokens >= params.min_tokens:
             if token_id in seq.eos_token_ids and not params.ignore_eos:
@@ -236,3 +245,13 @@ class Scheduler:
         block_manager = self.block_manager
         return SchedulerStats(self.num_running, self.num_waiting, block_manager.usage,
                               block_manager.prefix_cache_stats.hit_rate, self.num_preempted)
+
+
+def _advance_grammar(seq: Sequence, token_id: int) -> SequenceStatus | None:
+    """Structured outputs: a complete grammar stops the sequence; a token it refuses (its row's mask was not
+    applied) aborts it."""
+    try:
+        return SequenceStatus.FINISHED_STOPPED if seq.grammar.accept(token_id) else None
+    except ValueError:
+        logger.exception("sequence %s: the sampled token broke its grammar; aborting it", seq.request_id)
+        return SequenceStatus.FINISHED_ABORTED

@@ -11,6 +11,7 @@ from scaleinfer.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from scaleinfer.engine.block_manager import BlockHash
+    from scaleinfer.engine.structured_output import SequenceGrammar
 
 
 class SequenceStatus(enum.Enum):
@@ -62,6 +63,7 @@ class Sequence:
     # Prefix-cache keys of this sequence's full blocks, filled lazily by the block manager. Tokens are
     # only ever appended, so a full block's key never changes and the cache survives preemption.
     block_hashes: list[BlockHash] = field(default_factory=list)
+    grammar: SequenceGrammar | None = None  # structured outputs: the matcher its output tokens advance
     all_token_ids: list[int] = field(init=False)
 
     def __post_init__(self) -> None:

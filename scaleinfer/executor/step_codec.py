@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from scaleinfer.outputs import ScheduledSequence, SchedulerOutput
+from scaleinfer.outputs import GrammarBitmask, ScheduledSequence, SchedulerOutput
 from scaleinfer.sampling_params import SamplingParams
 
 
@@ -46,6 +46,7 @@ class StepMessage(msgspec.Struct, array_like=True):
     new: list[NewSequence]
     chunks: list[Chunk]
     num_preempted: int = 0
+    grammar_bitmask: GrammarBitmask | None = None  # structured outputs: every rank masks its logits the same
 
 
 @dataclass(slots=True)
@@ -74,7 +75,7 @@ class StepEncoder:
             self._sent.pop(request_id, None)
         new: list[NewSequence] = []
         chunks = [self._chunk(s, new) for s in output.scheduled]
-        message = StepMessage(output.finished_request_ids, new, chunks, output.num_preempted)
+        message = StepMessage(output.finished_request_ids, new, chunks, output.num_preempted, output.grammar_bitmask)
         return self._encoder.encode(message)
 
     def _chunk(self, s: ScheduledSequence, new: list[NewSequence]) -> Chunk:
@@ -105,7 +106,8 @@ class StepDecoder:
             prompt.frombytes(seq.prompt_token_ids)
             self._known[seq.request_id] = _Known(seq.sampling_params, tuple(seq.eos_token_ids), prompt)
         scheduled = [self._scheduled(chunk) for chunk in message.chunks]
-        return SchedulerOutput(scheduled, message.finished_request_ids, message.num_preempted)
+        return SchedulerOutput(scheduled, message.finished_request_ids, message.num_preempted,
+                               message.grammar_bitmask)
 
     def _scheduled(self, chunk: Chunk) -> ScheduledSequence:
         known = self._known[chunk.request_id]

@@ -1,4 +1,5 @@
-"""Sampling on the device: logit bias, penalties, greedy, temperature, min-p, top-k, top-p, per-request seeds, logprobs.
+"""Sampling on the device: grammar bitmasks (structured outputs), logit bias, penalties, greedy, temperature,
+min-p, top-k, top-p, per-request seeds, logprobs.
 
 Random rows use the exponential race: argmax(p / q) with q ~ Exp(1) draws a token with probability p.
 A seeded request draws q from its own generator, so its tokens do not depend on the rest of the batch.
@@ -36,6 +37,14 @@ class LogitBias:
 
 
 @dataclass(slots=True)
+class TokenBitmask:
+    """The rows a grammar constrains this step and the tokens each allows (structured outputs)."""
+
+    rows: torch.Tensor  # [num_masked] int64: rows of the logits
+    words: torch.Tensor  # [num_masked, num_words] int32: bit j of word w set <=> token 32 * w + j is allowed
+
+
+@dataclass(slots=True)
 class SamplingBatch:
     """Per-row parameters of one step, each [num_seqs] on the logits' device (None when unused)."""
 
@@ -52,6 +61,7 @@ class SamplingBatch:
     # applied, their tokens meant to be thrown away.
     failed: dict[str, str] = field(default_factory=dict)
     min_ps: torch.Tensor | None = None  # float32 in [0, 1], 0 = off; None when no row uses min-p
+    allowed: TokenBitmask | None = None  # None when no row is constrained by a grammar
 
 
 @dataclass(slots=True)
@@ -64,7 +74,9 @@ class SamplerOutput:
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, default_generator: torch.Generator | None) -> SamplerOutput:
-    """logits: [num_seqs, vocab] float32, modified in place by bans, biases and penalties."""
+    """logits: [num_seqs, vocab] float32, modified in place by grammar masks, bans, biases and penalties."""
+    if batch.allowed is not None:  # first: the -inf it leaves stays -inf through biases and penalties
+        apply_token_bitmask(logits, batch.allowed)
     for bias in (batch.banned, batch.logit_bias):  # a ban's -inf stays -inf whatever bias is added
         if bias is not None:
             logits.index_put_((bias.rows, bias.token_ids), bias.biases, accumulate=True)
@@ -78,6 +90,18 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, default_generator: torch.
     if raw_logprobs is None:
         return SamplerOutput(token_ids, None, None, None, None)
     return _with_logprobs(token_ids, raw_logprobs, batch.num_logprobs)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: TokenBitmask) -> None:
+    """Set to -inf, in place, the logits of the tokens bitmask's rows do not allow. logits: [num_seqs, vocab];
+    a vocab past the bitmask's 32 * num_words tokens (a padded LM head) is not allowed either."""
+    vocab, num_masked = logits.shape[1], bitmask.rows.shape[0]
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    bits = (bitmask.words.unsqueeze(-1) >> shifts) & 1  # [num_masked, num_words, 32]
+    num_bits = min(vocab, bits.shape[1] * 32)
+    allowed = torch.zeros(num_masked, vocab, dtype=torch.bool, device=logits.device)
+    allowed[:, :num_bits] = bits.flatten(1)[:, :num_bits].bool()
+    logits[bitmask.rows] = logits[bitmask.rows].masked_fill(~allowed, NEG_INF)
 
 
 def apply_penalties(logits: torch.Tensor, penalties: PenaltyBatch) -> torch.Tensor:

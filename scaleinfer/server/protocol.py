@@ -29,6 +29,34 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Request):
+    """response_format {"type": "json_schema", "json_schema": {...}}: OpenAI's named schema."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+    name: str
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # the output always follows the schema, strict or not
+
+
+class ResponseFormat(_Request):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(_Request):
+    """vLLM's structured_outputs: exactly one constraint (server/structured.py checks)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+    json_: dict | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    disable_any_whitespace: bool = False
+
+
 class SamplingRequest(_Request):
     """Fields shared by completions and chat completions."""
 
@@ -52,6 +80,14 @@ class SamplingRequest(_Request):
     repetition_penalty: float | None = None  # extension (vLLM)
     logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> bias
     user: str | None = None  # accepted and ignored
+    # Structured outputs (server/structured.py): OpenAI's response_format, vLLM's structured_outputs and its
+    # older guided_* fields; at most one of them.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None  # extension (vLLM)
+    guided_json: dict | str | None = None  # extension (vLLM, older)
+    guided_regex: str | None = None  # extension (vLLM, older)
+    guided_choice: list[str] | None = None  # extension (vLLM, older)
+    guided_grammar: str | None = None  # extension (vLLM, older)
 
     @property
     def include_usage(self) -> bool:

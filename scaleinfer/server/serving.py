@@ -20,6 +20,7 @@ from scaleinfer.server.errors import ApiError, bad_request, to_api_error
 from scaleinfer.server.limits import RequestLimits
 from scaleinfer.server.metrics import RequestTiming, ServerMetrics
 from scaleinfer.server.protocol import SamplingRequest, Usage
+from scaleinfer.server.structured import structured_outputs
 from scaleinfer.server.tokenizing import Prompt, PromptTokenizer
 from scaleinfer.server.tool_parsers import resolve_parser
 
@@ -72,7 +73,7 @@ def build_params(ctx: ServingContext, req: SamplingRequest, max_tokens: int,
         ignore_eos=req.ignore_eos, logprobs=logprobs,
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        logit_bias=_token_id_keys(req.logit_bias or {}))
+        logit_bias=_token_id_keys(req.logit_bias or {}), structured_outputs=structured_outputs(req))
 
 
 def _token_id_keys(logit_bias: dict[str, float]) -> dict[int, float]:

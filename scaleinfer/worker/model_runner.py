@@ -120,7 +120,7 @@ class ModelRunner:
         if not sampled:
             return RunnerOutput(sampled={}, prompt_logprobs=prompt_logprobs)
         logits = self.model.compute_logits(hidden)  # [num_sampled, vocab]
-        batch = self.sampling.batch(sampled, logits.shape[1])
+        batch = self.sampling.batch(sampled, logits.shape[1], output.grammar_bitmask)
         result = sample(logits, batch, self.sampling.default_generator)
         self.sampling.record(batch, result.token_ids)
         self.steps.sampled_on_device(sampled, result.token_ids)

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from scaleinfer.layers.sampler import NEG_INF, LogitBias, PenaltyBatch, SamplingBatch
-from scaleinfer.outputs import ScheduledSequence
+from scaleinfer.layers.sampler import NEG_INF, LogitBias, PenaltyBatch, SamplingBatch, TokenBitmask
+from scaleinfer.outputs import GrammarBitmask, ScheduledSequence
 from scaleinfer.sampling_params import SamplingParams
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -94,7 +94,9 @@ class SamplingState:
             self.rows.pop(request_id, None)
         self.penalty_state.drop(request_ids)
 
-    def batch(self, seqs: list[ScheduledSequence], vocab_size: int) -> SamplingBatch:
+    def batch(self, seqs: list[ScheduledSequence], vocab_size: int,
+              grammar_bitmask: GrammarBitmask | None = None) -> SamplingBatch:
+        """grammar_bitmask: the step's structured-output masks (SchedulerOutput.grammar_bitmask), if any."""
         comp = self.composition
         if comp is None or not comp.matches(seqs):
             comp = self.composition = self._compose(seqs, vocab_size)
@@ -105,7 +107,21 @@ class SamplingState:
             all_greedy=comp.temperatures is None,
             penalties=None if penalties is None else self.penalty_state.refresh(penalties),
             logit_bias=comp.logit_bias, failed=comp.failed, min_ps=comp.min_ps,
+            allowed=None if grammar_bitmask is None else self._bitmask(seqs, grammar_bitmask),
         )
+
+    def _bitmask(self, seqs: list[ScheduledSequence], bitmask: GrammarBitmask) -> TokenBitmask | None:
+        """The bitmask's rows of these sampled sequences, on the device (one pinned upload, no wait)."""
+        row_of = {s.request_id: row for row, s in enumerate(seqs)}
+        pairs = [(row_of[rid], i) for i, rid in enumerate(bitmask.request_ids) if rid in row_of]
+        if not pairs:
+            return None
+        words = torch.frombuffer(bytearray(bitmask.data), dtype=torch.int32).view(-1, bitmask.num_words)
+        if len(pairs) < words.shape[0]:
+            words = words[[i for _, i in pairs]]
+        words = words.pin_memory() if self.pin else words
+        return TokenBitmask(rows=self._upload([row for row, _ in pairs], torch.int64),
+                            words=words.to(self.device, non_blocking=True))
 
     def record(self, batch: SamplingBatch, token_ids: torch.Tensor) -> None:
         """token_ids: [num_seqs], this step's samples for batch's rows (on the device; never read here)."""

@@ -60,9 +60,7 @@ def test_include_stop_str_in_output(client):
 # a value that is not inert, per field
 REFUSED_VALUES = {
     "best_of": 2, "use_beam_search": True, "length_penalty": 0.5, "prompt_logprobs": 1,
-    "response_format": {"type": "json_object"}, "structured_outputs": {"json": {}},
-    "guided_json": {"type": "object"}, "guided_regex": "[a-z]+", "guided_choice": ["a", "b"],
-    "guided_grammar": "root ::= 'a'", "allowed_token_ids": [1, 2], "bad_words": ["x"], "logits_processors": ["p"],
+    "allowed_token_ids": [1, 2], "bad_words": ["x"], "logits_processors": ["p"],
     "truncate_prompt_tokens": 4, "spaces_between_special_tokens": False, "return_tokens_as_token_ids": True,
     "return_token_ids": True, "suffix": " end", "tools": [{"type": "function", "function": {"name": "f"}}],
     "tool_choice": "auto", "functions": [{"name": "f"}], "function_call": "auto", "audio": {"voice": "alloy"},
@@ -88,22 +86,18 @@ def test_an_unsupported_field_is_400_naming_it(server, path, name):
     assert error["param"] == name and name in error["message"], error
 
 
-def test_through_the_openai_client_best_of_suffix_response_format_tools(client):
+def test_through_the_openai_client_best_of_suffix_tools(client):
     refused = [
         ("best_of", lambda: client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, best_of=3)),
         ("suffix", lambda: client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, suffix="!")),
         ("prompt_logprobs", lambda: client.completions.create(model=MODEL, prompt="Hi", max_tokens=2,
                                                               extra_body={"prompt_logprobs": 2})),
-        ("response_format", lambda: client.chat.completions.create(
-            model=MODEL, messages=CHAT_MESSAGES, max_tokens=2, response_format={"type": "json_object"})),
         # tools under tool_choice auto on a chat template that writes no tool-call format (test_tool_calling.py)
         ("tool_choice", lambda: client.chat.completions.create(
             model=MODEL, messages=CHAT_MESSAGES, max_tokens=2,
             tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])),
         ("tool_choice", lambda: client.chat.completions.create(
             model=MODEL, messages=CHAT_MESSAGES, max_tokens=2, tool_choice="required")),
-        ("guided_choice", lambda: client.chat.completions.create(
-            model=MODEL, messages=CHAT_MESSAGES, max_tokens=2, extra_body={"guided_choice": ["yes", "no"]})),
     ]
     for name, call in refused:
         with pytest.raises(openai.BadRequestError) as info:

@@ -1,0 +1,48 @@
+"""A request's structured-output fields -> StructuredOutputsParams, in one place: OpenAI's response_format
+(text, json_object, json_schema), vLLM's structured_outputs and its older guided_json / guided_regex /
+guided_choice / guided_grammar. A request sets at most one of them; SamplingParams checks the values and the
+engine compiles them (a schema, regex or grammar that does not compile is a 400 naming it)."""
+
+from __future__ import annotations
+
+from scaleinfer.sampling_params import StructuredOutputsParams
+from scaleinfer.server.errors import bad_request
+from scaleinfer.server.protocol import ResponseFormat, SamplingRequest, StructuredOutputsRequest
+
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+def structured_outputs(req: SamplingRequest) -> StructuredOutputsParams | None:
+    """The request's constraint, or None; 400 when it sets more than one field (naming them)."""
+    given = {name: value for name, value in _sources(req).items() if value is not None}
+    if len(given) > 1:
+        raise bad_request(f"set at most one of {', '.join(given)} (each constrains the output)", next(iter(given)))
+    return next(iter(given.values()), None)
+
+
+def _sources(req: SamplingRequest) -> dict[str, StructuredOutputsParams | None]:
+    sources = {"response_format": _from_response_format(req.response_format),
+               "structured_outputs": _from_vllm(req.structured_outputs)}
+    for field, kind in _GUIDED.items():
+        value = getattr(req, field)
+        sources[field] = None if value is None else StructuredOutputsParams(**{kind: value})
+    return sources
+
+
+def _from_response_format(fmt: ResponseFormat | None) -> StructuredOutputsParams | None:
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if fmt.json_schema is None:
+        raise bad_request("response_format of type json_schema needs a json_schema object", "response_format")
+    schema = fmt.json_schema.schema_
+    return StructuredOutputsParams(json=schema) if schema is not None else StructuredOutputsParams(json_object=True)
+
+
+def _from_vllm(req: StructuredOutputsRequest | None) -> StructuredOutputsParams | None:
+    if req is None:
+        return None
+    return StructuredOutputsParams(json=req.json_, json_object=bool(req.json_object), regex=req.regex,
+                                   choice=req.choice, grammar=req.grammar,
+                                   disable_any_whitespace=req.disable_any_whitespace)
