@@ -1,4 +1,4 @@
-"""Encoder throughput: sentences/s of LLM(task="embed").embed(texts) against transformers (AutoModel on
+"""Encoder throughput: sentences/s of LLM(task="embed").embed_vectors(texts) against transformers (AutoModel on
 padded batches, mean pooling, L2 normalization) on the same texts, in one process on one card.
 
     python bench/encoder.py --shape minilm|bert-large [--num-texts 8192 --hf-batch-size 128]
@@ -147,8 +147,8 @@ def measure_ours(folder: Path, texts: list[str], args: argparse.Namespace, devic
     """Figures, vectors, and the sequence lengths of our first packed batch."""
     llm = LLM(model=str(folder), task="embed", device=device.type, dtype=_dtype_name(dtype),
               max_model_len=args.max_len, max_num_batched_tokens=args.max_batch_tokens, progress=False)
-    vectors = torch.tensor(llm.embed(texts))
-    seconds = timed(lambda: llm.embed(texts), args.repeats, device)
+    vectors = torch.tensor(llm.embed_vectors(texts))
+    seconds = timed(lambda: llm.embed_vectors(texts), args.repeats, device)
     runner = llm.embedder
     token_ids = runner.tokenize(texts)
     first = next(batches(token_ids, runner.max_num_tokens, runner.max_num_seqs))

@@ -8,19 +8,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from scaleinfer.version import __version__
+
 if TYPE_CHECKING:
     from scaleinfer.inject import init_inference
     from scaleinfer.llm import LLM
-    from scaleinfer.outputs import CompletionOutput, RequestOutput
+    from scaleinfer.outputs import CompletionOutput, EmbeddingRequestOutput, RequestOutput
     from scaleinfer.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "init_inference"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EmbeddingRequestOutput", "init_inference",
+           "__version__"]
 
 _HOMES = {
     "LLM": "scaleinfer.llm",
     "SamplingParams": "scaleinfer.sampling_params",
     "RequestOutput": "scaleinfer.outputs",
     "CompletionOutput": "scaleinfer.outputs",
+    "EmbeddingRequestOutput": "scaleinfer.outputs",
     "init_inference": "scaleinfer.inject",
 }
 

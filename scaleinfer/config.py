@@ -137,6 +137,9 @@ class ModelConfig:
     skip_tokenizer_init: bool = False  # token ids in and out, no text (models without a tokenizer)
     enforce_eager: bool = False  # GPU: no CUDA graphs for decode steps
     quantization: str | None = None  # one of QUANTIZATIONS: the parallel linears' weights quantized as they load
+    # CPU threads of each process; None: on CPU ranks, the physical cores others leave free, shared among the
+    # ranks (executor/cpu_threads.py); on GPUs torch's default
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
@@ -146,6 +149,8 @@ class ModelConfig:
         _require(ok, f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _require(self.max_model_len is None or self.max_model_len > 0,
                  f"max_model_len must be positive, got {self.max_model_len!r}")
+        _require(self.num_threads is None or (isinstance(self.num_threads, int) and self.num_threads >= 1),
+                 f"num_threads must be an integer >= 1, got {self.num_threads!r}")
         _require(self.quantization in QUANTIZATIONS,
                  f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
 
@@ -205,6 +210,9 @@ class OffloadConfig:
                  f"offload_path={self.offload_path!r} is only used with offload='nvme', got offload={self.offload!r}")
         _require(self.offload_gpu_budget is None or self.offload_gpu_budget > 0,
                  f"offload_gpu_budget must be positive bytes, got {self.offload_gpu_budget!r}")
+        _require(self.offload_gpu_budget is None or self.enabled,
+                 f"offload_gpu_budget={self.offload_gpu_budget} is the device memory of streamed layers; it needs "
+                 "offload='cpu' or 'nvme' (--offload), got offload='none'")
         _require(self.offload_num_readers > 0,
                  f"offload_num_readers must be positive, got {self.offload_num_readers!r}")
 

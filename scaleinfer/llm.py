@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import itertools
+import sys
 import warnings
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
+
+from tqdm import tqdm
 
 from scaleinfer.config import EMBEDDED_MODEL_ALIAS, EngineConfig
 from scaleinfer.engine.llm_engine import LLMEngine
 from scaleinfer.errors import InvalidRequestError
-from scaleinfer.outputs import RequestOutput
+from scaleinfer.executor.rank import share_cpu_cores, with_num_threads
+from scaleinfer.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+from scaleinfer.prompts import Message, PromptInput, as_conversations, as_prompt_list
 from scaleinfer.sampling_params import SamplingParams
-from scaleinfer.tokenizer import apply_chat_template
+from scaleinfer.startup import embedder_summary, engine_summary, print_startup
+from scaleinfer.tokenizer import apply_chat_template, render_chat
 from scaleinfer.weights.source import resolve_model
 from scaleinfer.worker.embedding_runner import EmbeddingRunner
 
-Prompt = str | list[int]
 Task = Literal["generate", "embed"]
 TASKS = ("generate", "embed")
 
@@ -24,6 +30,7 @@ class LLM:
     def __init__(self, model: str = EMBEDDED_MODEL_ALIAS, progress: bool = True, task: Task = "generate",
                  **engine_options: Any) -> None:
         """task: "generate" (a decoder) or "embed" (an encoder: embed() returns sentence vectors).
+        progress: the loading bars and the start-up line (model, device, dtype, KV cache, max_model_len) on stderr.
         engine_options: any field of ModelConfig, CacheConfig, SchedulerConfig, OffloadConfig or ParallelConfig,
         e.g. device="cpu", dtype="bfloat16", kv_cache_memory=4 << 30, num_blocks=64, max_num_batched_tokens=512,
         seed=0, tensor_parallel_size=2 (T worker processes: one per GPU, or T CPU processes over gloo)."""
@@ -37,6 +44,9 @@ class LLM:
         self.engine = LLMEngine(config, progress=progress) if task == "generate" else None
         self.embedder = _embedding_runner(config, progress) if task == "embed" else None
         self._ids = itertools.count()
+        if progress:
+            print_startup(engine_summary(self.engine) if self.engine is not None else
+                          embedder_summary(model, self.embedder))
 
     def shutdown(self) -> None:
         """Stop the worker processes of a tensor-parallel run now (otherwise when this LLM is collected, or at
@@ -53,10 +63,35 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer if self.engine is not None else self.embedder.tokenizer
 
-    def embed(self, texts: list[str]) -> list[list[float]]:
-        """One L2-normalized sentence vector per text, in order; texts are packed into batches unpadded."""
+    def embed(self, prompts: PromptInput | Sequence[PromptInput]) -> list[EmbeddingRequestOutput]:
+        """One output per prompt, in order, as vLLM's LLM.embed: the L2-normalized sentence vector is
+        `.outputs.embedding`. Prompts as generate() takes them (strings, token ids, prompt dicts); a text past the
+        model's sequence limit is truncated, token ids past it are refused. embed_vectors() gives the bare lists."""
         self._require_task("embed", "embed()")
+        prompts = as_prompt_list(prompts)
+        token_ids = [self._embedding_token_ids(p, i) for i, p in enumerate(prompts)]
+        vectors = self.embedder.embed_batched(token_ids)
+        return [EmbeddingRequestOutput(request_id=str(next(self._ids)), prompt=p if isinstance(p, str) else None,
+                                       prompt_token_ids=ids, outputs=EmbeddingOutput(vector))
+                for p, ids, vector in zip(prompts, token_ids, vectors)]
+
+    def embed_vectors(self, texts: list[str]) -> list[list[float]]:
+        """One L2-normalized sentence vector per text, in order, as plain lists (what embed() wraps)."""
+        self._require_task("embed", "embed_vectors()")
         return self.embedder.embed(texts)
+
+    def _embedding_token_ids(self, prompt: str | list[int], index: int) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError(f"prompt {index} is empty")
+            return self.embedder.tokenize([prompt])[0]
+        limit, vocab_size = self.embedder.max_seq_len, self.embedder.config.vocab_size
+        if len(prompt) > limit:
+            raise InvalidRequestError(f"prompt {index} has {len(prompt)} token ids; the model takes at most {limit}")
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt {index}: token ids must be in [0, {vocab_size}), got {bad[:5]}")
+        return prompt
 
     def _require_task(self, task: Task, method: str) -> None:
         if self.task != task:
@@ -65,17 +100,21 @@ class LLM:
 
     def generate(
         self,
-        prompts: Prompt | list[Prompt],
+        prompts: PromptInput | Sequence[PromptInput],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool | Callable[..., Any] = True,
     ) -> list[RequestOutput]:
-        """One RequestOutput per prompt, in order. A bad prompt raises before any work starts.
+        """One RequestOutput per prompt, in order. A prompt is a string, a list of token ids, {"prompt": str} or
+        {"prompt_token_ids": [...]}; a list of them may mix the forms. A bad prompt raises before any work starts.
+        use_tqdm: a progress bar over the finished prompts on stderr with the input and output tokens/s, as vLLM
+        shows it (on by default, as in vLLM, terminal or not); or a tqdm-like class to build it with.
 
         A request that fails inside the engine (its step could not run, or its own state broke) fails alone:
         its output comes back finished, with `error` saying what happened and only the tokens made before,
         and a RuntimeWarning names it. Outputs rather than an exception, so that the healthy requests of a
         large batch are not lost with it: check `error` where a failure matters."""
         self._require_task("generate", "generate()")
-        prompts = _as_prompt_list(prompts)
+        prompts = as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompts))
         request_ids = [str(next(self._ids)) for _ in prompts]
         try:
@@ -84,25 +123,34 @@ class LLM:
         except Exception:
             self.engine.abort_request(request_ids)
             raise
-        return self._run(request_ids)
+        return self._run(request_ids, use_tqdm)
 
     def chat(
         self,
-        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool | Callable[..., Any] = True,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to each conversation and generate the assistant's turn."""
+        """Apply the model's chat template to each conversation and generate the assistant's turn. A message's
+        content is a string or a list of OpenAI text parts ({"type": "text", "text": ...}), as the server takes it;
+        each output's `prompt` is the text the template made."""
         self._require_task("generate", "chat()")
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [apply_chat_template(self.engine.tokenizer, c) for c in conversations]
-        return self.generate(prompts, sampling_params)
+        tokenizer = self.engine.tokenizer
+        conversations = as_conversations(messages)
+        texts = [render_chat(tokenizer, c) for c in conversations]
+        outputs = self.generate([apply_chat_template(tokenizer, c) for c in conversations], sampling_params, use_tqdm)
+        for output, text in zip(outputs, texts):
+            output.prompt = text
+        return outputs
 
-    def _run(self, request_ids: list[str]) -> list[RequestOutput]:
+    def _run(self, request_ids: list[str], use_tqdm: bool | Callable[..., Any]) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished_requests():
-            for output in self.engine.step():
-                if output.finished:
-                    finished[output.request_id] = output
+        with _progress_bar(use_tqdm, len(request_ids)) as bar:
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        bar.finished(output)
         outputs = [finished[request_id] for request_id in request_ids]
         _warn_failed(outputs)
         return outputs
@@ -118,18 +166,41 @@ def _warn_failed(outputs: list[RequestOutput]) -> None:
 
 
 def _embedding_runner(config: EngineConfig, progress: bool) -> EmbeddingRunner:
+    share_cpu_cores(with_num_threads(config.model, 1))
     source = resolve_model(config.model.model, config.model.load_format)
     return EmbeddingRunner(config.model, config.scheduler, source, progress)
 
 
-def _as_prompt_list(prompts: Prompt | list[Prompt]) -> list[Prompt]:
-    if isinstance(prompts, str):
-        return [prompts]
-    if prompts and all(isinstance(t, int) for t in prompts):
-        return [prompts]  # one prompt given as token ids
-    if not prompts:
-        raise InvalidRequestError("prompts is empty")
-    return list(prompts)
+def _progress_bar(use_tqdm: bool | Callable[..., Any], num_prompts: int) -> GenerateProgress:
+    if not use_tqdm:
+        return GenerateProgress(None)
+    make = use_tqdm if callable(use_tqdm) else tqdm
+    return GenerateProgress(make(total=num_prompts, desc="Processed prompts", unit="it", file=sys.stderr,
+                                 dynamic_ncols=True))
+
+
+class GenerateProgress:
+    """vLLM's bar over LLM.generate: prompts finished, and the input and output tokens/s so far."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar, self.num_input_tokens, self.num_output_tokens = bar, 0, 0
+
+    def finished(self, output: RequestOutput) -> None:
+        if self.bar is None:
+            return
+        self.num_input_tokens += len(output.prompt_token_ids)
+        self.num_output_tokens += sum(len(c.token_ids) for c in output.outputs)
+        elapsed = self.bar.format_dict.get("elapsed") or 1e-9
+        self.bar.postfix = (f"est. speed input: {self.num_input_tokens / elapsed:.2f} toks/s, "
+                            f"output: {self.num_output_tokens / elapsed:.2f} toks/s")
+        self.bar.update(1)
+
+    def __enter__(self) -> GenerateProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _as_params_list(params: SamplingParams | list[SamplingParams] | None, num_prompts: int) -> list[SamplingParams]:

@@ -56,6 +56,22 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
+@dataclass(slots=True)
+class EmbeddingOutput:
+    embedding: list[float]  # L2-normalized, [hidden_size]
+
+
+@dataclass(slots=True)
+class EmbeddingRequestOutput:
+    """What LLM.embed returns per prompt, as vLLM's: the vector is .outputs.embedding."""
+
+    request_id: str
+    prompt: str | None  # None when the prompt came as token ids
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True
+
+
 # ---- control plane -> data plane ------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,15 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[d
     return list(ids)
 
 
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, Any]],
+                add_generation_prompt: bool = True) -> str:
+    """The prompt text the chat template makes of a chat (what apply_chat_template tokenizes)."""
+    if not tokenizer.chat_template:
+        raise InvalidRequestError(f"tokenizer of {tokenizer.name_or_path!r} has no chat template")
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                         tokenize=False)
+
+
 def _from_folder(folder: Path) -> PreTrainedTokenizerBase:
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ModelLoadError(f"{folder} has no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})")
@@ -89,6 +99,8 @@ def _from_gguf(path: Path) -> PreTrainedTokenizerBase:
     if cached is not None and (cached / "tokenizer.json").is_file():
         with contextlib.suppress(OSError, ValueError, KeyError):
             return AutoTokenizer.from_pretrained(str(cached))
+    where = f"; kept in {cached} for the next start" if cached is not None else ""
+    print(f"scaleinfer: converting the vocabulary of {path.name} to a tokenizer (seconds{where})", file=sys.stderr)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (OSError, ValueError, KeyError) as exc:

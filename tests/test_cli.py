@@ -20,7 +20,7 @@ def test_generate_names_paris():
     assert "tokens, time to first token" in result.stderr and "tok/s" in result.stderr
 
 
-def test_chat_session_answers_and_ends_on_empty_line():
+def test_chat_session_answers_skips_an_empty_line_and_ends_at_eof():
     result = run_cli("chat", "--temperature", "0", "--max-tokens", "16", "--device", "cpu",
                      stdin="What is the capital of France?\n\n")
     assert result.returncode == 0, result.stderr

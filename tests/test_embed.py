@@ -66,7 +66,7 @@ def minilm() -> LLM:
 def test_minilm_matches_transformers(minilm):
     from scaleinfer.weights.source import encoder_model_path
 
-    assert_close_cosine(minilm.embed(TEXTS), hf_embeddings(encoder_model_path(), TEXTS))
+    assert_close_cosine(minilm.embed_vectors(TEXTS), hf_embeddings(encoder_model_path(), TEXTS))
 
 
 def test_minilm_through_the_attention_kernel_matches_transformers(minilm):
@@ -77,24 +77,24 @@ def test_minilm_through_the_attention_kernel_matches_transformers(minilm):
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
     with force_triton():
-        vectors = minilm.embed(TEXTS)
+        vectors = minilm.embed_vectors(TEXTS)
     assert_close_cosine(vectors, hf_embeddings(encoder_model_path(), TEXTS))
 
 
 def test_batch_equals_one_at_a_time(minilm):
-    batch = torch.tensor(minilm.embed(TEXTS))
-    alone = torch.tensor([minilm.embed([text])[0] for text in TEXTS])
+    batch = torch.tensor(minilm.embed_vectors(TEXTS))
+    alone = torch.tensor([minilm.embed_vectors([text])[0] for text in TEXTS])
     torch.testing.assert_close(batch, alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(batch.norm(dim=-1), torch.ones(len(TEXTS)))
 
 
 def test_small_token_budget_splits_batches(minilm):
     runner = minilm.embedder
-    whole = torch.tensor(minilm.embed(TEXTS))
+    whole = torch.tensor(minilm.embed_vectors(TEXTS))
     budgets = runner.max_num_tokens, runner.max_num_seqs
     runner.max_num_tokens, runner.max_num_seqs = runner.max_seq_len, 2  # three batches, same vectors
     try:
-        split = torch.tensor(minilm.embed(TEXTS))
+        split = torch.tensor(minilm.embed_vectors(TEXTS))
     finally:
         runner.max_num_tokens, runner.max_num_seqs = budgets
     torch.testing.assert_close(split, whole, atol=1e-5, rtol=0)
@@ -112,7 +112,7 @@ def test_tiny_random_encoder_matches_transformers(tmp_path, architecture):
     reference = hf_embeddings(tmp_path, TEXTS)
     if architecture == "RobertaForMaskedLM":  # RoBERTa positions start at pad_token_id + 1
         assert llm.embedder.config.position_offset == 1
-    assert_close_cosine(llm.embed(TEXTS), reference)
+    assert_close_cosine(llm.embed_vectors(TEXTS), reference)
 
 
 def test_cls_pooling_from_modules_json(tmp_path):
@@ -123,7 +123,7 @@ def test_cls_pooling_from_modules_json(tmp_path):
     (tmp_path / "modules.json").write_text(json.dumps(modules))
     llm = LLM(str(tmp_path), task="embed", device="cpu", progress=False)
     assert llm.embedder.pooling == "cls"
-    assert_close_cosine(llm.embed(TEXTS), hf_embeddings(tmp_path, TEXTS, pooling="cls"))
+    assert_close_cosine(llm.embed_vectors(TEXTS), hf_embeddings(tmp_path, TEXTS, pooling="cls"))
 
 
 def test_task_errors_name_the_task(tmp_path, minilm, tiny_models):
@@ -132,7 +132,7 @@ def test_task_errors_name_the_task(tmp_path, minilm, tiny_models):
     with pytest.raises(InvalidRequestError, match="task"):
         LLM("all-minilm-l6-v2", task="classify")
     with pytest.raises(InvalidRequestError, match="non-empty list"):
-        minilm.embed("one string, not a list")
+        minilm.embed_vectors("one string, not a list")
     save_tiny_bert(tmp_path / "bert")
     with pytest.raises(UnsupportedArchitectureError, match="BertModel.*task='embed'"):
         LLM(str(tmp_path / "bert"), device="cpu", progress=False)
@@ -143,4 +143,4 @@ def test_task_errors_name_the_task(tmp_path, minilm, tiny_models):
 def test_embed_on_a_generate_llm_names_the_task(tiny_models):
     llm = LLM(str(tiny_models["llama2"][0]), device="cpu", num_blocks=8, progress=False)
     with pytest.raises(InvalidRequestError, match="task='embed'.*task='generate'"):
-        llm.embed(TEXTS)
+        llm.embed_vectors(TEXTS)

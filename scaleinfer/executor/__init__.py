@@ -9,13 +9,14 @@ not know which it has.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 
 import torch
 
 from scaleinfer.config import EngineConfig, TorchrunEnv, torchrun_env
 from scaleinfer.errors import InvalidRequestError
-from scaleinfer.executor.rank import RankRunnerSpec, rank_device, share_cpu_cores, uses_gpus
+from scaleinfer.executor.rank import RankRunnerSpec, rank_device, share_cpu_cores, uses_gpus, with_num_threads
 from scaleinfer.parallel.expert import check_expert_parallel
 from scaleinfer.parallel.groups import RankSpec
 from scaleinfer.weights.source import ModelSource
@@ -23,6 +24,8 @@ from scaleinfer.weights.source import ModelSource
 
 def make_executor(config: EngineConfig, source: ModelSource, max_model_len: int, progress: bool):
     size = config.parallel.tensor_parallel_size
+    config = dataclasses.replace(config, model=with_num_threads(config.model, size))
+    share_cpu_cores(config.model)  # this process's (rank 0's); each worker sets its own from its spec
     launched = torchrun_env()
     if size == 1:
         from scaleinfer.executor.uniproc import UniprocExecutor
@@ -81,7 +84,6 @@ def _spawning_executor(config: EngineConfig, source: ModelSource, max_model_len:
     init_method = f"file://{rendezvous_dir}/rendezvous"
     specs = [_rank_spec(config, source, max_model_len, init_method, rank, rank)
              for rank in range(config.parallel.tensor_parallel_size)]
-    _share_cpu_cores(config)
     return TensorParallelExecutor(specs[0], specs[1:], rendezvous_dir, progress)
 
 
@@ -98,8 +100,3 @@ def _torchrun_executor(config: EngineConfig, source: ModelSource, max_model_len:
     run_torchrun_worker(spec)
     raise SystemExit(0)
 
-
-def _share_cpu_cores(config: EngineConfig) -> None:
-    """On CPUs the T ranks share this machine's cores: rank 0 (this process) takes its part, as each worker does."""
-    if not uses_gpus(config.model.device):
-        share_cpu_cores(config.parallel.tensor_parallel_size)

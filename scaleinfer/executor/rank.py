@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import torch
 
 from scaleinfer.config import CacheConfig, ModelConfig, OffloadConfig
+from scaleinfer.executor.cpu_threads import default_num_threads, measure_cpu_cores, set_num_threads
 from scaleinfer.parallel.groups import RankSpec, join_tensor_parallel
 from scaleinfer.weights.source import resolve_model
 from scaleinfer.worker.device import resolve_device, resolve_dtype
@@ -40,9 +40,19 @@ def rank_device(config: ModelConfig, local_rank: int) -> ModelConfig:
     return dataclasses.replace(config, device=f"cuda:{local_rank}") if uses_gpus(config.device) else config
 
 
-def share_cpu_cores(world_size: int) -> None:
-    """This process's part of the machine's cores, the world's ranks sharing them."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+def with_num_threads(config: ModelConfig, world_size: int) -> ModelConfig:
+    """config with num_threads decided once, in the process that starts the run: the user's; else, where the ranks
+    compute on the CPU, each one's share of the cores other processes leave free (cpu_threads.py); else None
+    (torch's default: a GPU rank's host threads only feed the device)."""
+    if config.num_threads is not None or uses_gpus(config.device):
+        return config
+    return dataclasses.replace(config, num_threads=default_num_threads(measure_cpu_cores(), world_size))
+
+
+def share_cpu_cores(config: ModelConfig) -> None:
+    """This process's threads, as with_num_threads decided them."""
+    if config.num_threads is not None:
+        set_num_threads(config.num_threads)
 
 
 def build_rank_runner(spec: RankRunnerSpec, progress: bool) -> ModelRunner:

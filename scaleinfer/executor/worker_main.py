@@ -40,7 +40,7 @@ def spawned_worker_main(spec: RankRunnerSpec, steps_done: Any, errors: Connectio
     parent: EOF on it means the engine process is gone, and so this one goes too."""
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     rank = spec.rank.rank
-    share_cpu_cores(spec.rank.world_size)
+    share_cpu_cores(spec.model)
     try:
         runner = build_rank_runner(spec, progress=False)
         steps_done[rank] = 0  # built: the engine counts this rank as ready

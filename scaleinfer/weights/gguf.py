@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from scaleinfer.config import ArchConfig
 from scaleinfer.errors import InvalidRequestError, ModelLoadError, UnsupportedArchitectureError
+from scaleinfer.weights.gguf_reader import FastGGUFReader
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +96,7 @@ def open_gguf(path: Path) -> GGUFFile:
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {path} does not exist")
     try:
-        reader = GGUFReader(path)
+        reader = FastGGUFReader(path)
     except Exception as exc:  # malformed bytes surface as ValueError, IndexError, KeyError, UnicodeError...
         raise ModelLoadError(f"corrupt or truncated GGUF file {path}: {exc!r}") from exc
     _check_extent(reader, path)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from scaleinfer.config import ArchConfig
-from scaleinfer.errors import InvalidRequestError, ModelLoadError
+from scaleinfer.errors import InvalidRequestError, ModelLoadError, UnsupportedArchitectureError
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -69,13 +69,14 @@ def read_hf_config(folder: Path) -> ArchConfig:
 def arch_from_hf(config: dict[str, Any], path: str | Path = CONFIG_NAME) -> ArchConfig:
     """ArchConfig from a parsed config.json; `path` only names the file in error messages."""
     config = _gemma_spelling(_llama_spelling(config), path)
+    architecture = _architecture(config, path)
+    _check_known(architecture, path)  # before the keys: another family's spelling is no missing key
     for key in REQUIRED_KEYS:
         if config.get(key) is None:
             raise ModelLoadError(f"{path} lacks the required key {key!r}")
     for key, value in UNSUPPORTED_VALUES.get(config.get("model_type"), {}).items():
         if config.get(key, not value) == value:
             raise ModelLoadError(f"{path}: {key}={value} is not supported")
-    architecture = _architecture(config, path)
     rope_theta, rope_scaling = _rope(config, path)
     num_heads = config["num_attention_heads"]
     if config.get("model_type") in MULTI_HEAD_ONLY:
@@ -172,6 +173,16 @@ def _architecture(config: dict[str, Any], path: str | Path) -> str:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, model_type)
+
+
+def _check_known(architecture: str, path: str | Path) -> None:
+    """Refuse an architecture no model here implements, naming those that are."""
+    from scaleinfer.models.registry import ENCODERS, MODELS  # the model classes need torch; imported when used
+
+    if architecture not in MODELS and architecture not in ENCODERS:
+        raise UnsupportedArchitectureError(
+            f"{path}: architecture {architecture!r} is not supported; supported: {', '.join(sorted(MODELS))}, and "
+            f"for task='embed' {', '.join(sorted(ENCODERS))}")
 
 
 def _rope(config: dict[str, Any], path: str | Path) -> tuple[float, dict[str, Any] | None]:

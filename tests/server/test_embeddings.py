@@ -28,8 +28,8 @@ TEXTS = ["Hello world", "The quick brown fox jumps over the lazy dog.", "x",
 class EmbedServer:
     url: str
     client: openai.OpenAI
-    batch: list[list[float]]  # LLM.embed(TEXTS)
-    single: list[list[float]]  # LLM.embed([text]) for each text
+    batch: list[list[float]]  # LLM.embed_vectors(TEXTS)
+    single: list[list[float]]  # LLM.embed_vectors([text]) for each text
     token_ids: list[list[int]]  # TEXTS tokenized as the embedder does
     size: int
 
@@ -39,7 +39,7 @@ def embed_server():
     from scaleinfer.llm import LLM
 
     llm = LLM(MODEL, task="embed", device="cpu", progress=False)
-    batch, single = llm.embed(TEXTS), [llm.embed([text])[0] for text in TEXTS]
+    batch, single = llm.embed_vectors(TEXTS), [llm.embed_vectors([text])[0] for text in TEXTS]
     token_ids = llm.embedder.tokenize(TEXTS)
     embedder = AsyncEmbedder(llm.embedder, MODEL)  # its worker thread owns the runner from here on
     threaded = ThreadedServer(build_app(embedder, api_key=API_KEY, max_body_bytes=MAX_BODY_BYTES))

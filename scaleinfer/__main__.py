@@ -1,0 +1,7 @@
+"""`python -m scaleinfer`: the `scaleinfer` command."""
+
+import sys
+
+from scaleinfer.cli import main
+
+sys.exit(main())
