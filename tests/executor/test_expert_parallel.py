@@ -145,3 +145,20 @@ def test_expert_parallel_flags_reach_the_parallel_config(command, monkeypatch):
     parallel = configs[0].parallel
     assert (parallel.expert_parallel_size, parallel.moe_all_to_all) == (2, "plain")
     assert cli.main([*command, "--tensor-parallel-size", "4", "--expert-parallel-size", "3"]) == 1
+
+
+@pytest.mark.gpu
+def test_gpu_two_expert_groups_in_cuda_graphs_equal_one_gpu(models):
+    """Two GPUs over NCCL: the all-to-all inside captured decode steps (a host sync would fail the capture) gives
+    one GPU's tokens in float32, plain and coordinated alike."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    folder = str(models["qwen2_moe"][0])
+    params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True)
+    common = dict(device="cuda", dtype="float32", skip_tokenizer_init=True, kv_cache_memory=1 << 30, progress=False)
+    with LLM(folder, **common) as llm:
+        expected = [o.outputs[0].token_ids for o in llm.generate(prompts(), params)]
+    for mode in ("coordinated", "plain"):
+        with LLM(folder, tensor_parallel_size=2, expert_parallel_size=2, moe_all_to_all=mode, **common) as llm:
+            assert llm.engine.runner.graphs is not None
+            assert [o.outputs[0].token_ids for o in llm.generate(prompts(), params)] == expected, mode
