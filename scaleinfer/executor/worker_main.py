@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import signal
 import sys
 import threading
 import traceback
@@ -38,6 +39,9 @@ def spawned_worker_main(spec: RankRunnerSpec, steps_done: Any, errors: Connectio
     """The target of a worker process the engine spawned. steps_done: a shared array, one count per rank (the
     engine names a rank that hangs from it); errors: where a failure's text goes before the process exits 1;
     parent: EOF on it means the engine process is gone, and so this one goes too."""
+    # Ctrl-C reaches the terminal's whole process group: the engine's process decides what it means (chat stops
+    # a reply, serve drains), and this one ends with it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     rank = spec.rank.rank
     share_cpu_cores(spec.model)
