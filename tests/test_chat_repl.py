@@ -4,11 +4,11 @@ process serves the whole session; every wait is for text the terminal shows (its
 
 from __future__ import annotations
 
+import io
 import os
 import pty
 import select
 import signal
-import subprocess
 import sys
 import time
 
@@ -118,9 +118,12 @@ def test_ctrl_d_ends_the_session(session):
     assert session.wait() == 0
 
 
-def test_a_model_without_a_chat_template_is_refused_at_start(tiny_models):
-    folder = tiny_models["llama2"][0]
-    result = subprocess.run([sys.executable, "-m", "scaleinfer", "chat", "--model", str(folder), "--device", "cpu"],
-                            capture_output=True, text=True, timeout=FAILURE_BOUND_S, stdin=subprocess.DEVNULL)
-    assert result.returncode == 1
-    assert f"error: model {str(folder)!r} has no chat template, which `scaleinfer chat` needs" in result.stderr
+def test_a_model_without_a_chat_template_is_refused_at_start(tiny_models, capsys, monkeypatch):
+    from scaleinfer import cli
+
+    folder = str(tiny_models["llama2"][0])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("never read\n"))
+    assert cli.main(["chat", "--model", folder, "--device", "cpu", "--max-model-len", "64"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: model {folder!r} has no chat template, which `scaleinfer chat` needs" in err
+    assert "--chat-template" in err
