@@ -12,7 +12,9 @@ The matmul: up to MAX_GEMV_ROWS rows, on a GPU, the Triton GEMV reads the fp8 we
 scales). Past it, per-row scales go through torch._scaled_mm with per-token activation scales (dynamic, each
 token's max |x| / 448, or a checkpoint's static input_scale) where it runs: GPUs of compute capability >= 8.9
 (Hopper is the target), and the CPU, whose torch has an fp8 _scaled_mm (not fast: fp8 on CPU is for tests).
-Block scales past the GEMV, and fp8 matmuls a device lacks, dequantize to the activations' dtype and matmul.
+Block scales past the GEMV, and fp8 matmuls a device lacks, dequantize to the activations' dtype and matmul
+(block-wise checkpoints are weight-only throughout: HF's own kernel quantizes activations per 1 x 128 group,
+which a row-wise _scaled_mm cannot take).
 """
 
 from __future__ import annotations
@@ -48,13 +50,15 @@ def quantize_rows(rows: torch.Tensor, columns: Columns = None) -> tuple[torch.Te
 
 
 def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group_k: int,
-               bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+               bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
+               weight_only: bool = False) -> torch.Tensor:
     """x: [..., K] -> [..., N] in x's dtype; q [N, K] e4m3, scale [N, G] float32 (G == 1: per row).
-    input_scale: [1] a static activation scale, None: per-token dynamic. No host syncs."""
+    input_scale: [1] a static activation scale, None: per-token dynamic. weight_only: x is never quantized (a
+    block-wise scheme, whose rank may hold one block of columns: G == 1 there too). No host syncs."""
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
     if use_triton(x) and x2.shape[0] <= MAX_GEMV_ROWS:
         y = fp8_gemv_triton(x2.contiguous(), q, scale, group_k, bias)
-    elif scale.shape[1] == 1 and _scaled_mm_runs(x2, q):
+    elif not weight_only and scale.shape[1] == 1 and _scaled_mm_runs(x2, q):
         xq, x_scale = quantize_per_token(x2, input_scale)  # [M, K] e4m3, [M, 1]
         y = torch._scaled_mm(xq, q.T, scale_a=x_scale, scale_b=scale.view(1, -1), bias=bias, out_dtype=x.dtype)
     else:
@@ -121,14 +125,14 @@ class Fp8CheckpointScheme:
                                  f"input features are not a multiple of the block's {group_k}")
         layer.weight_group_k = group_k
         layer.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=FP8_DTYPE), requires_grad=False)
-        scale = nn.Parameter(torch.ones(output_size, num_groups(input_size, group_k)), requires_grad=False)
-        scale.weight_loader = lambda param, loaded, *shard: layer.weight_loader(param, self._as_rows(layer, loaded),
-                                                                                *shard)
+        groups = num_groups(input_size, group_k)
+        scale = nn.Parameter(torch.ones(output_size, groups, dtype=torch.float32), requires_grad=False)
+        scale.weight_loader = lambda param, loaded, *shard: self._load_scale(layer, param, loaded, *shard)
         scale.dummy_init = lambda std, generator: None  # the weight's draw writes it
         setattr(layer, self.scale_name, scale)
         layer.weight.dummy_init = lambda std, generator: _init_dummy(layer, self.scale_name, std, generator)
         if self.static_input:
-            layer.input_scale = nn.Parameter(torch.zeros(1), requires_grad=False)
+            layer.input_scale = nn.Parameter(torch.zeros(1, dtype=torch.float32), requires_grad=False)
             layer.input_scale.weight_loader = _load_max
             layer.input_scale.dummy_init = lambda std, generator: layer.input_scale.fill_(DUMMY_INPUT_SCALE)
 
@@ -142,7 +146,14 @@ class Fp8CheckpointScheme:
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         input_scale = layer.input_scale if self.static_input else None
         return fp8_linear(x, layer.weight, getattr(layer, self.scale_name), layer.weight_group_k, bias,
-                          input_scale)
+                          input_scale, weight_only=self.block is not None)
+
+    def _load_scale(self, layer: nn.Module, param: nn.Parameter, loaded: torch.Tensor, *shard_id: object) -> None:
+        rows = self._as_rows(layer, loaded)
+        if self.block is None and isinstance(layer, RowParallelLinear):  # a whole row's scale on every rank
+            _copy_rows(param, 0, rows, loaded)
+        else:
+            layer.weight_loader(param, rows, *shard_id)
 
     def _as_rows(self, layer: nn.Module, loaded: torch.Tensor) -> torch.Tensor:
         """A checkpoint scale tensor as rows of the full weight ([rows, G]), which the linear's loader narrows
