@@ -6,6 +6,7 @@ import argparse
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -22,6 +23,7 @@ from scaleinfer.config import (
 from scaleinfer.errors import InvalidRequestError, ScaleInferError
 from scaleinfer.sampling_params import SamplingParams
 from scaleinfer.tokenizer import apply_chat_template
+from scaleinfer.version import __version__
 
 
 @dataclass(slots=True)
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaleinfer", description="Inference for transformer models.")
+    parser.add_argument("--version", action="version", version=f"scaleinfer {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     generate = commands.add_parser("generate", help="complete one prompt, streaming tokens to the terminal")
     generate.add_argument("prompt")
@@ -92,6 +95,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=EMBEDDED_MODEL_ALIAS,
                         help="HF-style folder, .gguf file, or the alias smollm2-135m (the default)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per process (default: on a CPU, the physical cores other processes leave "
+                             "free, shared among the tensor-parallel ranks)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--quantization", default=None, choices=[q for q in QUANTIZATIONS if q],
@@ -153,6 +159,7 @@ def _engine_config(args: argparse.Namespace, **scheduler: int | None) -> EngineC
               if getattr(args, name) is not None}
     return EngineConfig.from_kwargs(
         model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+        num_threads=args.threads,
         quantization=args.quantization, offload=args.offload, offload_path=args.offload_path,
         offload_gpu_budget=args.offload_gpu_budget,
         tensor_parallel_size=args.tensor_parallel_size, expert_parallel_size=args.expert_parallel_size,
@@ -175,8 +182,11 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 def _load_engine(args: argparse.Namespace):
     from scaleinfer.engine.llm_engine import LLMEngine
+    from scaleinfer.startup import engine_summary, print_startup
 
-    return LLMEngine(_engine_config(args))
+    engine = LLMEngine(_engine_config(args))
+    print_startup(engine_summary(engine))
+    return engine
 
 
 def _run_generate(args: argparse.Namespace) -> int:
@@ -195,25 +205,11 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _run_chat(args: argparse.Namespace) -> int:
+    from scaleinfer.chat_session import run_chat
+
     params = _sampling_params(args)
-    engine = _load_engine(args)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("chat with the model; an empty line or Ctrl-D ends it", file=sys.stderr)
-    for line in _prompts(sys.stdin):
-        messages.append({"role": "user", "content": line})
-        summary = stream(engine, apply_chat_template(engine.tokenizer, messages), params, sys.stdout)
-        print(f"\n{summary.line()}", file=sys.stderr)
-        messages.append({"role": "assistant", "content": summary.text})
+    run_chat(_load_engine(args), params, args.system)
     return 0
-
-
-def _prompts(stdin: TextIO):
-    while True:
-        print("> ", end="", file=sys.stderr, flush=True)
-        line = stdin.readline()
-        if not line.strip():
-            return
-        yield line.strip()
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -246,20 +242,30 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def stream(engine, prompt: str | list[int], params: SamplingParams, out: TextIO) -> StreamSummary:
-    """Run one request alone on the engine, writing text to `out` as it is generated."""
+def stream(engine, prompt: str | list[int], params: SamplingParams, out: TextIO,
+           should_stop: Callable[[], bool] = lambda: False) -> StreamSummary:
+    """Run one request alone on the engine, writing text to `out` as it is generated; should_stop() true between
+    two steps aborts it (finish reason "abort")."""
     start = time.perf_counter()
     engine.add_request("cli", prompt, params)
     printed, ttft, output = 0, None, None
     while engine.has_unfinished_requests():
+        if should_stop():
+            engine.abort_request(["cli"])
+            return _summary(output, ttft, time.perf_counter() - start, "abort")
         for request_output in engine.step():
             output = request_output.outputs[0]
             ttft = ttft if ttft is not None else time.perf_counter() - start
             out.write(output.text[printed:])
             out.flush()
             printed = len(output.text)
-    elapsed = time.perf_counter() - start
-    return StreamSummary(len(output.token_ids), ttft or 0.0, elapsed, output.finish_reason, output.text)
+    return _summary(output, ttft, time.perf_counter() - start, output.finish_reason)
+
+
+def _summary(output, ttft: float | None, seconds: float, finish_reason: str | None) -> StreamSummary:
+    if output is None:  # stopped before the first token
+        return StreamSummary(0, 0.0, seconds, finish_reason, "")
+    return StreamSummary(len(output.token_ids), ttft or 0.0, seconds, finish_reason, output.text)
 
 
 if __name__ == "__main__":
