@@ -1,6 +1,7 @@
 """Tensor parallelism on CPU processes over gloo: greedy tokens equal HF transformers', logprobs equal one
 process's, with chunked prefill, prefix caching and preemption in play; every worker process ends."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,10 +11,12 @@ from transformers import AutoModelForCausalLM, MixtralConfig
 
 from scaleinfer import LLM, SamplingParams, init_inference
 from scaleinfer.errors import InvalidRequestError
+from scaleinfer.sampling_params import StructuredOutputsParams
 
 # Chunks of 16 tokens, a cache too small for every sequence at once (preemption by recompute), prefix caching on.
 PRESSURE = dict(max_num_batched_tokens=16, num_blocks=10, block_size=8)
 NUM_TOKENS = 8
+DATE = r"\d{4}-\d{2}-\d{2}"
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +72,10 @@ def test_mixtral_expert_slicing_at_two_ranks(mixtral):
 
 
 def test_the_embedded_model_at_three_ranks(embedded_gguf):
-    """SmolLM2-135M: 9 attention heads and 3 KV heads, one of each three per rank; text in, text out."""
+    """SmolLM2-135M: 9 attention heads and 3 KV heads, one of each three per rank; text in, text out. A
+    structured-output request beside them: its grammar's bitmask reaches every rank in the step message."""
     params = SamplingParams(temperature=0, max_tokens=12)
+    dated = SamplingParams(temperature=0, max_tokens=12, structured_outputs=StructuredOutputsParams(regex=DATE))
     prompts = ["The capital of France is", "1, 2, 3,"]
     with LLM(str(embedded_gguf), device="cpu", progress=False, kv_cache_memory=16 << 20) as llm:
         expected = [o.outputs[0].text for o in llm.generate(prompts, params)]
@@ -78,6 +83,9 @@ def test_the_embedded_model_at_three_ranks(embedded_gguf):
              tensor_parallel_size=3) as llm:
         pids = llm.engine.executor.worker_pids
         assert [o.outputs[0].text for o in llm.generate(prompts, params)] == expected
+        outputs = llm.generate([*prompts, "The date today is"], [params, params, dated])
+    assert [o.outputs[0].text for o in outputs[:2]] == expected
+    assert re.fullmatch(DATE, outputs[2].outputs[0].text) and outputs[2].outputs[0].finish_reason == "stop"
     assert len(pids) == 2 and not any(Path(f"/proc/{pid}").exists() for pid in pids)  # stopped and reaped
 
 
