@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from scaleinfer.outputs import CompletionOutput, Logprob
-from scaleinfer.server.protocol import ChatLogprobs, CompletionLogprobs, TokenLogprob, TopLogprob
+from scaleinfer.outputs import CompletionOutput, Logprob, RequestOutput
+from scaleinfer.server.protocol import (
+    ChatLogprobs,
+    CompletionLogprobs,
+    PromptLogprob,
+    PromptLogprobs,
+    TokenLogprob,
+    TopLogprob,
+)
 
 
 def completion_logprobs(tokenizer: Any, output: CompletionOutput, start: int,
@@ -22,6 +29,16 @@ def completion_logprobs(tokenizer: Any, output: CompletionOutput, start: int,
         result.text_offset.append(text_offset)
         text_offset += len(token)
     return result
+
+
+def prompt_logprobs_out(output: RequestOutput) -> PromptLogprobs | None:
+    """RequestOutput.prompt_logprobs as vLLM's server sends them (token ids as JSON keys)."""
+    if output.prompt_logprobs is None:
+        return None
+    return [None if entry is None else {str(t): PromptLogprob(logprob=lp.logprob, rank=lp.rank,
+                                                              decoded_token=lp.decoded_token)
+                                        for t, lp in entry.items()}
+            for entry in output.prompt_logprobs]
 
 
 def chat_logprobs(tokenizer: Any, output: CompletionOutput, start: int, num_top: int) -> ChatLogprobs | None:

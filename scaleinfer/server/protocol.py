@@ -78,6 +78,7 @@ class SamplingRequest(_Request):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None  # extension (vLLM)
+    prompt_logprobs: int | None = None  # extension (vLLM): top-k per prompt position; not with stream=true
     logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> bias
     user: str | None = None  # accepted and ignored
     # Structured outputs (server/structured.py): OpenAI's response_format, vLLM's structured_outputs and its
@@ -198,11 +199,23 @@ class CompletionLogprobs(_Response):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(_Response):
+    """One token's entry at one prompt position (vLLM's prompt_logprobs: token id -> this)."""
+
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]  # None at the first position
+
+
 class CompletionChoice(_Response):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # extension (vLLM): of this choice's prompt
 
 
 class CompletionResponse(_Response):
@@ -260,6 +273,7 @@ class ChatCompletionResponse(_Response):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # extension (vLLM)
     system_fingerprint: str | None = None
 
 

@@ -70,10 +70,16 @@ def build_params(ctx: ServingContext, req: SamplingRequest, max_tokens: int,
         top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0, min_p=req.min_p or 0.0,
         seed=req.seed, stop=req.stop or [], stop_token_ids=req.stop_token_ids or [],
         include_stop_str_in_output=req.include_stop_str_in_output, skip_special_tokens=req.skip_special_tokens,
-        ignore_eos=req.ignore_eos, logprobs=logprobs,
+        ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=_prompt_logprobs(req),
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
         logit_bias=_token_id_keys(req.logit_bias or {}), structured_outputs=structured_outputs(req))
+
+
+def _prompt_logprobs(req: SamplingRequest) -> int | None:
+    if req.stream and req.prompt_logprobs is not None:  # as vLLM: they would only fit the first chunk
+        raise bad_request("prompt_logprobs are not available with stream=true", "prompt_logprobs")
+    return req.prompt_logprobs
 
 
 def _token_id_keys(logit_bias: dict[str, float]) -> dict[int, float]:

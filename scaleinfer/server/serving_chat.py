@@ -11,7 +11,7 @@ from typing import Any
 
 from scaleinfer.errors import InvalidRequestError
 from scaleinfer.server.errors import bad_request
-from scaleinfer.server.logprobs import chat_logprobs
+from scaleinfer.server.logprobs import chat_logprobs, prompt_logprobs_out
 from scaleinfer.server.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -109,7 +109,8 @@ def _response(plan: ToolPlan, ctx: ServingContext, req: ChatCompletionRequest, r
     choices = [ChatChoice(index=c.index, message=message, finish_reason=finish_reason,
                           logprobs=chat_logprobs(ctx.engine.tokenizer, c, 0, req.top_logprobs or 0))
                for c in output.outputs for message, finish_reason in [message_out(plan, c)]]
-    return ChatCompletionResponse(id=request_id, model=req.model, choices=choices, usage=requests.usage())
+    return ChatCompletionResponse(id=request_id, model=req.model, choices=choices, usage=requests.usage(),
+                                  prompt_logprobs=prompt_logprobs_out(output))
 
 
 async def _stream(plan: ToolPlan, ctx: ServingContext, req: ChatCompletionRequest, request_id: str,

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 
 from scaleinfer.outputs import RequestOutput
 from scaleinfer.server.errors import bad_request
-from scaleinfer.server.logprobs import completion_logprobs
-from scaleinfer.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from scaleinfer.server.logprobs import completion_logprobs, prompt_logprobs_out
+from scaleinfer.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, PromptLogprobs
 from scaleinfer.server.serving import (
     ChoiceDelta,
     EngineRequests,
@@ -29,7 +29,7 @@ async def create_completion(ctx: ServingContext,
     ctx.check_model(req.model)
     refuse_unsupported_completion(req.model_extra)
     if req.echo and req.logprobs is not None:
-        raise bad_request("echo with logprobs is not supported: prompt logprobs are not computed", "echo")
+        raise bad_request("echo with logprobs is not supported; prompt_logprobs gives the prompt's logprobs", "echo")
     raw_prompts = normalize_prompts(req.prompt)
     ctx.limits.check_prompts(raw_prompts)
     ctx.limits.check_admissible(req.n, len(raw_prompts))
@@ -54,16 +54,17 @@ def normalize_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> 
 def _response(ctx: ServingContext, req: CompletionRequest, request_id: str,
               requests: EngineRequests) -> CompletionResponse:
     tracker = requests.delta_tracker()
-    choices = [_choice(ctx, delta, 0, _echo(ctx, req, requests.prompt_texts[i], output))
+    choices = [_choice(ctx, delta, 0, _echo(ctx, req, requests.prompt_texts[i], output), prompt_logprobs_out(output))
                for i, output in enumerate(requests.latest) if output is not None for delta in tracker.deltas(i, output)]
     choices.sort(key=lambda choice: choice.index)
     return CompletionResponse(id=request_id, model=req.model, choices=choices, usage=requests.usage())
 
 
-def _choice(ctx: ServingContext, delta: ChoiceDelta, text_offset: int, echo: str = "") -> CompletionChoice:
+def _choice(ctx: ServingContext, delta: ChoiceDelta, text_offset: int, echo: str = "",
+            prompt_logprobs: PromptLogprobs | None = None) -> CompletionChoice:
     logprobs = completion_logprobs(ctx.engine.tokenizer, delta.output, delta.token_start, text_offset)
     return CompletionChoice(index=delta.index, text=echo + delta.text, logprobs=logprobs,
-                            finish_reason=delta.finish_reason)
+                            finish_reason=delta.finish_reason, prompt_logprobs=prompt_logprobs)
 
 
 def _echo(ctx: ServingContext, req: CompletionRequest, text: str | None, output: RequestOutput) -> str:

@@ -18,7 +18,6 @@ _SAMPLING: dict[str, tuple[tuple[Any, ...], str]] = {
     "best_of": ((None, 1), "best_of other than 1 is not supported; use n"),
     "use_beam_search": ((None, False), "beam search is not supported"),
     "length_penalty": ((None, 1, 1.0), "length_penalty (beam search) is not supported"),
-    "prompt_logprobs": (_NOT_SET, "prompt_logprobs is not supported: logits of prompt positions are not computed"),
     "allowed_token_ids": (_NOT_SET, "allowed_token_ids is not supported; logit_bias can ban tokens"),
     "bad_words": ((None, []), "bad_words is not supported"),
     "logits_processors": ((None, []), "logits_processors is not supported"),

@@ -90,8 +90,6 @@ def test_through_the_openai_client_best_of_suffix_tools(client):
     refused = [
         ("best_of", lambda: client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, best_of=3)),
         ("suffix", lambda: client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, suffix="!")),
-        ("prompt_logprobs", lambda: client.completions.create(model=MODEL, prompt="Hi", max_tokens=2,
-                                                              extra_body={"prompt_logprobs": 2})),
         # tools under tool_choice auto on a chat template that writes no tool-call format (test_tool_calling.py)
         ("tool_choice", lambda: client.chat.completions.create(
             model=MODEL, messages=CHAT_MESSAGES, max_tokens=2,
