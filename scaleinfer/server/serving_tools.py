@@ -3,7 +3,9 @@ how the output is read back (the server's tool-call format), and the calls in Op
 
 tool_choice "auto" (the default with tools) parses the output with the server's format: `--tool-call-parser`,
 else the one the chat template's syntax names. "none" renders the tools into the prompt as vLLM does, but
-reads the output as content only.
+reads the output as content only. "required" and a named function constrain the output with structured
+outputs (as vLLM does): to a JSON array of {"name", "parameters"} calls, or to the function's arguments;
+such a request cannot also set response_format or another structured-output field.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scaleinfer.outputs import CompletionOutput
-from scaleinfer.sampling_params import SamplingParams
+from scaleinfer.sampling_params import SamplingParams, StructuredOutputsParams
 from scaleinfer.server.errors import bad_request
 from scaleinfer.server.protocol import (
     ChatCompletionRequest,
@@ -27,6 +29,7 @@ from scaleinfer.server.protocol import (
 )
 from scaleinfer.server.serving import ChoiceDelta
 from scaleinfer.server.tool_parsers import ToolCallDelta, ToolCallFormat, ToolCallStream, parser_named
+from scaleinfer.server.tool_parsers.forced import NamedFormat, RequiredFormat, named_schema, required_schema
 
 
 @dataclass(slots=True)
@@ -36,6 +39,7 @@ class ToolPlan:
     tools: list[dict[str, Any]] | None = None  # as the chat template takes them (OpenAI's dicts)
     format: ToolCallFormat | None = None  # reads calls out of the output; None: all of it is content
     parallel_tool_calls: bool = True
+    schema: dict[str, Any] | None = None  # the JSON schema the output is constrained to (required, named)
 
 
 def plan_tools(req: ChatCompletionRequest, tool_call_parser: str | None) -> ToolPlan:
@@ -50,8 +54,13 @@ def plan_tools(req: ChatCompletionRequest, tool_call_parser: str | None) -> Tool
         return ToolPlan(tools)
     if choice in (None, "auto"):
         return ToolPlan(tools, _auto_format(tool_call_parser), req.parallel_tool_calls)
-    what = "tool_choice 'required'" if choice == "required" else "a named tool_choice"
-    raise bad_request(f"{what} is not supported yet: it needs structured outputs; use 'auto'", "tool_choice")
+    if choice == "required":
+        return ToolPlan(tools, RequiredFormat(), req.parallel_tool_calls,
+                        required_schema(tools, req.parallel_tool_calls))
+    name = choice.function.name
+    if name not in [tool["function"]["name"] for tool in tools]:
+        raise bad_request(f"tool_choice names the function {name!r}, which is not among the tools", "tool_choice")
+    return ToolPlan(tools, NamedFormat(name), False, named_schema(tools, name))
 
 
 def _auto_format(tool_call_parser: str | None) -> ToolCallFormat:
@@ -62,7 +71,12 @@ def _auto_format(tool_call_parser: str | None) -> ToolCallFormat:
 
 
 def apply_plan(params: SamplingParams, plan: ToolPlan) -> SamplingParams:
-    """A format whose markers are special tokens needs them kept in the text it reads."""
+    """The schema of a forced call; a format whose markers are special tokens needs them kept in the text."""
+    if plan.schema is not None:
+        if params.structured_outputs is not None:
+            raise bad_request("tool_choice 'required' or a named function constrains the output itself: it "
+                              "cannot be combined with response_format or structured outputs", "tool_choice")
+        return dataclasses.replace(params, structured_outputs=StructuredOutputsParams(json=plan.schema))
     if plan.format is None or plan.format.skip_special_tokens:
         return params
     return dataclasses.replace(params, skip_special_tokens=False)

@@ -15,7 +15,6 @@ from fake_engine import ByteTokenizer, FakeEngine
 from server_utils import ThreadedServer
 
 from scaleinfer.engine.async_engine import AsyncLLMEngine
-from scaleinfer.outputs import CompletionOutput, RequestOutput
 from scaleinfer.server.app import build_app
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -53,19 +52,19 @@ class ScriptedEngine(FakeEngine):
     chars_per_step: int = 4
     params: list = field(default_factory=list)
 
-    def add_request(self, request_id, prompt, params) -> None:
-        super().add_request(request_id, prompt, params)
-        self.params.append(params)
+    def add_request(self, request) -> None:
+        super().add_request(request)
+        self.params.append(request.sampling_params)
 
-    def _advance(self, request_id: str) -> RequestOutput:
+    def _advance(self, request_id: str):
+        """The script's bytes as token ids (the front's ByteTokenizer decodes them back), chars_per_step a step,
+        then an EOS (byte 0: finish_reason "stop" drops its text, as a real EOS's)."""
         _, tokens = self.requests[request_id]
-        tokens.append(len(tokens))
-        text = self.script[:len(tokens) * self.chars_per_step]
-        finished = len(text) == len(self.script)
-        if finished:
-            del self.requests[request_id]
-        completion = CompletionOutput(0, text, list(tokens), finish_reason="stop" if finished else None)
-        return RequestOutput(request_id, None, [1, 2], [completion], finished)
+        script = self.script.encode()
+        new = list(script[len(tokens):len(tokens) + self.chars_per_step])
+        tokens.extend(new)
+        finished = len(tokens) == len(script)
+        return self.output(request_id, new + [0] * finished, finished, "stop")
 
 
 @dataclass
@@ -186,6 +185,33 @@ def test_tool_errors_are_400_naming_the_field(no_parser):
     assert ok.choices[0].message.tool_calls is None
 
 
+def test_required_and_named_constrain_the_output(no_parser):
+    served = no_parser
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    served.engine.script = json.dumps(ARGS)
+    try:
+        response = served.client.chat.completions.create(model="fake", messages=USER, tools=TOOLS, tool_choice=named)
+        params = served.engine.params[-1]
+        assert params.structured_outputs.json == WEATHER_TOOL["function"]["parameters"]
+        assert _calls(response.choices[0].message) == [("get_weather", ARGS)]
+        assert response.choices[0].message.content is None and response.choices[0].finish_reason == "tool_calls"
+        served.engine.script = json.dumps([{"name": "get_time", "parameters": {}}, {"name": "get_weather",
+                                                                                  "parameters": ARGS}])
+        stream = served.client.chat.completions.create(model="fake", messages=USER, tools=TOOLS,
+                                                       tool_choice="required", stream=True)
+        names = [d.function.name for chunk in stream for d in chunk.choices[0].delta.tool_calls or [] if d.id]
+        assert names == ["get_time", "get_weather"]
+        schema = served.engine.params[-1].structured_outputs.json
+        assert schema["type"] == "array" and len(schema["items"]["anyOf"]) == 2
+    finally:
+        served.engine.script = ""
+    for fields in ({"tool_choice": {"type": "function", "function": {"name": "nope"}}},
+                   {"tool_choice": "required", "response_format": {"type": "json_object"}}):
+        with pytest.raises(openai.BadRequestError) as info:
+            served.client.chat.completions.create(model="fake", messages=USER, tools=TOOLS, **fields)
+        assert info.value.body["param"] == "tool_choice", info.value.body
+
+
 def test_a_bad_parser_name_fails_at_start():
     with pytest.raises(Exception, match="'qwen9'"):
         build_app(AsyncLLMEngine(FakeEngine(tokenizer=ByteTokenizer())), tool_call_parser="qwen9")  # type: ignore[arg-type]
@@ -225,3 +251,34 @@ def test_embedded_model_renders_tools_and_tool_messages(hermes_model):
     assert choice.finish_reason in ("stop", "length") and isinstance(choice.message.content, str)
     tokenized = httpx.post(f"{threaded.url}/tokenize", json={"messages": USER}, timeout=30).json()
     assert tokenized["count"] < response.usage.prompt_tokens
+
+
+# Bounded arguments: a small model under a free-form string schema may write until max_tokens.
+CITY_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "London"]}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}}
+CLOCK_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+
+
+def test_embedded_model_named_and_required_calls(hermes_model):
+    client, _, _ = hermes_model
+    tools = [CITY_TOOL, CLOCK_TOOL]
+    named = client.chat.completions.create(model="smollm2-135m", messages=USER, tools=tools, max_tokens=60,
+                                           temperature=0, tool_choice={"type": "function",
+                                                                       "function": {"name": "get_weather"}})
+    (name, args), = _calls(named.choices[0].message)
+    assert name == "get_weather" and args["city"] in ("Paris", "London") and args["unit"] in ("c", "f")
+    assert named.choices[0].finish_reason == "tool_calls"
+    stream = client.chat.completions.create(model="smollm2-135m", messages=USER, tools=tools, max_tokens=120,
+                                            temperature=0, tool_choice="required", parallel_tool_calls=False,
+                                            stream=True)
+    calls, finish = {}, None
+    for chunk in stream:
+        for d in chunk.choices[0].delta.tool_calls or []:
+            calls.setdefault(d.index, [d.function.name, ""])[1] += d.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and len(calls) == 1
+    (name, arguments), = calls.values()
+    assert name in ("get_weather", "get_time") and isinstance(json.loads(arguments), dict)
