@@ -1,13 +1,16 @@
-"""Grammars compiled against the embedded model's tokenizer, matchers per sequence, the step's bitmask, rollback."""
+"""Grammars compiled against the embedded model's tokenizer, matchers per sequence, the step's bitmask, rollback,
+and the scheduler masking, advancing and stopping constrained sequences."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import make_scheduler
 
-from scaleinfer.engine.sequence import Sequence
+from scaleinfer.engine.sequence import Sequence, SequenceStatus
 from scaleinfer.engine.structured_output import StructuredOutputs, grammar_bitmask
 from scaleinfer.errors import InvalidRequestError
+from scaleinfer.outputs import RunnerOutput, SampledToken
 from scaleinfer.sampling_params import SamplingParams, StructuredOutputsParams
 
 EOS = 2  # SmolLM2's <|im_end|>
@@ -113,3 +116,24 @@ def test_structured_outputs_need_the_tokenizer():
     with pytest.raises(InvalidRequestError, match="tokenizer"):
         structured.compile(StructuredOutputsParams(regex="a"))
     assert structured.compile(None) is None
+
+
+def test_the_scheduler_masks_advances_and_stops_constrained_sequences(structured, tokenizer):
+    scheduler = make_scheduler()
+    yes = tokenizer.encode("yes", add_special_tokens=False)
+    done, broken, free = (constrained_seq(structured, "done", choice=["yes"]),
+                          constrained_seq(structured, "broken", choice=["yes"]),
+                          Sequence("free", [4, 5], SamplingParams(max_tokens=4), (EOS,)))
+    for seq in (done, broken, free):
+        scheduler.add(seq)
+    step = scheduler.schedule()
+    assert step.grammar_bitmask.request_ids == ["done", "broken"]  # the unconstrained one has no row
+    tokens = {"done": yes[0], "broken": tokenizer.encode("no", add_special_tokens=False)[0], "free": 9}
+    scheduler.update(step, RunnerOutput({rid: SampledToken(t) for rid, t in tokens.items()}))
+    assert broken.status is SequenceStatus.FINISHED_ABORTED  # a token its grammar refuses
+    assert done.grammar.num_accepted == 1 and free.status is SequenceStatus.RUNNING
+    for token_id in [*yes[1:], EOS]:  # the rest of "yes", then the end its complete grammar allows
+        step = scheduler.schedule()
+        assert step.grammar_bitmask.request_ids == ["done"]
+        scheduler.update(step, RunnerOutput({"done": SampledToken(token_id), "free": SampledToken(9)}))
+    assert done.status is SequenceStatus.FINISHED_STOPPED and done.stop_reason is None
