@@ -282,3 +282,19 @@ def test_embedded_model_named_and_required_calls(hermes_model):
     assert finish == "tool_calls" and len(calls) == 1
     (name, arguments), = calls.values()
     assert name in ("get_weather", "get_time") and isinstance(json.loads(arguments), dict)
+
+
+@pytest.mark.parametrize(("template", "parser"), [("hermes_tools.jinja", "hermes"),
+                                                  ("llama31_tools.jinja", "llama3_json")])
+def test_shipped_templates_name_their_format_and_render_the_history(hermes_model, template, parser):
+    from scaleinfer.server.tool_parsers import detect_parser
+
+    _, tokenizer, _ = hermes_model
+    text = (TEMPLATES / template).read_text()
+    assert detect_parser(text) == parser
+    history = [*USER, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": {"zone": "UTC"}}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}]
+    rendered = tokenizer.apply_chat_template(history, tools=TOOLS, chat_template=text, tokenize=False,
+                                             add_generation_prompt=True)
+    assert '"name": "get_weather"' in rendered and '"zone": "UTC"' in rendered and "12:00" in rendered
