@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from scaleinfer import LLM, SamplingParams
 from scaleinfer.config import CacheConfig, ModelConfig
 from scaleinfer.errors import InvalidRequestError, ModelLoadError
 from scaleinfer.kernels.gemv_fp8 import FP8_DTYPE, dequantize_fp8, fp8_linear_ref
@@ -338,3 +339,43 @@ def test_fp8_at_two_ranks_equals_one_process(checkpoints):
     _tp_matches(checkpoints["hf_block"][0], prompts, atol=1e-4)
     _tp_matches(checkpoints["hf_block"][0], prompts, atol=0.1, kv_cache_dtype="fp8")
     _tp_matches(checkpoints["ct_channel_static"][0], prompts, atol=1e-3)
+
+
+GPU_PROMPTS = [[5, 6, 7, 8, 9, 10], list(range(20, 45)), [100, 7, 250, 3], list(range(200, 240))]
+
+
+def _gpu_tokens(folder, **options) -> list[list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    with LLM(str(folder), device="cuda", progress=False, kv_cache_memory=1 << 30, skip_tokenizer_init=True,
+             **options) as llm:
+        return [o.outputs[0].token_ids for o in llm.generate(GPU_PROMPTS, params)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [dict(quantization="fp8"), dict(quantization="fp8", kv_cache_dtype="fp8"),
+                                     dict(kv_cache_dtype="fp8")])
+def test_fp8_on_gpu_cuda_graph_decode_equals_eager(tiny_models, options):
+    """float32 activations (the GEMV at one row, _scaled_mm refuses float32 so the dequantized matmul past it;
+    the fp8 cache written by the Triton rotary kernel and read by both attention kernels): graphs replay eager."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    folder, _ = tiny_models["llama3.1"]
+    eager = _gpu_tokens(folder, dtype="float32", enforce_eager=True, **options)
+    assert _gpu_tokens(folder, dtype="float32", **options) == eager
+
+
+@pytest.mark.gpu
+def test_fp8_checkpoints_on_gpu_give_the_cpus_tokens_in_float32(checkpoints):
+    """The block checkpoint (GEMV with block scales at decode, dequantized at prefill) on the GPU in float32
+    matches the CPU's dequantized path; bf16 with graphs and _scaled_mm (per channel) starts like float32."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    folder, _ = checkpoints["hf_block"]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    with LLM(str(folder), device="cpu", dtype="float32", progress=False, kv_cache_memory=4 << 20,
+             skip_tokenizer_init=True) as llm:
+        cpu = [o.outputs[0].token_ids for o in llm.generate(GPU_PROMPTS, params)]
+    assert [t[:8] for t in _gpu_tokens(folder, dtype="float32")] == cpu
+    folder, _ = checkpoints["ct_channel_static"]
+    bf16, fp32 = _gpu_tokens(folder, dtype="bfloat16"), _gpu_tokens(folder, dtype="float32")
+    assert sum(a[0] == b[0] for a, b in zip(bf16, fp32)) >= 3
