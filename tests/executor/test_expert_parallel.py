@@ -97,15 +97,19 @@ def test_two_expert_groups_sliced_two_ways_coordinated_and_plain(models):
 
 def test_four_expert_groups_equal_one_process(models):
     folder, reference = models["qwen3_moe"]
+    reset_comm_bytes()
     outputs, _ = generate(folder, prompts(), 4, NUM_TOKENS, expert_parallel_size=4)
     assert_same(outputs, reference)
+    assert set(comm_bytes()) == {"all_to_all", "restore_all_gather"}  # whole experts: no slice group
 
 
 def test_two_experts_on_four_ranks_each_sliced_two_ways(models):
     """More ranks than experts: each expert on its own pair of ranks, half its width on each."""
     folder, reference = models["mixtral_2_experts"]
+    reset_comm_bytes()
     outputs, _ = generate(folder, prompts(), 4, NUM_TOKENS, expert_parallel_size=2)
     assert_same(outputs, reference)
+    assert {"all_to_all", "slice_all_gather", "slice_reduce_scatter"} <= set(comm_bytes())
 
 
 def test_placements_that_cannot_run_are_refused_with_the_values(models, tiny_models):
