@@ -15,6 +15,7 @@ from fake_engine import ByteTokenizer, FakeEngine
 from server_utils import ThreadedServer
 
 from scaleinfer.engine.async_engine import AsyncLLMEngine
+from scaleinfer.errors import InvalidRequestError
 from scaleinfer.server.app import build_app
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -212,9 +213,35 @@ def test_required_and_named_constrain_the_output(no_parser):
         assert info.value.body["param"] == "tool_choice", info.value.body
 
 
-def test_a_bad_parser_name_fails_at_start():
-    with pytest.raises(Exception, match="'qwen9'"):
-        build_app(AsyncLLMEngine(FakeEngine(tokenizer=ByteTokenizer())), tool_call_parser="qwen9")  # type: ignore[arg-type]
+def test_a_bad_parser_name_or_no_format_with_auto_tool_choice_fails_at_start():
+    for kwargs, message in ((dict(tool_call_parser="qwen9"), "'qwen9'"),
+                            (dict(enable_auto_tool_choice=True), "--enable-auto-tool-choice")):
+        engine = AsyncLLMEngine(FakeEngine(tokenizer=ByteTokenizer()))  # type: ignore[arg-type]
+        try:
+            with pytest.raises(InvalidRequestError, match=message):
+                build_app(engine, **kwargs)
+        finally:
+            engine.shutdown()
+
+
+class _Captured(Exception):
+    pass
+
+
+def test_serve_tool_flags_reach_run_server(monkeypatch):
+    import scaleinfer.server.app as app
+    from scaleinfer import cli
+
+    calls = []
+
+    def capture(config, *args, **kwargs):
+        calls.append(kwargs)
+        raise _Captured
+
+    monkeypatch.setattr(app, "run_server", capture)
+    with pytest.raises(_Captured):
+        cli.main(["serve", "--tool-call-parser", "mistral", "--enable-auto-tool-choice"])
+    assert (calls[0]["tool_call_parser"], calls[0]["enable_auto_tool_choice"]) == ("mistral", True)
 
 
 # ---- the embedded model, through the Hermes-style template ------------------------------------------
