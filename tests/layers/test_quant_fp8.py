@@ -341,6 +341,35 @@ def test_fp8_at_two_ranks_equals_one_process(checkpoints):
     _tp_matches(checkpoints["ct_channel_static"][0], prompts, atol=1e-3)
 
 
+def _cpu_tokens(folder, **options) -> list[int]:
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    with LLM(str(folder), device="cpu", dtype="float32", skip_tokenizer_init=True, progress=False,
+             kv_cache_memory=4 << 20, **options) as llm:
+        return llm.generate([[5, 6, 7, 8, 9, 10]], params)[0].outputs[0].token_ids
+
+
+def test_offloaded_layers_stream_fp8_weights(checkpoints, tiny_models):
+    """offload="cpu": the packed layers hold the e4m3 weights (and a checkpoint's scales); the same tokens."""
+    for folder, options in ((tiny_models["llama3.1"][0], dict(quantization="fp8")), (checkpoints["hf_block"][0], {}),
+                            (tiny_models["llama3.1"][0], dict(kv_cache_dtype="fp8"))):
+        assert _cpu_tokens(folder, offload="cpu", **options) == _cpu_tokens(folder, **options), options
+
+
+def test_dummy_weights_load_into_fp8_schemes(checkpoints, tiny_models):
+    """load_format="dummy" (benchmarks): Normal(0, 0.02) drawn, then quantized per row, for both schemes (a block
+    checkpoint's grouped scale holds the row's scale in every group)."""
+    for folder, quantization, scale_name in ((checkpoints["hf_block"][0], None, "weight_scale_inv"),
+                                             (tiny_models["llama3.1"][0], "fp8", "weight_scale")):
+        config = ModelConfig(str(folder), device="cpu", dtype="float32", quantization=quantization,
+                             load_format="dummy")
+        runner = ModelRunner(config, CacheConfig(num_blocks=8), resolve_model(str(folder), "dummy"), progress=False)
+        layer = runner.model.model.layers[0].mlp.down_proj
+        scale = getattr(layer, scale_name)
+        assert layer.weight.dtype == FP8_DTYPE and layer.weight.float().abs().amax() == 448
+        assert torch.equal(scale, scale[:, :1].expand_as(scale))
+        torch.testing.assert_close(scale.mean(), torch.tensor(0.02 * 3.5 / 448), rtol=0.3, atol=0)
+
+
 GPU_PROMPTS = [[5, 6, 7, 8, 9, 10], list(range(20, 45)), [100, 7, 250, 3], list(range(200, 240))]
 
 
