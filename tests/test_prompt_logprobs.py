@@ -60,3 +60,21 @@ def test_prompt_logprobs_bounds():
     for bad in (-1, 21, 1.5, True):
         with pytest.raises(InvalidRequestError, match="prompt_logprobs"):
             SamplingParams(prompt_logprobs=bad)
+
+
+@pytest.mark.gpu
+def test_prompt_logprobs_on_cuda_beside_graph_decodes(tiny_models):
+    """On a GPU with CUDA graphs: a long prompt's chunks run while another request decodes; values equal HF's."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    folder, hf_model = tiny_models["llama3.1"]
+    llm = LLM(model=str(folder), device="cuda", dtype="float32", max_num_batched_tokens=16, progress=False,
+              kv_cache_memory=1 << 30)
+    prompt = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(7)).tolist()
+    plain, scored = llm.generate([[1, 2, 3], prompt], [SamplingParams(temperature=0, max_tokens=24),
+                                                      SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=1)])
+    expected = _expected(hf_model, prompt)
+    got = torch.tensor([entry[token].logprob for token, entry in zip(prompt[1:], scored.prompt_logprobs[1:])])
+    want = expected[:-1].gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+    assert plain.prompt_logprobs is None and len(plain.outputs[0].token_ids) == 24
