@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from scaleinfer.kernels import token_bitmask
+
 NEG_INF = float("-inf")
 
 
@@ -94,14 +96,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, default_generator: torch.
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: TokenBitmask) -> None:
     """Set to -inf, in place, the logits of the tokens bitmask's rows do not allow. logits: [num_seqs, vocab];
-    a vocab past the bitmask's 32 * num_words tokens (a padded LM head) is not allowed either."""
-    vocab, num_masked = logits.shape[1], bitmask.rows.shape[0]
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    bits = (bitmask.words.unsqueeze(-1) >> shifts) & 1  # [num_masked, num_words, 32]
-    num_bits = min(vocab, bits.shape[1] * 32)
-    allowed = torch.zeros(num_masked, vocab, dtype=torch.bool, device=logits.device)
-    allowed[:, :num_bits] = bits.flatten(1)[:, :num_bits].bool()
-    logits[bitmask.rows] = logits[bitmask.rows].masked_fill(~allowed, NEG_INF)
+    a vocab past the bitmask's 32 * num_words tokens (a padded LM head) is not allowed either. One kernel on
+    the GPU (kernels/token_bitmask.py), its torch reference elsewhere."""
+    token_bitmask.apply_token_bitmask(logits, bitmask.rows, bitmask.words)
 
 
 def apply_penalties(logits: torch.Tensor, penalties: PenaltyBatch) -> torch.Tensor:
