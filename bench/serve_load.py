@@ -5,8 +5,10 @@ have the device to themselves).
 Requests are seeded prompts with fixed output lengths (eos ignored), so every run and both paths do the
 same work: random-word sentences for a real checkpoint, random token ids for a --shape (random weights,
 no tokenizer, no checkpoint). Reported: requests/s, output tok/s, time to first token and inter-token
-latency at p50/p99, end-to-end latency, errors; the online/offline output tok/s ratio; on a GPU the card's
-ceilings.
+latency at p50/p99, end-to-end latency, errors; the online/offline output tok/s ratio; the CPU use of the
+server's front process (HTTP, tokenizer, detokenization) and of its engine-core process while serving; on a
+GPU the card's ceilings. A chunk may carry several tokens (a stream's outputs coalesce while its reader is
+away), so tokens are counted from the chunks' text via usage, and inter-token latency is per chunk.
 
     python bench/serve_load.py                                   # starts run_server on the embedded model
     python bench/serve_load.py --shape llama3-8b --concurrency 64    # a GPU: random bf16 weights, token ids
@@ -72,7 +74,8 @@ class ServedModel:
 @dataclass(slots=True)
 class RequestRecord:
     start: float
-    token_times: list[float] = field(default_factory=list)  # arrival of each streamed token
+    token_times: list[float] = field(default_factory=list)  # arrival of each streamed chunk with text
+    num_tokens: int = 0  # from the final usage
     error: str | None = None
 
     @property
@@ -116,10 +119,13 @@ async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str | list
     record = RequestRecord(time.perf_counter())
     try:
         stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, stream=True,
-                                                 temperature=0.0, extra_body={"ignore_eos": True})
+                                                 temperature=0.0, extra_body={"ignore_eos": True},
+                                                 stream_options={"include_usage": True})
         async for chunk in stream:
             if chunk.choices:
                 record.token_times.append(time.perf_counter())
+            if chunk.usage is not None:
+                record.num_tokens = chunk.usage.completion_tokens
     except openai.APIError as exc:
         record.error = f"{type(exc).__name__}: {exc}"
     return record
@@ -147,7 +153,7 @@ def summarize(records: list[RequestRecord], seconds: float) -> dict[str, float |
     ttfts = [r.ttft for r in done]
     itls = [gap for r in done for gap in r.itls]
     e2e = [r.token_times[-1] - r.start for r in done]
-    num_tokens = sum(len(r.token_times) for r in done)
+    num_tokens = sum(r.num_tokens or len(r.token_times) for r in done)
     return {
         "seconds": seconds, "num_ok": len(done), "num_errors": len(records) - len(done),
         "requests_s": len(done) / seconds, "output_tok_s": num_tokens / seconds,
@@ -243,12 +249,36 @@ def main() -> None:
 
 def _online(args: argparse.Namespace, model: ServedModel, work: Workload) -> dict:
     proc, url = (None, args.url) if args.url else start_server(args, model)
+    pids = {} if proc is None else {"front": proc.pid, "engine_core": _core_pid(proc.pid)}
     try:
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         records, seconds = asyncio.run(run_online(args, url, model.name, work))
+        cpu = {f"{name}_cpu_percent": 100 * (cpu_seconds(pid) - cpu_before[name]) / seconds
+               for name, pid in pids.items()}
     finally:
         if proc is not None:
             stop_server(proc)
-    return summarize(records, seconds)
+    return {**summarize(records, seconds), **cpu}
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of one process, all its threads (Linux /proc); 0 where unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _core_pid(front_pid: int) -> int | None:
+    """The server's engine-core process: its child started by multiprocessing spawn."""
+    try:
+        children = Path(f"/proc/{front_pid}/task/{front_pid}/children").read_text().split()
+    except OSError:
+        return None
+    spawned = [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()
+               and b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
+    return int(spawned[0]) if spawned else None
 
 
 def _device(name: str) -> torch.device:
@@ -261,7 +291,8 @@ def _report(online: dict, offline: dict, path: Path) -> None:
     print(f"online: {online['requests_s']:.2f} req/s, {online['output_tok_s']:.1f} output tok/s, "
           f"TTFT p50 {online.get('ttft_s_p50', 0) * 1e3:.0f} ms p99 {online.get('ttft_s_p99', 0) * 1e3:.0f} ms, "
           f"ITL p50 {online.get('itl_s_p50', 0) * 1e3:.1f} ms p99 {online.get('itl_s_p99', 0) * 1e3:.1f} ms, "
-          f"errors {online['num_errors']}")
+          f"errors {online['num_errors']}; CPU: front {online.get('front_cpu_percent', 0):.0f}%, "
+          f"engine core {online.get('engine_core_cpu_percent', 0):.0f}%")
     if offline:
         print(f"offline LLM.generate: {offline['requests_s']:.2f} req/s, {offline['output_tok_s']:.1f} output tok/s")
     print(f"wrote {path}")

@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None,
                        help="the model name /v1/models lists and requests must name (default: --model)")
     serve.add_argument("--max-waiting", type=int, default=None,
-                       help="bound on queued sequences (n per prompt, at least 1); past it, 503")
+                       help="bound on queued sequences (n per prompt, at least 1); past it, 503 with Retry-After "
+                       "(default: from the KV capacity, at least 4 x --max-num-seqs)")
     serve.add_argument("--shutdown-timeout", type=_non_negative_float, default=10.0,
                        help="seconds in-flight requests get to finish after SIGTERM or SIGINT; then they are aborted")
     serve.add_argument("--tool-call-parser", default=None, choices=("hermes", "llama3_json", "mistral"),

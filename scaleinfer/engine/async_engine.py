@@ -1,45 +1,75 @@
-"""AsyncLLMEngine: the asyncio front of the synchronous LLMEngine, shared by every server request.
+"""AsyncLLMEngine: the asyncio front the server shares; the engine core runs apart from it.
 
-The LLMEngine is not thread-safe, so one dedicated thread owns it and is the only caller of its methods.
-Coroutines hand that thread commands through an inbox (add, abort); the thread runs step() while there is
-work and passes each RequestOutput to its request's stream on the stream's event loop with
-call_soon_threadsafe. Invariants:
-  - a request whose add_request raises fails alone: only its caller sees the exception;
-  - a stream closed before its request finished aborts it, which frees its KV blocks after the current step;
-  - if the loop itself fails, every stream and every later call gets EngineDeadError, and is_healthy is False.
+from_config starts the core in a process of its own (engine/core_proc.py); AsyncLLMEngine(llm_engine) drives
+an engine already loaded here from a thread (engine/core_thread.py). Either way the front owns the
+tokenizer, the OutputProcessor (text, stop strings, logprobs, RequestOutputs) and admission; the core owns
+scheduling and the model. Outputs arrive on the core's side (the reader thread, or the core's thread), are
+processed there under a lock, and reach each stream on its event loop with call_soon_threadsafe. Invariants:
+  - admission is decided here at once (the front counts the sequences that have produced nothing yet):
+    past max_waiting a QueueFullError (503), a request that could never be served an InvalidRequestError;
+  - a stream holds only its latest cumulative output: a slow reader costs one output, not one per step;
+  - a request that fails alone (in the core, or in output processing) fails only its stream;
+  - a core that dies (its loop raised, a device fault, its process exited) fails every stream and every later
+    call with EngineDeadError, and is_healthy turns False.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import threading
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
+from scaleinfer.engine.core import check_prompt_token_ids
+from scaleinfer.engine.core_types import (
+    ERROR_INVALID,
+    ERROR_QUEUE_FULL,
+    AbortRequests,
+    CoreFailed,
+    CoreMessage,
+    CoreReady,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    EngineStats,
+)
+from scaleinfer.engine.llm_engine import tokenize_prompt
+from scaleinfer.engine.output_processor import OutputProcessor
+from scaleinfer.engine.scheduler import QueueFullError
 from scaleinfer.errors import EngineDeadError, InvalidRequestError, RequestFailedError
 from scaleinfer.outputs import RequestOutput
 from scaleinfer.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from scaleinfer.config import EngineConfig
-    from scaleinfer.engine.llm_engine import EngineStats, LLMEngine
+    from scaleinfer.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
+# Without --max-waiting: enough queued sequences to fill the KV cache again with 16-token sequences, and at
+# least 4 batches' worth; past that a client is better told to retry than left waiting.
+MIN_TOKENS_PER_WAITING_SEQUENCE = 16
+
+
+def default_max_waiting(ready: CoreReady, max_num_seqs: int) -> int:
+    return max(4 * max_num_seqs, ready.num_blocks * ready.block_size // MIN_TOKENS_PER_WAITING_SEQUENCE)
 
 
 class RequestStream:
-    """The outputs of one request, in order. Iterate it; close() it when done (aborts it if unfinished)."""
+    """The outputs of one request: iterate it for its latest cumulative output each time (outputs that came
+    while the reader was away coalesce into the newest); close() it when done (aborts it if unfinished)."""
 
-    __slots__ = ("request_id", "loop", "finished", "_queue", "_abort", "_closed")
+    __slots__ = ("request_id", "loop", "finished", "_latest", "_error", "_ready", "_abort", "_closed")
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, abort: Any) -> None:
         self.request_id = request_id
         self.loop = loop
         self.finished = False
-        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._latest: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
         self._abort = abort
         self._closed = False
 
@@ -49,16 +79,24 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
+        await self._ready.wait()
+        self._ready.clear()
+        if self._latest is None:  # only an error ends a stream without an output
             self.finished = True
-            raise item
-        self.finished = item.finished
-        return item
+            raise self._error
+        output, self._latest = self._latest, None
+        self.finished = output.finished
+        return output
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        """Called on self.loop only."""
-        self._queue.put_nowait(item)
+        """Called on self.loop only. An error replaces nothing: the outputs before it are read first."""
+        if isinstance(item, BaseException):
+            self._error = self._error or item
+            if self._latest is not None and not self._latest.finished:
+                self._latest = None  # unfinished progress is moot once the request failed
+        elif self._error is None:
+            self._latest = item
+        self._ready.set()
 
     def close(self) -> bool:
         """Abort the request if it is unfinished; True when this call aborted it."""
@@ -69,65 +107,115 @@ class RequestStream:
         return aborted
 
 
-@dataclass(slots=True)
-class _Add:
-    request_id: str
-    prompt: str | list[int]
-    params: SamplingParams
-    stream: RequestStream
-    added: asyncio.Future[None]  # resolved on stream.loop once the engine accepted or refused the request
-
-
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.model_name: str = engine.model_name
-        self.max_model_len: int = engine.max_model_len
-        self.max_waiting: int | None = engine.config.scheduler.max_waiting  # sequences queued at most
-        # The event loop's own copy: HF fast tokenizers are not safe to share across threads.
-        self.tokenizer = copy.deepcopy(engine.tokenizer)
-        self._engine = engine  # after __init__, touched by the engine thread only
-        self._stats = engine.stats()
-        self._cond = threading.Condition()
-        self._inbox: list[_Add | str] = []  # a str is a request id to abort
-        self._streams: dict[str, RequestStream] = {}  # engine thread only
+    def __init__(self, engine: LLMEngine | None = None, *, model_name: str | None = None, tokenizer: Any = None,
+                 max_num_seqs: int = 256, max_waiting: int | None = None, client: Any = None) -> None:
+        """AsyncLLMEngine(llm_engine): its core runs on a thread here. from_config passes client (a CoreProcess
+        being started) and the rest instead."""
+        from scaleinfer.engine.core_thread import CoreThread
+
+        if engine is not None:
+            model_name, tokenizer = engine.model_name, copy.deepcopy(engine.tokenizer)  # HF tokenizers: per thread
+            max_num_seqs, max_waiting = engine.config.scheduler.max_num_seqs, engine.config.scheduler.max_waiting
+            client = CoreThread(engine.core, self._on_message)
+        self.model_name: str = model_name
+        self.tokenizer = tokenizer
+        # Sees every EngineCoreOutputs on the core's side (the server's metrics: step and queue times).
+        self.metrics_sink: Callable[[EngineCoreOutputs], None] | None = None
+        self._lock = threading.Lock()  # the processor, the streams and _dead, from coroutines and the core side
+        self._processor = OutputProcessor(tokenizer)
+        self._streams: dict[str, RequestStream] = {}
+        self._stats = EngineStats()
         self._dead: EngineDeadError | None = None
-        self._stopping = False
-        self._stop_reason = "engine was shut down"
-        self._thread = threading.Thread(target=self._run, name="scaleinfer-engine", daemon=True)
-        self._thread.start()
+        self._stop_reason: str | None = None
+        self._client = client
+        client.on_message = self._on_message
+        self._ready = client.wait_ready()
+        self.max_model_len: int = self._ready.max_model_len
+        self.max_waiting: int = max_waiting or default_max_waiting(self._ready, max_num_seqs)
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> AsyncLLMEngine:
+    def from_config(cls, config: EngineConfig, core_class: type | None = None) -> AsyncLLMEngine:
+        """The core in a process of its own (core_class: EngineCore or a subclass, importable by the child). Under
+        torchrun the core stays in this process, on a thread: rank 0 hosts it beside the other ranks' workers."""
+        from scaleinfer.config import torchrun_env
+        from scaleinfer.engine.core_proc import CoreProcess
         from scaleinfer.engine.llm_engine import LLMEngine
 
-        return cls(LLMEngine(config))
+        if torchrun_env() is not None:
+            return cls(LLMEngine(config, progress=False))
+        from scaleinfer.tokenizer import tokenizer_for
+        from scaleinfer.weights.source import resolve_model
+
+        source = resolve_model(config.model.model, config.model.load_format)
+        tokenizer = None if config.model.skip_tokenizer_init else tokenizer_for(source, config.model)
+        eos = None if tokenizer is None else tokenizer.eos_token_id
+        client = CoreProcess(config, lambda message: None, eos, core_class)
+        try:
+            return cls(model_name=config.model.model, tokenizer=tokenizer, client=client,
+                       max_num_seqs=config.scheduler.max_num_seqs, max_waiting=config.scheduler.max_waiting)
+        except BaseException:
+            client.shutdown()
+            raise
 
     # ---- the asyncio side -------------------------------------------------------------------------
 
     @property
     def is_healthy(self) -> bool:
-        return self._dead is None and self._thread.is_alive()
+        return self._dead is None and self._client.is_alive()
 
     @property
     def dead_error(self) -> EngineDeadError | None:
         return self._dead
 
     def stats(self) -> EngineStats:
-        """The engine's stats as of its last step (a snapshot the engine thread refreshes)."""
+        """The core's stats as of its last message."""
         return self._stats
 
     async def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> RequestStream:
-        """Admit a request; raises what LLMEngine.add_request raises (InvalidRequestError, QueueFullError)."""
-        loop = asyncio.get_running_loop()
-        stream = RequestStream(request_id, loop, self.abort)
-        added: asyncio.Future[None] = loop.create_future()
-        self._submit(_Add(request_id, prompt, params, stream, added))
+        """Admit a request at once: raises InvalidRequestError (never servable), QueueFullError (retry later),
+        EngineDeadError; a refusal the core makes itself comes as the stream's first item."""
+        prompt_text, prompt_token_ids = tokenize_prompt(self.tokenizer, prompt)
+        self._check(prompt_token_ids, params)
+        stream = RequestStream(request_id, asyncio.get_running_loop(), self.abort)
+        arrival_time = time.time()
+        with self._lock:
+            self._admit(request_id, params)
+            self._processor.add_request(request_id, prompt_text, prompt_token_ids, params, arrival_time)
+            self._streams[request_id] = stream
         try:
-            await added
-        except asyncio.CancelledError:
-            self.abort(request_id)  # it may have been admitted just before the caller went away
+            self._client.send(EngineCoreRequest(request_id, prompt_token_ids, params, arrival_time))
+        except EngineDeadError:
+            self.abort(request_id)
             raise
         return stream
+
+    def _check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """What the core would refuse, refused here without a round trip (the core checks again)."""
+        ready = self._ready
+        params.check_token_ids(ready.vocab_size)
+        check_prompt_token_ids(prompt_token_ids, ready.vocab_size)
+        num_prompt, max_tokens = len(prompt_token_ids), params.max_tokens
+        if num_prompt + max_tokens > ready.max_model_len:
+            raise InvalidRequestError(f"prompt has {num_prompt} tokens and max_tokens is {max_tokens}; the model's "
+                                      f"context is {ready.max_model_len}")
+        num_needed = -(-(num_prompt + max_tokens - 1) // ready.block_size)  # the last token needs no slot
+        if num_needed > ready.num_blocks:
+            raise InvalidRequestError(f"prompt has {num_prompt} tokens and max_tokens is {max_tokens}, which need "
+                                      f"{num_needed} KV blocks; the KV cache has {ready.num_blocks}")
+        if params.n > self.max_waiting:
+            raise InvalidRequestError(f"n={params.n} sequences could never be queued at once "
+                                      f"(max_waiting={self.max_waiting})")
+
+    def _admit(self, request_id: str, params: SamplingParams) -> None:
+        """Under the lock."""
+        if self._dead is not None:
+            raise self._dead
+        if request_id in self._streams:
+            raise InvalidRequestError(f"request_id {request_id!r} is already running")
+        num_queued = self._processor.num_unstarted
+        if num_queued + params.n > self.max_waiting:
+            raise QueueFullError(f"waiting queue is full: {num_queued} sequences wait, max_waiting={self.max_waiting}")
 
     async def generate(self, request_id: str, prompt: str | list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
@@ -140,102 +228,76 @@ class AsyncLLMEngine:
             stream.close()
 
     def abort(self, request_id: str) -> None:
-        with self._cond:
-            if self._dead is None:
-                self._inbox.append(request_id)
-                self._cond.notify()
+        with self._lock:
+            known = self._streams.pop(request_id, None) is not None
+            self._processor.abort([request_id])
+        if known and self._dead is None:
+            with contextlib.suppress(EngineDeadError):  # a dead core holds nothing to free
+                self._client.send(AbortRequests([request_id]))
 
     def shutdown(self, timeout_s: float = 30.0, reason: str = "engine was shut down") -> None:
-        """Stop the loop after its current step; unfinished streams get EngineDeadError(reason)."""
-        with self._cond:
-            if not self._stopping:
-                self._stop_reason = reason
-            self._stopping = True
-            self._cond.notify()
-        self._thread.join(timeout_s)
+        """Stop the core after its current step; unfinished streams get EngineDeadError(reason)."""
+        self._stop_reason = self._stop_reason or reason
+        self._client.shutdown(timeout_s)
+        self._die(EngineDeadError(self._stop_reason))
 
-    def _submit(self, command: _Add) -> None:
-        with self._cond:
-            if self._dead is not None:
-                raise self._dead
-            self._inbox.append(command)
-            self._cond.notify()
+    # ---- the core's side ----------------------------------------------------------------------------
 
-    # ---- the engine thread ------------------------------------------------------------------------
+    def _on_message(self, message: CoreMessage) -> None:
+        if isinstance(message, EngineCoreOutputs):
+            self._on_outputs(message)
+        elif isinstance(message, CoreFailed) and self._stop_reason is None:
+            self._die(EngineDeadError(message.message))
 
-    def _run(self) -> None:
-        try:
-            while self._wait_for_work():
-                self._process_inbox()
-                if self._engine.has_unfinished_requests():
-                    self._dispatch(self._engine.step())
-                self._stats = self._engine.stats()
-        except BaseException as exc:  # the loop is gone; every waiter must hear why
-            logger.exception("engine loop failed")
-            error = EngineDeadError(f"engine loop failed: {type(exc).__name__}: {exc}")
-            error.__cause__ = exc
-            self._die(error)
-        else:
-            self._die(EngineDeadError(self._stop_reason))
-        finally:
-            self._engine.shutdown()  # worker processes of a tensor-parallel engine stop with the loop
+    def _on_outputs(self, message: EngineCoreOutputs) -> None:
+        self._stats = message.stats
+        if self.metrics_sink is not None:
+            self.metrics_sink(message)
+        with self._lock:
+            processed = self._processor.process(message.outputs)
+            items = [(stream, _item(output, processed.error_kinds)) for output in processed.request_outputs
+                     if (stream := self._pop_if_finished(output)) is not None]
+        if processed.to_abort or processed.to_stop:
+            with contextlib.suppress(EngineDeadError):
+                self._client.send(AbortRequests(processed.to_abort, processed.to_stop))
+        self._deliver(items)
 
-    def _wait_for_work(self) -> bool:
-        with self._cond:
-            while not (self._inbox or self._stopping or self._engine.has_unfinished_requests()):
-                self._cond.wait()
-            return not self._stopping
+    def _pop_if_finished(self, output: RequestOutput) -> RequestStream | None:
+        stream = self._streams.get(output.request_id)
+        if stream is not None and output.finished:
+            del self._streams[output.request_id]
+        return stream
 
-    def _process_inbox(self) -> None:
-        with self._cond:
-            commands, self._inbox = self._inbox, []
-        for command in commands:
-            if isinstance(command, _Add):
-                self._add(command)
-        self._abort_running([command for command in commands if isinstance(command, str)])
-
-    def _add(self, command: _Add) -> None:
-        error: Exception | None = None
-        if command.request_id in self._streams:
-            error = InvalidRequestError(f"request_id {command.request_id!r} is already running")
-        else:
-            try:
-                self._engine.add_request(command.request_id, command.prompt, command.params)
-                self._streams[command.request_id] = command.stream
-            except Exception as exc:  # this request fails alone; the engine carries on
-                error = exc
-        if not _call_soon(command.stream.loop, _resolve, command.added, error) and error is None:
-            self._abort_running([command.request_id])
-
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
-        for output in outputs:
-            stream = self._streams.get(output.request_id)
-            if stream is None:
-                continue  # aborted while this step ran
-            if output.finished:
-                del self._streams[output.request_id]
-            by_loop.setdefault(stream.loop, []).append((stream, output))
-        for loop, items in by_loop.items():
-            if not _call_soon(loop, _deliver, items):
-                self._abort_running([s.request_id for s, out in items if not out.finished])
-
-    def _abort_running(self, request_ids: list[str]) -> None:
-        """Abort the requests among these still running: closed by their reader, or their loop is gone."""
-        request_ids = [rid for rid in request_ids if self._streams.pop(rid, None) is not None]
-        if request_ids:
-            self._engine.abort_request(request_ids)
+    def _deliver(self, items: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Any]]] = {}
+        for stream, item in items:
+            by_loop.setdefault(stream.loop, []).append((stream, item))
+        for loop, batch in by_loop.items():
+            if not _call_soon(loop, _put_all, batch):  # the loop is closed: nobody reads these any more
+                for stream, _ in batch:
+                    self.abort(stream.request_id)
 
     def _die(self, error: EngineDeadError) -> None:
-        with self._cond:
-            self._dead = error
-            pending, self._inbox = self._inbox, []
-        for command in pending:
-            if isinstance(command, _Add):
-                _call_soon(command.stream.loop, _resolve, command.added, error)
-        for stream in self._streams.values():
-            _call_soon(stream.loop, stream.put, error)
-        self._streams.clear()
+        with self._lock:
+            if self._dead is None:
+                self._dead = error
+                if self._stop_reason is None:
+                    logger.error("engine core is dead: %s", error)
+            streams, self._streams = list(self._streams.values()), {}
+            self._processor.abort(list(self._processor.requests))
+        for stream in streams:
+            _call_soon(stream.loop, stream.put, self._dead)
+
+
+def _item(output: RequestOutput, error_kinds: dict[str, str]) -> RequestOutput | BaseException:
+    if output.error is None:
+        return output
+    kind = error_kinds.get(output.request_id)
+    if kind == ERROR_INVALID:
+        return InvalidRequestError(output.error)
+    if kind == ERROR_QUEUE_FULL:
+        return QueueFullError(output.error)
+    return RequestFailedError(output.error)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> bool:
@@ -246,15 +308,6 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> bool:
         return False
 
 
-def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():  # the caller was cancelled
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
-
-
-def _deliver(items: list[tuple[RequestStream, RequestOutput]]) -> None:
-    for stream, output in items:
-        stream.put(RequestFailedError(output.error) if output.error else output)
+def _put_all(batch: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
+    for stream, item in batch:
+        stream.put(item)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from scaleinfer.engine.core_types import ERROR_INVALID, ERROR_QUEUE_FULL, EngineCoreOutput
+from scaleinfer.engine.core_types import EngineCoreOutput
 from scaleinfer.engine.detokenizer import IncrementalDetokenizer
 from scaleinfer.engine.prompt_logprobs import prompt_logprob_dicts
 from scaleinfer.engine.request_state import RequestState, SequenceState
@@ -39,6 +39,7 @@ class OutputProcessor:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.requests: dict[str, RequestState] = {}
+        self.num_unstarted = 0  # sequences of unfinished requests that have produced no token yet (queued)
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams, arrival_time: float) -> None:
@@ -50,6 +51,7 @@ class OutputProcessor:
                     for _ in range(params.n)]
         self.requests[request_id] = RequestState(request_id, prompt, prompt_token_ids, children,
                                                  RequestMetrics(arrival_time=arrival_time))
+        self.num_unstarted += params.n
 
     def _detokenizer(self, prompt_token_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
         if self.tokenizer is None:
@@ -58,7 +60,12 @@ class OutputProcessor:
 
     def abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
-            self.requests.pop(request_id, None)
+            self._drop(request_id)
+
+    def _drop(self, request_id: str) -> None:
+        state = self.requests.pop(request_id, None)
+        if state is not None:
+            self.num_unstarted -= sum(not child.started for child in state.children)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -87,6 +94,9 @@ class OutputProcessor:
         child = state.children[output.index]
         if child.finished:  # a stop string ended it; the core sampled on before its abort arrived
             return False
+        if not child.started and output.new_token_ids:
+            child.started = True
+            self.num_unstarted -= 1
         try:
             stop = child.update(output, self.tokenizer)
         except Exception as exc:  # one request's bad state must not end the others
@@ -109,7 +119,7 @@ class OutputProcessor:
         return True
 
     def _fail(self, state: RequestState, error: str) -> RequestOutput:
-        self.requests.pop(state.request_id, None)
+        self._drop(state.request_id)
         output = state.output()
         output.finished, output.error = True, error
         return output
@@ -118,10 +128,5 @@ class OutputProcessor:
         output = state.output()  # output.metrics is state.metrics: the finish time below reaches it
         if output.finished:
             state.metrics.finished_time = now
-            self.requests.pop(state.request_id, None)
+            self._drop(state.request_id)
         return output
-
-
-def is_refusal(error_kind: str | None) -> bool:
-    """A request the core refused outright (never ran), as opposed to one that failed while it ran."""
-    return error_kind in (ERROR_INVALID, ERROR_QUEUE_FULL)

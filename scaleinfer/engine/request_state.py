@@ -21,6 +21,7 @@ class SequenceState:
     text: str = ""  # streamed so far: never shrinks, so callers may send differences
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    started: bool = False  # has produced a token: no longer counted as queued
 
     def __post_init__(self) -> None:
         if self.num_top_logprobs is not None:

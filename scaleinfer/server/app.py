@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -19,11 +20,12 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from scaleinfer.config import EngineConfig
+from scaleinfer.config import EngineConfig, torchrun_env
 from scaleinfer.engine.async_embedder import AsyncEmbedder
 from scaleinfer.engine.async_engine import AsyncLLMEngine
+from scaleinfer.engine.core import EngineCore
 from scaleinfer.engine.scheduler import QueueFullError
-from scaleinfer.errors import EngineDeadError, InvalidRequestError
+from scaleinfer.errors import EngineDeadError, InvalidRequestError, ScaleInferError
 from scaleinfer.server.errors import ApiError, bad_request, from_validation_error, to_api_error
 from scaleinfer.server.middleware import DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddleware
 from scaleinfer.server.protocol import (
@@ -74,32 +76,61 @@ def run_server(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, 
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, log_level: str = "info",
                shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S, served_model_name: str | None = None,
                task: str = "generate", tool_call_parser: str | None = None,
-               enable_auto_tool_choice: bool = False) -> None:
-    """Load the engine (task "generate": a decoder; "embed": an encoder) and serve until SIGTERM or SIGINT;
-    then drain for up to shutdown_timeout_s, abort what is left, stop the engine thread and return (see
-    server/graceful.py). Raises the engine's EngineDeadError when the engine died while serving."""
+               enable_auto_tool_choice: bool = False, core_class: type | None = None) -> None:
+    """Bind host:port (a port in use fails here, before any loading), load the engine (task "generate": a
+    decoder whose core runs in a process of its own, core_class: EngineCore or a subclass; "embed": an encoder)
+    and serve until SIGTERM or SIGINT; then drain for up to shutdown_timeout_s, abort what is left, stop the
+    engine and return (see server/graceful.py). Raises the engine's EngineDeadError when it died while serving."""
     import uvicorn
 
     from scaleinfer.server.graceful import GracefulServer
 
     if task not in TASKS:
         raise InvalidRequestError(f"task must be one of {TASKS}, got {task!r}")
-    engine = AsyncEmbedder.from_config(config) if task == "embed" else AsyncLLMEngine.from_config(config)
+    launched = torchrun_env()
+    if launched is not None and launched.rank != 0 and task == "generate":
+        EngineCore(config, progress=False)  # a worker rank: serves steps until rank 0 shuts down, then exits
+        return
+    sock = _listen(host, port)
+    try:
+        engine = (AsyncEmbedder.from_config(config) if task == "embed"
+                  else AsyncLLMEngine.from_config(config, core_class))
+    except BaseException:
+        sock.close()
+        raise
     try:
         app = build_app(engine, api_key, max_body_bytes, served_model_name=served_model_name,
                         tool_call_parser=tool_call_parser, enable_auto_tool_choice=enable_auto_tool_choice)
     except BaseException:
+        sock.close()
         engine.shutdown(reason="server did not start")
         raise
     try:
         uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level=log_level)
         server = GracefulServer(uvicorn_config, engine, shutdown_timeout_s)
-        server.run()
+        print(f"scaleinfer: serving {app.state.ctx.model_name!r} at http://{host}:{port}/v1 "
+              f"({'an API key is required' if api_key else 'no API key required'})", flush=True)
+        server.run(sockets=[sock])
         if server.engine_failure is not None:
             raise server.engine_failure
     finally:
+        sock.close()
         app.state.ctx.tokenizer.close()
         engine.shutdown(reason="server is shutting down")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now: a port in use is an error in a second, not after the model loads."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ScaleInferError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    return sock
 
 
 # ---- auth and errors --------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import logging
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import uvicorn
@@ -27,6 +28,9 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # After the engine ended the last requests, their connections need a moment to send [DONE] and close.
 _CLOSE_MARGIN_S = 5.0
+# A dead engine: /health and every request answer 503 this long before the server stops, so that a load
+# balancer polling /health sees the failure, not only a refused connection.
+DEAD_LINGER_S = 2.0
 
 
 class GracefulServer(uvicorn.Server):
@@ -38,6 +42,7 @@ class GracefulServer(uvicorn.Server):
         self.engine = engine
         self.grace_s = grace_s
         self.engine_failure: Exception | None = None  # set when a dead engine stopped the server
+        self._dead_since: float | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -53,12 +58,18 @@ class GracefulServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
     async def on_tick(self, counter: int) -> bool:
-        """uvicorn's tick (every 0.1 s); a dead engine (a failed rank, the loop itself) ends the server too, so a
-        process manager sees the exit and restarts it rather than a server answering 503 forever."""
+        """uvicorn's tick (every 0.1 s); a dead engine (a failed rank, a device fault, the core process gone) ends
+        the server too, DEAD_LINGER_S later, so a process manager sees the exit and restarts it rather than a
+        server answering 503 forever."""
         if not self.should_exit and self.engine.dead_error is not None:
-            self.engine_failure = self.engine.dead_error
-            logger.error("the engine died (%s): the server stops", self.engine_failure)
-            self.should_exit = True
+            now = time.monotonic()
+            if self._dead_since is None:
+                self._dead_since = now
+                logger.error("the engine died (%s): the server stops in %.0f s", self.engine.dead_error,
+                             DEAD_LINGER_S)
+            if now - self._dead_since >= DEAD_LINGER_S:
+                self.engine_failure = self.engine.dead_error
+                self.should_exit = True
         return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:

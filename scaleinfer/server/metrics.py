@@ -14,9 +14,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from scaleinfer.engine.async_engine import AsyncLLMEngine
+from scaleinfer.engine.core_types import EngineCoreOutputs
 
 PREFIX = "scaleinfer"
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12)
 _TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 
 
@@ -35,8 +37,14 @@ class EngineStatsCollector(Collector):
         yield _gauge("prefix_cache_hit_rate", "Fraction of prompt tokens served from the prefix cache.",
                      stats.prefix_cache_hit_rate)
         yield _gauge("engine_healthy", "1 while the engine loop runs, 0 once it died.", self.engine.is_healthy)
-        yield _counter("prompt_tokens", "Prompt tokens computed.", stats.num_prompt_tokens)
+        yield _counter("prompt_tokens", "Prompt tokens of the requests added.", stats.num_prompt_tokens)
+        yield _counter("prompt_tokens_computed", "Prompt positions run through the model (recomputation after "
+                       "preemption included).", stats.num_prompt_tokens_computed)
+        yield _counter("prompt_tokens_cached", "Prompt positions served from the prefix cache.",
+                       stats.num_prompt_tokens_cached)
         yield _counter("generation_tokens", "Tokens generated.", stats.num_generation_tokens)
+        yield _counter("num_preemptions", "Sequences preempted (their KV dropped, recomputed later).",
+                       stats.num_preempted)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
@@ -71,6 +79,20 @@ class ServerMetrics:
                                 ["finish_reason"], registry=self.registry)
         self.errors = Counter(f"{PREFIX}_request_errors", "Requests answered with an error, by status.",
                               ["status"], registry=self.registry)
+        self.step_time = Histogram(f"{PREFIX}_engine_step_seconds", "Time of one engine-core step.",
+                                   buckets=_STEP_BUCKETS, registry=self.registry)
+        self.queue_time = Histogram(f"{PREFIX}_request_queue_time_seconds", "Arrival to first scheduled.",
+                                    buckets=_LATENCY_BUCKETS, registry=self.registry)
+        if isinstance(engine, AsyncLLMEngine):
+            engine.metrics_sink = self.observe_step
+
+    def observe_step(self, message: EngineCoreOutputs) -> None:
+        """Each message of the core (on the front's reader thread): its step time, the queue times it reports."""
+        if message.step_time_s is not None:
+            self.step_time.observe(message.step_time_s)
+        for output in message.outputs:
+            if output.queue_time_s is not None:
+                self.queue_time.observe(output.queue_time_s)
 
     def observe(self, timing: RequestTiming, finish_reason: str) -> None:
         self.requests.labels(finish_reason).inc()

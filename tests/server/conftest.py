@@ -1,8 +1,9 @@
 """Live servers on 127.0.0.1 over the embedded model (SmolLM2-135M, CPU, float32).
 
-`server`: in-process (uvicorn in a thread), API key required, built from an LLM whose LLM.generate
-answers were recorded first as references. `admission_server`: a subprocess through run_server with
-max_num_seqs=1 and max_waiting=1. Both load at once (two cores), since a load is most of the cost.
+`server`: uvicorn in a thread of this process, its engine core in a process of its own, API key required;
+the same model's LLM.generate answers (in-process) were recorded first as references. `admission_server`: a
+subprocess through run_server with max_num_seqs=1 and max_waiting=1. Both load at once (two cores), since a
+load is most of the cost.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class References:
     completions: dict[str, str] = field(default_factory=dict)
     chat: str = ""
     penalized: str = ""  # COMPLETION_PROMPTS[0] under PENALTIES
+    stop_params: dict = field(default_factory=dict)  # SamplingParams fields with stop strings
+    stopped: list = field(default_factory=list)  # RequestOutputs of COMPLETION_PROMPTS under stop_params
 
 
 @dataclass
@@ -88,13 +91,17 @@ def _admission_process(tmp_path_factory):
 def server(request) -> LiveServer:
     if any("admission_server" in item.fixturenames for item in request.session.items):
         request.getfixturevalue("_admission_process")  # start it first: both models load at once
+    from scaleinfer.config import EngineConfig
     from scaleinfer.engine.async_engine import AsyncLLMEngine
     from scaleinfer.llm import LLM
     from scaleinfer.server.app import build_app
 
     llm = LLM(max_model_len=MAX_MODEL_LEN, num_blocks=256, progress=False)
     references = _references(llm)
-    engine = AsyncLLMEngine(llm.engine)  # the engine thread owns it from here on; llm must not be used
+    del llm
+    # The server's engine core runs in a process of its own, as under `scaleinfer serve`: every answer the
+    # tests compare with the references crosses the process boundary.
+    engine = AsyncLLMEngine.from_config(EngineConfig.from_kwargs(max_model_len=MAX_MODEL_LEN, num_blocks=256))
     threaded = ThreadedServer(build_app(engine, api_key=API_KEY, max_body_bytes=MAX_BODY_BYTES))
     yield LiveServer(threaded.url, engine, API_KEY, references)
     threaded.stop()
@@ -106,7 +113,10 @@ def _references(llm) -> References:
     outputs = llm.generate(COMPLETION_PROMPTS, params)
     chat = llm.chat(CHAT_MESSAGES, params)[0].outputs[0].text
     penalized = llm.generate(COMPLETION_PROMPTS[0], SamplingParams(**GREEDY, **PENALTIES))[0].outputs[0].text
-    return References({p: o.outputs[0].text for p, o in zip(COMPLETION_PROMPTS, outputs)}, chat, penalized)
+    stop_params = dict(temperature=0.0, max_tokens=24, stop=[" the", ",", "."])
+    stopped = llm.generate(COMPLETION_PROMPTS, SamplingParams(**stop_params))
+    return References({p: o.outputs[0].text for p, o in zip(COMPLETION_PROMPTS, outputs)}, chat, penalized,
+                      stop_params, stopped)
 
 
 @pytest.fixture(scope="session")

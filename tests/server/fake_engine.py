@@ -1,5 +1,6 @@
-"""A scripted stand-in for LLMEngine (same methods, no model): one token per step per request; and a byte-level
-stand-in tokenizer that records which threads call it."""
+"""A scripted stand-in for LLMEngine whose core is itself (same methods as EngineCore, no model): one token per
+step per request, each the byte "x"; and a byte-level stand-in tokenizer that records which
+threads call it."""
 
 from __future__ import annotations
 
@@ -8,20 +9,8 @@ import time
 from dataclasses import dataclass, field
 
 from scaleinfer.config import EngineConfig
+from scaleinfer.engine.core_types import CoreReady, EngineCoreOutput, EngineCoreRequest, EngineStats
 from scaleinfer.errors import InvalidRequestError
-from scaleinfer.outputs import CompletionOutput, RequestOutput
-from scaleinfer.sampling_params import SamplingParams
-
-
-@dataclass
-class FakeStats:
-    num_running: int
-    num_waiting: int = 0
-    num_used_blocks: int = 0
-    kv_cache_usage: float = 0.0
-    prefix_cache_hit_rate: float = 0.0
-    num_prompt_tokens: int = 0
-    num_generation_tokens: int = 0
 
 
 @dataclass
@@ -29,53 +18,62 @@ class FakeEngine:
     """One token per step per request; prompts "bad" and "boom" fail in add_request; step can be made to fail."""
 
     model_name: str = "fake"
-    max_model_len: int = 2048
-    tokenizer: object = None
+    max_model_len: int = 65536
+    tokenizer: object = None  # the front's (None: token id prompts only)
     config: EngineConfig = field(default_factory=EngineConfig)
     fail_step: bool = False
     requests: dict[str, tuple[int, list[int]]] = field(default_factory=dict)
-    prompts: dict[str, str | list[int]] = field(default_factory=dict)  # as add_request got them
+    prompts: dict[str, list[int]] = field(default_factory=dict)  # as add_request got them
     aborted: list[str] = field(default_factory=list)
     caller_threads: set[str] = field(default_factory=set)
-    shut_down: bool = False  # LLMEngine.shutdown stops worker processes; the loop calls it when it ends
+    shut_down: bool = False  # EngineCore.shutdown stops worker processes; the loop calls it when it ends
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+    @property
+    def core(self) -> FakeEngine:
+        return self
+
+    def ready(self) -> CoreReady:
+        return CoreReady(max_model_len=self.max_model_len, num_blocks=1 << 20, block_size=16, vocab_size=1 << 20,
+                         eos_token_ids=[])
+
+    def add_request(self, request: EngineCoreRequest) -> None:
         self._touch()
-        text = prompt if isinstance(prompt, str) else ByteTokenizer().decode(prompt)
+        text = bytes(request.prompt_token_ids).decode(errors="replace")
         if text == "bad":
             raise InvalidRequestError("prompt is bad")
         if text == "boom":
             raise RuntimeError("tokenizer exploded")
-        self.prompts[request_id] = prompt
-        self.requests[request_id] = (params.max_tokens, [])
+        self.prompts[request.request_id] = request.prompt_token_ids
+        self.requests[request.request_id] = (request.sampling_params.max_tokens, [])
 
-    def abort_request(self, request_ids: list[str]) -> None:
+    def abort(self, request_ids: list[str], sequences: list[tuple[str, int]] = ()) -> None:
         self._touch()
-        for request_id in request_ids:
+        for request_id in [*request_ids, *(rid for rid, _ in sequences)]:
             self.requests.pop(request_id, None)
             self.aborted.append(request_id)
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[EngineCoreOutput]:
         self._touch()
         if self.fail_step:
             raise RuntimeError("device lost")
         time.sleep(0.002)
         return [self._advance(request_id) for request_id in list(self.requests)]
 
-    def _advance(self, request_id: str) -> RequestOutput:
+    def _advance(self, request_id: str) -> EngineCoreOutput:
         max_tokens, tokens = self.requests[request_id]
-        tokens.append(len(tokens))
-        finished = len(tokens) >= max_tokens
+        tokens.append(ord("x"))
+        return self.output(request_id, tokens[-1:], len(tokens) >= max_tokens, "length")
+
+    def output(self, request_id: str, new_token_ids: list[int], finished: bool, reason: str) -> EngineCoreOutput:
         if finished:
             del self.requests[request_id]
-        completion = CompletionOutput(0, "x" * len(tokens), list(tokens), finish_reason="length" if finished else None)
-        return RequestOutput(request_id, None, [1, 2], [completion], finished)
+        return EngineCoreOutput(request_id, 0, new_token_ids, finish_reason=reason if finished else None)
 
-    def has_unfinished_requests(self) -> bool:
+    def has_unfinished(self) -> bool:
         return bool(self.requests)
 
-    def stats(self) -> FakeStats:
-        return FakeStats(num_running=len(self.requests))
+    def stats(self) -> EngineStats:
+        return EngineStats(num_running=len(self.requests))
 
     def shutdown(self) -> None:
         self._touch()

@@ -96,3 +96,11 @@ def process_healthy(proc: subprocess.Popen, url: str, log_path: Path) -> bool:
         return httpx.get(f"{url}/health", timeout=2).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def spawned_children(pid: int) -> list[int]:
+    """pid's processes started by multiprocessing spawn (not its resource tracker): a server's engine-core
+    process, a core's tensor-parallel ranks."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()
+            and b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]

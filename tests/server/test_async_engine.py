@@ -6,10 +6,11 @@ import asyncio
 import time
 
 import pytest
-from fake_engine import FakeEngine
+from fake_engine import ByteTokenizer, FakeEngine
 
 from scaleinfer.engine.async_engine import AsyncLLMEngine
-from scaleinfer.errors import EngineDeadError, InvalidRequestError
+from scaleinfer.engine.core_thread import THREAD_NAME
+from scaleinfer.errors import EngineDeadError, InvalidRequestError, RequestFailedError
 from scaleinfer.outputs import RequestOutput
 from scaleinfer.sampling_params import SamplingParams
 
@@ -31,7 +32,7 @@ def wait_until(predicate, timeout_s: float = 5.0) -> None:
 
 @pytest.fixture
 def fake():
-    engine = FakeEngine()
+    engine = FakeEngine(tokenizer=ByteTokenizer())
     async_engine = AsyncLLMEngine(engine)  # type: ignore[arg-type]
     yield engine, async_engine
     async_engine.shutdown()
@@ -40,7 +41,8 @@ def fake():
 def test_generate_streams_cumulative_outputs(fake):
     engine, async_engine = fake
     outputs = asyncio.run(collect(async_engine, "a", "hi", max_tokens=3))
-    assert [o.outputs[0].token_ids for o in outputs] == [[0], [0, 1], [0, 1, 2]]
+    assert [o.outputs[0].token_ids for o in outputs] == [[120], [120] * 2, [120] * 3]  # b"x" each
+    assert [o.outputs[0].text for o in outputs] == ["x", "xx", "xxx"]  # detokenized by the front
     assert [o.finished for o in outputs] == [False, False, True]
     assert engine.caller_threads == {"scaleinfer-engine"}  # only the engine thread touches the engine
 
@@ -55,7 +57,7 @@ def test_failing_request_fails_alone(fake):
     good, bad, boom = asyncio.run(main())
     assert good[-1].finished and len(good[-1].outputs[0].token_ids) == 5
     assert isinstance(bad, InvalidRequestError) and "bad" in str(bad)
-    assert isinstance(boom, RuntimeError) and "exploded" in str(boom)
+    assert isinstance(boom, RequestFailedError) and "RuntimeError: tokenizer exploded" in str(boom)
     assert async_engine.is_healthy
     assert asyncio.run(collect(async_engine, "after", "hi"))[-1].finished
 
@@ -150,4 +152,4 @@ def test_shutdown_fails_pending_streams(fake):
 def test_the_loop_shuts_its_engine_down_when_it_ends(fake):
     engine, async_engine = fake
     async_engine.shutdown()
-    assert engine.shut_down and engine.caller_threads <= {async_engine._thread.name}
+    assert engine.shut_down and engine.caller_threads <= {THREAD_NAME}

@@ -126,7 +126,8 @@ def test_4mb_prompt_is_refused_at_once_while_a_stream_runs(server, big_body_url)
             assert f"4000000 characters; at most {bound}" in error_of(response, param)
             assert elapsed < REFUSED_WITHIN_S, f"{path}: refused after {elapsed:.2f} s"
     reader.join(timeout=60)
-    assert chunks[-1] == "[DONE]" and len(chunks) == 48 + 1, "every token of the stream, then [DONE]"
+    # a chunk may carry several tokens (outputs coalesce while a reader is away); the stream ran to its length
+    assert chunks[-1] == "[DONE]" and json.loads(chunks[-2])["choices"][0]["finish_reason"] == "length"
 
 
 @pytest.mark.slow

@@ -40,13 +40,15 @@ def test_completions_and_chat_tokenize_on_the_tokenizer_thread(byte_server):
     assert fake.tokenizer.caller_threads == {"scaleinfer-tokenizer_0"}
 
 
-def test_text_prompts_pass_through_without_a_tokenizer():
-    """skip_tokenizer_init: the engine gets the text and answers for it (a real one refuses it)."""
+def test_text_prompts_without_a_tokenizer_are_refused():
+    """skip_tokenizer_init: the front has no tokenizer, so a text prompt is a 400 (token ids are served)."""
     fake = FakeEngine()
     engine = AsyncLLMEngine(fake)  # type: ignore[arg-type]
     threaded = ThreadedServer(build_app(engine))
     try:
-        assert post(threaded.url, "completions", prompt="bad").json()["error"]["message"] == "prompt is bad"
+        refused = post(threaded.url, "completions", prompt="bad")
+        assert refused.status_code == 400 and "text prompts need a tokenizer" in refused.json()["error"]["message"]
+        assert post(threaded.url, "completions", prompt=[7, 8]).status_code == 200
         chat = post(threaded.url, "chat/completions", messages=[{"role": "user", "content": "yo"}])
         assert chat.status_code == 400 and "needs a tokenizer" in chat.json()["error"]["message"]
     finally:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_utils import free_port, process_healthy, wait_until
+from server_utils import free_port, process_healthy, spawned_children, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -20,10 +20,9 @@ BOUND_S = 60
 
 
 def worker_pids(pid: int) -> list[int]:
-    """The engine's spawned rank processes (not multiprocessing's resource tracker)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()
-            and b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
+    """The rank processes the server's engine-core process spawned."""
+    (core,) = spawned_children(pid)
+    return spawned_children(core)
 
 
 def test_a_killed_worker_stops_the_server_with_status_1(tiny_models, tmp_path):
