@@ -69,7 +69,7 @@ class LLM:
         model's sequence limit is truncated, token ids past it are refused. embed_vectors() gives the bare lists."""
         self._require_task("embed", "embed()")
         prompts = as_prompt_list(prompts)
-        token_ids = [self._embedding_token_ids(p, i) for i, p in enumerate(prompts)]
+        token_ids = self._embedding_token_ids(prompts)
         vectors = self.embedder.embed_batched(token_ids)
         return [EmbeddingRequestOutput(request_id=str(next(self._ids)), prompt=p if isinstance(p, str) else None,
                                        prompt_token_ids=ids, outputs=EmbeddingOutput(vector))
@@ -80,11 +80,16 @@ class LLM:
         self._require_task("embed", "embed_vectors()")
         return self.embedder.embed(texts)
 
-    def _embedding_token_ids(self, prompt: str | list[int], index: int) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError(f"prompt {index} is empty")
-            return self.embedder.tokenize([prompt])[0]
+    def _embedding_token_ids(self, prompts: list[str | list[int]]) -> list[list[int]]:
+        """Each prompt's token ids: the texts tokenized in one call, token ids checked."""
+        empty = [i for i, p in enumerate(prompts) if p == ""]
+        if empty:
+            raise InvalidRequestError(f"prompt {empty[0]} is empty")
+        texts = [p for p in prompts if isinstance(p, str)]
+        encoded = iter(self.embedder.tokenize(texts) if texts else [])
+        return [next(encoded) if isinstance(p, str) else self._checked_ids(p, i) for i, p in enumerate(prompts)]
+
+    def _checked_ids(self, prompt: list[int], index: int) -> list[int]:
         limit, vocab_size = self.embedder.max_seq_len, self.embedder.config.vocab_size
         if len(prompt) > limit:
             raise InvalidRequestError(f"prompt {index} has {len(prompt)} token ids; the model takes at most {limit}")

@@ -114,3 +114,6 @@ def test_embed_refuses_token_ids_past_the_limit_or_vocabulary(minilm):
         minilm.embed({"prompt_token_ids": [101] * 513})
     with pytest.raises(InvalidRequestError, match=r"prompt 1: token ids must be in \[0, 30522\), got \[99999\]"):
         minilm.embed([[101], [99999]])
+    with pytest.raises(InvalidRequestError, match="prompt 1 is empty"):
+        minilm.embed(["fine", ""])
+    assert len(minilm.embed([[101, 102]])[0].outputs.embedding) == 384  # token ids only: nothing to tokenize
