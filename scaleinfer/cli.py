@@ -16,6 +16,7 @@ from scaleinfer.config import (
     KV_CACHE_DTYPES,
     MOE_ALL_TO_ALL,
     OFFLOAD_TARGETS,
+    PIPELINE_SCHEDULES,
     QUANTIZATIONS,
     EngineConfig,
     env_str,
@@ -106,6 +107,14 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                              "weight-only; embeddings, LM head and MoE experts stay in --dtype)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="split every layer over T processes (one per GPU; on a CPU, T processes over gloo)")
+    parser.add_argument("--pipeline-parallel-size", type=int, default=1,
+                        help="split the layers into P stages of T processes each (T x P in all); micro-batches "
+                             "keep every stage busy")
+    parser.add_argument("--pipeline-schedule", default="hybrid", choices=PIPELINE_SCHEDULES,
+                        help="with P > 1: hybrid (P micro-batches of decodes, 2P smaller ones while prompts "
+                             "prefill) or fixed (--pipeline-micro-batches, default P, always)")
+    parser.add_argument("--pipeline-micro-batches", type=int, default=None,
+                        help="with --pipeline-schedule fixed: micro-batches in flight (default P)")
     parser.add_argument("--expert-parallel-size", type=int, default=1,
                         help="MoE models: split the experts over E groups of the T ranks, each expert sliced over "
                              "T / E of them (E must divide T and the number of experts)")
@@ -163,6 +172,8 @@ def _engine_config(args: argparse.Namespace, **scheduler: int | None) -> EngineC
         num_threads=args.threads,
         quantization=args.quantization, offload=args.offload, offload_path=args.offload_path,
         offload_gpu_budget=args.offload_gpu_budget,
+        pipeline_parallel_size=args.pipeline_parallel_size, pipeline_schedule=args.pipeline_schedule,
+        pipeline_micro_batches=args.pipeline_micro_batches,
         tensor_parallel_size=args.tensor_parallel_size, expert_parallel_size=args.expert_parallel_size,
         moe_all_to_all=args.moe_all_to_all, tokenizer=args.tokenizer, chat_template=args.chat_template,
         enforce_eager=args.enforce_eager, kv_cache_memory=args.kv_cache_memory, **_memory_fraction(args), **budget,

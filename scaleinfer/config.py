@@ -15,6 +15,7 @@ from scaleinfer.errors import InvalidRequestError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "dummy")
 OFFLOAD_TARGETS = ("none", "cpu", "nvme")
+PIPELINE_SCHEDULES = ("hybrid", "fixed")  # parallel/pipeline.py states the rule of each
 QUANTIZATIONS = (None, "int8", "int4", "fp8")  # None: weights in the run dtype; int8: per-output-channel
 # weight-only, on load; int4: group-wise weight-only, on load
 # auto: the KV cache in the run dtype; fp8 (= fp8_e4m3, vLLM's spelling too): e4m3 with a scale per layer
@@ -227,6 +228,12 @@ class ParallelConfig:
     on a machine without one, T CPU processes over gloo) that step together."""
 
     tensor_parallel_size: int = 1
+    # P stages of contiguous layers, each over T ranks (world T x P, rank = tp_rank + T * pp_rank); the engine
+    # keeps micro-batches in flight by the schedule (parallel/pipeline.py states the rule): "hybrid" (P in the
+    # token phase, 2P smaller ones in the prompt phase) or "fixed" (pipeline_micro_batches, default P, always).
+    pipeline_parallel_size: int = 1
+    pipeline_schedule: str = "hybrid"
+    pipeline_micro_batches: int | None = None
     # Mixture-of-experts layers: the experts split over expert_parallel_size E groups of ranks inside the
     # T tensor-parallel ranks, each expert sliced over the T / E ranks of its group; tokens reach their experts
     # by all-to-all, "coordinated" (each rank of a slicing group sends its 1/(T/E) share, an all-gather restores
@@ -244,6 +251,7 @@ class ParallelConfig:
                  f"tensor_parallel_size must be an integer >= 1, got {size!r}")
         _require(self.collective_timeout > 0, f"collective_timeout must be positive seconds, got "
                                               f"{self.collective_timeout!r}")
+        self._check_pipeline()
         self._check_experts()
 
     def _check_experts(self) -> None:
@@ -255,6 +263,21 @@ class ParallelConfig:
                  f"(the ranks experts are spread over): {experts} does not divide {size}")
         _require(self.moe_all_to_all in MOE_ALL_TO_ALL,
                  f"moe_all_to_all must be one of {MOE_ALL_TO_ALL}, got {self.moe_all_to_all!r}")
+
+    def _check_pipeline(self) -> None:
+        size, count = self.pipeline_parallel_size, self.pipeline_micro_batches
+        _require(isinstance(size, int) and not isinstance(size, bool) and size >= 1,
+                 f"pipeline_parallel_size must be an integer >= 1, got {size!r}")
+        _require(self.pipeline_schedule in PIPELINE_SCHEDULES,
+                 f"pipeline_schedule must be one of {PIPELINE_SCHEDULES}, got {self.pipeline_schedule!r}")
+        _require(count is None or (isinstance(count, int) and count >= 1),
+                 f"pipeline_micro_batches must be an integer >= 1, got {count!r}")
+        _require(count is None or self.pipeline_schedule == "fixed",
+                 f"pipeline_micro_batches={count} is the fixed schedule's count; the hybrid schedule picks its own")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 @dataclass(slots=True, frozen=True)

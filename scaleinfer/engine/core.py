@@ -24,12 +24,14 @@ from scaleinfer.engine.core_types import (
     EngineStats,
     SampledLogprobs,
 )
+from scaleinfer.engine.micro_batches import pipelined_steps
 from scaleinfer.engine.prompt_logprobs import PromptLogprobsCollector
 from scaleinfer.engine.scheduler import Scheduler
 from scaleinfer.engine.sequence import Sequence
 from scaleinfer.engine.structured_output import StructuredOutputs
 from scaleinfer.errors import EngineDeadError, InvalidRequestError, RankFailedError, RequestFailedError
 from scaleinfer.outputs import SampledToken, SchedulerOutput
+from scaleinfer.parallel.pipeline import micro_batch_plan
 from scaleinfer.sampling_params import child_seed
 
 if TYPE_CHECKING:
@@ -64,7 +66,9 @@ class EngineCore:
         self.block_manager = BlockManager(self.executor.num_blocks, config.cache.block_size,
                                           config.cache.enable_prefix_caching)
         scheduler_config = dataclasses.replace(config.scheduler, max_model_len=self.max_model_len)
-        self.scheduler = Scheduler(scheduler_config, self.block_manager)
+        self.scheduler = Scheduler(scheduler_config, self.block_manager, micro_batch_plan(config.parallel))
+        # The step's schedule and execute: the scheduler's and executor's own, or over pipeline micro-batches.
+        self._schedule, self._execute = pipelined_steps(self.scheduler, self.executor)
         self.eos_token_ids = eos_token_ids(source.arch.eos_token_ids, tokenizer_eos_token_id)
         self.structured_outputs = StructuredOutputs.for_model(config.model, source, self.eos_token_ids)
         self.sequences: dict[str, list[Sequence]] = {}  # request id -> its n sequences, until all finish
@@ -139,9 +143,9 @@ class EngineCore:
     # ---- the loop -------------------------------------------------------------------------------------
 
     def step(self) -> list[EngineCoreOutput]:
-        scheduler_output = self.scheduler.schedule()
+        scheduler_output = self._schedule()
         try:
-            runner_output = self.executor.execute(scheduler_output)
+            runner_output = self._execute(scheduler_output)
         except Exception as exc:  # e.g. streamed weights unreadable: this step's requests fail, the rest go on
             self._raise_if_unrecoverable(exc)
             return self._fail_step(scheduler_output, exc)

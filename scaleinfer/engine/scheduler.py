@@ -15,6 +15,7 @@ max_num_batched_tokens bounds.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -27,6 +28,7 @@ from scaleinfer.engine.sequence import Sequence, SequenceStatus
 from scaleinfer.engine.structured_output import grammar_bitmask
 from scaleinfer.errors import InvalidRequestError, ScaleInferError
 from scaleinfer.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
+from scaleinfer.parallel.pipeline import MicroBatchPlan
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +50,17 @@ class SchedulerStats:
 class _StepBudget:
     num_tokens: int  # left to schedule this step
     constrained: list[Sequence] = field(default_factory=list)  # that sample this step and have a grammar
+    max_running: int = 1 << 62  # running sequences this micro-batch may still take (the pipeline's share)
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 plan: MicroBatchPlan | None = None) -> None:
+        """plan: the pipeline's micro-batches (parallel/pipeline.py); None: one micro-batch per step."""
         self.config = config
         self.block_manager = block_manager
+        self.plan = plan or MicroBatchPlan()
+        self.in_flight: set[str] = set()  # sequences of scheduled micro-batches not yet updated: skipped
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last one is preempted first
         self.requests: dict[str, Sequence] = {}  # every unfinished sequence, by request id
@@ -90,8 +97,26 @@ class Scheduler:
 
     # ---- schedule -------------------------------------------------------------------------------------
 
+    def num_micro_batches(self) -> int:
+        """How many scheduled micro-batches may be in flight now (1 without a pipeline)."""
+        return self.plan.num_slots(self._num_pending_prompt(self.plan.prompt_tokens_to_count(1)) > 0)
+
+    def _num_pending_prompt(self, limit: int) -> int:
+        """Prompt tokens left to schedule outside the micro-batches in flight, counted up to limit."""
+        total = 0
+        for seq in itertools.chain(self.running, self.waiting):
+            if total >= limit:
+                break
+            uncomputed = seq.num_uncomputed_tokens
+            if seq.request_id not in self.in_flight and (uncomputed > 1 or seq.status is SequenceStatus.WAITING):
+                total += uncomputed
+        return total
+
     def schedule(self) -> SchedulerOutput:
-        budget = _StepBudget(self.config.max_num_batched_tokens)
+        step_tokens = self.config.max_num_batched_tokens
+        pending = self._num_pending_prompt(self.plan.prompt_tokens_to_count(step_tokens))
+        share = self.plan.budget(step_tokens, len(self.running), pending)
+        budget = _StepBudget(share.num_tokens, max_running=share.max_running)
         num_preempted_before = self.num_preempted
         scheduled = self._schedule_running(budget)
         num_preempted = self.num_preempted - num_preempted_before
@@ -103,23 +128,35 @@ class Scheduler:
     def _schedule_running(self, budget: _StepBudget) -> list[ScheduledSequence]:
         scheduled: list[ScheduledSequence] = []
         index = 0
-        while index < len(self.running) and budget.num_tokens > 0:
+        while index < len(self.running) and budget.num_tokens > 0 and budget.max_running > 0:
             seq = self.running[index]
+            if seq.request_id in self.in_flight:  # its micro-batch has not come back
+                index += 1
+                continue
             num_new_tokens = min(seq.num_uncomputed_tokens, budget.num_tokens)
             if not self._allocate_or_preempt(seq, num_new_tokens):
                 break  # seq was the last running sequence and is preempted itself
             scheduled.append(self._schedule_chunk(seq, num_new_tokens, budget))
+            budget.max_running -= 1
             index += 1
         return scheduled
 
     def _allocate_or_preempt(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Allocate seq's slots, preempting from the back of running until they fit."""
+        """Allocate seq's slots, preempting from the back of running until they fit (never a sequence in flight:
+        its micro-batch is writing its blocks)."""
         while not self.block_manager.allocate_slots(seq, num_new_tokens):
-            victim = self.running.pop()
+            victim = self._pop_victim()
             self._preempt(victim)
             if victim is seq:
                 return False
         return True
+
+    def _pop_victim(self) -> Sequence:
+        """The newest running sequence not in flight (seq, which asks, is one)."""
+        for index in range(len(self.running) - 1, -1, -1):
+            if self.running[index].request_id not in self.in_flight:
+                return self.running.pop(index)
+        raise AssertionError("every running sequence is in flight, the one being scheduled too")
 
     def _preempt(self, seq: Sequence) -> None:
         """Preempt by recompute: drop the KV; the generated tokens are recomputed as prompt later."""
@@ -161,6 +198,7 @@ class Scheduler:
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new_tokens
         self.block_manager.cache_full_blocks(seq, end)
         seq.num_computed_tokens = end
+        self.in_flight.add(seq.request_id)
         budget.num_tokens -= num_new_tokens
         all_token_ids = seq.all_token_ids
         if seq.grammar is not None and end == len(all_token_ids):
@@ -181,6 +219,7 @@ class Scheduler:
         updated: list[Sequence] = []
         requests, sampled = self.requests, runner_output.sampled
         for scheduled in scheduler_output.scheduled:
+            self.in_flight.discard(scheduled.request_id)
             seq = requests.get(scheduled.request_id)
             if not scheduled.sample or seq is None:  # mid-prefill, or aborted while the step ran
                 continue
@@ -212,6 +251,9 @@ class Scheduler:
         seq = self.requests.pop(request_id, None)
         if seq is None:
             return
+        # A sequence in flight may end (an abort): its micro-batch's writes to the blocks freed here reach every
+        # stage before those of any later micro-batch, to which the blocks may go.
+        self.in_flight.discard(request_id)
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         else:

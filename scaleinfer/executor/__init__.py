@@ -2,6 +2,7 @@
 
     UniprocExecutor          the runner in this process (one GPU, the CPU, or an offload shard)
     TensorParallelExecutor   rank 0 here, ranks 1..T-1 spawned here or started by torchrun
+    PipelineParallelExecutor the same over T x P ranks in P stages, with submit/collect of micro-batches
 
 Both answer execute(SchedulerOutput) -> RunnerOutput, num_blocks, any_rank_busy and shutdown; the engine does
 not know which it has.
@@ -23,7 +24,7 @@ from scaleinfer.weights.source import ModelSource
 
 
 def make_executor(config: EngineConfig, source: ModelSource, max_model_len: int, progress: bool):
-    size = config.parallel.tensor_parallel_size
+    size = config.parallel.world_size
     config = dataclasses.replace(config, model=with_num_threads(config.model, size))
     share_cpu_cores(config.model)  # this process's (rank 0's); each worker sets its own from its spec
     launched = torchrun_env()
@@ -35,6 +36,7 @@ def make_executor(config: EngineConfig, source: ModelSource, max_model_len: int,
                              progress=progress, offload_config=config.offload)
         return UniprocExecutor(runner)
     check_tensor_parallel(config, source, launched)
+    check_pipeline_parallel(config, source)
     if launched is not None:
         return _torchrun_executor(config, source, max_model_len, progress, launched)
     return _spawning_executor(config, source, max_model_len, progress)
@@ -55,46 +57,76 @@ def check_tensor_parallel(config: EngineConfig, source: ModelSource, launched: T
     if source.format == "hf_model":
         raise InvalidRequestError("an in-memory model cannot be shared with worker processes: save it and pass the "
                                   "folder")
-    if launched is not None and launched.world_size != size:
+    world = config.parallel.world_size
+    if launched is not None and launched.world_size != world:
         raise InvalidRequestError(
-            f"under torchrun the world size ({launched.world_size}) must equal tensor_parallel_size ({size}); to "
-            "stream one model's layers over several GPUs together (offload shards) use tensor_parallel_size=1")
-    if uses_gpus(config.model.device) and launched is None and size > torch.cuda.device_count():
-        raise InvalidRequestError(f"tensor_parallel_size={size} exceeds the {torch.cuda.device_count()} visible "
-                                  "GPUs (one rank per GPU)")
+            f"under torchrun the world size ({launched.world_size}) must equal tensor_parallel_size x "
+            f"pipeline_parallel_size ({world}); to stream one model's layers over several GPUs together (offload "
+            "shards) use tensor_parallel_size=1")
+    if uses_gpus(config.model.device) and launched is None and world > torch.cuda.device_count():
+        raise InvalidRequestError(f"tensor_parallel_size x pipeline_parallel_size = {world} exceeds the "
+                                  f"{torch.cuda.device_count()} visible GPUs (one rank per GPU)")
+
+
+def check_pipeline_parallel(config: EngineConfig, source: ModelSource) -> None:
+    """Refuse pipelines that cannot run, naming the value, before any process starts."""
+    from scaleinfer.models.registry import model_class
+
+    size, arch = config.parallel.pipeline_parallel_size, source.arch
+    if size == 1:
+        return
+    if size > arch.num_hidden_layers:
+        raise InvalidRequestError(f"pipeline_parallel_size={size} exceeds the model's num_hidden_layers="
+                                  f"{arch.num_hidden_layers} (each stage holds at least one layer)")
+    if not model_class(arch).supports_pipeline:
+        raise InvalidRequestError(f"pipeline_parallel_size={size}: {arch.architecture} does not run in pipeline "
+                                  "stages yet (the Llama and LayerNorm-decoder families do)")
+    if config.offload.enabled:
+        raise InvalidRequestError(f"pipeline_parallel_size={size} with offload={config.offload.offload!r}: "
+                                  "streamed weights run in one stage")
 
 
 def _rank_spec(config: EngineConfig, source: ModelSource, max_model_len: int, init_method: str, rank: int,
                local_rank: int) -> RankRunnerSpec:
     # NCCL with one GPU per rank; gloo on CPUs, and where every rank shares the one GPU the user named.
     backend = "nccl" if uses_gpus(config.model.device) else "gloo"
-    size = config.parallel.tensor_parallel_size
+    parallel = config.parallel
+    model = rank_device(config.model, local_rank)
+    if parallel.pipeline_parallel_size > 1:  # stages run eagerly: no CUDA graphs of stage steps yet
+        model = dataclasses.replace(model, enforce_eager=True)
     return RankRunnerSpec(
-        rank=RankSpec(rank, size, init_method, backend, config.parallel.collective_timeout,
+        rank=RankSpec(rank, parallel.world_size, init_method, backend, parallel.collective_timeout,
+                      pipeline_parallel_size=parallel.pipeline_parallel_size,
                       expert_parallel_size=config.parallel.expert_parallel_size,
                       moe_all_to_all=config.parallel.moe_all_to_all),
-        model=rank_device(config.model, local_rank), cache=config.cache, offload=config.offload,
+        model=model, cache=config.cache, offload=config.offload,
         model_path=str(source.path), max_model_len=max_model_len, max_num_seqs=config.scheduler.max_num_seqs)
 
 
 def _spawning_executor(config: EngineConfig, source: ModelSource, max_model_len: int, progress: bool):
-    from scaleinfer.executor.multiproc import TensorParallelExecutor
-
     rendezvous_dir = tempfile.mkdtemp(prefix="scaleinfer-tp-")
     init_method = f"file://{rendezvous_dir}/rendezvous"
     specs = [_rank_spec(config, source, max_model_len, init_method, rank, rank)
-             for rank in range(config.parallel.tensor_parallel_size)]
-    return TensorParallelExecutor(specs[0], specs[1:], rendezvous_dir, progress)
+             for rank in range(config.parallel.world_size)]
+    return _executor_class(config)(specs[0], specs[1:], rendezvous_dir, progress)
+
+
+def _executor_class(config: EngineConfig):
+    if config.parallel.pipeline_parallel_size > 1:
+        from scaleinfer.executor.pipeline import PipelineParallelExecutor
+
+        return PipelineParallelExecutor
+    from scaleinfer.executor.multiproc import TensorParallelExecutor
+
+    return TensorParallelExecutor
 
 
 def _torchrun_executor(config: EngineConfig, source: ModelSource, max_model_len: int, progress: bool,
                        launched: TorchrunEnv):
     """Rank 0 returns the executor; every other rank serves steps here until rank 0 shuts down, then exits."""
-    from scaleinfer.executor.multiproc import TensorParallelExecutor
-
     spec = _rank_spec(config, source, max_model_len, "env://", launched.rank, launched.local_rank)
     if launched.rank == 0:
-        return TensorParallelExecutor(spec, None, None, progress)
+        return _executor_class(config)(spec, None, None, progress)
     from scaleinfer.executor.worker_main import run_torchrun_worker
 
     run_torchrun_worker(spec)

@@ -48,6 +48,8 @@ class _Run:
 
 
 class TensorParallelExecutor:
+    num_stages = 1  # pipeline stages (executor/pipeline.py has more)
+
     def __init__(self, spec: RankRunnerSpec, specs: list[RankRunnerSpec] | None, rendezvous_dir: str | None,
                  progress: bool) -> None:
         """spec: rank 0's; specs: ranks 1..T-1 to spawn here (None: torchrun started them)."""
@@ -62,7 +64,7 @@ class TensorParallelExecutor:
             raise self._fail(exc) from exc
         finally:
             self._run.in_step = False
-        self._run.channel = StepChannel(get_parallel_state().control_group)
+        self._run.channel = StepChannel(get_parallel_state().step_group)
         self._encoder = StepEncoder()
 
     @property

@@ -10,6 +10,8 @@ from scaleinfer.worker.model_runner import ModelRunner
 
 
 class UniprocExecutor:
+    num_stages = 1  # pipeline stages: one micro-batch in flight, execute() the whole step
+
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
         streamer = runner.streamer

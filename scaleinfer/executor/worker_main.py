@@ -13,8 +13,8 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
-from scaleinfer.executor.channel import StepChannel
 from scaleinfer.executor.rank import RankRunnerSpec, build_rank_runner, share_cpu_cores
+from scaleinfer.executor.stage_link import StageLink
 from scaleinfer.executor.step_codec import StepDecoder
 from scaleinfer.parallel.groups import leave_tensor_parallel
 from scaleinfer.parallel.state import get_parallel_state
@@ -24,13 +24,14 @@ from scaleinfer.worker.model_runner import ModelRunner
 def serve_steps(runner: ModelRunner, on_step: Any = None) -> None:
     """Run rank 0's steps until it shuts the run down; on_step(n) after the n-th."""
     gc.freeze()  # the model and everything built so far: no garbage collection walks them again
-    channel, decoder = StepChannel(get_parallel_state().control_group), StepDecoder()
+    link, decoder = StageLink(get_parallel_state()), StepDecoder()
     num_steps = 0
-    while (payload := channel.recv()) is not None:
-        runner.execute(decoder.decode(payload))
+    while (payload := link.recv()) is not None:
+        link.reply(runner.execute(decoder.decode(payload)))
         num_steps += 1
         if on_step is not None:
             on_step(num_steps)
+    link.close()
     if runner.streamer is not None:  # its NVMe files: a worker process runs no atexit or finalizer work
         runner.streamer.close()
 

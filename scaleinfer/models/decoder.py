@@ -25,7 +25,8 @@ from scaleinfer.layers.embedding import VocabParallelEmbedding
 from scaleinfer.layers.layernorm import LayerNorm
 from scaleinfer.layers.linear import ColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear
 from scaleinfer.layers.rotary import RotaryEmbedding
-from scaleinfer.models.causal_lm import CausalLM
+from scaleinfer.models.causal_lm import CausalLM, stage_layer_list
+from scaleinfer.parallel.pipeline import current_stage
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": partial(F.gelu, approximate="none"),
@@ -87,40 +88,56 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
+    stage_tensors = 1  # between pipeline stages: x
     def __init__(self, arch: ArchConfig, position_offset: int | None) -> None:
-        """position_offset: None for rotary positions, else the learned table's row of position 0."""
+        """position_offset: None for rotary positions, else the learned table's row of position 0. Builds this
+        rank's pipeline stage: its layers, the embeddings (and projection in) on the first stage, the final norm
+        (and projection out) on the last."""
         super().__init__()
+        stage = self.stage = current_stage(arch.num_hidden_layers)
         embed_dim = arch.word_embed_proj_dim or arch.hidden_size
-        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, embed_dim)
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, embed_dim) if stage.is_first else None
         self.project_in = self.project_out = None
         if embed_dim != arch.hidden_size:
-            self.project_in = ReplicatedLinear(embed_dim, arch.hidden_size, bias=False)
-            self.project_out = ReplicatedLinear(arch.hidden_size, embed_dim, bias=False)
+            self.project_in = ReplicatedLinear(embed_dim, arch.hidden_size, bias=False) if stage.is_first else None
+            self.project_out = ReplicatedLinear(arch.hidden_size, embed_dim, bias=False) if stage.is_last else None
         self.position_offset, self.embed_positions, rotary_emb = position_offset, None, None
-        if position_offset is not None:
+        if position_offset is not None and stage.is_first:
             num_positions = arch.max_position_embeddings + position_offset
             self.embed_positions = VocabParallelEmbedding(num_positions, arch.hidden_size)
-        else:  # one table for every layer
+        elif position_offset is None:  # one table for every layer
             rotary_emb = RotaryEmbedding(arch.rotary_dim, arch.max_position_embeddings, arch.rope_theta,
                                          arch.rope_scaling)
-        self.layers = nn.ModuleList(DecoderLayer(arch, rotary_emb) for _ in range(arch.num_hidden_layers))
+        self.layers = stage_layer_list(stage, arch.num_hidden_layers, lambda i: DecoderLayer(arch, rotary_emb))
+        self.stage_layers = tuple(self.layers[i] for i in stage.layers)
         # Post-LN blocks end in a norm already.
-        self.norm = LayerNorm(arch.hidden_size, arch.layer_norm_eps) if arch.do_layer_norm_before else None
+        has_norm = arch.do_layer_norm_before and stage.is_last
+        self.norm = LayerNorm(arch.hidden_size, arch.layer_norm_eps) if has_norm else None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden: [1, num_tokens, hidden_size] from the previous pipeline stage (None on the first) -> the
+        final hidden states on the last stage, else [1, num_tokens, hidden_size] for the next."""
+        x = self._embed(input_ids, positions) if hidden is None else hidden[0]
+        for layer in self.stage_layers:
+            x = layer(positions, x, meta)
+        if not self.stage.is_last:
+            return x.unsqueeze(0)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x if self.project_out is None else self.project_out(x)
+
+    def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [num_tokens, embed_dim]
         if self.project_in is not None:
             x = self.project_in(x)  # [num_tokens, hidden_size]
         if self.embed_positions is not None:
             x = x + self.embed_positions(positions + self.position_offset)
-        for layer in self.layers:
-            x = layer(positions, x, meta)
-        if self.norm is not None:
-            x = self.norm(x)
-        return x if self.project_out is None else self.project_out(x)
+        return x
 
 
 class DecoderForCausalLM(CausalLM):
+    supports_pipeline = True
     position_offset: int | None = None  # learned positions: the table row of position 0; None: rotary
     stacked_params = QKV_SHARDS
     # checkpoint name fragment -> ours, applied in order

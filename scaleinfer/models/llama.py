@@ -17,7 +17,8 @@ from scaleinfer.layers.embedding import VocabParallelEmbedding
 from scaleinfer.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from scaleinfer.layers.norm import RMSNorm
 from scaleinfer.layers.rotary import RotaryEmbedding
-from scaleinfer.models.causal_lm import CausalLM
+from scaleinfer.models.causal_lm import CausalLM, stage_layer_list
+from scaleinfer.parallel.pipeline import current_stage
 
 
 class LlamaAttention(nn.Module):
@@ -83,23 +84,34 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    stage_tensors = 2  # between pipeline stages: x and the residual
     def __init__(self, arch: ArchConfig, mlp: MLPFactory = LlamaMLP,
                  attention: AttentionFactory = LlamaAttention) -> None:
+        """Builds this rank's pipeline stage: its layers, the embedding on the first, the norm on the last."""
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size)
+        stage = current_stage(arch.num_hidden_layers)
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size) if stage.is_first else None
         # One table of cos/sin for every layer: at a 128k context it is 64 MB.
         rotary_emb = RotaryEmbedding(arch.rotary_dim, arch.max_position_embeddings, arch.rope_theta,
                                      arch.rope_scaling)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(arch, rotary_emb, arch.layer_window(i), layer_mlp(arch, i, mlp), attention)
-            for i in range(arch.num_hidden_layers)
-        )
-        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.layers = stage_layer_list(stage, arch.num_hidden_layers,
+                                       lambda i: LlamaDecoderLayer(arch, rotary_emb, arch.layer_window(i),
+                                                                         layer_mlp(arch, i, mlp), attention))
+        self.stage_layers = tuple(self.layers[i] for i in stage.layers)
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps) if stage.is_last else None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden_size]
-        for layer in self.layers:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden: [2, num_tokens, hidden_size], x and the residual from the previous stage (None on the first).
+        -> the normed hidden states [num_tokens, hidden_size] on the last stage, else [2, ...] for the next."""
+        if hidden is None:
+            x, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden_size]
+        else:
+            x, residual = hidden.unbind(0)
+        for layer in self.stage_layers:
             x, residual = layer(positions, x, residual, meta)
+        if self.norm is None:
+            return torch.stack((x, residual))
         x, _ = self.norm(x, residual)
         return x
 
@@ -110,6 +122,7 @@ def layer_mlp(arch: ArchConfig, layer: int, mlp: MLPFactory) -> MLPFactory:
 
 
 class LlamaForCausalLM(CausalLM):
+    supports_pipeline = True
     stacked_params = {
         ".q_proj.": (".qkv_proj.", "q"),
         ".k_proj.": (".qkv_proj.", "k"),

@@ -33,10 +33,11 @@ class Phi3Model(LlamaModel):
         self.original_max_position = scaling.get("original_max_position_embeddings", 0)
         self.max_position = arch.max_position_embeddings
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
         # The layers read positions only as rows of the rotary table.
         rows = self.rope_rows(positions, meta) if self.long_rope else positions
-        return super().forward(input_ids, rows, meta)
+        return super().forward(input_ids, rows, meta, hidden)
 
     def rope_rows(self, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """positions: [num_tokens] -> rows of the [short; long] table: + max_position for each token whose

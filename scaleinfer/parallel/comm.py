@@ -36,10 +36,30 @@ def tp_all_gather(x: torch.Tensor) -> torch.Tensor:
 
 
 def min_over_ranks(value: int) -> int:
-    """The smallest of `value` over the tensor-parallel ranks (the KV block count all of them can hold)."""
+    """The smallest of `value` over every rank, all stages' (the KV block count all of them can hold)."""
     state = get_parallel_state()
-    if state.tp_size == 1:
+    if state.world_size == 1:
         return value
     tensor = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=state.control_group)
     return int(tensor.item())
+
+
+def send_to_next_stage(x: torch.Tensor) -> dist.Work:
+    """Pipeline: x to this tp_rank's rank of the next stage, asynchronously; x stays untouched until the returned
+    work completes (the caller holds both)."""
+    state = get_parallel_state()
+    return dist.isend(_sendable(x, state.pp_group), dst=state.rank + state.tp_size, group=state.pp_group)
+
+
+def recv_from_previous_stage(x: torch.Tensor) -> torch.Tensor:
+    """Pipeline: fill x from this tp_rank's rank of the previous stage (on a GPU the stream waits, not the host)."""
+    state = get_parallel_state()
+    staged = _sendable(x, state.pp_group)
+    dist.recv(staged, src=state.rank - state.tp_size, group=state.pp_group)
+    return x if staged is x else x.copy_(staged)
+
+
+def _sendable(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """x, or its host copy where the group is gloo's (ranks sharing one GPU): gloo moves host memory only."""
+    return x.cpu() if x.is_cuda and dist.get_backend(group) == "gloo" else x

@@ -30,8 +30,13 @@ class RankSpec:
     init_method: str  # file://... for ranks this process spawned, env:// under torchrun
     backend: str  # nccl | gloo
     collective_timeout: float  # seconds
+    pipeline_parallel_size: int = 1  # stages; world_size // this ranks per stage
     expert_parallel_size: int = 1  # MoE expert groups inside each stage's ranks (parallel/expert.py)
     moe_all_to_all: str = "coordinated"  # ParallelConfig.moe_all_to_all
+
+    @property
+    def tp_size(self) -> int:
+        return self.world_size // self.pipeline_parallel_size
 
 
 def backend_for(device: torch.device) -> str:
@@ -45,16 +50,39 @@ def join_tensor_parallel(spec: RankSpec, device: torch.device, dtype: torch.dtyp
         torch.cuda.set_device(device)
     dist.init_process_group(spec.backend, init_method=spec.init_method, world_size=spec.world_size,
                             rank=spec.rank, timeout=START_TIMEOUT)
-    ranks = list(range(spec.world_size))
-    tp_group = dist.new_group(ranks, timeout=timedelta(seconds=spec.collective_timeout), backend=spec.backend)
-    control = dist.new_group(ranks, backend="gloo", timeout=CONTROL_TIMEOUT)
-    state = ParallelState(tp_rank=spec.rank, tp_size=spec.world_size, tp_group=tp_group, control_group=control,
-                          small_all_reduce=_small_all_reduce(spec, device, dtype, tp_group))
+    if spec.pipeline_parallel_size > 1:
+        state = _join_pipeline(spec)
+    else:
+        ranks = list(range(spec.world_size))
+        tp_group = dist.new_group(ranks, timeout=timedelta(seconds=spec.collective_timeout), backend=spec.backend)
+        control = dist.new_group(ranks, backend="gloo", timeout=CONTROL_TIMEOUT)
+        state = ParallelState(tp_rank=spec.rank, tp_size=spec.world_size, tp_group=tp_group, control_group=control)
+    if state.tp_size > 1:
+        state.small_all_reduce = _small_all_reduce(spec, device, dtype, state.tp_group)
     set_parallel_state(state)
     set_expert_state(join_expert_parallel(spec.expert_parallel_size, spec.moe_all_to_all == "coordinated",
                                           state.tp_rank, state.tp_size, state.tp_group, spec.world_size,
                                           spec.backend, spec.collective_timeout))
     return state
+
+
+def _join_pipeline(spec: RankSpec) -> ParallelState:
+    """Every rank creates every group, in one order (new_group is collective over the world): per stage its T
+    ranks (the layers' group and a gloo one for the step broadcast), per tp_rank its P ranks (hidden states, and
+    gloo for the step messages and sampled tokens), then the world's control group."""
+    tp, pp = spec.tp_size, spec.pipeline_parallel_size
+    tp_rank, pp_rank = spec.rank % tp, spec.rank // tp
+    short = timedelta(seconds=spec.collective_timeout)
+    stages = [list(range(p * tp, (p + 1) * tp)) for p in range(pp)]
+    columns = [list(range(t, spec.world_size, tp)) for t in range(tp)]
+    tp_group = [dist.new_group(r, timeout=short, backend=spec.backend) for r in stages][pp_rank]
+    stage_control = [dist.new_group(r, timeout=CONTROL_TIMEOUT, backend="gloo") for r in stages][pp_rank]
+    pp_group = [dist.new_group(r, timeout=short, backend=spec.backend) for r in columns][tp_rank]
+    pp_control = [dist.new_group(r, timeout=CONTROL_TIMEOUT, backend="gloo") for r in columns][tp_rank]
+    control = dist.new_group(list(range(spec.world_size)), backend="gloo", timeout=CONTROL_TIMEOUT)
+    return ParallelState(tp_rank=tp_rank, tp_size=tp, tp_group=tp_group, control_group=control, pp_rank=pp_rank,
+                         pp_size=pp, pp_group=pp_group, pp_control_group=pp_control,
+                         stage_control_group=stage_control)
 
 
 def _small_all_reduce(spec: RankSpec, device: torch.device, dtype: torch.dtype, group: dist.ProcessGroup):

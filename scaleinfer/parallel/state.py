@@ -22,6 +22,25 @@ class ParallelState:
     # are the idle time between steps, so it has no short timeout.
     control_group: ProcessGroup | None = None
     small_all_reduce: Any = None  # parallel.symm_mem.SmallAllReduce on GPUs where it serves, else None
+    # Pipeline stages (parallel/pipeline.py): the T ranks above are one stage's; world rank = tp_rank + T * pp_rank.
+    pp_rank: int = 0
+    pp_size: int = 1
+    pp_group: ProcessGroup | None = None  # this tp_rank's rank in every stage: hidden states (NCCL on GPUs)
+    pp_control_group: ProcessGroup | None = None  # the same ranks over gloo, no short timeout: step messages
+    stage_control_group: ProcessGroup | None = None  # gloo over this stage's T ranks: the step broadcast
+
+    @property
+    def rank(self) -> int:
+        return self.tp_rank + self.tp_size * self.pp_rank
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size
+
+    @property
+    def step_group(self) -> ProcessGroup | None:
+        """Where rank 0's step broadcast goes: the whole world with one stage, the first stage's ranks else."""
+        return self.stage_control_group if self.pp_size > 1 else self.control_group
 
 
 _STATE = ParallelState()
@@ -35,4 +54,6 @@ def set_parallel_state(state: ParallelState) -> None:
     global _STATE
     if not 0 <= state.tp_rank < state.tp_size:
         raise ValueError(f"tp_rank must be in [0, tp_size={state.tp_size}), got {state.tp_rank}")
+    if not 0 <= state.pp_rank < state.pp_size:
+        raise ValueError(f"pp_rank must be in [0, pp_size={state.pp_size}), got {state.pp_rank}")
     _STATE = state

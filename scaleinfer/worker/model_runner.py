@@ -22,7 +22,7 @@ from scaleinfer.worker.kv_cache import allocate_kv_cache, block_bytes, kv_cache_
 from scaleinfer.worker.prompt_logprobs import compute_prompt_logprobs
 from scaleinfer.worker.sampling_batch import SamplingState
 from scaleinfer.worker.staging import StagingBuffer
-from scaleinfer.worker.step_forward import EagerForward, GraphedForward
+from scaleinfer.worker.step_forward import EagerForward, GraphedForward, StageForward
 
 
 class ModelRunner:
@@ -41,6 +41,8 @@ class ModelRunner:
         self.sampling = SamplingState(self.device, model_config.seed)
         self.staging = StagingBuffer(self.device)  # the step's inputs: one pinned copy per step
         self.steps = EagerForward(self.model, self.block_size, self.device, self.staging)
+        if self.model.stage.pp_size > 1:  # hidden states from the previous stage, to the next
+            self.steps = StageForward(self.model, self.block_size, self.device, self.staging, self.dtype)
         # Streamed layers rebind their weights every step, which a captured graph cannot follow.
         if self.device.type == "cuda" and not model_config.enforce_eager and not self.offload.enabled:
             max_blocks = -(-(max_model_len or source.arch.max_position_embeddings) // self.block_size)
@@ -99,6 +101,7 @@ class ModelRunner:
         kv_heads, head_dim = layers[0].num_kv_heads, layers[0].head_dim
         dtype = kv_cache_dtype(config, self.dtype)
         per_block = block_bytes(self.model.arch, kv_heads, self.block_size, dtype)
+        per_block = per_block * len(layers) // self.model.arch.num_hidden_layers  # a pipeline stage: its layers'
         num_blocks = min_over_ranks(num_blocks_for(config, per_block, self.device))  # every rank holds as many
         # One block more than the scheduler sees: the scratch block that padded graph rows write to.
         caches = allocate_kv_cache(
@@ -115,8 +118,10 @@ class ModelRunner:
             self.steps.skip()
             return RunnerOutput(sampled={})
         hidden, sampled = self.steps.run(output)  # hidden: [num_sampled, hidden]
-        prompt_logprobs = compute_prompt_logprobs(self.model, self.steps.hidden, output) if any(
-            s.sampling_params.prompt_logprobs is not None for s in output.scheduled) else {}
+        # (a pipeline stage before the last has no head: the last one scores the prompt)
+        scores_prompt = self.model.stage.is_last and any(
+            s.sampling_params.prompt_logprobs is not None for s in output.scheduled)
+        prompt_logprobs = compute_prompt_logprobs(self.model, self.steps.hidden, output) if scores_prompt else {}
         if not sampled:
             return RunnerOutput(sampled={}, prompt_logprobs=prompt_logprobs)
         logits = self.model.compute_logits(hidden)  # [num_sampled, vocab]

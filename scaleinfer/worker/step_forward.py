@@ -5,10 +5,14 @@ after sampling, sampled_on_device and sampled_on_host, the same way whichever it
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from scaleinfer.outputs import ScheduledSequence, SchedulerOutput
+from scaleinfer.parallel.comm import recv_from_previous_stage, send_to_next_stage
 from scaleinfer.worker.cuda_graph import DecodeGraphs
 from scaleinfer.worker.next_step import NextDecode
 from scaleinfer.worker.staging import StagingBuffer
@@ -80,3 +84,36 @@ class GraphedForward(EagerForward):
 
     def skip(self) -> None:
         self.next_decode = None
+
+
+class StageForward(EagerForward):
+    """A pipeline stage's step: the previous stage's hidden states in (the first embeds the tokens), this stage's
+    layers, and out to the next stage asynchronously; only the last stage's rows are sampled. Every stage builds
+    the same step inputs from the same SchedulerOutput, so the shapes agree without being sent."""
+
+    MAX_PENDING_SENDS = 8  # sends in flight before the oldest is waited for
+
+    def __init__(self, model: nn.Module, block_size: int, device: torch.device, staging: StagingBuffer,
+                 dtype: torch.dtype) -> None:
+        super().__init__(model, block_size, device, staging)
+        self.stage, self.dtype = model.stage, dtype
+        self.shape = (model.model.stage_tensors, model.arch.hidden_size)
+        self.sends: deque[tuple[dist.Work, torch.Tensor]] = deque()  # each tensor lives until its send is done
+
+    def run(self, output: SchedulerOutput) -> tuple[torch.Tensor, list[ScheduledSequence]]:
+        inputs = build_step_inputs(output, self.block_size, self.device, self.staging)
+        hidden = None
+        if not self.stage.is_first:  # [stage_tensors, num_tokens, hidden_size]
+            shape = (self.shape[0], inputs.input_ids.shape[0], self.shape[1])
+            hidden = recv_from_previous_stage(torch.empty(shape, dtype=self.dtype, device=self.device))
+        out = self.model(inputs.input_ids, inputs.positions, inputs.attn, hidden)
+        if self.stage.is_last:
+            self.hidden = out
+            return inputs.sampled_hidden(out), inputs.sampled
+        self._send(out.contiguous())
+        return out[0, :0], []
+
+    def _send(self, x: torch.Tensor) -> None:
+        while self.sends and (self.sends[0][0].is_completed() or len(self.sends) >= self.MAX_PENDING_SENDS):
+            self.sends.popleft()[0].wait()
+        self.sends.append((send_to_next_stage(x), x))

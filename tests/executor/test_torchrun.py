@@ -31,4 +31,4 @@ def test_a_world_size_other_than_the_tensor_parallel_size_is_refused(tiny_models
     result = run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "scaleinfer.cli", *ARGS,
                   "--model", str(folder), "--tensor-parallel-size", "4"])
     assert result.returncode != 0
-    assert "world size (2) must equal tensor_parallel_size (4)" in result.stderr
+    assert "world size (2) must equal tensor_parallel_size x pipeline_parallel_size (4)" in result.stderr

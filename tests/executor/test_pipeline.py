@@ -1,0 +1,153 @@
+"""Pipeline parallelism on CPU processes over gloo: P stages (and T x P ranks) give one process's greedy tokens
+and logprobs, with chunked prefill, prefix caching and preemption in play, under the hybrid and the fixed
+micro-batch schedules; a dead stage ends the run naming its rank. One LLM per world size: its processes serve
+every case of the module."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tp_helpers import assert_logprobs_close, hf_greedy, prompts_with_shared_prefix
+from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
+
+from scaleinfer import LLM, SamplingParams
+from scaleinfer.errors import InvalidRequestError, RankFailedError
+from scaleinfer.parallel.pipeline import MicroBatchPlan
+
+# Chunks of 16 tokens and a cache too small for every sequence at once (preemption by recompute).
+PRESSURE = dict(max_num_batched_tokens=16, num_blocks=10, block_size=8)
+NUM_TOKENS = 8
+PARAMS = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=3)
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=512, initializer_range=0.2, bos_token_id=None, eos_token_id=None,
+            pad_token_id=None)
+
+
+def save(tmp_path_factory, name, config):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    folder = tmp_path_factory.mktemp(name)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder, model
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """5 layers (stages of 3 + 2 at P=2, 2 + 1 + 1 + 1 at P=4) and a tied head: the last stage, without the
+    embedding, loads the head from the embedding's tensor."""
+    return save(tmp_path_factory, "llama_pp", LlamaConfig(num_hidden_layers=5, tie_word_embeddings=True, **TINY))
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    config = MixtralConfig(num_hidden_layers=3, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
+                           **TINY)
+    return save(tmp_path_factory, "mixtral_pp", config)
+
+
+def start(folder, **options):
+    return LLM(str(folder), device="cpu", dtype="float32", skip_tokenizer_init=True, progress=False, **options)
+
+
+def reference(folder, hf_model):
+    """(prompts, one process's outputs), made before any pipeline starts in this process (rank 0's groups
+    would be the one process's too)."""
+    prompts = prompts_with_shared_prefix(hf_model.config.vocab_size)
+    with start(folder, kv_cache_memory=4 << 20) as llm:
+        return prompts, llm.generate(prompts, PARAMS)
+
+
+def check_schedules(llm, prompts, expected, hf_model):
+    """Hybrid then fixed on the same processes (the schedule is the engine core's alone): every token equals HF's
+    greedy and one process's, logprobs within float32 noise, and the small cache preempted."""
+    scheduler = llm.engine.core.scheduler
+    for plan in (scheduler.plan, MicroBatchPlan(pp_size=scheduler.plan.pp_size, schedule="fixed")):
+        scheduler.plan = plan
+        before = llm.engine.stats().num_preempted
+        outputs = llm.generate(prompts, PARAMS)
+        assert llm.engine.stats().num_preempted > before, "the cache was meant to be too small for every sequence"
+        for prompt, output in zip(prompts, outputs, strict=True):
+            assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, NUM_TOKENS), (plan, prompt)
+        assert_logprobs_close(outputs, expected)
+        assert scheduler.in_flight == set() and llm.engine.stats().num_used_blocks == 0
+
+
+def test_two_stages_llama_hybrid_and_fixed(llama):
+    folder, hf_model = llama
+    prompts, expected = reference(folder, hf_model)
+    with start(folder, pipeline_parallel_size=2, **PRESSURE) as llm:
+        assert llm.engine.core.executor.num_stages == 2
+        check_schedules(llm, prompts, expected, hf_model)
+
+
+def test_two_stages_mixtral(mixtral):
+    folder, hf_model = mixtral
+    prompts, expected = reference(folder, hf_model)
+    with start(folder, pipeline_parallel_size=2, **PRESSURE) as llm:
+        check_schedules(llm, prompts, expected, hf_model)
+
+
+def test_two_ranks_by_two_stages_and_four_stages(llama):
+    folder, hf_model = llama
+    prompts, expected = reference(folder, hf_model)
+    for options in (dict(tensor_parallel_size=2, pipeline_parallel_size=2), dict(pipeline_parallel_size=4)):
+        with start(folder, **options, **PRESSURE) as llm:
+            pids = llm.engine.core.executor.worker_pids
+            check_schedules(llm, prompts, expected, hf_model)
+        assert len(pids) == 3 and not any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+
+def test_a_killed_stage_ends_the_run_naming_it(llama):
+    folder, _ = llama
+    with start(folder, pipeline_parallel_size=2, kv_cache_memory=4 << 20) as llm:
+        executor = llm.engine.core.executor
+        steps_done, pid = executor._run.workers.steps_done, executor.worker_pids[0]
+
+        def kill_after_three_steps() -> None:
+            while steps_done[1] < 3:
+                time.sleep(0.01)
+            os.kill(pid, signal.SIGKILL)
+
+        threading.Thread(target=kill_after_three_steps, daemon=True).start()
+        start_time = time.monotonic()
+        with pytest.raises(RankFailedError) as failure:
+            llm.generate([[5, 6, 7], [8, 9]], SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
+        assert time.monotonic() - start_time < 60
+        assert "rank 1" in str(failure.value) and "SIGKILL" in str(failure.value), failure.value
+        with pytest.raises(RankFailedError):  # every later call names it again
+            llm.generate([[5, 6]], SamplingParams(max_tokens=2))
+
+
+def test_pipelines_that_cannot_run_are_refused_with_the_value(llama, tmp_path):
+    folder, _ = llama
+    with pytest.raises(InvalidRequestError, match="pipeline_parallel_size=6 exceeds .*num_hidden_layers=5"):
+        start(folder, pipeline_parallel_size=6)
+    with pytest.raises(InvalidRequestError, match="pipeline_parallel_size must be an integer >= 1, got 0"):
+        start(folder, pipeline_parallel_size=0)
+    with pytest.raises(InvalidRequestError, match="pipeline_schedule must be one of"):
+        start(folder, pipeline_parallel_size=2, pipeline_schedule="gpipe")
+    with pytest.raises(InvalidRequestError, match="pipeline_micro_batches=3 is the fixed schedule's count"):
+        start(folder, pipeline_parallel_size=2, pipeline_micro_batches=3)
+    with pytest.raises(InvalidRequestError, match="offload='cpu'"):
+        start(folder, pipeline_parallel_size=2, offload="cpu")
+
+
+def test_generate_under_torchrun_in_two_stages_prints_what_one_process_prints(tiny_models):
+    """torchrun starts both ranks: rank 0 runs the command and stage 0, rank 1 the last stage's worker loop."""
+    folder, _ = tiny_models["llama3.1"]
+    args = ["-m", "scaleinfer.cli", "generate", "The capital of France", "--device", "cpu", "--dtype", "float32",
+            "--max-tokens", "10", "--model", str(folder)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    alone = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, env=env)
+    assert alone.returncode == 0, alone.stderr
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    together = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", *args, "--pipeline-parallel-size",
+                               "2"], capture_output=True, text=True, timeout=600, env=env)
+    assert together.returncode == 0, together.stderr
+    assert together.stdout == alone.stdout
