@@ -103,8 +103,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=DTYPES)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--quantization", default=None, choices=[q for q in QUANTIZATIONS if q],
-                        help="quantize the linear layers' weights as they load (int8: per-output-channel, "
-                             "weight-only; embeddings, LM head and MoE experts stay in --dtype)")
+                        help="quantize the linear layers' weights as they load (int8: per-output-channel, int4: "
+                             "groups of 128, weight-only; embeddings, LM head and MoE experts stay in --dtype); gguf: "
+                             "keep a .gguf file's Q4_0/Q4_1 weights as int4 and its embedding / LM head as int8")
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="split every layer over T processes (one per GPU; on a CPU, T processes over gloo)")
     parser.add_argument("--pipeline-parallel-size", type=int, default=1,

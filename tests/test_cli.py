@@ -148,8 +148,9 @@ def test_quantization_flag_reaches_the_model_config(command, monkeypatch):
 
     monkeypatch.setattr(llm_engine, "LLMEngine", capture)
     monkeypatch.setattr(app, "run_server", capture)
-    with pytest.raises(Captured):
-        cli.main([*command, "--quantization", "int8"])
-    assert configs[0].model.quantization == "int8"
-    with pytest.raises(SystemExit):  # argparse: "invalid choice: 'int4'"
-        cli.main([*command, "--quantization", "int4"])
+    for choice in ("int8", "int4", "gguf"):
+        with pytest.raises(Captured):
+            cli.main([*command, "--quantization", choice])
+        assert configs[-1].model.quantization == choice
+    with pytest.raises(SystemExit):  # argparse: "invalid choice: 'int3'"
+        cli.main([*command, "--quantization", "int3"])

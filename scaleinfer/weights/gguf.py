@@ -6,8 +6,9 @@ Built on the `gguf` package. Three things differ from an HF checkpoint:
   dequantize's output, are already in torch order ([out, in]), which is checked per tensor;
 - rope layout: llama.cpp's converter permutes the rows of attn_q / attn_k of Llama models from HF's
   half-split rope layout to its interleaved one; iter_weights undoes that (Qwen2 is stored unpermuted).
-Quantized tensors are dequantized (through float32) to the requested dtype. A tied model has no
-output.weight, and then no lm_head.weight is yielded.
+Quantized tensors are dequantized (through float32) to the requested dtype, except under quantization="gguf"
+(GGUFQuant), where Q4_0 / Q4_1 linear weights stay int4. A tied model has no output.weight, and then no
+lm_head.weight is yielded.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,7 +28,19 @@ from tqdm import tqdm
 
 from scaleinfer.config import ArchConfig
 from scaleinfer.errors import InvalidRequestError, ModelLoadError, UnsupportedArchitectureError
+from scaleinfer.weights.gguf_quant import (
+    BLOCK,
+    KEPT_TYPES,
+    Q4Blocks,
+    is_linear_weight,
+    keeps_linears,
+    q4_to_torch,
+    read_q4,
+)
 from scaleinfer.weights.gguf_reader import FastGGUFReader
+
+if TYPE_CHECKING:
+    from scaleinfer.layers.quant_int4 import Int4Rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +70,9 @@ BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# quantization="gguf": the embedding (and a tied LM head) as per-row int8 of its dequantized values; on a 135M
+# model the head is a third of a decode step's bytes (tests turn it off to compare with the dequantized path)
+HEAD_INT8 = True
 EOS_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 
 
@@ -69,6 +85,7 @@ class GGUFFile:
     arch: ArchConfig
     reader: GGUFReader = field(repr=False)
     rope_permuted: bool = False
+    keep_int4: bool = False  # linear weights in Q4_0 / Q4_1 come as Int4Rows, not dequantized (GGUFQuant sets it)
 
     @property
     def chat_template(self) -> str | None:
@@ -81,14 +98,50 @@ class GGUFFile:
             for tensor in tensors:
                 yield hf_name(tensor.name, self.path), self._to_torch(tensor, dtype)
 
-    def _to_torch(self, tensor: ReaderTensor, dtype: torch.dtype) -> torch.Tensor:
-        array = _dequantize(tensor, self.path)  # [out, in] or [n]
-        if self.rope_permuted and tensor.name.endswith(("attn_q.weight", "attn_q.bias")):
-            array = unpermute_rope(array, self.arch.num_attention_heads)
-        elif self.rope_permuted and tensor.name.endswith(("attn_k.weight", "attn_k.bias")):
-            array = unpermute_rope(array, self.arch.num_key_value_heads)
+    def _to_torch(self, tensor: ReaderTensor, dtype: torch.dtype) -> torch.Tensor | Int4Rows:
+        if self.keep_int4 and tensor.tensor_type in KEPT_TYPES and is_linear_weight(tensor.name):
+            return self._kept(tensor)
+        array = self._unpermuted(tensor.name, _dequantize(tensor, self.path))  # [out, in] or [n]
         # np.array copies: the reader's arrays are read-only views of the memory-mapped file
         return torch.from_numpy(np.array(array, dtype=np.float32)).to(dtype)
+
+    def _kept(self, tensor: ReaderTensor) -> Int4Rows:
+        """A Q4_0 / Q4_1 weight as int4 rows; q/k rows un-permuted with their scales and zeros together."""
+        blocks = read_q4(tensor)
+        expected = tuple(reversed(tensor.shape.tolist()))
+        if blocks.levels.shape != expected:
+            raise ModelLoadError(f"{self.path}: tensor {tensor.name} has {blocks.levels.shape} levels, "
+                                 f"expected {expected}")
+        parts = (self._unpermuted(tensor.name, a) for a in (blocks.levels, blocks.scale, blocks.zero))
+        return q4_to_torch(Q4Blocks(*parts))
+
+    def _unpermuted(self, name: str, array: np.ndarray) -> np.ndarray:
+        """array: [rows, ...] of the tensor `name`, rows in HF's rope order."""
+        if self.rope_permuted and name.endswith(("attn_q.weight", "attn_q.bias")):
+            return unpermute_rope(array, self.arch.num_attention_heads)
+        if self.rope_permuted and name.endswith(("attn_k.weight", "attn_k.bias")):
+            return unpermute_rope(array, self.arch.num_key_value_heads)
+        return array
+
+
+@dataclass(slots=True, frozen=True)
+class GGUFQuant:
+    """A GGUF source's say in the linears' scheme (ModelSource.quant): quantization="gguf" keeps its Q4_0 /
+    Q4_1 linear weights as int4 in groups of 32 (weights/gguf_quant.py); any other choice dequantizes first."""
+
+    file: GGUFFile
+
+    def scheme(self, requested: str | None):
+        from scaleinfer.layers.linear import UNQUANTIZED, quantization_scheme
+
+        if requested != "gguf":
+            return quantization_scheme(requested)
+        if not keeps_linears(self.file.reader.tensors, self.file.path):
+            return UNQUANTIZED
+        from scaleinfer.layers.quant_int4 import Int4Scheme
+
+        self.file.keep_int4 = True
+        return Int4Scheme(group_size=BLOCK, lm_head_int8=HEAD_INT8)
 
 
 def open_gguf(path: Path) -> GGUFFile:

@@ -21,7 +21,7 @@ import torch
 from scaleinfer.config import EMBEDDED_MODEL_ALIAS, ArchConfig
 from scaleinfer.errors import ModelLoadError
 from scaleinfer.tokenizer import load_tokenizer
-from scaleinfer.weights.gguf import GGUFFile, open_gguf
+from scaleinfer.weights.gguf import GGUFFile, GGUFQuant, open_gguf
 from scaleinfer.weights.hf_config import CONFIG_NAME, read_hf_config
 from scaleinfer.weights.quant_config import CheckpointQuant, kv_scale_name, read_quant_config
 from scaleinfer.weights.safetensors import iter_safetensors, safetensors_files
@@ -74,7 +74,7 @@ def resolve_model(model: str, load_format: str = "auto") -> ModelSource:
         return _from_folder(path, needs_weights=load_format != "dummy")
     if path.suffix == ".gguf":
         gguf_file = open_gguf(path)
-        return ModelSource(path, "gguf", gguf_file.arch, gguf_file)
+        return ModelSource(path, "gguf", gguf_file.arch, gguf_file, quant=GGUFQuant(gguf_file))
     raise ModelLoadError(f"model path {path} is neither a folder nor a .gguf file")
 
 
