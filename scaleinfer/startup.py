@@ -20,12 +20,14 @@ class StartupSummary:
     num_kv_tokens: int | None  # None: an encoder, which keeps no KV cache
     num_threads: int | None = None  # this process's CPU threads; None on a GPU
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     quantization: str | None = None
 
     def line(self) -> str:
         kv = "no KV cache" if self.num_kv_tokens is None else f"KV cache {self.num_kv_tokens:,} tokens"
         extras = [f"{self.num_threads} CPU thread{'s' if self.num_threads > 1 else ''}" if self.num_threads else "",
                   f"tensor parallel {self.tensor_parallel_size}" if self.tensor_parallel_size > 1 else "",
+                  f"pipeline parallel {self.pipeline_parallel_size}" if self.pipeline_parallel_size > 1 else "",
                   f"{self.quantization} weights" if self.quantization else ""]
         return (f"scaleinfer {__version__}: {self.model} ({self.architecture}) on {self.device}, {self.dtype}, "
                 f"{kv}, max_model_len {self.max_model_len:,}" + "".join(f", {e}" for e in extras if e))
@@ -39,7 +41,7 @@ def engine_summary(engine: Any) -> StartupSummary:
         dtype=_dtype_name(runner.dtype), max_model_len=engine.max_model_len,
         num_kv_tokens=engine.block_manager.num_blocks * config.cache.block_size,
         num_threads=_cpu_threads(runner.device), tensor_parallel_size=config.parallel.tensor_parallel_size,
-        quantization=config.model.quantization)
+        pipeline_parallel_size=config.parallel.pipeline_parallel_size, quantization=config.model.quantization)
 
 
 def embedder_summary(model: str, embedder: Any) -> StartupSummary:

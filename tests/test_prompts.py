@@ -98,6 +98,10 @@ def test_startup_line_names_model_architecture_device_dtype_kv_and_context():
                              max_model_len=8192, num_kv_tokens=23296, num_threads=1)
     assert summary.line() == (f"scaleinfer {scaleinfer.__version__}: smollm2-135m (LlamaForCausalLM) on cpu, float32, "
                               "KV cache 23,296 tokens, max_model_len 8,192, 1 CPU thread")
+    sharded = StartupSummary(model="m", architecture="A", device="cuda:0", dtype="bfloat16", max_model_len=4096,
+                             num_kv_tokens=None, tensor_parallel_size=2, pipeline_parallel_size=2, quantization="int8")
+    assert sharded.line().endswith("cuda:0, bfloat16, no KV cache, max_model_len 4,096, tensor parallel 2, pipeline "
+                                   "parallel 2, int8 weights")
 
 
 def test_version_is_the_installed_metadata():
