@@ -12,9 +12,10 @@ The matmul: up to MAX_GEMV_ROWS rows, on a GPU, the Triton GEMV reads the fp8 we
 scales). Past it, per-row scales go through torch._scaled_mm with per-token activation scales (dynamic, each
 token's max |x| / 448, or a checkpoint's static input_scale) where it runs: GPUs of compute capability >= 8.9
 (Hopper is the target), and the CPU, whose torch has an fp8 _scaled_mm (not fast: fp8 on CPU is for tests).
-Block scales past the GEMV, and fp8 matmuls a device lacks, dequantize to the activations' dtype and matmul
-(block-wise checkpoints are weight-only throughout: HF's own kernel quantizes activations per 1 x 128 group,
-which a row-wise _scaled_mm cannot take).
+Block scales past the GEMV, and fp8 matmuls a device lacks, run weight-only: on a GPU the Triton GEMM of
+kernels/gemm_fp8.py dequantizes tile by tile (group by group for block scales), on a CPU the weight is
+dequantized to the activations' dtype (block-wise checkpoints are weight-only throughout: HF's own kernel
+quantizes activations per 1 x 128 group, which a row-wise _scaled_mm cannot take).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 
 from scaleinfer.errors import ModelLoadError
 from scaleinfer.kernels.dispatch import use_triton
+from scaleinfer.kernels.gemm_fp8 import fp8_gemm_triton
 from scaleinfer.kernels.gemv_fp8 import (
     FP8_DTYPE,
     FP8_MAX,
@@ -61,6 +63,8 @@ def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group_k: i
     elif not weight_only and scale.shape[1] == 1 and _scaled_mm_runs(x2, q):
         xq, x_scale = quantize_per_token(x2, input_scale)  # [M, K] e4m3, [M, 1]
         y = torch._scaled_mm(xq, q.T, scale_a=x_scale, scale_b=scale.view(1, -1), bias=bias, out_dtype=x.dtype)
+    elif use_triton(x):  # weight-only past the GEMV: dequantized tile by tile
+        y = fp8_gemm_triton(x2.contiguous(), q, scale, group_k, bias)
     else:
         y = F.linear(x2, dequantize_fp8(q, scale, group_k, x.dtype), bias)
     return y.view(*x.shape[:-1], -1)

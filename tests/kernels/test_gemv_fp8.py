@@ -1,9 +1,11 @@
-"""The fp8 GEMV (per-row and 128-block scales) against its torch reference, on fresh random inputs and odd
-shapes; on the GPU also inside a CUDA graph, and the scheme's matmul at every row count."""
+"""The fp8 GEMV and the weight-only fp8 GEMM past it (per-row and block scales) against their torch reference, on
+fresh random inputs and odd shapes; on the GPU also inside a CUDA graph, and the scheme's matmul at every row
+count."""
 
 import pytest
 import torch
 
+from scaleinfer.kernels.gemm_fp8 import fp8_gemm_triton
 from scaleinfer.kernels.gemv import GemvConfig
 from scaleinfer.kernels.gemv_fp8 import FP8_DTYPE, fp8_gemv, fp8_gemv_triton, fp8_linear_ref
 
@@ -64,3 +66,15 @@ def test_fp8_linear_captured_in_a_cuda_graph_matches_its_reference(m, group_k, c
     assert ((y.float() - want).norm() / want.norm()) < 0.05  # per-token e4m3 activations past the GEMV
     if m <= 4:
         torch.testing.assert_close(y, want.to(y.dtype), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("m, n, k, group_k", [(5, 37, 200, 200), (33, 48, 96, 32), (17, 50, 128, 64), (9, 40, 100, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_gemm_matches_its_reference(m, n, k, group_k, dtype, device, triton_path):
+    """Past the GEMV's rows, weight-only: per-row scales, and block scales applied group by group."""
+    torch.manual_seed(m + n + k)
+    q, scale = weights(n, k, group_k, device)
+    x, bias = torch.randn(m, k, dtype=dtype, device=device), torch.randn(n, dtype=dtype, device=device)
+    got = fp8_gemm_triton(x, q, scale, group_k, bias)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(got, fp8_linear_ref(x, q, scale, group_k, bias), **tol)
