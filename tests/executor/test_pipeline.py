@@ -84,6 +84,26 @@ def test_two_stages_llama_hybrid_and_fixed(llama):
     with start(folder, pipeline_parallel_size=2, **PRESSURE) as llm:
         assert llm.engine.core.executor.num_stages == 2
         check_schedules(llm, prompts, expected, hf_model)
+        check_abort_in_flight(llm, prompts, expected)
+
+
+def check_abort_in_flight(llm, prompts, expected):
+    """A request aborted while its micro-batch is on the stages: the others' tokens are unchanged, its blocks (which
+    a later micro-batch may take) come back, nothing stays in flight."""
+    engine, core = llm.engine, llm.engine.core
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"abort-{i}", prompt, PARAMS)
+    outputs = {}
+    engine.step()  # fills the pipe: some micro-batches are still in flight
+    victim = next(iter(core.scheduler.in_flight))
+    engine.abort_request([victim])
+    while engine.has_unfinished_requests():
+        outputs |= {o.request_id: o for o in engine.step() if o.finished}
+    assert victim not in outputs and len(outputs) == len(prompts) - 1
+    for i, reference in enumerate(expected):
+        if f"abort-{i}" in outputs:
+            assert outputs[f"abort-{i}"].outputs[0].token_ids == reference.outputs[0].token_ids
+    assert not core.scheduler.in_flight and engine.stats().num_used_blocks == 0
 
 
 def test_two_stages_mixtral(mixtral):
