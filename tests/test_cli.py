@@ -154,3 +154,9 @@ def test_quantization_flag_reaches_the_model_config(command, monkeypatch):
         assert configs[-1].model.quantization == choice
     with pytest.raises(SystemExit):  # argparse: "invalid choice: 'int3'"
         cli.main([*command, "--quantization", "int3"])
+    # auto (the default): the embedded GGUF on the CPU in one process keeps its Q4 weights; none, TP or offload not
+    for flags, expected in (([], "gguf"), (["--quantization", "none"], None), (["--tensor-parallel-size", "2"], None),
+                            (["--offload", "cpu"], None), (["--model", "folder"], None)):
+        with pytest.raises(Captured):
+            cli.main([*command, "--device", "cpu", *flags])
+        assert configs[-1].model.quantization == expected, flags
