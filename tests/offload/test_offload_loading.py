@@ -63,6 +63,7 @@ class ListSource:
 
     arch: ArchConfig
     weights: list[tuple[str, torch.Tensor]]
+    quant: None = None  # an unquantized checkpoint (ModelSource.quant)
 
     def iter_weights(self, dtype: torch.dtype, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in self.weights:
