@@ -1,9 +1,6 @@
 """INT4 group-wise weights: quantization against a per-group reference, the CPU kernel path against the
 reference matmul, the fused and sharded loaders at TP=2, and the group-size errors at start."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -136,12 +133,11 @@ def test_tiny_llama_in_int4_is_close_to_float32_and_streams_its_levels(tiny_mode
     error and 52% top-1 agreement over 40 positions (int8's 127 levels: 0.029, 16x finer, as the step is);
     offload="cpu" streams the packed levels (scales and zeros resident) and gives the same greedy tokens as
     the resident int4 model."""
+    from parity_helpers import prefill_logits
+
     from scaleinfer.config import CacheConfig, ModelConfig
     from scaleinfer.weights.source import resolve_model
     from scaleinfer.worker.model_runner import ModelRunner
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
-    from parity_helpers import prefill_logits
 
     folder, _ = tiny_models["llama3.1"]
     ids = torch.randint(2, 300, (40,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -155,3 +151,15 @@ def test_tiny_llama_in_int4_is_close_to_float32_and_streams_its_levels(tiny_mode
     assert rel < 0.6 and top1 >= 0.4, (rel, top1)
     prompts = [[5, 6, 7, 8, 9, 10], list(range(20, 45))]
     assert _greedy(folder, "int4", prompts, offload="cpu") == _greedy(folder, "int4", prompts)
+
+
+def test_int4_at_two_ranks_whose_columns_split_a_group_is_refused_at_start(tiny_models):
+    """The tiny Llama's o_proj has 64 input features (one group of 64): 32 per rank at TP=2 is half a group."""
+    from scaleinfer import LLM
+
+    folder, _ = tiny_models["llama3.1"]
+    with pytest.raises(Exception) as error:
+        LLM(str(folder), device="cpu", dtype="float32", skip_tokenizer_init=True, progress=False,
+            kv_cache_memory=4 << 20, tensor_parallel_size=2, quantization="int4")
+    assert "int4 group size 64 does not divide the 32 input features of each rank at tensor_parallel_size=2" \
+        in str(error.value), error.value
