@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ceilings, write_result  # noqa: E402
 
 from scaleinfer import LLM, SamplingParams  # noqa: E402
+from scaleinfer.config import KV_CACHE_DTYPES, QUANTIZATIONS  # noqa: E402
 
 
 @dataclass(slots=True)
@@ -147,9 +148,12 @@ def run_shape(args: argparse.Namespace) -> dict:
         del hf
         gc.collect()
         torch.cuda.empty_cache()
-        llm = LLM(model=tmp, dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True, progress=False)
+        llm = LLM(model=tmp, dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True, progress=False,
+                  quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
         ours = {"batch": run_scaleinfer(llm, work)}
-    return _record(f"{args.shape} shape, random bf16 weights", device, dtype, args, ours, peer)
+    weights = f"{args.quantization} (scaleinfer; HF bf16)" if args.quantization else "bf16"
+    return _record(f"{args.shape} shape, random {weights} weights, KV cache {args.kv_cache_dtype}", device, dtype,
+                   args, ours, peer)
 
 
 def _workload(args: argparse.Namespace, vocab: int) -> Workload:
@@ -179,6 +183,10 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--min-output", type=int, default=16)
     parser.add_argument("--max-output", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quantization", choices=[q for q in QUANTIZATIONS if q], default=None,
+                        help="with --shape: scaleinfer's weights quantized on load; HF stays bf16")
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                        help="with --shape: scaleinfer's KV cache dtype (fp8: twice bf16's tokens)")
     return parser.parse_args()
 
 
