@@ -108,6 +108,9 @@ class CoreProcess:
 
     def _bind(self, kind: int, name: str) -> zmq.Socket:
         socket = self._context.socket(kind)
+        # Unsent commands to a core that is gone are dropped at close, so closing (or collecting) the
+        # context never waits on them: with zmq's default linger its term() would block for ever.
+        socket.setsockopt(zmq.LINGER, 0)
         socket.bind(self._address(name))
         return socket
 
@@ -158,4 +161,8 @@ class CoreProcess:
             logger.error("engine core did not stop within %.0f s; killing it", timeout_s)
             self.process.kill()
             self.process.join(10)
+        if self._reader.is_alive():  # it returns within READER_POLL_S once the core is gone
+            self._reader.join(10 * READER_POLL_S)
+        if not self._reader.is_alive() and not self._context.closed:  # no socket closes under a polling thread
+            self._context.destroy(linger=0)
         shutil.rmtree(self._folder, ignore_errors=True)

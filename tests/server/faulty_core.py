@@ -18,7 +18,7 @@ DEVICE_FAULT = "CUDA error: an illegal memory access was encountered"
 class FaultyCore(EngineCore):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        execute = self.executor.execute
+        execute = self._execute  # the step's execute (the executor's own with one pipeline stage)
 
         def faulty_execute(scheduler_output: SchedulerOutput) -> RunnerOutput:
             seeds = {s.sampling_params.seed: s for s in scheduler_output.scheduled}
@@ -33,4 +33,4 @@ class FaultyCore(EngineCore):
                 output.failed[request_id] = "injected: its sampling state could not be built"
             return output
 
-        self.executor.execute = faulty_execute
+        self._execute = faulty_execute
