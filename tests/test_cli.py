@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_helpers import config_of, started_by
 
 
 def run_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
@@ -55,48 +56,18 @@ def test_bad_input_is_one_line_and_nonzero(args, fragment):
     assert lines[-1].startswith("error: ") and sum(line.startswith("error") for line in lines) == 1
 
 
-class Captured(Exception):
-    pass
-
-
 @pytest.mark.parametrize("command", [["generate", "hi"], ["chat"], ["serve"]])
 def test_step_budget_flags_reach_the_scheduler_config(command, monkeypatch):
-    import scaleinfer.engine.llm_engine as llm_engine
-    import scaleinfer.server.app as app
-    from scaleinfer import cli
-
-    configs = []
-
-    def capture(config, *args, **kwargs):
-        configs.append(config)
-        raise Captured  # the engine or server the command would start, given its config
-
-    monkeypatch.setattr(llm_engine, "LLMEngine", capture)
-    monkeypatch.setattr(app, "run_server", capture)
-    with pytest.raises(Captured):
-        cli.main([*command, "--max-num-batched-tokens", "64", "--max-num-seqs", "8"])
-    assert (configs[0].scheduler.max_num_batched_tokens, configs[0].scheduler.max_num_seqs) == (64, 8)
+    config = config_of([*command, "--max-num-batched-tokens", "64", "--max-num-seqs", "8"], monkeypatch)
+    assert (config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs) == (64, 8)
 
 
 @pytest.mark.parametrize("command", [["generate", "hi"], ["serve"]])
 def test_vllm_named_flags_reach_the_config(command, monkeypatch, tmp_path):
-    import scaleinfer.engine.llm_engine as llm_engine
-    import scaleinfer.server.app as app
-    from scaleinfer import cli
-
-    calls = []
-
-    def capture(config, *args, **kwargs):
-        calls.append((config, kwargs))
-        raise Captured
-
-    monkeypatch.setattr(llm_engine, "LLMEngine", capture)
-    monkeypatch.setattr(app, "run_server", capture)
     extra = ["--served-model-name", "my-model"] if command == ["serve"] else []
-    with pytest.raises(Captured):
-        cli.main([*command, "--tokenizer", str(tmp_path), "--chat-template", "{{ messages }}", "--enforce-eager",
-                  "--kv-cache-memory", "3GiB", "--gpu-memory-utilization", "0.5", *extra])
-    config, kwargs = calls[0]
+    config, kwargs = started_by([*command, "--tokenizer", str(tmp_path), "--chat-template", "{{ messages }}",
+                                 "--enforce-eager", "--kv-cache-memory", "3GiB", "--gpu-memory-utilization", "0.5",
+                                 *extra], monkeypatch)
     assert (config.model.tokenizer, config.model.chat_template, config.model.enforce_eager) == (
         str(tmp_path), "{{ messages }}", True)
     assert (config.cache.kv_cache_memory, config.cache.memory_fraction) == (3 * 2**30, 0.5)
@@ -106,19 +77,8 @@ def test_vllm_named_flags_reach_the_config(command, monkeypatch, tmp_path):
 
 @pytest.mark.parametrize(("flags", "task"), [([], "generate"), (["--task", "embed"], "embed")])
 def test_serve_task_reaches_run_server(flags, task, monkeypatch):
-    import scaleinfer.server.app as app
-    from scaleinfer import cli
-
-    calls = []
-
-    def capture(config, *args, **kwargs):
-        calls.append((config, kwargs))
-        raise Captured
-
-    monkeypatch.setattr(app, "run_server", capture)
-    with pytest.raises(Captured):
-        cli.main(["serve", "--model", "all-minilm-l6-v2", *flags])
-    assert calls[0][0].model.model == "all-minilm-l6-v2" and calls[0][1]["task"] == task
+    config, kwargs = started_by(["serve", "--model", "all-minilm-l6-v2", *flags], monkeypatch)
+    assert config.model.model == "all-minilm-l6-v2" and kwargs["task"] == task
 
 
 def test_serve_task_is_generate_or_embed(capsys):
@@ -136,27 +96,13 @@ def test_gpu_memory_utilization_out_of_range_is_one_line():
 
 @pytest.mark.parametrize("command", [["generate", "hi"], ["chat"], ["serve"]])
 def test_quantization_flag_reaches_the_model_config(command, monkeypatch):
-    import scaleinfer.engine.llm_engine as llm_engine
-    import scaleinfer.server.app as app
     from scaleinfer import cli
 
-    configs = []
-
-    def capture(config, *args, **kwargs):
-        configs.append(config)
-        raise Captured
-
-    monkeypatch.setattr(llm_engine, "LLMEngine", capture)
-    monkeypatch.setattr(app, "run_server", capture)
     for choice in ("int8", "int4", "gguf"):
-        with pytest.raises(Captured):
-            cli.main([*command, "--quantization", choice])
-        assert configs[-1].model.quantization == choice
+        assert config_of([*command, "--quantization", choice], monkeypatch).model.quantization == choice
     with pytest.raises(SystemExit):  # argparse: "invalid choice: 'int3'"
         cli.main([*command, "--quantization", "int3"])
     # auto (the default): the embedded GGUF on the CPU in one process keeps its Q4 weights; none, TP or offload not
     for flags, expected in (([], "gguf"), (["--quantization", "none"], None), (["--tensor-parallel-size", "2"], None),
                             (["--offload", "cpu"], None), (["--model", "folder"], None)):
-        with pytest.raises(Captured):
-            cli.main([*command, "--device", "cpu", *flags])
-        assert configs[-1].model.quantization == expected, flags
+        assert config_of([*command, "--device", "cpu", *flags], monkeypatch).model.quantization == expected, flags

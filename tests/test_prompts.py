@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_helpers import config_of
 
 import scaleinfer
 from scaleinfer.chat_session import ChatHistory, fit_history
@@ -184,24 +185,6 @@ def test_a_missing_model_says_what_the_name_was_taken_for(model, fragments):
         assert fragment in str(info.value)
 
 
-class Captured(Exception):
-    pass
-
-
 @pytest.mark.parametrize("command", [["generate", "hi"], ["chat"], ["serve"]])
 def test_threads_flag_reaches_the_model_config(command, monkeypatch):
-    import scaleinfer.engine.llm_engine as llm_engine
-    import scaleinfer.server.app as app
-    from scaleinfer import cli
-
-    configs = []
-
-    def capture(config, *args, **kwargs):
-        configs.append(config)
-        raise Captured
-
-    monkeypatch.setattr(llm_engine, "LLMEngine", capture)
-    monkeypatch.setattr(app, "run_server", capture)
-    with pytest.raises(Captured):
-        cli.main([*command, "--threads", "3"])
-    assert configs[0].model.num_threads == 3
+    assert config_of([*command, "--threads", "3"], monkeypatch).model.num_threads == 3

@@ -5,6 +5,7 @@ all-to-all moves 1/S of the plain one's bytes; placements that cannot run are re
 
 import pytest
 import torch
+from cli_helpers import config_of
 from family_checks import save_tiny
 from safetensors.torch import load_file, save_file
 from tp_helpers import assert_logprobs_close, generate, prompts_with_shared_prefix
@@ -126,27 +127,12 @@ def test_placements_that_cannot_run_are_refused_with_the_values(models, tiny_mod
         LLM(str(tiny_models["llama3.1"][0]), tensor_parallel_size=2, expert_parallel_size=2, **common)
 
 
-class Captured(Exception):
-    pass
-
-
 @pytest.mark.parametrize("command", [["generate", "hi"], ["serve"]])
 def test_expert_parallel_flags_reach_the_parallel_config(command, monkeypatch):
-    import scaleinfer.engine.llm_engine as llm_engine
-    import scaleinfer.server.app as app
     from scaleinfer import cli
 
-    configs = []
-
-    def capture(config, *args, **kwargs):
-        configs.append(config)
-        raise Captured
-
-    monkeypatch.setattr(llm_engine, "LLMEngine", capture)
-    monkeypatch.setattr(app, "run_server", capture)
-    with pytest.raises(Captured):
-        cli.main([*command, "--tensor-parallel-size", "4", "--expert-parallel-size", "2", "--moe-all-to-all", "plain"])
-    parallel = configs[0].parallel
+    parallel = config_of([*command, "--tensor-parallel-size", "4", "--expert-parallel-size", "2", "--moe-all-to-all",
+                          "plain"], monkeypatch).parallel
     assert (parallel.expert_parallel_size, parallel.moe_all_to_all) == (2, "plain")
     assert cli.main([*command, "--tensor-parallel-size", "4", "--expert-parallel-size", "3"]) == 1
 

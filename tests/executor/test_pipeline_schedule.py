@@ -2,6 +2,7 @@
 micro-batches over disjoint sequences (in flight ones skipped, never preempted), without any process."""
 
 import pytest
+from cli_helpers import config_of
 
 from scaleinfer.config import SchedulerConfig
 from scaleinfer.engine.block_manager import BlockManager
@@ -104,27 +105,9 @@ def test_the_queue_fills_the_slots_and_collects_in_order():
     assert max(executor.in_flight_at_collect[-6:]) <= 2  # the token phase: P micro-batches
 
 
-class Captured(Exception):
-    pass
-
-
 @pytest.mark.parametrize("command", [["generate", "hi"], ["chat"], ["serve"]])
 def test_pipeline_flags_reach_the_parallel_config(command, monkeypatch):
-    import scaleinfer.engine.llm_engine as llm_engine
-    import scaleinfer.server.app as app
-    from scaleinfer import cli
-
-    configs = []
-
-    def capture(config, *args, **kwargs):
-        configs.append(config)
-        raise Captured  # the engine or server the command would start, given its config
-
-    monkeypatch.setattr(llm_engine, "LLMEngine", capture)
-    monkeypatch.setattr(app, "run_server", capture)
-    with pytest.raises(Captured):
-        cli.main([*command, "--pipeline-parallel-size", "4", "--tensor-parallel-size", "2", "--pipeline-schedule",
-                  "fixed", "--pipeline-micro-batches", "6"])
-    parallel = configs[0].parallel
+    parallel = config_of([*command, "--pipeline-parallel-size", "4", "--tensor-parallel-size", "2",
+                          "--pipeline-schedule", "fixed", "--pipeline-micro-batches", "6"], monkeypatch).parallel
     assert (parallel.pipeline_parallel_size, parallel.world_size, parallel.pipeline_schedule,
             parallel.pipeline_micro_batches) == (4, 8, "fixed", 6)

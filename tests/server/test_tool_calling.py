@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from cli_helpers import started_by
 from fake_engine import ByteTokenizer, FakeEngine
 from server_utils import ThreadedServer
 
@@ -224,24 +225,9 @@ def test_a_bad_parser_name_or_no_format_with_auto_tool_choice_fails_at_start():
             engine.shutdown()
 
 
-class _Captured(Exception):
-    pass
-
-
 def test_serve_tool_flags_reach_run_server(monkeypatch):
-    import scaleinfer.server.app as app
-    from scaleinfer import cli
-
-    calls = []
-
-    def capture(config, *args, **kwargs):
-        calls.append(kwargs)
-        raise _Captured
-
-    monkeypatch.setattr(app, "run_server", capture)
-    with pytest.raises(_Captured):
-        cli.main(["serve", "--tool-call-parser", "mistral", "--enable-auto-tool-choice"])
-    assert (calls[0]["tool_call_parser"], calls[0]["enable_auto_tool_choice"]) == ("mistral", True)
+    _, kwargs = started_by(["serve", "--tool-call-parser", "mistral", "--enable-auto-tool-choice"], monkeypatch)
+    assert (kwargs["tool_call_parser"], kwargs["enable_auto_tool_choice"]) == ("mistral", True)
 
 
 # ---- the embedded model, through the Hermes-style template ------------------------------------------
