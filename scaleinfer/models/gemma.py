@@ -43,19 +43,8 @@ class GemmaAttention(LlamaAttention):
         scale = (arch.query_pre_attn_scalar or head_dim) ** -0.5
         self.attn = Attention(heads, kv_heads, head_dim, scale, rotary_emb, sliding_window,
                               arch.attn_logit_softcapping)
-        self.qk_norm = qk_norm
         if qk_norm:
             self.q_norm, self.k_norm = gemma_norm(arch, head_dim), gemma_norm(arch, head_dim)
-
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if not self.qk_norm:
-            return super().forward(positions, x, meta)
-        num_tokens, head_dim = x.shape[0], self.attn.head_dim
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = self.q_norm(q.reshape(-1, head_dim)).view(num_tokens, -1, head_dim)  # [num_tokens, num_heads, head_dim]
-        k = self.k_norm(k.reshape(-1, head_dim)).view(num_tokens, -1, head_dim)  # [num_tokens, kv_heads, head_dim]
-        out = self.attn(positions, q, k, v.view(num_tokens, -1, head_dim), meta)
-        return self.o_proj(out.view(num_tokens, -1))
 
 
 class GemmaMLP(LlamaMLP):

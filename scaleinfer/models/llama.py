@@ -31,10 +31,13 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(arch.num_attention_heads * head_dim, arch.hidden_size)
         self.attn = Attention(heads, kv_heads, head_dim, head_dim**-0.5, rotary_emb, sliding_window)
         self.split = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+        self.q_norm = self.k_norm = None  # a family's per-head norms of q and k before rope (Qwen3, Gemma 3)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         num_tokens, head_dim = x.shape[0], self.attn.head_dim
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q.reshape(-1, head_dim)), self.k_norm(k.reshape(-1, head_dim))
         q = q.view(num_tokens, -1, head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.view(num_tokens, -1, head_dim)  # [num_tokens, num_kv_heads, head_dim]
         v = v.view(num_tokens, -1, head_dim)

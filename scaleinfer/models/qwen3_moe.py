@@ -6,10 +6,7 @@
 
 from __future__ import annotations
 
-import torch
-
 from scaleinfer.config import ArchConfig
-from scaleinfer.layers.attention import AttentionMetadata
 from scaleinfer.layers.norm import RMSNorm
 from scaleinfer.layers.rotary import RotaryEmbedding
 from scaleinfer.models.llama import LlamaAttention
@@ -21,14 +18,6 @@ class QKNormAttention(LlamaAttention):
         super().__init__(arch, rotary_emb, sliding_window)
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
-
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        num_tokens, head_dim = x.shape[0], self.attn.head_dim
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = self.q_norm(q.reshape(-1, head_dim)).view(num_tokens, -1, head_dim)  # [num_tokens, num_heads, head_dim]
-        k = self.k_norm(k.reshape(-1, head_dim)).view(num_tokens, -1, head_dim)  # [num_tokens, kv_heads, head_dim]
-        out = self.attn(positions, q, k, v.view(num_tokens, -1, head_dim), meta)
-        return self.o_proj(out.view(num_tokens, -1))
 
 
 class Qwen3MoeForCausalLM(Qwen2MoeForCausalLM):
