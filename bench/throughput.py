@@ -118,7 +118,7 @@ def main() -> None:
 
 def run_embedded(args: argparse.Namespace) -> dict:
     """The embedded SmolLM2: a batch of mixed requests and a batch of one, ours then HF, same weights."""
-    llm = LLM(device=args.device, progress=False)
+    llm = LLM(device=args.device, progress=False, quantization=args.quantization)
     device, dtype = llm.engine.runner.device, llm.engine.runner.dtype
     vocab = llm.engine.arch.vocab_size
     hf = load_hf(Path(llm.engine.model_path), device, dtype)
@@ -127,7 +127,8 @@ def run_embedded(args: argparse.Namespace) -> dict:
     single = make_workload(1, (128, 128), (64, 64), vocab, args.seed + 1)
     ours = {"batch": run_scaleinfer(llm, batch), "batch_1": run_scaleinfer(llm, single)}
     peer = {"batch": run_hf(hf, batch, args.hf_batch_size, pad_id), "batch_1": run_hf(hf, single, 1, pad_id)}
-    return _record("SmolLM2-135M-Instruct (embedded GGUF, dequantized)", device, dtype, args, ours, peer)
+    kept = f"kept {args.quantization}" if args.quantization else "dequantized"
+    return _record(f"SmolLM2-135M-Instruct (embedded GGUF, {kept}; HF dequantized)", device, dtype, args, ours, peer)
 
 
 def run_shape(args: argparse.Namespace) -> dict:
@@ -184,7 +185,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--max-output", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quantization", choices=[q for q in QUANTIZATIONS if q], default=None,
-                        help="with --shape: scaleinfer's weights quantized on load; HF stays bf16")
+                        help="our weights quantized on load (gguf: the embedded file's as stored); HF unquantized")
     parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                         help="with --shape: scaleinfer's KV cache dtype (fp8: twice bf16's tokens)")
     return parser.parse_args()
