@@ -135,15 +135,20 @@ class LLM:
         messages: Sequence[Message] | Sequence[Sequence[Message]],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool | Callable[..., Any] = True,
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to each conversation and generate the assistant's turn. A message's
         content is a string or a list of OpenAI text parts ({"type": "text", "text": ...}), as the server takes it;
-        each output's `prompt` is the text the template made."""
+        each output's `prompt` is the text the template made. tools: OpenAI function tools, rendered by the
+        template as vLLM's LLM.chat does (the reply is text; the server's --tool-call-parser parses calls)."""
         self._require_task("generate", "chat()")
         tokenizer = self.engine.tokenizer
         conversations = as_conversations(messages)
-        texts = [render_chat(tokenizer, c) for c in conversations]
-        outputs = self.generate([apply_chat_template(tokenizer, c) for c in conversations], sampling_params, use_tqdm)
+        template = {"tools": tools, "add_generation_prompt": add_generation_prompt}
+        texts = [render_chat(tokenizer, c, **template) for c in conversations]
+        prompts = [apply_chat_template(tokenizer, c, **template) for c in conversations]
+        outputs = self.generate(prompts, sampling_params, use_tqdm)
         for output, text in zip(outputs, texts):
             output.prompt = text
         return outputs

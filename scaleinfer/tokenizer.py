@@ -71,12 +71,12 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[d
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, Any]],
-                add_generation_prompt: bool = True) -> str:
+                add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None) -> str:
     """The prompt text the chat template makes of a chat (what apply_chat_template tokenizes)."""
     if not tokenizer.chat_template:
         raise InvalidRequestError(f"tokenizer of {tokenizer.name_or_path!r} has no chat template")
     return tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
-                                         tokenize=False)
+                                         tokenize=False, tools=tools)
 
 
 def _from_folder(folder: Path) -> PreTrainedTokenizerBase:

@@ -117,3 +117,22 @@ def test_embed_refuses_token_ids_past_the_limit_or_vocabulary(minilm):
     with pytest.raises(InvalidRequestError, match="prompt 1 is empty"):
         minilm.embed(["fine", ""])
     assert len(minilm.embed([[101, 102]])[0].outputs.embedding) == 384  # token ids only: nothing to tokenize
+
+
+def test_chat_renders_tools_through_the_template():
+    """The prompt equals HF's rendering of the same template with tools= (the oracle), token for token."""
+    from pathlib import Path
+
+    template = Path(__file__).parent / "server" / "templates" / "hermes_tools.jinja"
+    llm = LLM(device="cpu", dtype="float32", progress=False, num_threads=1, max_model_len=512, num_blocks=64,
+              chat_template=str(template))
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    messages = [{"role": "user", "content": QUESTION}]
+    with_tools, without = (llm.chat(messages, GREEDY, use_tqdm=False, tools=t)[0] for t in (tools, None))
+    tokenizer = llm.get_tokenizer()
+    expected = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+    assert with_tools.prompt == expected and '"get_weather"' in with_tools.prompt
+    assert '"get_weather"' not in without.prompt
+    assert with_tools.prompt_token_ids == tokenizer.encode(expected, add_special_tokens=False)
