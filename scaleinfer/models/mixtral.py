@@ -31,7 +31,7 @@ RENAMES = (
 )
 
 
-class MixtralMoE(nn.Module):
+class SparseMoeBlock(nn.Module):
     """The sparse MoE MLP of every MoE family: the router's top k of the experts (renormalized where the
     config says: Mixtral always, Qwen-MoE with norm_topk_prob), and where the config has one a shared expert
     every token runs through, scaled by sigmoid(shared_expert_gate(x)) (Qwen2-MoE)."""
@@ -66,7 +66,7 @@ class MixtralForCausalLM(LlamaForCausalLM):
             raise ModelLoadError(f"{arch.architecture}: the config has no num_local_experts")
         if arch.hidden_act != "silu":
             raise ModelLoadError(f"{arch.architecture} with hidden_act {arch.hidden_act!r} is not supported (silu is)")
-        CausalLM.__init__(self, arch, LlamaModel(arch, MixtralMoE, type(self).attention))
+        CausalLM.__init__(self, arch, LlamaModel(arch, SparseMoeBlock, type(self).attention))
         # the experts' names first: Qwen-MoE's `.experts.{e}.gate_proj.` also holds Llama's `.gate_proj.`
         self.stacked_params = {**expert_shards(arch.num_local_experts, self.expert_names),
                                **LlamaForCausalLM.stacked_params}

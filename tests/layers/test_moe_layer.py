@@ -12,7 +12,7 @@ from scaleinfer.config import ArchConfig
 from scaleinfer.kernels.dispatch import HAS_TRITON, force_triton
 from scaleinfer.kernels.moe import fused_moe
 from scaleinfer.layers.moe import FusedMoE, select_experts
-from scaleinfer.models.mixtral import MixtralMoE
+from scaleinfer.models.mixtral import SparseMoeBlock
 from scaleinfer.parallel.state import ParallelState, set_parallel_state
 
 NUM_EXPERTS, HIDDEN, INTER = 4, 32, 24
@@ -65,7 +65,7 @@ def test_select_experts_matches_hf_router():
     torch.testing.assert_close(weights.sum(-1), torch.ones(7))
 
 
-def load_block(ours: MixtralMoE, block: MixtralSparseMoeBlock, layout: str) -> None:
+def load_block(ours: SparseMoeBlock, block: MixtralSparseMoeBlock, layout: str) -> None:
     """Through the parameters' weight_loaders: per expert (the released checkpoints' names) or the whole stacks
     (transformers 5 in memory)."""
     ours.gate.weight.data.copy_(block.gate.weight.data)
@@ -84,7 +84,7 @@ def test_mixtral_block_matches_hf(top_k, layout, path):
     """The same output as HF's block, through the torch reference or the Triton kernel (the interpreter on CPU)."""
     if path == "triton" and not HAS_TRITON:
         pytest.skip("triton is not installed")
-    block, ours = hf_block(top_k), MixtralMoE(arch(top_k))
+    block, ours = hf_block(top_k), SparseMoeBlock(arch(top_k))
     load_block(ours, block, layout)
     x = torch.randn(11, HIDDEN)
     with torch.no_grad(), force_triton() if path == "triton" else nullcontext():
