@@ -38,7 +38,7 @@ from scaleinfer.engine.core_types import (
 )
 from scaleinfer.engine.llm_engine import tokenize_prompt
 from scaleinfer.engine.output_processor import OutputProcessor
-from scaleinfer.engine.scheduler import QueueFullError
+from scaleinfer.engine.scheduler import QueueFullError, check_fits
 from scaleinfer.errors import EngineDeadError, InvalidRequestError, RequestFailedError
 from scaleinfer.outputs import RequestOutput
 from scaleinfer.sampling_params import SamplingParams
@@ -195,14 +195,7 @@ class AsyncLLMEngine:
         ready = self._ready
         params.check_token_ids(ready.vocab_size)
         check_prompt_token_ids(prompt_token_ids, ready.vocab_size)
-        num_prompt, max_tokens = len(prompt_token_ids), params.max_tokens
-        if num_prompt + max_tokens > ready.max_model_len:
-            raise InvalidRequestError(f"prompt has {num_prompt} tokens and max_tokens is {max_tokens}; the model's "
-                                      f"context is {ready.max_model_len}")
-        num_needed = -(-(num_prompt + max_tokens - 1) // ready.block_size)  # the last token needs no slot
-        if num_needed > ready.num_blocks:
-            raise InvalidRequestError(f"prompt has {num_prompt} tokens and max_tokens is {max_tokens}, which need "
-                                      f"{num_needed} KV blocks; the KV cache has {ready.num_blocks}")
+        check_fits(len(prompt_token_ids), params.max_tokens, ready.max_model_len, ready.block_size, ready.num_blocks)
         if params.n > self.max_waiting:
             raise InvalidRequestError(f"n={params.n} sequences could never be queued at once "
                                       f"(max_waiting={self.max_waiting})")

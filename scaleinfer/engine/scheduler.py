@@ -86,14 +86,7 @@ class Scheduler:
             raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
         if num_prompt == 0:
             raise InvalidRequestError(f"request {seq.request_id!r} has an empty prompt")
-        if num_prompt + max_tokens > max_model_len:
-            raise InvalidRequestError(f"prompt has {num_prompt} tokens and max_tokens is {max_tokens}; "
-                                      f"the model's context is {max_model_len}")
-        # The last sampled token is never fed back, so its KV needs no slot.
-        num_needed = self.block_manager.num_blocks_for(num_prompt + max_tokens - 1)
-        if num_needed > num_blocks:
-            raise InvalidRequestError(f"prompt has {num_prompt} tokens and max_tokens is {max_tokens}, which "
-                                      f"need {num_needed} KV blocks; the KV cache has {num_blocks}")
+        check_fits(num_prompt, max_tokens, max_model_len, self.block_manager.block_size, num_blocks)
 
     # ---- schedule -------------------------------------------------------------------------------------
 
@@ -297,3 +290,15 @@ def _advance_grammar(seq: Sequence, token_id: int) -> SequenceStatus | None:
     except ValueError:
         logger.exception("sequence %s: the sampled token broke its grammar; aborting it", seq.request_id)
         return SequenceStatus.FINISHED_ABORTED
+
+
+def check_fits(num_prompt: int, max_tokens: int, max_model_len: int, block_size: int, num_blocks: int) -> None:
+    """Raise InvalidRequestError when a prompt with max_tokens to generate could never run: past the context, or
+    needing more KV blocks than the cache has (the front refuses the same before a round trip to the core)."""
+    if num_prompt + max_tokens > max_model_len:
+        raise InvalidRequestError(f"prompt has {num_prompt} tokens and max_tokens is {max_tokens}; "
+                                  f"the model's context is {max_model_len}")
+    num_needed = -(-(num_prompt + max_tokens - 1) // block_size)  # the last sampled token is never fed back
+    if num_needed > num_blocks:
+        raise InvalidRequestError(f"prompt has {num_prompt} tokens and max_tokens is {max_tokens}, which "
+                                  f"need {num_needed} KV blocks; the KV cache has {num_blocks}")
