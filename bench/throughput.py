@@ -21,9 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ceilings, write_result  # noqa: E402
+from roofline import ModelShape, recorded_steps, roofline_seconds  # noqa: E402
 
 from scaleinfer import LLM, SamplingParams  # noqa: E402
 from scaleinfer.config import KV_CACHE_DTYPES, QUANTIZATIONS  # noqa: E402
+from scaleinfer.worker.kv_cache import kv_cache_dtype  # noqa: E402
 
 
 @dataclass(slots=True)
@@ -42,6 +44,7 @@ class Figures:
     output_tok_s: float
     total_tok_s: float
     latency_ms: dict[str, float] | None = None  # TTFT and time per output token, p50 and p99
+    roofline: dict[str, float] | None = None  # the steps as run, at the card's ceilings (bench/roofline.py)
 
 
 def make_workload(n: int, prompt_range: tuple[int, int], output_range: tuple[int, int], vocab: int, seed: int):
@@ -55,15 +58,27 @@ def figures(work: Workload, seconds: float) -> Figures:
     return Figures(seconds, work.num_output_tokens / seconds, total / seconds)
 
 
-def run_scaleinfer(llm: LLM, work: Workload) -> Figures:
+def run_scaleinfer(llm: LLM, work: Workload, limits: dict[str, float]) -> Figures:
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in work.output_lens]
-    start = time.perf_counter()
-    outputs = llm.generate(work.prompts, params)
-    seconds = time.perf_counter() - start
+    with recorded_steps(llm) as steps:
+        start = time.perf_counter()
+        outputs = llm.generate(work.prompts, params)
+        seconds = time.perf_counter() - start
     assert [len(o.outputs[0].token_ids) for o in outputs] == work.output_lens
     result = figures(work, seconds)
     result.latency_ms = latency_percentiles(outputs)
+    result.roofline = roofline(llm, steps, limits, seconds)
     return result
+
+
+def roofline(llm: LLM, steps: list, limits: dict[str, float], seconds: float) -> dict[str, float]:
+    runner = llm.engine.runner
+    kv_bytes = kv_cache_dtype(llm.engine.config.cache, runner.dtype).itemsize
+    shape = ModelShape.from_model(llm.engine.arch, runner.model, kv_bytes)
+    matmul = next(v for k, v in limits.items() if k.startswith("matmul_")) * 1e12
+    out = roofline_seconds(shape, steps, matmul, limits["copy_gb_s"] * 1e9)
+    out["fraction_of_roofline"] = out["roofline_s"] / seconds
+    return out
 
 
 def latency_percentiles(outputs) -> dict[str, float]:
@@ -125,10 +140,12 @@ def run_embedded(args: argparse.Namespace) -> dict:
     pad_id = llm.get_tokenizer().pad_token_id or 0
     batch = _workload(args, vocab)
     single = make_workload(1, (128, 128), (64, 64), vocab, args.seed + 1)
-    ours = {"batch": run_scaleinfer(llm, batch), "batch_1": run_scaleinfer(llm, single)}
+    limits = ceilings(device, dtype)
+    ours = {"batch": run_scaleinfer(llm, batch, limits), "batch_1": run_scaleinfer(llm, single, limits)}
     peer = {"batch": run_hf(hf, batch, args.hf_batch_size, pad_id), "batch_1": run_hf(hf, single, 1, pad_id)}
     kept = f"kept {args.quantization}" if args.quantization else "dequantized"
-    return _record(f"SmolLM2-135M-Instruct (embedded GGUF, {kept}; HF dequantized)", device, dtype, args, ours, peer)
+    return _record(f"SmolLM2-135M-Instruct (embedded GGUF, {kept}; HF dequantized)", device, dtype, args, ours, peer,
+                   limits)
 
 
 def run_shape(args: argparse.Namespace) -> dict:
@@ -151,10 +168,11 @@ def run_shape(args: argparse.Namespace) -> dict:
         torch.cuda.empty_cache()
         llm = LLM(model=tmp, dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True, progress=False,
                   quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
-        ours = {"batch": run_scaleinfer(llm, work)}
+        limits = ceilings(device, dtype)
+        ours = {"batch": run_scaleinfer(llm, work, limits)}
     weights = f"{args.quantization} (scaleinfer; HF bf16)" if args.quantization else "bf16"
     return _record(f"{args.shape} shape, random {weights} weights, KV cache {args.kv_cache_dtype}", device, dtype,
-                   args, ours, peer)
+                   args, ours, peer, limits)
 
 
 def _workload(args: argparse.Namespace, vocab: int) -> Workload:
@@ -163,10 +181,9 @@ def _workload(args: argparse.Namespace, vocab: int) -> Workload:
 
 
 def _record(model: str, device: torch.device, dtype: torch.dtype, args: argparse.Namespace, ours: dict,
-            peer: dict) -> dict:
+            peer: dict, limits: dict[str, float]) -> dict:
     return {
-        "model": model, "device": str(device), "dtype": str(dtype), "workload": vars(args),
-        "ceilings": ceilings(device, dtype),
+        "model": model, "device": str(device), "dtype": str(dtype), "workload": vars(args), "ceilings": limits,
         "scaleinfer": {k: asdict(v) for k, v in ours.items()},
         "hf_transformers": {k: asdict(v) for k, v in peer.items()},
         "ratio_output_tok_s": {k: ours[k].output_tok_s / peer[k].output_tok_s for k in ours},
