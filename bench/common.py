@@ -44,7 +44,7 @@ def decode_bytes_read(model: torch.nn.Module) -> int:
     """Bytes one decode step of one sequence reads: every weight (and quantization scale) once, except that
     an input embedding not shared with the LM head gives one row (a tied one is read whole by the head)."""
     total = sum(p.nbytes for p in model.parameters())
-    total += sum(b.nbytes for name, b in model.named_buffers() if name.endswith("weight_scale"))
+    total += sum(b.nbytes for name, b in model.named_buffers() if name.endswith(("weight_scale", "weight_zero")))
     head = getattr(model, "lm_head", None)
     tied = {id(head.weight)} if head is not None else set()
     for module in model.modules():
