@@ -1,9 +1,9 @@
 """Weight loaders: fused QKV / gate-up placement, and each tensor-parallel rank's shard."""
 
 import torch
+from rank_helpers import as_tp_rank
 
 from scaleinfer.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from scaleinfer.parallel.state import ParallelState, set_parallel_state
 
 
 def test_fused_qkv_equals_separate_projections():
@@ -22,13 +22,10 @@ def test_each_rank_loads_its_shard():
     full_q, full_k = torch.randn(8, 4), torch.randn(4, 4)
     full_gate, full_down = torch.randn(6, 4), torch.randn(4, 6)
     for rank in range(2):
-        set_parallel_state(ParallelState(tp_rank=rank, tp_size=2))
-        try:
+        with as_tp_rank(rank):
             qkv = QKVParallelLinear(hidden_size=4, head_dim=2, num_heads=4, num_kv_heads=2, bias=False)
             gate_up = MergedColumnParallelLinear(4, [6, 6])
             down = RowParallelLinear(6, 4)
-        finally:
-            set_parallel_state(ParallelState())
         qkv.weight_loader(qkv.weight, full_q, "q")
         qkv.weight_loader(qkv.weight, full_k, "k")
         gate_up.weight_loader(gate_up.weight, full_gate, 0)

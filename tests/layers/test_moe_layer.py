@@ -5,6 +5,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from rank_helpers import as_tp_rank
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
@@ -13,7 +14,6 @@ from scaleinfer.kernels.dispatch import HAS_TRITON, force_triton
 from scaleinfer.kernels.moe import fused_moe
 from scaleinfer.layers.moe import FusedMoE, select_experts
 from scaleinfer.models.mixtral import SparseMoeBlock
-from scaleinfer.parallel.state import ParallelState, set_parallel_state
 
 NUM_EXPERTS, HIDDEN, INTER = 4, 32, 24
 
@@ -105,11 +105,8 @@ def test_each_rank_holds_its_slice_of_every_expert_and_the_slices_sum_to_the_who
     load_block_experts(whole, block)
     partial = []
     for rank in range(2):
-        set_parallel_state(ParallelState(tp_rank=rank, tp_size=2))
-        try:
+        with as_tp_rank(rank):
             sliced = FusedMoE(NUM_EXPERTS, HIDDEN, INTER)
-        finally:
-            set_parallel_state(ParallelState())
         load_block_experts(sliced, block)
         half = slice(rank * INTER // 2, (rank + 1) * INTER // 2)
         gate, up = block.experts.gate_up_proj.data.chunk(2, dim=1)

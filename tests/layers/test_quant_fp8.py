@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rank_helpers import as_tp_rank
 from safetensors.torch import load_file, save_file
 
 from scaleinfer import LLM, SamplingParams
@@ -16,7 +17,6 @@ from scaleinfer.errors import InvalidRequestError, ModelLoadError
 from scaleinfer.kernels.gemv_fp8 import FP8_DTYPE, dequantize_fp8, fp8_linear_ref
 from scaleinfer.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, linear_scheme
 from scaleinfer.layers.quant_fp8 import Fp8CheckpointScheme, Fp8Scheme, fp8_linear, quantize_rows
-from scaleinfer.parallel.state import ParallelState, set_parallel_state
 from scaleinfer.weights.source import resolve_model
 from scaleinfer.worker.model_runner import ModelRunner
 
@@ -67,13 +67,9 @@ def test_fp8_linear_on_cpu_is_close_to_its_reference(m, group_k):
 
 
 def _build(scheme, rank) -> dict:
-    set_parallel_state(ParallelState(tp_rank=rank, tp_size=2))
-    try:
-        with linear_scheme(scheme):
-            return dict(qkv=QKVParallelLinear(hidden_size=64, head_dim=16, num_heads=4, num_kv_heads=2, bias=False),
-                        gate_up=MergedColumnParallelLinear(64, [96, 96]), down=RowParallelLinear(128, 64))
-    finally:
-        set_parallel_state(ParallelState())
+    with as_tp_rank(rank), linear_scheme(scheme):
+        return dict(qkv=QKVParallelLinear(hidden_size=64, head_dim=16, num_heads=4, num_kv_heads=2, bias=False),
+                    gate_up=MergedColumnParallelLinear(64, [96, 96]), down=RowParallelLinear(128, 64))
 
 
 SHARDS = (("qkv", "q", "q"), ("qkv", "k", "k"), ("qkv", "v", "v"), ("gate_up", "gate", 0), ("gate_up", "up", 1),
@@ -123,13 +119,9 @@ def test_loaders_at_two_ranks_place_each_ranks_rows_and_their_scales():
 
 
 def test_block_scales_that_straddle_ranks_are_refused():
-    set_parallel_state(ParallelState(tp_rank=0, tp_size=2))
-    try:
-        with linear_scheme(Fp8CheckpointScheme("weight_scale_inv", (128, 128), False)), \
+    with as_tp_rank(0), linear_scheme(Fp8CheckpointScheme("weight_scale_inv", (128, 128), False)), \
                 pytest.raises(ModelLoadError, match="64 input features are not a multiple of the block's 128"):
-            RowParallelLinear(128, 64)
-    finally:
-        set_parallel_state(ParallelState())
+        RowParallelLinear(128, 64)
 
 
 # ---- whole models --------------------------------------------------------------------------------------------

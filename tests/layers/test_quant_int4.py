@@ -3,6 +3,7 @@ reference matmul, the fused and sharded loaders at TP=2, and the group-size erro
 
 import pytest
 import torch
+from rank_helpers import as_tp_rank
 
 from scaleinfer.errors import ModelLoadError
 from scaleinfer.kernels.gemv_int4 import dequantize_int4, int4_linear_ref, pack_int4
@@ -15,7 +16,6 @@ from scaleinfer.layers.linear import (
     linear_scheme,
 )
 from scaleinfer.layers.quant_int4 import Int4Rows, Int4Scheme, group_size_for, quantize_groups
-from scaleinfer.parallel.state import ParallelState, set_parallel_state
 
 
 def _ref(x, rows: Int4Rows):
@@ -73,14 +73,10 @@ def test_fused_and_sharded_loaders_quantize_each_ranks_rows(monkeypatch):
         torch.randn(64, 128, generator=g)
     x64 = torch.randn(2, 64, generator=g)
     for rank in range(2):
-        set_parallel_state(ParallelState(tp_rank=rank, tp_size=2))
-        try:
-            with linear_scheme(Int4Scheme(group_size=32)):
-                qkv = QKVParallelLinear(hidden_size=64, head_dim=16, num_heads=4, num_kv_heads=2, bias=False)
-                gate_up = MergedColumnParallelLinear(64, [32, 32])
-                down = RowParallelLinear(128, 64)
-        finally:
-            set_parallel_state(ParallelState())
+        with as_tp_rank(rank), linear_scheme(Int4Scheme(group_size=32)):
+            qkv = QKVParallelLinear(hidden_size=64, head_dim=16, num_heads=4, num_kv_heads=2, bias=False)
+            gate_up = MergedColumnParallelLinear(64, [32, 32])
+            down = RowParallelLinear(128, 64)
         for shard, full in zip("qkv", (full_q, full_k, full_v)):
             qkv.weight_loader(qkv.weight, full, shard)
         gate_up.weight_loader(gate_up.weight, full_gate, 0)
@@ -100,12 +96,8 @@ def test_fused_and_sharded_loaders_quantize_each_ranks_rows(monkeypatch):
 
 
 def test_a_group_that_does_not_divide_a_ranks_columns_is_an_error_at_start():
-    set_parallel_state(ParallelState(tp_rank=0, tp_size=2))
-    try:
-        with linear_scheme(Int4Scheme()), pytest.raises(ModelLoadError) as error:
-            RowParallelLinear(576, 64)  # group 64 of 576, a rank's 288 columns are 4.5 groups
-    finally:
-        set_parallel_state(ParallelState())
+    with as_tp_rank(0), linear_scheme(Int4Scheme()), pytest.raises(ModelLoadError) as error:
+        RowParallelLinear(576, 64)  # group 64 of 576, a rank's 288 columns are 4.5 groups
     message = str(error.value)
     assert "group size 64" in message and "288 input features" in message and "tensor_parallel_size=2" in message
     with linear_scheme(Int4Scheme(group_size=32)), pytest.raises(ModelLoadError, match="group size 32 does not"):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rank_helpers import as_tp_rank
 
 from scaleinfer import LLM, SamplingParams
 from scaleinfer.config import CacheConfig, ModelConfig
@@ -18,7 +19,6 @@ from scaleinfer.layers.linear import (
     linear_scheme,
 )
 from scaleinfer.layers.quant_int8 import Int8Scheme, dequantize, int8_linear, quantize_rows
-from scaleinfer.parallel.state import ParallelState, set_parallel_state
 from scaleinfer.weights.source import resolve_model
 from scaleinfer.worker.model_runner import ModelRunner
 
@@ -85,14 +85,10 @@ def test_fused_and_sharded_loaders_quantize_each_ranks_rows():
     full_gate, full_up, full_down = torch.randn(6, 4), torch.randn(6, 4), torch.randn(4, 6)
     x4, x3 = torch.randn(2, 4), torch.randn(2, 3)
     for rank in range(2):
-        set_parallel_state(ParallelState(tp_rank=rank, tp_size=2))
-        try:
-            with linear_scheme(Int8Scheme()):
-                qkv = QKVParallelLinear(hidden_size=4, head_dim=2, num_heads=4, num_kv_heads=2, bias=False)
-                gate_up = MergedColumnParallelLinear(4, [6, 6])
-                down = RowParallelLinear(6, 4)
-        finally:
-            set_parallel_state(ParallelState())
+        with as_tp_rank(rank), linear_scheme(Int8Scheme()):
+            qkv = QKVParallelLinear(hidden_size=4, head_dim=2, num_heads=4, num_kv_heads=2, bias=False)
+            gate_up = MergedColumnParallelLinear(4, [6, 6])
+            down = RowParallelLinear(6, 4)
         for shard, full in zip("qkv", (full_q, full_k, full_v)):
             qkv.weight_loader(qkv.weight, full, shard)
         gate_up.weight_loader(gate_up.weight, full_gate, 0)
