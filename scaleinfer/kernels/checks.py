@@ -23,6 +23,13 @@ def check_dtype(name: str, t: torch.Tensor, dtypes: Sequence[torch.dtype]) -> No
         raise ValueError(f"{name} has dtype {t.dtype}, expected one of {list(dtypes)}")
 
 
+def check_bias(bias: torch.Tensor | None, n: int, dtype: torch.dtype) -> None:
+    """An optional [n] bias in the output's dtype."""
+    if bias is not None:
+        check_shape("bias", bias, [n])
+        check_dtype("bias", bias, (dtype,))
+
+
 def check_same_dtype(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
     if t.dtype != like.dtype:
         raise ValueError(f"{name} has dtype {t.dtype}, expected {like.dtype} like the input")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from scaleinfer.kernels.checks import FLOAT_DTYPES, check_contiguous, check_dtype, check_shape
+from scaleinfer.kernels.checks import FLOAT_DTYPES, check_bias, check_contiguous, check_dtype, check_shape
 from scaleinfer.kernels.dispatch import tl, triton, use_triton
 from scaleinfer.kernels.gemv import GemvConfig
 
@@ -98,9 +98,7 @@ def _check(x, q, scale, group_k, bias) -> None:
     check_dtype("scale", scale, (torch.float32,))
     for name, t in (("x", x), ("q", q), ("scale", scale)):
         check_contiguous(name, t)
-    if bias is not None:
-        check_shape("bias", bias, [n])
-        check_dtype("bias", bias, (x.dtype,))
+    check_bias(bias, n, x.dtype)
 
 
 @triton.jit

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from scaleinfer.kernels.checks import FLOAT_DTYPES, check_contiguous, check_dtype, check_shape
+from scaleinfer.kernels.checks import FLOAT_DTYPES, check_bias, check_contiguous, check_dtype, check_shape
 from scaleinfer.kernels.dispatch import tl, triton, use_triton
 from scaleinfer.kernels.gemv import GemvConfig
 
@@ -82,9 +82,7 @@ def _check(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: tor
     check_dtype("zero", zero, (torch.float32,))
     for name, t in (("x", x), ("packed", packed), ("scale", scale), ("zero", zero)):
         check_contiguous(name, t)
-    if bias is not None:
-        check_shape("bias", bias, [n])
-        check_dtype("bias", bias, (x.dtype,))
+    check_bias(bias, n, x.dtype)
 
 
 def int4_gemv_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,

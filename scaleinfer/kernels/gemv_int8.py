@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from scaleinfer.kernels.checks import FLOAT_DTYPES, check_contiguous, check_dtype, check_shape
+from scaleinfer.kernels.checks import FLOAT_DTYPES, check_bias, check_contiguous, check_dtype, check_shape
 from scaleinfer.kernels.dispatch import tl, triton, use_triton
 from scaleinfer.kernels.gemv import GemvConfig
 
@@ -48,9 +48,7 @@ def int8_gemv_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias
     check_dtype("scale", scale, (torch.float32,))
     for name, t in (("x", x), ("q", q), ("scale", scale)):
         check_contiguous(name, t)
-    if bias is not None:
-        check_shape("bias", bias, [n])
-        check_dtype("bias", bias, (x.dtype,))
+    check_bias(bias, n, x.dtype)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, config.block_n), m)
     _int8_gemv_kernel[grid](
