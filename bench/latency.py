@@ -2,12 +2,14 @@
 HF with a static cache (which compiles itself), all in one process on one card.
 
     python bench/latency.py --shape llama3-8b|llama3-1b|llama2-7b [--prompt-len 128 --new-tokens 128] [--skip-hf]
-        [--quantization int8] [--gpt-fast PEERS_DIR]
+        [--quantization bf16,int8,int4,fp8] [--gpt-fast PEERS_DIR]
 
-With --quantization the scaleinfer run quantizes its random weights on load (the HF runs stay bf16); its floor
-counts the bytes a decode step reads (the quantized levels and their scales; one row of the input embedding).
+--quantization takes one scheme or several (comma-separated; `bf16` is none): scaleinfer runs once per scheme,
+quantizing its random weights on load (the HF runs stay bf16), each against its own floor, the bytes a decode
+step reads (the quantized levels and their scales; one row of the input embedding).
 With --gpt-fast, gpt-fast's compiled decoder runs first in a child process (`PEERS_DIR/gptfast_peer.py`, as
-../shared/peers holds it), in int8 when --quantization int8; its tok/s counts its 128-token prefill too.
+../shared/peers holds it): bf16, and int8 too when int8 is among the schemes; its tok/s counts its 128-token
+prefill too.
 """
 
 from __future__ import annotations
@@ -133,24 +135,39 @@ def main() -> None:
         result = {"shape": args.shape, "config": SHAPES[args.shape], "prompt_len": args.prompt_len,
                   "new_tokens": args.new_tokens, "batch": 1, "ceilings": ceilings(device, torch.bfloat16)}
         if args.gpt_fast:
-            result["gpt_fast"] = gpt_fast_latency(Path(args.gpt_fast), args.shape, args.quantization)
+            result["gpt_fast"] = {q or "bf16": gpt_fast_latency(Path(args.gpt_fast), args.shape, q)
+                                  for q in args.quantization if q in (None, "int8")}
         if not args.skip_hf:
             result["hf_eager"] = hf_latency(config, prompt, args.new_tokens, static=False)
             result["hf_static_compile"] = hf_latency(config, prompt, args.new_tokens, static=True)
-        result["quantization"] = args.quantization
-        result["scaleinfer"] = ours = scaleinfer_latency(Path(tmp), prompt, args.new_tokens, args.kv_cache_gib << 30,
-                                                         args.quantization)
-    copy = result["ceilings"]["copy_gb_s"]
-    # A decode step reads every weight once: bytes / step time, against the copy bandwidth.
-    ours["weight_gb_s"] = ours["bytes_read_per_token"] / ours["ms_per_token"] / 1e6
-    ours["fraction_of_copy_bandwidth"] = ours["weight_gb_s"] / copy
-    result["ratios"] = {f"tok_s_vs_{peer}": ours["tok_s"] / result[peer]["tok_s"]
-                        for peer in ("hf_eager", "hf_static_compile") if peer in result}
-    if "gpt_fast" in result:
-        result["ratios"]["tok_s_vs_gpt_fast"] = ours["tok_s"] / result["gpt_fast"]["tok_s_including_prefill"]
+        result["scaleinfer"] = {q or "bf16": scaleinfer_latency(Path(tmp), prompt, args.new_tokens,
+                                                                args.kv_cache_gib << 30, q)
+                                for q in args.quantization}
+    for ours in result["scaleinfer"].values():
+        _add_floor(ours, result["ceilings"]["copy_gb_s"])
+    result["ratios"] = _ratios(result)
     path = write_result(f"latency-{args.shape}", device, result)
     print({k: v for k, v in result.items() if k != "config"})
     print(f"wrote {path}")
+
+
+def _add_floor(ours: dict, copy_gb_s: float) -> None:
+    """A decode step reads every weight once: bytes / step time, against the copy bandwidth."""
+    ours["weight_gb_s"] = ours["bytes_read_per_token"] / ours["ms_per_token"] / 1e6
+    ours["fraction_of_copy_bandwidth"] = ours["weight_gb_s"] / copy_gb_s
+    ours["floor_tok_s"] = copy_gb_s * 1e9 / ours["bytes_read_per_token"]
+
+
+def _ratios(result: dict) -> dict:
+    """Each scheme's tok/s against HF (bf16) and against gpt-fast bf16 and int8, where they ran."""
+    ratios = {}
+    for scheme, ours in result["scaleinfer"].items():
+        for peer in ("hf_eager", "hf_static_compile"):
+            if peer in result:
+                ratios[f"{scheme}_vs_{peer}"] = ours["tok_s"] / result[peer]["tok_s"]
+        for peer_scheme, peer in result.get("gpt_fast", {}).items():
+            ratios[f"{scheme}_vs_gpt_fast_{peer_scheme}"] = ours["tok_s"] / peer["tok_s_including_prefill"]
+    return ratios
 
 
 def _parse() -> argparse.Namespace:
@@ -162,9 +179,19 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--gpt-fast", metavar="PEERS_DIR", default=None,
                         help="run gpt-fast from this folder (gptfast_peer.py and gpt-fast/) in the same run")
-    parser.add_argument("--quantization", choices=[q for q in QUANTIZATIONS if q], default=None,
-                        help="quantize scaleinfer's weights on load (LLM(quantization=...)); HF stays bf16")
+    parser.add_argument("--quantization", type=_schemes, default=[None],
+                        help="bf16 or schemes to quantize scaleinfer's weights to on load, comma-separated "
+                             "(LLM(quantization=...)); HF stays bf16")
     return parser.parse_args()
+
+
+def _schemes(text: str) -> list[str | None]:
+    schemes = [None if name == "bf16" else name for name in text.split(",")]
+    unknown = [name for name in schemes if name not in QUANTIZATIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown scheme(s) {unknown}; choose from bf16, "
+                                         f"{', '.join(q for q in QUANTIZATIONS if q)}")
+    return schemes
 
 
 if __name__ == "__main__":
