@@ -37,7 +37,7 @@ def stub_model(engine: LLMEngine) -> None:
     runner, arch = engine.runner, engine.runner.model.arch
     hidden = torch.zeros(1, arch.hidden_size)
     logits = torch.randn(1, arch.vocab_size)
-    runner.steps.forward_inputs = lambda inputs: hidden.expand(inputs.input_ids.shape[0], -1)
+    runner.steps.forward_inputs = lambda inputs, _hidden: hidden.expand(inputs.input_ids.shape[0], -1)
     runner.model.compute_logits = lambda rows: logits.expand(rows.shape[0], -1).clone()
 
 

@@ -91,9 +91,7 @@ def _rank_spec(config: EngineConfig, source: ModelSource, max_model_len: int, in
     # NCCL with one GPU per rank; gloo on CPUs, and where every rank shares the one GPU the user named.
     backend = "nccl" if uses_gpus(config.model.device) else "gloo"
     parallel = config.parallel
-    model = rank_device(config.model, local_rank)
-    if parallel.pipeline_parallel_size > 1:  # stages run eagerly: no CUDA graphs of stage steps yet
-        model = dataclasses.replace(model, enforce_eager=True)
+    model = rank_device(config.model, local_rank, parallel.tensor_parallel_size)
     return RankRunnerSpec(
         rank=RankSpec(rank, parallel.world_size, init_method, backend, parallel.collective_timeout,
                       pipeline_parallel_size=parallel.pipeline_parallel_size,

@@ -32,11 +32,13 @@ def uses_gpus(device: str) -> bool:
     return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
 
-def rank_device(config: ModelConfig, local_rank: int) -> ModelConfig:
+def rank_device(config: ModelConfig, local_rank: int, tensor_parallel_size: int = 1) -> ModelConfig:
     """config with this rank's device: cuda:<local rank> where the ranks get a GPU each; an explicit cuda:N is
     shared by every rank (gloo only: NCCL refuses two ranks on one GPU), and cpu stays cpu."""
-    if config.device.startswith("cuda:"):  # gloo's collectives synchronize with the host: no CUDA graphs
-        return dataclasses.replace(config, enforce_eager=True)
+    if config.device.startswith("cuda:"):
+        # gloo's collectives synchronize with the host, so no graph may hold one: a stage of one rank captures
+        # its decode steps (its sends and receives stay outside the graphs), a stage of several runs eagerly.
+        return config if tensor_parallel_size == 1 else dataclasses.replace(config, enforce_eager=True)
     return dataclasses.replace(config, device=f"cuda:{local_rank}") if uses_gpus(config.device) else config
 
 

@@ -3,7 +3,7 @@
 One stage: rank 0 broadcasts each step to every rank (StepChannel); nothing comes back (rank 0 samples too).
 P stages: rank 0 broadcasts each micro-batch's step to its stage's T ranks; every rank (t, p) hands the step's
 bytes on to (t, p + 1) before computing, so the next stage decodes it while this one computes; the hidden
-states follow on the pipeline group (worker/step_forward.StageForward). The last stage's tp_rank 0 sends the
+states follow on the pipeline group (worker/stage_io.StageIO). The last stage's tp_rank 0 sends the
 sampled tokens (the RunnerOutput, as msgspec MessagePack) back to rank 0, which collects them in submit order.
 A shutdown travels the same way, behind every step before it.
 """

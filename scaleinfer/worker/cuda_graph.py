@@ -7,6 +7,12 @@ kernel sizes its grid (and whether it needs a reduce) from the block table's wid
 a short context replays a graph with few, short partitions instead of one sized for max_model_len.
 Padded rows write their K/V to a scratch block that no sequence owns, attend over one token of it, and
 are dropped.
+
+One runner for one process and for pipeline stages, told what a step takes and gives: a graph reads the token
+rows and, on a stage past the first, the previous stage's hidden states from a static buffer
+([stage_tensors, max batch, hidden_size]) that the caller fills before each replay; it gives the hidden states
+[batch, hidden_size] (one process, the last stage) or [stage_tensors, batch, hidden_size] for the next stage,
+rows along dim -2 either way. The point-to-point receive and send stay outside the graph (worker/stage_io.py).
 """
 
 from __future__ import annotations
@@ -61,8 +67,13 @@ def graph_key(plan: dict[int, list[int]], num_decodes: int, max_context_len: int
 
 class DecodeGraphs:
     def __init__(self, model: nn.Module, sizes: list[int], max_blocks_per_seq: int, scratch_block: int,
-                 block_size: int, device: torch.device) -> None:
+                 block_size: int, device: torch.device, hidden_in: torch.Tensor | None = None) -> None:
+        """hidden_in: the static buffer of the previous stage's hidden states, [stage_tensors, >= sizes[-1],
+        hidden_size]; None where a step starts from its token ids."""
         self.model, self.sizes, self.block_size = model, sizes, block_size
+        if hidden_in is not None and hidden_in.shape[1] < sizes[-1]:
+            raise ValueError(f"hidden_in holds {hidden_in.shape[1]} rows, fewer than the largest graph's {sizes[-1]}")
+        self.hidden_in = hidden_in
         self.plan = capture_plan(sizes, max_blocks_per_seq, block_size)
         self.scratch_block, self.scratch_slot = scratch_block, scratch_block * block_size
         max_bs = sizes[-1]
@@ -73,6 +84,7 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.capture_seconds = 0.0
+        self.num_replays = 0  # steps replayed from a graph (describe() reports it)
         self.capture_log: list[tuple[int, int, float, float]] = []  # (size, width, warm-up s, capture s)
 
     @property
@@ -106,26 +118,34 @@ class DecodeGraphs:
         # The block table's width fixes the decode kernel's max_context_len for this graph.
         meta = AttentionMetadata(slot_mapping=slot_mapping, num_decodes=size,
                                  decode_block_tables=self.block_tables[:size, :width], decode_context_lens=context_lens)
-        return self.model(input_ids, positions, meta)
+        hidden = None if self.hidden_in is None else self.hidden_in[:, :size]  # [stage_tensors, size, hidden]
+        return self.model(input_ids, positions, meta, hidden)
 
     def can_run(self, inputs: StepInputs) -> bool:
         return inputs.decode_rows is not None and self._key(inputs) is not None
 
-    def run(self, inputs: StepInputs) -> torch.Tensor:
-        """Hidden states [num_decodes, hidden] of a pure-decode step."""
+    def run(self, inputs: StepInputs, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """The output rows (dim -2) of a pure-decode step's num_decodes sequences; hidden: the previous stage's
+        [stage_tensors, num_decodes, hidden_size] (None on the first stage)."""
         key = self._key(inputs)
-        n = inputs.attn.num_decodes
-        self._fill(n, key[0], inputs)
-        self.graphs[key].replay()
-        return self.outputs[key][:n]
+        self._fill(inputs.attn.num_decodes, key[0], inputs)
+        return self.replay(key, inputs.attn.num_decodes, hidden)
 
-    def replay(self, n: int, max_context_len: int) -> torch.Tensor | None:
-        """Hidden states [n, hidden] of the step `advance` prepared, or None when no captured graph holds it."""
-        key = graph_key(self.plan, n, max_context_len, self.block_size)
-        if key is None:
-            return None
+    def key(self, n: int, max_context_len: int) -> tuple[int, int] | None:
+        """The graph of a decode step of n sequences whose longest context is max_context_len; None: none holds it."""
+        return graph_key(self.plan, n, max_context_len, self.block_size)
+
+    def replay(self, key: tuple[int, int], n: int, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """The output rows of the step the token rows hold (filled, or prepared by `advance`): a view of the
+        graph's static output, valid until its next replay."""
+        if (hidden is None) != (self.hidden_in is None):
+            raise ValueError("a stage's graphs take the previous stage's hidden states, and only those: got "
+                             f"{'none' if hidden is None else tuple(hidden.shape)}")
+        if hidden is not None:
+            self.hidden_in[:, :n].copy_(hidden)  # rows n..size keep earlier values: padding, dropped
         self.graphs[key].replay()
-        return self.outputs[key][:n]
+        self.num_replays += 1
+        return self.outputs[key].narrow(-2, 0, n)
 
     def advance(self, n: int, token_ids: torch.Tensor) -> None:
         """Rows 0..n for the same sequences' next token, on the device: input ids from token_ids ([n] int64),
@@ -135,7 +155,7 @@ class DecodeGraphs:
         self.rows[1:, :n] += 1
 
     def _key(self, inputs: StepInputs) -> tuple[int, int] | None:
-        return graph_key(self.plan, inputs.attn.num_decodes, inputs.max_decode_context_len, self.block_size)
+        return self.key(inputs.attn.num_decodes, inputs.max_decode_context_len)
 
     def _fill(self, n: int, size: int, inputs: StepInputs) -> None:
         self.rows[:, :n].copy_(inputs.decode_rows, non_blocking=True)

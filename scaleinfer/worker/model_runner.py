@@ -11,6 +11,7 @@ from scaleinfer.layers.attention import Attention
 from scaleinfer.layers.linear import linear_scheme, quantization_scheme
 from scaleinfer.layers.sampler import SamplerOutput, sample
 from scaleinfer.models.registry import model_class
+from scaleinfer.offload.kv_host import HostKVCache
 from scaleinfer.outputs import RunnerOutput, SampledToken, ScheduledSequence, SchedulerOutput
 from scaleinfer.parallel.comm import min_over_ranks
 from scaleinfer.sampling_params import SamplingParams
@@ -18,11 +19,18 @@ from scaleinfer.weights.dummy import init_dummy_weights
 from scaleinfer.weights.source import ModelSource
 from scaleinfer.worker.cuda_graph import DecodeGraphs, capture_sizes
 from scaleinfer.worker.device import default_dtype, resolve_device, resolve_dtype
-from scaleinfer.worker.kv_cache import allocate_kv_cache, block_bytes, kv_cache_dtype, num_blocks_for
+from scaleinfer.worker.kv_cache import (
+    allocate_kv_cache,
+    block_bytes,
+    kv_cache_dtype,
+    num_blocks_for,
+    num_host_blocks_for,
+)
 from scaleinfer.worker.prompt_logprobs import compute_prompt_logprobs
 from scaleinfer.worker.sampling_batch import SamplingState
+from scaleinfer.worker.stage_io import StageIO
 from scaleinfer.worker.staging import StagingBuffer
-from scaleinfer.worker.step_forward import EagerForward, GraphedForward, StageForward
+from scaleinfer.worker.step_forward import EagerForward, GraphedForward
 
 
 class ModelRunner:
@@ -40,21 +48,21 @@ class ModelRunner:
         self.num_blocks = self._init_kv_cache(cache_config)
         self.sampling = SamplingState(self.device, model_config.seed)
         self.staging = StagingBuffer(self.device)  # the step's inputs: one pinned copy per step
-        self.steps = EagerForward(self.model, self.block_size, self.device, self.staging)
-        if self.model.stage.pp_size > 1:  # hidden states from the previous stage, to the next
-            self.steps = StageForward(self.model, self.block_size, self.device, self.staging, self.dtype)
+        io = StageIO(self.model, self.dtype, self.device)  # hidden states from the previous stage, to the next
+        self.steps = EagerForward(self.model, self.block_size, self.device, self.staging, io)
         # Streamed layers rebind their weights every step, which a captured graph cannot follow.
         if self.device.type == "cuda" and not model_config.enforce_eager and not self.offload.enabled:
             max_blocks = -(-(max_model_len or source.arch.max_position_embeddings) // self.block_size)
-            graphs = DecodeGraphs(self.model, capture_sizes(max_num_seqs), max_blocks, self.num_blocks,
-                                  self.block_size, self.device)
+            sizes = capture_sizes(max_num_seqs)
+            graphs = DecodeGraphs(self.model, sizes, max_blocks, self.num_blocks, self.block_size, self.device,
+                                  hidden_in=io.input_buffer(sizes[-1]))
             graphs.capture()
             self.use_graphs(graphs)
         self.warm_up_seconds = self._warm_up() if self.device.type == "cuda" and not self.offload.enabled else 0.0
 
     def use_graphs(self, graphs: DecodeGraphs) -> None:
         """Run decode steps through these (captured) graphs from now on."""
-        self.steps = GraphedForward(self.model, self.block_size, self.device, self.staging, graphs)
+        self.steps = GraphedForward(self.model, self.block_size, self.device, self.staging, self.steps.io, graphs)
 
     @property
     def graphs(self) -> DecodeGraphs | None:
@@ -77,6 +85,7 @@ class ModelRunner:
                 "cuda_graph_sizes": graphs.sizes if graphs else [],
                 "cuda_graph_context_buckets": graphs.bucket_tokens if graphs else [],
                 "cuda_graph_capture_seconds": graphs.capture_seconds if graphs else 0.0,
+                "cuda_graph_replays": graphs.num_replays if graphs else 0,
                 "warm_up_seconds": self.warm_up_seconds,
                 "offload": self.streamer.describe() if self.streamer else None}
 
@@ -99,22 +108,25 @@ class ModelRunner:
     def _init_kv_cache(self, config: CacheConfig) -> int:
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         kv_heads, head_dim = layers[0].num_kv_heads, layers[0].head_dim
-        dtype = kv_cache_dtype(config, self.dtype)
+        dtype = self.kv_dtype = kv_cache_dtype(config, self.dtype)
         per_block = block_bytes(self.model.arch, kv_heads, self.block_size, dtype)
         per_block = per_block * len(layers) // self.model.arch.num_hidden_layers  # a pipeline stage: its layers'
         num_blocks = min_over_ranks(num_blocks_for(config, per_block, self.device))  # every rank holds as many
+        num_host_blocks = min_over_ranks(num_host_blocks_for(config, per_block))
         # One block more than the scheduler sees: the scratch block that padded graph rows write to.
         caches = allocate_kv_cache(
             len(layers), num_blocks + 1, self.block_size, kv_heads, head_dim, dtype, self.device
         )
         for layer, (k_cache, v_cache) in zip(layers, caches):
             layer.bind_kv_cache(k_cache, v_cache)
+        self.kv_host = HostKVCache(caches, num_host_blocks, self.device)  # its share of the same host blocks
         return num_blocks
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
         self.sampling.drop(output.finished_request_ids)
-        if output.is_empty:
+        self.kv_host.swap(output.swap_out, output.swap_in)  # ordered before the forward below
+        if not output.scheduled:
             self.steps.skip()
             return RunnerOutput(sampled={})
         hidden, sampled = self.steps.run(output)  # hidden: [num_sampled, hidden]
