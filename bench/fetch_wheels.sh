@@ -11,7 +11,8 @@
 #
 # What the image lacks (its package list, .library/device/KINDS.md): fastapi and its starlette, pydantic
 # (pydantic-core, annotated-types, typing-inspection) and opentelemetry-api; uvicorn; openai and its
-# jiter, sniffio and httpx2 (httpcore2, truststore); gguf; msgspec; pyzmq; xgrammar and its apache-tvm-ffi. It has numpy, pyyaml, requests, tqdm, click,
+# jiter, sniffio and httpx2 (httpcore2, truststore); gguf; msgspec; pyzmq; xgrammar and its apache-tvm-ffi; and for the tests jsonschema (referencing,
+# jsonschema-specifications, rpds-py, attrs). It has numpy, pyyaml, requests, tqdm, click,
 # certifi, httpx and prometheus-client; of those with a lower bound above an old release we carry our own
 # (typing-extensions, anyio, idna, h11, annotated-doc, prometheus-client: tiny), so the image's version
 # never matters.
@@ -20,7 +21,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 NAMES=(fastapi starlette pydantic pydantic-core annotated-types typing-inspection opentelemetry-api uvicorn
        openai jiter sniffio httpx2 httpcore2 truststore gguf
-       typing-extensions anyio idna h11 annotated-doc prometheus-client msgspec pyzmq xgrammar apache-tvm-ffi)
+       typing-extensions anyio idna h11 annotated-doc prometheus-client msgspec pyzmq xgrammar apache-tvm-ffi
+       jsonschema jsonschema-specifications referencing rpds-py attrs)
 
 grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 mkdir -p .whl

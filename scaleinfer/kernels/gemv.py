@@ -25,6 +25,9 @@ class GemvConfig:
     block_k: int = 512
     num_warps: int = 4
     num_stages: int = 3
+    # The quantized GEMVs: sum each K step's products into [block_n] partials (True) instead of carrying a
+    # [block_n, block_k] float32 tile in registers to one sum at the end.
+    step_sums: bool = False
 
 
 # Tile sizes measured on an H100 (bench/decode_gemms.py, Llama-3-8B shapes, against cuBLAS in the same run):

@@ -79,7 +79,7 @@ def fp8_gemv_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group
     _fp8_gemv_kernel[(triton.cdiv(n, config.block_n), m)](
         x, q, scale, bias if bias is not None else out, out, n, k, groups,
         PER_ROW=groups == 1, HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        STEP_SUMS=config.step_sums, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
 
@@ -103,27 +103,33 @@ def _check(x, q, scale, group_k, bias) -> None:
 
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, out_ptr, n, k, groups, PER_ROW: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     STEP_SUMS: tl.constexpr):
     row = tl.program_id(1).to(tl.int64)
     features = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     feature_mask = features < n
     q_rows = q_ptr + features.to(tl.int64)[:, None] * k  # [BLOCK_N, 1]
     scale_rows = scale_ptr + features.to(tl.int64) * groups  # [BLOCK_N]
     x_row = x_ptr + row * k
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if PER_ROW and not STEP_SUMS:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     y = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for start in range(0, k, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)  # [BLOCK_K]
         col_mask = cols < k
         xs = tl.load(x_row + cols, mask=col_mask, other=0.0).to(tl.float32)
         w = tl.load(q_rows + cols[None, :], mask=feature_mask[:, None] & col_mask[None, :], other=0.0)
-        if PER_ROW:
+        if PER_ROW and not STEP_SUMS:
             acc += w.to(tl.float32) * xs[None, :]
+        elif PER_ROW:
+            y += tl.sum(w.to(tl.float32) * xs[None, :], axis=1)
         else:  # BLOCK_K is the group: one scale per feature for this step
             s = tl.load(scale_rows + start // BLOCK_K, mask=feature_mask, other=0.0)  # [BLOCK_N]
             y += tl.sum(w.to(tl.float32) * xs[None, :], axis=1) * s
+    if PER_ROW and not STEP_SUMS:
+        y = tl.sum(acc, axis=1)
     if PER_ROW:
-        y = tl.sum(acc, axis=1) * tl.load(scale_rows, mask=feature_mask, other=0.0)  # [BLOCK_N]
+        y = y * tl.load(scale_rows, mask=feature_mask, other=0.0)  # [BLOCK_N]
     if HAS_BIAS:
         y += tl.load(bias_ptr + features, mask=feature_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * n + features, y.to(out_ptr.dtype.element_ty), mask=feature_mask)

@@ -8,9 +8,10 @@ row a scale and a zero, scale [N, G] and zero [N, G] float32 (G = K // group_siz
 
 torch's CPU int4 kernel (aten._weight_int4pack_mm_for_cpu) has the same arithmetic, so one format serves
 quantize-on-load (asymmetric: zero = min + 8 * scale), GGUF Q4_1 (w = d * q + m: scale d, zero m + 8d) and
-GGUF Q4_0 (w = d * (q - 8): zero 0). Each program of the kernel owns BLOCK_N output features of one row of x,
-walks K in BLOCK_K steps reading BLOCK_K // 2 bytes per feature, dequantizes in registers and keeps float32
-partial sums: half the bytes of the int8 GEMV, no dequantized copy of the weight.
+GGUF Q4_0 (w = d * (q - 8): zero 0). Each program of the kernel owns BLOCK_N output features of one row of x and
+walks K a few whole groups per step (BLOCK_K input features, at least one group), reading BLOCK_K // 2 bytes
+per feature; it multiplies the raw levels and applies each group's scale and zero once per group sum, not
+per weight: half the bytes of the int8 GEMV, no dequantized copy of the weight.
 """
 
 from __future__ import annotations
@@ -74,8 +75,9 @@ def _check(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: tor
     n = packed.shape[0]
     check_shape("scale", scale, [n, None])
     check_shape("zero", zero, [n, scale.shape[1]])
-    if scale.shape[1] == 0 or k % scale.shape[1] or (k // scale.shape[1]) % 2:
-        raise ValueError(f"scale has {scale.shape[1]} groups, which do not split K={k} into even-sized groups")
+    if scale.shape[1] == 0 or k % scale.shape[1] or not _is_power_of_two(k // scale.shape[1]) or k == scale.shape[1]:
+        raise ValueError(f"scale has {scale.shape[1]} groups, which do not split K={k} into groups of a power "
+                         "of two (>= 2) input features")
     check_dtype("x", x, FLOAT_DTYPES)
     check_dtype("packed", packed, (torch.uint8,))
     check_dtype("scale", scale, (torch.float32,))
@@ -89,41 +91,54 @@ def int4_gemv_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
                      bias: torch.Tensor | None, config: GemvConfig = INT4_GEMV) -> torch.Tensor:
     _check(x, packed, scale, zero, bias)
     (m, k), n, num_groups = x.shape, packed.shape[0], scale.shape[1]
+    group_size = k // num_groups
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, config.block_n), m)
     _int4_gemv_kernel[grid](
         x, packed, scale, zero, bias if bias is not None else out, out, n, k, num_groups,
-        GROUP_SIZE=k // num_groups, HAS_BIAS=bias is not None, BLOCK_N=config.block_n,
-        HALF_K=config.block_k // 2, num_warps=config.num_warps, num_stages=config.num_stages,
+        HALF_GROUP=group_size // 2, GROUPS_PER_STEP=_floor_power_of_two(max(1, config.block_k // group_size)),
+        HAS_BIAS=bias is not None, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
 
 
+def _is_power_of_two(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def _floor_power_of_two(v: int) -> int:
+    return 1 << (v.bit_length() - 1)
+
+
 @triton.jit
 def _int4_gemv_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, n, k, num_groups,
-                      GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                      HALF_K: tl.constexpr):
+                      HALF_GROUP: tl.constexpr, GROUPS_PER_STEP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    # Per group g of a row: sum_c w_c x_c = s_g * sum_c q_c x_c + (z_g - 8 s_g) * sum_c x_c, so a step
+    # multiplies raw levels and applies each group's scale and zero once, to [BLOCK_N, GROUPS_PER_STEP] sums.
     row = tl.program_id(1).to(tl.int64)
     features = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     feature_mask = features < n
-    q_rows = q_ptr + features.to(tl.int64)[:, None] * (k // 2)  # [BLOCK_N, 1]
+    q_rows = q_ptr + features.to(tl.int64)[:, None, None] * (k // 2)  # [BLOCK_N, 1, 1]
     group_rows = features.to(tl.int64)[:, None] * num_groups  # [BLOCK_N, 1]
     x_row = x_ptr + row * k
-    acc = tl.zeros((BLOCK_N, HALF_K), dtype=tl.float32)
-    for start in range(0, k // 2, HALF_K):
-        pairs = start + tl.arange(0, HALF_K)  # [HALF_K] byte columns: input features 2p and 2p + 1
-        pair_mask = pairs < k // 2
-        mask = feature_mask[:, None] & pair_mask[None, :]
-        byte = tl.load(q_rows + pairs[None, :], mask=mask, other=0)  # [BLOCK_N, HALF_K] uint8
-        groups = group_rows + (2 * pairs // GROUP_SIZE)[None, :]  # a pair never straddles a group (even size)
-        s = tl.load(scale_ptr + groups, mask=mask, other=0.0)
-        z = tl.load(zero_ptr + groups, mask=mask, other=0.0)
-        x_even = tl.load(x_row + 2 * pairs, mask=pair_mask, other=0.0).to(tl.float32)
-        x_odd = tl.load(x_row + 2 * pairs + 1, mask=pair_mask, other=0.0).to(tl.float32)
-        w_even = ((byte & 0xF).to(tl.float32) - 8.0) * s + z
-        w_odd = ((byte >> 4).to(tl.float32) - 8.0) * s + z
-        acc += w_even * x_even[None, :] + w_odd * x_odd[None, :]
-    y = tl.sum(acc, axis=1)  # [BLOCK_N]
+    step_groups = tl.arange(0, GROUPS_PER_STEP)  # [G]
+    half = tl.arange(0, HALF_GROUP)  # [H] byte columns of a group: input features 2p and 2p + 1
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for first in range(0, num_groups, GROUPS_PER_STEP):
+        groups = first + step_groups  # [G]
+        group_mask = groups < num_groups
+        pairs = groups[:, None] * HALF_GROUP + half[None, :]  # [G, H]
+        x_even = tl.load(x_row + 2 * pairs, mask=group_mask[:, None], other=0.0).to(tl.float32)  # [G, H]
+        x_odd = tl.load(x_row + 2 * pairs + 1, mask=group_mask[:, None], other=0.0).to(tl.float32)
+        mask = feature_mask[:, None] & group_mask[None, :]  # [BLOCK_N, G]
+        byte = tl.load(q_rows + pairs[None, :, :], mask=mask[:, :, None], other=0)  # [BLOCK_N, G, H] uint8
+        levels_x = tl.sum((byte & 0xF).to(tl.float32) * x_even[None, :, :]
+                          + (byte >> 4).to(tl.float32) * x_odd[None, :, :], axis=2)  # [BLOCK_N, G]
+        x_sums = tl.sum(x_even + x_odd, axis=1)  # [G]
+        s = tl.load(scale_ptr + group_rows + groups[None, :], mask=mask, other=0.0)  # [BLOCK_N, G]
+        z = tl.load(zero_ptr + group_rows + groups[None, :], mask=mask, other=0.0)
+        acc += tl.sum(s * levels_x + (z - 8.0 * s) * x_sums[None, :], axis=1)
     if HAS_BIAS:
-        y += tl.load(bias_ptr + features, mask=feature_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * n + features, y.to(out_ptr.dtype.element_ty), mask=feature_mask)
+        acc += tl.load(bias_ptr + features, mask=feature_mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * n + features, acc.to(out_ptr.dtype.element_ty), mask=feature_mask)

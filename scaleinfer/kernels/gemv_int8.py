@@ -53,7 +53,7 @@ def int8_gemv_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias
     grid = (triton.cdiv(n, config.block_n), m)
     _int8_gemv_kernel[grid](
         x, q, scale, bias if bias is not None else out, out, n, k,
-        HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        HAS_BIAS=bias is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k, STEP_SUMS=config.step_sums,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
@@ -61,20 +61,28 @@ def int8_gemv_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias
 
 @triton.jit
 def _int8_gemv_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, out_ptr, n, k, HAS_BIAS: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STEP_SUMS: tl.constexpr):
     row = tl.program_id(1).to(tl.int64)
     features = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     feature_mask = features < n
     q_rows = q_ptr + features.to(tl.int64)[:, None] * k  # [BLOCK_N, 1]
     x_row = x_ptr + row * k
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if STEP_SUMS:  # noqa: SIM108 (a constexpr branch: Triton compiles one side, each with its own shape)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for start in range(0, k, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)  # [BLOCK_K]
         col_mask = cols < k
         xs = tl.load(x_row + cols, mask=col_mask, other=0.0).to(tl.float32)
         w = tl.load(q_rows + cols[None, :], mask=feature_mask[:, None] & col_mask[None, :], other=0)
-        acc += w.to(tl.float32) * xs[None, :]
-    y = tl.sum(acc, axis=1) * tl.load(scale_ptr + features, mask=feature_mask, other=0.0)  # [BLOCK_N]
+        if STEP_SUMS:
+            acc += tl.sum(w.to(tl.float32) * xs[None, :], axis=1)
+        else:
+            acc += w.to(tl.float32) * xs[None, :]
+    if not STEP_SUMS:
+        acc = tl.sum(acc, axis=1)
+    y = acc * tl.load(scale_ptr + features, mask=feature_mask, other=0.0)  # [BLOCK_N]
     if HAS_BIAS:
         y += tl.load(bias_ptr + features, mask=feature_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * n + features, y.to(out_ptr.dtype.element_ty), mask=feature_mask)

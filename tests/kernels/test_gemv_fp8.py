@@ -2,6 +2,8 @@
 fresh random inputs and odd shapes; on the GPU also inside a CUDA graph, and the scheme's matmul at every row
 count."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -21,11 +23,12 @@ def weights(n, k, group_k, device):
 @pytest.mark.parametrize("m, n, k, group_k", [(1, 37, 200, 200), (3, 48, 130, 130), (4, 33, 256, 128),
                                               (2, 50, 300, 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fp8_gemv_matches_its_reference(m, n, k, group_k, dtype, device, triton_path):
+@pytest.mark.parametrize("step_sums", [False, True])
+def test_fp8_gemv_matches_its_reference(m, n, k, group_k, dtype, step_sums, device, triton_path):
     torch.manual_seed(m * n + k)
     q, scale = weights(n, k, group_k, device)
     x, bias = torch.randn(m, k, dtype=dtype, device=device), torch.randn(n, dtype=dtype, device=device)
-    got = fp8_gemv(x, q, scale, group_k, bias, config=SMALL)
+    got = fp8_gemv(x, q, scale, group_k, bias, config=replace(SMALL, step_sums=step_sums))
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
     torch.testing.assert_close(got, fp8_linear_ref(x, q, scale, group_k, bias), **tol)
     if scale.shape[1] > 1:  # the block scales are honoured: one scale per row gives another answer

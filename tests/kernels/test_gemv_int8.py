@@ -20,9 +20,10 @@ def _inputs(m, n, k, dtype, device, bias, seed):
 
 @pytest.mark.parametrize("m,n,k,dtype,bias", [(1, 37, 300, torch.float32, False), (3, 64, 512, torch.float32, True),
                                               (1, 50, 1030, torch.bfloat16, True), (4, 16, 64, torch.bfloat16, False)])
-def test_int8_gemv_matches_reference(m, n, k, dtype, bias, device, triton_path):
+@pytest.mark.parametrize("step_sums", [False, True])
+def test_int8_gemv_matches_reference(m, n, k, dtype, bias, step_sums, device, triton_path):
     x, q, scale, b = _inputs(m, n, k, dtype, device, bias, seed=m * 7 + n * 1000 + k)
-    got = int8_gemv(x, q, scale, b, GemvConfig(block_n=16, block_k=128))
+    got = int8_gemv(x, q, scale, b, GemvConfig(block_n=16, block_k=128, step_sums=step_sums))
     assert got.shape == (m, n) and got.dtype == dtype
     torch.testing.assert_close(got, int8_linear_ref(x, q, scale, b), **tolerance(dtype))
 
