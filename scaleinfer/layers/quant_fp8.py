@@ -13,7 +13,7 @@ scales). Past it, per-row scales go through torch._scaled_mm with per-token acti
 token's max |x| / 448, or a checkpoint's static input_scale) where it runs: GPUs of compute capability >= 8.9
 (Hopper is the target), and the CPU, whose torch has an fp8 _scaled_mm (not fast: fp8 on CPU is for tests).
 Block scales past the GEMV, and fp8 matmuls a device lacks, run weight-only: on a GPU the Triton GEMM of
-kernels/gemm_fp8.py dequantizes tile by tile (group by group for block scales), on a CPU the weight is
+kernels/gemm_weight_only.py dequantizes tile by tile (group by group for block scales), on a CPU the weight is
 dequantized to the activations' dtype (block-wise checkpoints are weight-only throughout: HF's own kernel
 quantizes activations per 1 x 128 group, which a row-wise _scaled_mm cannot take).
 """
@@ -28,7 +28,7 @@ from torch import nn
 
 from scaleinfer.errors import ModelLoadError
 from scaleinfer.kernels.dispatch import use_triton
-from scaleinfer.kernels.gemm_fp8 import fp8_gemm_triton
+from scaleinfer.kernels.gemm_weight_only import fp8_gemm_triton
 from scaleinfer.kernels.gemv_fp8 import (
     FP8_DTYPE,
     FP8_MAX,

@@ -9,7 +9,8 @@ just their rows stacked. Activations stay in the run dtype.
 The scales are a buffer, not a parameter: the checkpoint has no tensor for them (the weight's loader writes
 them), and with offload they stay resident while the int8 levels stream.
 
-The matmul: on the GPU the Triton int8 GEMV (kernels/gemv_int8.py) up to MAX_GEMV_ROWS rows, else the levels
+The matmul: on the GPU the Triton int8 GEMV (kernels/gemv_int8.py) up to MAX_GEMV_ROWS rows, the weight-only
+GEMM that dequantizes tile by tile (kernels/gemm_weight_only.py) up to MAX_DEQUANT_GEMM_ROWS, past it the levels
 cast to the run dtype through cuBLAS; on the CPU torch's int8 weight-only kernel
 (aten._weight_int8pack_mm, in bf16 activations and scales where K allows: _cpu_int8pack_mm) for decode rows, and
 for prefill the cast + matmul (that kernel's cost grows with every row: 6x the dequantized matmul at 32).
@@ -22,10 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaleinfer.kernels.dispatch import use_triton
+from scaleinfer.kernels.gemm_weight_only import int8_gemm_triton
 from scaleinfer.kernels.gemv_int8 import MAX_GEMV_ROWS, int8_gemv_triton
 from scaleinfer.layers.linear import Columns, narrow_columns, rows_of
 
 QMAX = 127  # symmetric: -127..127, so -q is representable for every q
+# Past it the GPU casts the whole weight for cuBLAS: writing 2 bytes per weight every step costs less than the
+# tile-by-tile GEMM's lower matmul rate once the step computes enough (a long prefill chunk).
+MAX_DEQUANT_GEMM_ROWS = 512
 
 
 def quantize_rows(rows: torch.Tensor, columns: Columns = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,9 +51,9 @@ def int8_linear(x: torch.Tensor, levels: torch.Tensor, scale: torch.Tensor,
     """x: [..., K] -> [..., N] in x's dtype; levels [N, K] int8, scale [N] float32. No host syncs."""
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
     small = x2.shape[0] <= MAX_GEMV_ROWS
-    if use_triton(x) and small:
-        y = int8_gemv_triton(x2.contiguous(), levels, scale, bias)
-        return y.view(*x.shape[:-1], -1)
+    if use_triton(x) and x2.shape[0] <= MAX_DEQUANT_GEMM_ROWS:
+        gemm = int8_gemv_triton if small else int8_gemm_triton
+        return gemm(x2.contiguous(), levels, scale, bias).view(*x.shape[:-1], -1)
     if x.device.type == "cpu" and small:
         y = _cpu_int8pack_mm(x2, levels, scale)
     else:  # int8 levels are exact in bf16/fp16/fp32; the row scale applies to the output

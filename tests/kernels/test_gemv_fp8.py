@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from scaleinfer.kernels.gemm_fp8 import fp8_gemm_triton
+from scaleinfer.kernels.gemm_weight_only import fp8_gemm_triton
 from scaleinfer.kernels.gemv import GemvConfig
 from scaleinfer.kernels.gemv_fp8 import FP8_DTYPE, fp8_gemv, fp8_gemv_triton, fp8_linear_ref
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from kernel_helpers import tolerance
 
+from scaleinfer.kernels.gemm_weight_only import int8_gemm_triton
 from scaleinfer.kernels.gemv import GemvConfig
 from scaleinfer.kernels.gemv_int8 import int8_gemv, int8_gemv_triton, int8_linear_ref
 
@@ -26,6 +27,17 @@ def test_int8_gemv_matches_reference(m, n, k, dtype, bias, step_sums, device, tr
     got = int8_gemv(x, q, scale, b, GemvConfig(block_n=16, block_k=128, step_sums=step_sums))
     assert got.shape == (m, n) and got.dtype == dtype
     torch.testing.assert_close(got, int8_linear_ref(x, q, scale, b), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("m,n,k,dtype,bias", [(5, 37, 300, torch.float32, True), (33, 64, 512, torch.bfloat16, False),
+                                              (17, 50, 130, torch.bfloat16, True)])
+def test_int8_gemm_past_the_gemv_matches_reference(m, n, k, dtype, bias, device, triton_path):
+    x, q, scale, b = _inputs(m, n, k, dtype, device, bias, seed=m + n + k)
+    got = int8_gemm_triton(x, q, scale, b)
+    assert got.shape == (m, n) and got.dtype == dtype
+    torch.testing.assert_close(got, int8_linear_ref(x, q, scale, b), **tolerance(dtype))
+    with pytest.raises(ValueError, match="scale has shape"):
+        int8_gemm_triton(x, q, scale[:-1], b)
 
 
 def test_bad_arguments_are_named(device, triton_path):
