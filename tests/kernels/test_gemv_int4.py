@@ -5,6 +5,7 @@ import pytest
 import torch
 from kernel_helpers import tolerance
 
+from scaleinfer.kernels.gemm_int4 import int4_gemm_triton
 from scaleinfer.kernels.gemv import GemvConfig
 from scaleinfer.kernels.gemv_int4 import (
     dequantize_int4,
@@ -46,6 +47,19 @@ def test_int4_gemv_matches_reference(m, n, k, group, dtype, bias, device, triton
     got = int4_gemv(x, packed, scale, zero, b, GemvConfig(block_n=16, block_k=128))
     assert got.shape == (m, n) and got.dtype == dtype
     torch.testing.assert_close(got, int4_linear_ref(x, packed, scale, zero, b), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("m,n,k,group,dtype,bias", [(5, 37, 320, 32, torch.float32, True),
+                                                    (33, 64, 512, 128, torch.bfloat16, False),
+                                                    (17, 50, 192, 64, torch.bfloat16, True)])
+def test_int4_gemm_past_the_gemv_matches_reference(m, n, k, group, dtype, bias, device, triton_path):
+    x, packed, scale, zero, b = _inputs(m, n, k, group, dtype, device, bias, seed=m + n + k)
+    got = int4_gemm_triton(x, packed, scale, zero, b)
+    assert got.shape == (m, n) and got.dtype == dtype
+    torch.testing.assert_close(got, int4_linear_ref(x, packed, scale, zero, b), **tolerance(dtype))
+    swapped = torch.stack([packed >> 4, packed & 0xF], dim=-1).flatten(1).reshape(n, k // 2, 2)
+    swapped = (swapped[..., 0] | (swapped[..., 1] << 4)).to(torch.uint8)  # nibbles of each byte swapped
+    assert not torch.allclose(got.float(), int4_linear_ref(x, swapped, scale, zero, b).float(), atol=1e-2)
 
 
 def test_bad_arguments_are_named(device, triton_path):
