@@ -14,6 +14,7 @@ from scaleinfer.config import (
     DTYPES,
     EMBEDDED_MODEL_ALIAS,
     KV_CACHE_DTYPES,
+    KV_OFFLOAD_TARGETS,
     MOE_ALL_TO_ALL,
     OFFLOAD_TARGETS,
     PIPELINE_SCHEDULES,
@@ -147,6 +148,13 @@ def _add_vllm_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enforce-eager", action="store_true", help="GPU: run decode steps without CUDA graphs")
     parser.add_argument("--kv-cache-memory", type=_bytes, default=None,
                         help="bytes for the KV cache, e.g. 20GiB (default: --gpu-memory-utilization of free memory)")
+    parser.add_argument("--kv-offload", default="none", choices=KV_OFFLOAD_TARGETS,
+                        help="cpu: a second tier of KV blocks in host memory (--kv-offload-memory): preempted "
+                             "sequences swap out and back instead of recomputing, where that is cheaper, and blocks "
+                             "the prefix cache evicts wait there for a hit")
+    parser.add_argument("--kv-offload-memory", type=_bytes, default=None,
+                        help="with --kv-offload cpu: bytes of host memory for KV blocks per process, e.g. 16GiB "
+                             "(page-locked on a GPU)")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                         help="auto: the KV cache in --dtype; fp8 (= fp8_e4m3): e4m3 pages with a scale per layer "
                              "(the checkpoint's k_scale / v_scale, else 1.0), twice the tokens of bf16")
@@ -198,7 +206,7 @@ def _engine_config(args: argparse.Namespace, **scheduler: int | None) -> EngineC
         tensor_parallel_size=args.tensor_parallel_size, expert_parallel_size=args.expert_parallel_size,
         moe_all_to_all=args.moe_all_to_all, tokenizer=args.tokenizer, chat_template=args.chat_template,
         enforce_eager=args.enforce_eager, kv_cache_memory=args.kv_cache_memory, **_memory_fraction(args), **budget,
-        kv_cache_dtype=args.kv_cache_dtype,
+        kv_cache_dtype=args.kv_cache_dtype, kv_offload=args.kv_offload, kv_offload_memory=args.kv_offload_memory,
         **scheduler,
     )
 

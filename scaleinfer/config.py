@@ -20,6 +20,12 @@ QUANTIZATIONS = (None, "int8", "int4", "fp8", "gguf")  # None: weights in the ru
 # weight-only, on load; int4: group-wise weight-only, on load; gguf: a GGUF file's Q4_0/Q4_1 weights kept as int4
 # auto: the KV cache in the run dtype; fp8 (= fp8_e4m3, vLLM's spelling too): e4m3 with a scale per layer
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+KV_OFFLOAD_TARGETS = ("none", "cpu")  # CacheConfig.kv_offload: a second tier of KV blocks in host memory
+# Swap-or-recompute rates (CacheConfig.kv_offload_h2d_gb_s / kv_offload_tflop_s) when unset, by device: a GPU's are
+# an H200's as bench/common.py measures them (pinned host-to-device 53-55 GB/s, bf16 matmul 745-775 TFLOP/s), a
+# CPU's a memcpy and a many-core fp32 matmul. Only their ratio decides, and models of a few billion parameters
+# and up swap on either.
+KV_OFFLOAD_RATES = {"cuda": (50.0, 700.0), "cpu": (10.0, 1.0)}  # device type -> (GB/s, TFLOP/s)
 # With streamed weights a step costs one pass over the weights whatever its size: fill it, in large prefill
 # chunks and with as many sequences as the KV cache holds.
 OFFLOAD_MAX_BATCHED_TOKENS = 32768
@@ -164,6 +170,15 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     num_blocks: int | None = None  # overrides both budgets (tests)
     kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
+    # kv_offload="cpu": kv_offload_memory bytes (per rank) of host memory, page-locked on a GPU, hold KV blocks that
+    # preempted sequences swap out (instead of recomputing them later) and that the prefix cache evicts (a later hit
+    # swaps them back in). The scheduler swaps when the swap-in bytes at kv_offload_h2d_gb_s take less time than
+    # recomputing the tokens at kv_offload_tflop_s (unset: KV_OFFLOAD_RATES of the device; a benchmark sets measured
+    # ones).
+    kv_offload: str = "none"
+    kv_offload_memory: int | None = None
+    kv_offload_h2d_gb_s: float | None = None
+    kv_offload_tflop_s: float | None = None
 
     def __post_init__(self) -> None:
         _require(self.kv_cache_dtype in KV_CACHE_DTYPES,
@@ -175,6 +190,23 @@ class CacheConfig:
         _require(0 < self.memory_fraction <= 1, f"memory_fraction must be in (0, 1], got {self.memory_fraction!r}")
         _require(self.num_blocks is None or self.num_blocks > 0,
                  f"num_blocks must be positive, got {self.num_blocks!r}")
+        self._check_kv_offload()
+
+    def _check_kv_offload(self) -> None:
+        offload, memory = self.kv_offload, self.kv_offload_memory
+        _require(offload in KV_OFFLOAD_TARGETS, f"kv_offload must be one of {KV_OFFLOAD_TARGETS}, got {offload!r}")
+        _require(memory is None or (isinstance(memory, int) and not isinstance(memory, bool) and memory > 0),
+                 f"kv_offload_memory must be positive bytes, got {memory!r}")
+        _require(offload == "none" or memory is not None,
+                 "kv_offload='cpu' needs kv_offload_memory, the bytes of host memory for KV blocks")
+        for name in ("kv_offload_memory", "kv_offload_h2d_gb_s", "kv_offload_tflop_s"):
+            value = getattr(self, name)
+            _require(value is None or offload != "none",
+                     f"{name}={value!r} is only used with kv_offload='cpu', got kv_offload='none'")
+        for name in ("kv_offload_h2d_gb_s", "kv_offload_tflop_s"):
+            value = getattr(self, name)
+            _require(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0),
+                     f"{name} must be a positive rate, got {value!r}")
 
 
 @dataclass(slots=True)

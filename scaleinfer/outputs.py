@@ -121,6 +121,11 @@ class SchedulerOutput:
     finished_request_ids: list[str] = field(default_factory=list)  # runner drops their state
     num_preempted: int = 0
     grammar_bitmask: GrammarBitmask | None = None  # None when no sampled sequence is constrained
+    # KV blocks to move between the device and host memory (kv_offload) before this step's forward, as (device block
+    # id, host block index) pairs: swap_out first, in order, then swap_in (engine/block_manager.py says why that
+    # order is safe). Every worker moves its own share (its KV heads, its stage's layers) of the same blocks.
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -128,7 +133,8 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduled
+        """Nothing for a worker to do: no sequence and no block to move."""
+        return not self.scheduled and not self.swap_out and not self.swap_in
 
 
 # ---- data plane -> control plane ------------------------------------------------------------------

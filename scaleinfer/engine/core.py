@@ -29,6 +29,7 @@ from scaleinfer.engine.prompt_logprobs import PromptLogprobsCollector
 from scaleinfer.engine.scheduler import Scheduler
 from scaleinfer.engine.sequence import Sequence
 from scaleinfer.engine.structured_output import StructuredOutputs
+from scaleinfer.engine.swap_cost import SwapCost
 from scaleinfer.errors import EngineDeadError, InvalidRequestError, RankFailedError, RequestFailedError
 from scaleinfer.outputs import SampledToken, SchedulerOutput
 from scaleinfer.parallel.pipeline import micro_batch_plan
@@ -64,9 +65,10 @@ class EngineCore:
         self.max_model_len = max_model_len(config, source.arch.max_position_embeddings)
         self.executor = make_executor(config, source, self.max_model_len, progress)
         self.block_manager = BlockManager(self.executor.num_blocks, config.cache.block_size,
-                                          config.cache.enable_prefix_caching)
+                                          config.cache.enable_prefix_caching, self.executor.num_host_blocks)
         scheduler_config = dataclasses.replace(config.scheduler, max_model_len=self.max_model_len)
-        self.scheduler = Scheduler(scheduler_config, self.block_manager, micro_batch_plan(config.parallel))
+        self.scheduler = Scheduler(scheduler_config, self.block_manager, micro_batch_plan(config.parallel),
+                                   self._swap_cost())
         # The step's schedule and execute: the scheduler's and executor's own, or over pipeline micro-batches.
         self._schedule, self._execute = pipelined_steps(self.scheduler, self.executor)
         self.eos_token_ids = eos_token_ids(source.arch.eos_token_ids, tokenizer_eos_token_id)
@@ -76,6 +78,13 @@ class EngineCore:
         self.prompt_logprobs = PromptLogprobsCollector()  # sent with each request's first token
         self.stats_totals = EngineStats()
         self.num_failed_steps = 0  # one after another
+
+    def _swap_cost(self) -> SwapCost | None:
+        """What decides swap against recompute at preemption; None without a host tier."""
+        if self.block_manager.num_host_blocks == 0:
+            return None
+        runner = self.executor.runner  # rank 0's: its KV dtype and device are every rank's
+        return SwapCost.for_model(self.arch, self.config.cache, runner.kv_dtype.itemsize, runner.device.type)
 
     def ready(self) -> CoreReady:
         return CoreReady(max_model_len=self.max_model_len, num_blocks=self.block_manager.num_blocks,
@@ -231,7 +240,8 @@ class EngineCore:
             num_running=s.num_running, num_waiting=s.num_waiting, num_blocks=block_manager.num_blocks,
             num_used_blocks=block_manager.num_blocks - block_manager.num_free_blocks,
             kv_cache_usage=s.kv_cache_usage, prefix_cache_hit_rate=s.prefix_cache_hit_rate,
-            num_preempted=s.num_preempted, num_prompt_tokens=totals.num_prompt_tokens,
+            num_preempted=s.num_preempted, num_swapped=s.num_swapped, num_host_blocks=block_manager.num_host_blocks,
+            host_kv_cache_usage=s.host_kv_cache_usage, num_prompt_tokens=totals.num_prompt_tokens,
             num_prompt_tokens_computed=totals.num_prompt_tokens_computed,
             num_prompt_tokens_cached=block_manager.prefix_cache_stats.num_hit_tokens,
             num_generation_tokens=totals.num_generation_tokens)

@@ -80,6 +80,9 @@ class EngineStats(msgspec.Struct, array_like=True):
     num_prompt_tokens_computed: int = 0  # prompt positions run through the model (recomputation included)
     num_prompt_tokens_cached: int = 0  # prompt positions served from the prefix cache
     num_generation_tokens: int = 0
+    num_swapped: int = 0  # of num_preempted, by swapping the KV to host memory (kv_offload), not recomputed
+    num_host_blocks: int = 0  # KV blocks in host memory (kv_offload)
+    host_kv_cache_usage: float = 0.0  # 0..1 of those
 
 
 class EngineCoreOutputs(msgspec.Struct, tag="outputs", array_like=True):

@@ -3,8 +3,11 @@
 Every step spends up to max_num_batched_tokens over running sequences first, oldest first (a decode wants
 1 token, an unfinished prefill the rest of its prompt, chunked to fit), then admits waiting sequences first
 come, first served, with what is left. A prefill and a decode are the same thing here: compute the tokens
-from num_computed_tokens on. When blocks run short the newest running sequence is preempted by recompute.
-schedule() and update() alternate: the engine calls update with each schedule's output before the next.
+from num_computed_tokens on. When blocks run short the newest running sequence is preempted: its KV swapped
+out to host memory where the block manager has a host tier and swapping it back costs less than recomputing it
+(swap_cost.py), else dropped and recomputed. Readmission is the same either way: a waiting sequence starts from
+the KV the block manager holds for it (all of it once swapped out, else a prefix-cache hit). schedule() and
+update() alternate: the engine calls update with each schedule's output before the next.
 
 Fairness follows from that order. A sequence is admitted only with budget left once every running one has
 its tokens, so every running sequence advances every step (at most max_num_batched_tokens of them run), and
@@ -26,6 +29,7 @@ from scaleinfer.config import SchedulerConfig
 from scaleinfer.engine.block_manager import BlockManager
 from scaleinfer.engine.sequence import Sequence, SequenceStatus
 from scaleinfer.engine.structured_output import grammar_bitmask
+from scaleinfer.engine.swap_cost import SwapCost
 from scaleinfer.errors import InvalidRequestError, ScaleInferError
 from scaleinfer.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
 from scaleinfer.parallel.pipeline import MicroBatchPlan
@@ -44,6 +48,8 @@ class SchedulerStats:
     kv_cache_usage: float  # fraction of KV blocks in use
     prefix_cache_hit_rate: float  # hit tokens / queried tokens since start
     num_preempted: int  # since start
+    num_swapped: int = 0  # of those, by swapping the KV out to host memory (the others recomputed)
+    host_kv_cache_usage: float = 0.0  # fraction of host KV blocks in use (kv_offload)
 
 
 @dataclass(slots=True)
@@ -55,8 +61,9 @@ class _StepBudget:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
-                 plan: MicroBatchPlan | None = None) -> None:
-        """plan: the pipeline's micro-batches (parallel/pipeline.py); None: one micro-batch per step."""
+                 plan: MicroBatchPlan | None = None, swap_cost: SwapCost | None = None) -> None:
+        """plan: the pipeline's micro-batches (parallel/pipeline.py); None: one micro-batch per step.
+        swap_cost: whether a preempted sequence's KV goes to the block manager's host tier; None: never."""
         self.config = config
         self.block_manager = block_manager
         self.plan = plan or MicroBatchPlan()
@@ -66,6 +73,8 @@ class Scheduler:
         self.requests: dict[str, Sequence] = {}  # every unfinished sequence, by request id
         self.finished_request_ids: list[str] = []  # since the last schedule()
         self.num_preempted = 0
+        self.num_swapped = 0  # preemptions by swap
+        self.swap_cost = swap_cost
 
     # ---- admission ------------------------------------------------------------------------------------
 
@@ -116,7 +125,9 @@ class Scheduler:
         if num_preempted == 0:  # under memory pressure, admit nothing new
             scheduled += self._schedule_waiting(budget)
         finished_request_ids, self.finished_request_ids = self.finished_request_ids, []
-        return SchedulerOutput(scheduled, finished_request_ids, num_preempted, grammar_bitmask(budget.constrained))
+        copies = self.block_manager.take_copies()
+        return SchedulerOutput(scheduled, finished_request_ids, num_preempted, grammar_bitmask(budget.constrained),
+                               copies.swap_out, copies.swap_in)
 
     def _schedule_running(self, budget: _StepBudget) -> list[ScheduledSequence]:
         scheduled: list[ScheduledSequence] = []
@@ -152,13 +163,20 @@ class Scheduler:
         raise AssertionError("every running sequence is in flight, the one being scheduled too")
 
     def _preempt(self, seq: Sequence) -> None:
-        """Preempt by recompute: drop the KV; the generated tokens are recomputed as prompt later."""
-        self.block_manager.free(seq)
+        """Swap seq's KV out to host memory when that is cheaper than recomputing it and the host has room (it
+        comes back whole on readmission), else drop it: the generated tokens are recomputed as prompt later."""
+        if self._swaps(seq) and self.block_manager.swap_out(seq):
+            self.num_swapped += 1
+        else:
+            self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)  # ahead of newer requests; victims keep their running order
         self.num_preempted += 1
+
+    def _swaps(self, seq: Sequence) -> bool:
+        return self.swap_cost is not None and self.swap_cost.prefers_swap(seq.num_computed_tokens)
 
     def _schedule_waiting(self, budget: _StepBudget) -> list[ScheduledSequence]:
         scheduled: list[ScheduledSequence] = []
@@ -278,8 +296,10 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         block_manager = self.block_manager
-        return SchedulerStats(self.num_running, self.num_waiting, block_manager.usage,
-                              block_manager.prefix_cache_stats.hit_rate, self.num_preempted)
+        return SchedulerStats(
+            num_running=self.num_running, num_waiting=self.num_waiting, kv_cache_usage=block_manager.usage,
+            prefix_cache_hit_rate=block_manager.prefix_cache_stats.hit_rate, num_preempted=self.num_preempted,
+            num_swapped=self.num_swapped, host_kv_cache_usage=block_manager.host_usage)
 
 
 def _advance_grammar(seq: Sequence, token_id: int) -> SequenceStatus | None:

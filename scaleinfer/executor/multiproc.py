@@ -72,6 +72,10 @@ class TensorParallelExecutor:
         return self.runner.num_blocks
 
     @property
+    def num_host_blocks(self) -> int:
+        return self.runner.kv_host.num_blocks  # every rank holds as many
+
+    @property
     def worker_pids(self) -> list[int]:
         return self._run.workers.pids if self._run.workers is not None else []
 

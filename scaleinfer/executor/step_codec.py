@@ -47,6 +47,8 @@ class StepMessage(msgspec.Struct, array_like=True):
     chunks: list[Chunk]
     num_preempted: int = 0
     grammar_bitmask: GrammarBitmask | None = None  # structured outputs: every rank masks its logits the same
+    swap_out: list[tuple[int, int]] = []  # kv_offload: every rank moves its share of the same blocks
+    swap_in: list[tuple[int, int]] = []
 
 
 @dataclass(slots=True)
@@ -75,7 +77,8 @@ class StepEncoder:
             self._sent.pop(request_id, None)
         new: list[NewSequence] = []
         chunks = [self._chunk(s, new) for s in output.scheduled]
-        message = StepMessage(output.finished_request_ids, new, chunks, output.num_preempted, output.grammar_bitmask)
+        message = StepMessage(output.finished_request_ids, new, chunks, output.num_preempted, output.grammar_bitmask,
+                              output.swap_out, output.swap_in)
         return self._encoder.encode(message)
 
     def _chunk(self, s: ScheduledSequence, new: list[NewSequence]) -> Chunk:
@@ -107,7 +110,7 @@ class StepDecoder:
             self._known[seq.request_id] = _Known(seq.sampling_params, tuple(seq.eos_token_ids), prompt)
         scheduled = [self._scheduled(chunk) for chunk in message.chunks]
         return SchedulerOutput(scheduled, message.finished_request_ids, message.num_preempted,
-                               message.grammar_bitmask)
+                               message.grammar_bitmask, message.swap_out, message.swap_in)
 
     def _scheduled(self, chunk: Chunk) -> ScheduledSequence:
         known = self._known[chunk.request_id]

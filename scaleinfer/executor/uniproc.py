@@ -4,6 +4,8 @@ its layers' all-gathers meet the others'."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from scaleinfer.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
 from scaleinfer.sampling_params import SamplingParams
 from scaleinfer.worker.model_runner import ModelRunner
@@ -21,9 +23,13 @@ class UniprocExecutor:
     def num_blocks(self) -> int:
         return self.runner.num_blocks
 
+    @property
+    def num_host_blocks(self) -> int:
+        return self.runner.kv_host.num_blocks
+
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
-        if output.is_empty and self.shard is not None:
-            output = SchedulerOutput([self._padding_chunk()], output.finished_request_ids)
+        if not output.scheduled and self.shard is not None:
+            output = dataclasses.replace(output, scheduled=[self._padding_chunk()])
         return self.runner.execute(output)
 
     def any_rank_busy(self, busy: bool) -> bool:

@@ -43,8 +43,12 @@ class EngineStatsCollector(Collector):
         yield _counter("prompt_tokens_cached", "Prompt positions served from the prefix cache.",
                        stats.num_prompt_tokens_cached)
         yield _counter("generation_tokens", "Tokens generated.", stats.num_generation_tokens)
-        yield _counter("num_preemptions", "Sequences preempted (their KV dropped, recomputed later).",
-                       stats.num_preempted)
+        yield _counter("num_preemptions", "Sequences preempted (their KV dropped and recomputed later, or swapped to "
+                       "host memory).", stats.num_preempted)
+        yield _counter("num_preemptions_swapped", "Of the preemptions, those whose KV was swapped to host memory "
+                       "and back instead of recomputed (kv_offload).", stats.num_swapped)
+        yield _gauge("host_kv_cache_usage_perc", "Fraction of the host-memory KV blocks in use (0..1; kv_offload).",
+                     stats.host_kv_cache_usage)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -38,6 +38,17 @@ def num_blocks_for(config: CacheConfig, bytes_per_block: int, device: torch.devi
     return num_blocks
 
 
+def num_host_blocks_for(config: CacheConfig, bytes_per_block: int) -> int:
+    """Blocks of the host tier (kv_offload): kv_offload_memory over this rank's bytes per block; 0 without one."""
+    if config.kv_offload == "none":
+        return 0
+    num_blocks = config.kv_offload_memory // bytes_per_block
+    if num_blocks < 1:
+        raise InvalidRequestError(f"kv_offload_memory={config.kv_offload_memory} bytes holds no KV block of "
+                                  f"{bytes_per_block} bytes; raise kv_offload_memory")
+    return num_blocks
+
+
 def allocate_kv_cache(
     num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
     dtype: torch.dtype, device: torch.device,

@@ -11,6 +11,7 @@ from scaleinfer.layers.attention import Attention
 from scaleinfer.layers.linear import linear_scheme, quantization_scheme
 from scaleinfer.layers.sampler import SamplerOutput, sample
 from scaleinfer.models.registry import model_class
+from scaleinfer.offload.kv_host import HostKVCache
 from scaleinfer.outputs import RunnerOutput, SampledToken, ScheduledSequence, SchedulerOutput
 from scaleinfer.parallel.comm import min_over_ranks
 from scaleinfer.sampling_params import SamplingParams
@@ -18,7 +19,13 @@ from scaleinfer.weights.dummy import init_dummy_weights
 from scaleinfer.weights.source import ModelSource
 from scaleinfer.worker.cuda_graph import DecodeGraphs, capture_sizes
 from scaleinfer.worker.device import default_dtype, resolve_device, resolve_dtype
-from scaleinfer.worker.kv_cache import allocate_kv_cache, block_bytes, kv_cache_dtype, num_blocks_for
+from scaleinfer.worker.kv_cache import (
+    allocate_kv_cache,
+    block_bytes,
+    kv_cache_dtype,
+    num_blocks_for,
+    num_host_blocks_for,
+)
 from scaleinfer.worker.prompt_logprobs import compute_prompt_logprobs
 from scaleinfer.worker.sampling_batch import SamplingState
 from scaleinfer.worker.stage_io import StageIO
@@ -101,22 +108,25 @@ class ModelRunner:
     def _init_kv_cache(self, config: CacheConfig) -> int:
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         kv_heads, head_dim = layers[0].num_kv_heads, layers[0].head_dim
-        dtype = kv_cache_dtype(config, self.dtype)
+        dtype = self.kv_dtype = kv_cache_dtype(config, self.dtype)
         per_block = block_bytes(self.model.arch, kv_heads, self.block_size, dtype)
         per_block = per_block * len(layers) // self.model.arch.num_hidden_layers  # a pipeline stage: its layers'
         num_blocks = min_over_ranks(num_blocks_for(config, per_block, self.device))  # every rank holds as many
+        num_host_blocks = min_over_ranks(num_host_blocks_for(config, per_block))
         # One block more than the scheduler sees: the scratch block that padded graph rows write to.
         caches = allocate_kv_cache(
             len(layers), num_blocks + 1, self.block_size, kv_heads, head_dim, dtype, self.device
         )
         for layer, (k_cache, v_cache) in zip(layers, caches):
             layer.bind_kv_cache(k_cache, v_cache)
+        self.kv_host = HostKVCache(caches, num_host_blocks, self.device)  # its share of the same host blocks
         return num_blocks
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
         self.sampling.drop(output.finished_request_ids)
-        if output.is_empty:
+        self.kv_host.swap(output.swap_out, output.swap_in)  # ordered before the forward below
+        if not output.scheduled:
             self.steps.skip()
             return RunnerOutput(sampled={})
         hidden, sampled = self.steps.run(output)  # hidden: [num_sampled, hidden]

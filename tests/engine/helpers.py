@@ -3,7 +3,9 @@
 The fake runner stores, for every KV slot it writes, a value that depends on the whole prefix up to that
 position (chained from the slot of the previous position, read back through the block table), the way
 real attention depends on cached KV. Checking every slot against the sequence's true tokens after each
-step catches a wrong block table, a wrong prefix-cache hit or a block reused while still in use.
+step catches a wrong block table, a wrong prefix-cache hit or a block reused while still in use. It moves
+the step's swapped blocks between its device slots and its host slots first, as the worker's contract says
+(swap-outs in order, then swap-ins), so a block swapped back wrong is caught the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from scaleinfer.config import SchedulerConfig
 from scaleinfer.engine.block_manager import BlockManager
 from scaleinfer.engine.scheduler import Scheduler
 from scaleinfer.engine.sequence import Sequence, SequenceStatus
+from scaleinfer.engine.swap_cost import SwapCost
 from scaleinfer.outputs import RunnerOutput, SampledToken, ScheduledSequence, SchedulerOutput
 from scaleinfer.sampling_params import SamplingParams
 
@@ -34,9 +37,17 @@ def make_seq(request_id: str, prompt: int | list[int], max_tokens: int = 4,
 
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, enable_prefix_caching: bool = True,
-                   **config: int | None) -> Scheduler:
-    block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-    return Scheduler(SchedulerConfig(**config), block_manager)  # type: ignore[arg-type]
+                   num_host_blocks: int = 0, swap_cost: SwapCost | None = None, **config: int | None) -> Scheduler:
+    """swap_cost: with num_host_blocks, SWAP_ALWAYS unless given."""
+    block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching, num_host_blocks)
+    if num_host_blocks and swap_cost is None:
+        swap_cost = SWAP_ALWAYS
+    return Scheduler(SchedulerConfig(**config), block_manager, swap_cost=swap_cost)  # type: ignore[arg-type]
+
+
+# Swapping costs nothing next to recomputing (an unbounded host link).
+SWAP_ALWAYS = SwapCost(kv_bytes_per_token=1, linear_flops_per_token=1.0, attention_flops_per_pair=0.0,
+                       h2d_bytes_per_s=float("inf"), flops_per_s=1.0)
 
 
 def prefix_value(previous: int, token_id: int) -> int:
@@ -51,14 +62,28 @@ class FakeRunner:
     sequences: dict[str, Sequence]
     next_token: Callable[[ScheduledSequence], int] = lambda _: FIXED_TOKEN
     kv: dict[int, int] = field(default_factory=dict)  # slot -> value of the prefix ending there
+    host_kv: dict[int, int] = field(default_factory=dict)  # slot of the host tier (host block index) -> value
+    num_copied: int = 0  # blocks moved between the tiers
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        for device_id, host_index in scheduler_output.swap_out:
+            self._copy_block(self.kv, device_id, self.host_kv, host_index)
+        for device_id, host_index in scheduler_output.swap_in:
+            self._copy_block(self.host_kv, host_index, self.kv, device_id)
         for scheduled in scheduler_output.scheduled:  # all writes first, as every layer does
             self._write(scheduled)
         for scheduled in scheduler_output.scheduled:
             self.check_kv(scheduled.request_id, scheduled.block_table, scheduled.context_len)
         return RunnerOutput({s.request_id: SampledToken(self.next_token(s))
                              for s in scheduler_output.scheduled if s.sample})
+
+    def _copy_block(self, source: dict[int, int], source_id: int, target: dict[int, int], target_id: int) -> None:
+        self.num_copied += 1
+        for offset in range(self.block_size):
+            value = source.get(source_id * self.block_size + offset)
+            target.pop(target_id * self.block_size + offset, None)
+            if value is not None:
+                target[target_id * self.block_size + offset] = value
 
     def _slot(self, block_table: list[int], pos: int) -> int:
         return block_table[pos // self.block_size] * self.block_size + pos % self.block_size
@@ -78,13 +103,24 @@ class FakeRunner:
 
 
 def check_invariants(scheduler: Scheduler, output: SchedulerOutput | None = None) -> None:
+    """Both tiers: every block owned as often as its ref count says (running tables on the device, swapped-out
+    sequences on the host) or free, never both; every cached hash names its block; swapped KV belongs to waiting
+    sequences."""
     bm = scheduler.block_manager
     held = Counter(b for seq in scheduler.running for b in seq.block_ids)
-    for block in bm.blocks:
-        assert block.ref_count == held[block.block_id], block
-        assert (block.ref_count == 0) == (block.block_id in bm.free_queue), block
-    for block_hash, block_id in bm.cached_blocks.items():
-        assert bm.blocks[block_id].block_hash == block_hash
+    held.update(b for swapped in bm.swapped.values() for b in swapped.block_ids)
+    for pool in (bm.device, bm.host):
+        for block in pool.blocks:
+            assert block.ref_count == held[block.block_id], block
+            assert (block.ref_count == 0) == (block.block_id in pool.free_queue), block
+        for block_hash, block_id in pool.cached.items():
+            assert pool.block(block_id).block_hash == block_hash
+    assert all(b in bm.device for seq in scheduler.running for b in seq.block_ids)
+    assert not bm.copies.pinned and not bm.copies.swap_out and not bm.copies.swap_in  # schedule() took them
+    waiting = {seq.request_id for seq in scheduler.waiting}
+    for request_id, swapped in bm.swapped.items():
+        assert request_id in waiting and all(b in bm.host for b in swapped.block_ids)
+        assert len(swapped.block_ids) == bm.num_blocks_for(swapped.num_tokens)
     for seq in scheduler.running:
         assert seq.status is SequenceStatus.RUNNING
         assert len(set(seq.block_ids)) == len(seq.block_ids)
@@ -134,8 +170,8 @@ class Harness:
 
     def assert_no_leaks(self) -> None:
         bm = self.scheduler.block_manager
-        assert bm.num_free_blocks == bm.num_blocks
-        assert all(block.ref_count == 0 for block in bm.blocks)
+        assert bm.num_free_blocks == bm.num_blocks and bm.host.num_free == bm.num_host_blocks and not bm.swapped
+        assert all(block.ref_count == 0 for block in bm.blocks + bm.host.blocks)
 
     def chunks(self, request_id: str) -> list[tuple[int, int]]:
         """(start_pos, num_tokens) of every chunk request_id computed, in order."""
