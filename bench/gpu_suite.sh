@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: GPU tests, then the benchmarks; logs and JSON results under $OUT.
-# Usage (from the repo root there): SCALEINFER_COMMIT=<sha> bash bench/gpu_suite.sh [tests|latency|throughput|prefill|offload|inject|encoder|serve|all]
+# Usage (from the repo root there): SCALEINFER_COMMIT=<sha> bash bench/gpu_suite.sh [tests|latency|throughput|prefill|offload|kv_tier|inject|encoder|serve|all]
 # (the copy of the tree there has no .git: pass the commit so the results record it)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -31,6 +31,10 @@ if [[ $what == offload || $what == all ]]; then
   python3 bench/offload.py --shape llama3-8b 2>&1 | tee "$OUT/offload-cpu.log"
   python3 bench/offload.py --shape llama3-8b --offload nvme --offload-path /tmp --batches 1 --new-tokens 3 \
     --skip-flexgen --skip-hf 2>&1 | tee "$OUT/offload-nvme.log"
+fi
+if [[ $what == kv_tier || $what == all ]]; then
+  # The FlexGen workload with half the KV blocks it needs: swap to pinned host memory against recompute.
+  python3 bench/kv_tier.py --shape llama3-8b 2>&1 | tee "$OUT/kv_tier.log"
 fi
 if [[ $what == inject || $what == all ]]; then
   # One process per shape, a few minutes each (HF compiles twice: batch 1 and 32). Under a 10-minute call

@@ -16,8 +16,8 @@ BLOCK_BYTES = 2 * 2 * 2 * 16 * 4 * BLOCK_SIZE  # layers x (K, V) x KV heads x he
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
 
-def start(folder, **options):
-    return LLM(str(folder), device="cpu", dtype="float32", skip_tokenizer_init=True, progress=False,
+def start(folder, device="cpu", **options):
+    return LLM(str(folder), device=device, dtype="float32", skip_tokenizer_init=True, progress=False,
                block_size=BLOCK_SIZE, **options)
 
 
@@ -106,3 +106,21 @@ def test_the_commands_take_kv_offload(command, monkeypatch):
     config = config_of([*command, "--kv-offload", "cpu", "--kv-offload-memory", "2GiB"], monkeypatch)
     assert (config.cache.kv_offload, config.cache.kv_offload_memory) == ("cpu", 2 << 30)
     assert config_of(command, monkeypatch).cache.kv_offload == "none"
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_swaps_through_pinned_memory_keep_the_tokens(folder):
+    """The side-stream copies under the engine, CUDA graphs on: the same greedy tokens as room for everything.
+    The rates make swapping win for a model this small (at an H200's it recomputes)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    prompts = random_prompts(12, 24, 40, seed=0)
+    with start(folder, device="cuda", num_blocks=128) as roomy:
+        expected = token_ids(roomy.generate(prompts, GREEDY))
+    with start(folder, device="cuda", num_blocks=45, kv_offload="cpu", kv_offload_memory=64 * BLOCK_BYTES,
+               kv_offload_h2d_gb_s=1e6) as llm:
+        assert llm.engine.runner.kv_host.blocks.is_pinned() and llm.engine.runner.graphs is not None
+        assert token_ids(llm.generate(prompts, GREEDY)) == expected
+        stats = llm.engine.stats()
+        assert stats.num_preempted > 0 and stats.num_swapped == stats.num_preempted, stats
+        assert_both_tiers_empty(llm)
