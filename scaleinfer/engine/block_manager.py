@@ -267,6 +267,18 @@ class BlockManager:
             self.host.release(block_id)
         return copies
 
+    def forget_copies(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
+        """A step failed: the blocks its copies were to fill may not hold their KV. They leave the prefix cache, and
+        a sequence swapped out into them is recomputed instead (its other host blocks released)."""
+        for device_id, _ in swap_in:
+            self.device.uncache(device_id)
+        written = {self.num_blocks + host_index for _, host_index in swap_out}
+        for host_id in written:
+            self.host.uncache(host_id)
+        for request_id in [r for r, swapped in self.swapped.items() if written.intersection(swapped.block_ids)]:
+            for block_id in reversed(self.swapped.pop(request_id).block_ids):
+                self.host.release(block_id)
+
     def _record_lookup(self, num_queried_tokens: int, computed_blocks: SequenceOf[int]) -> None:
         if self.enable_prefix_caching:
             stats = self.prefix_cache_stats

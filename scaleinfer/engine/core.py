@@ -207,6 +207,7 @@ class EngineCore:
     def _fail_step(self, scheduler_output: SchedulerOutput, exc: Exception) -> list[EngineCoreOutput]:
         size = self.config.cache.block_size
         request_ids: dict[str, None] = {}
+        self.block_manager.forget_copies(scheduler_output.swap_out, scheduler_output.swap_in)
         for scheduled in scheduler_output.scheduled:
             # Blocks this step was to fill entered the prefix cache when it was scheduled; their KV is not there.
             first, end = scheduled.start_pos // size, (scheduled.start_pos + scheduled.num_tokens) // size

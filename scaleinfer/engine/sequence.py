@@ -43,7 +43,8 @@ class Sequence:
     """One generation stream.
 
     Invariants: all_token_ids == prompt_token_ids + output_token_ids (grow it only via append_token);
-    num_computed_tokens <= num_tokens; a WAITING sequence holds no blocks and has num_computed_tokens == 0;
+    num_computed_tokens <= num_tokens; a WAITING sequence holds no blocks and has num_computed_tokens == 0 (one
+    preempted by swap waits with its KV in host blocks the block manager keeps for it: BlockManager.swapped);
     a RUNNING one's block_ids cover at least num_computed_tokens slots.
     """
 

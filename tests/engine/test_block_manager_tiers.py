@@ -157,3 +157,15 @@ def test_freeing_a_swapped_sequence_releases_its_host_blocks():
     bm.free(a)
     check_tiers(bm)
     assert bm.host.num_free == 4 and not bm.swapped
+
+
+def test_a_failed_steps_copies_are_forgotten_and_its_swapped_sequences_recompute():
+    bm = BlockManager(num_blocks=4, block_size=BLOCK, num_host_blocks=4)
+    a = make_seq("a", list(range(10)))
+    admit(bm, a)
+    assert swap_out(bm, a)
+    copies = bm.take_copies()
+    bm.forget_copies(copies.swap_out, copies.swap_in)  # the step that was to copy them raised
+    assert not bm.swapped and bm.host.num_free == 4 and not bm.host.cached
+    assert bm.get_computed_blocks(a).num_tokens == 8  # a prefix lookup now: the device's cached blocks
+    check_tiers(bm)
