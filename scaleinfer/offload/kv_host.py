@@ -46,10 +46,6 @@ class HostKVCache:
         if on_gpu:
             self.stream, self.ready = torch.cuda.Stream(device), torch.cuda.Event()
 
-    @property
-    def block_bytes(self) -> int:
-        return self.row_shape[0] * self.row_shape[1]
-
     def swap(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
         """Move the step's blocks, (device block id, host block index) pairs; the compute stream's next work (the
         step's forward) runs after every swap-in has landed and every swapped-out block has been read."""
@@ -74,7 +70,13 @@ class HostKVCache:
                 self.blocks[host:host + num].copy_(gathered[first:first + num], non_blocking=True)
 
     def _gather(self, device_index: torch.Tensor) -> torch.Tensor:
-        return torch.stack([rows.index_select(0, device_index) for rows in self.device_rows], dim=1)
+        """Those device blocks as rows [len(device_index), 2 * layers, bytes], one layer's K or V at a time (transient
+        memory: the rows and one layer's share)."""
+        rows = torch.empty((len(device_index), *self.row_shape), dtype=torch.uint8, device=self.device)
+        layer_rows = torch.empty((len(device_index), self.row_shape[1]), dtype=torch.uint8, device=self.device)
+        for layer, cache_rows in enumerate(self.device_rows):
+            rows[:, layer] = torch.index_select(cache_rows, 0, device_index, out=layer_rows)
+        return rows
 
     def _from_host(self, host_ids: list[int]) -> torch.Tensor:
         """Host blocks (ascending indices) as rows [len(host_ids), 2 * layers, bytes] on the device."""
