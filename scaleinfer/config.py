@@ -274,7 +274,9 @@ class ParallelConfig:
     expert_parallel_size: int = 1
     moe_all_to_all: str = "coordinated"
     # How long a rank waits inside one collective of a step before the run is declared hung; the engine then
-    # names the rank that did not arrive and stops (a worker that dies is reported at once).
+    # names the rank that did not arrive and stops (a worker that dies is reported at once). Across pipeline
+    # stages, which wait on whole steps of the stages before them, a stage waits P times this for the previous
+    # stage's hidden states and rank 0 P + 1 times it for a micro-batch's tokens (executor/pipeline.py).
     collective_timeout: float = 30.0
 
     def __post_init__(self) -> None:

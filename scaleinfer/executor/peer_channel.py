@@ -3,12 +3,14 @@
 A message is a fixed FAST_BYTES buffer (the first 8 bytes its length; -1 shuts the run down) and, when longer,
 a second send of the rest, as StepChannel's broadcast. Sends are asynchronous, so that a stage hands a step on
 and computes while the next stage is still busy with the one before; each send keeps its buffer until done.
-Messages between one pair in one direction arrive in the order sent.
+Messages between one pair in one direction arrive in the order sent. A receive may be bounded (rank 0's wait for
+a micro-batch's sampled tokens is), and raises TimeoutError when nothing came.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -42,9 +44,10 @@ class PeerChannel:
         buffer.numpy()[:HEADER].view(np.int64)[0] = SHUTDOWN
         self._isend(buffer, self.tag)
 
-    def recv(self) -> bytes | None:
-        """The next message, or None when the run shuts down."""
-        dist.recv(self._buffer, src=self.peer, group=self.group, tag=self.tag)
+    def recv(self, timeout: float | None = None) -> bytes | None:
+        """The next message, or None when the run shuts down. timeout: seconds to wait for each part before
+        TimeoutError (None: the group's own, which on the control groups is an idle server's days)."""
+        self._recv(self._buffer, self.tag, timeout)
         length = int(self._length[0])
         if length == SHUTDOWN:
             return None
@@ -52,9 +55,23 @@ class PeerChannel:
         payload = self._buffer.numpy()[HEADER: HEADER + head].tobytes()
         if head < length:
             rest = torch.empty(length - head, dtype=torch.uint8)
-            dist.recv(rest, src=self.peer, group=self.group, tag=self.tag + 1)
+            self._recv(rest, self.tag + 1, timeout)
             payload += rest.numpy().tobytes()
         return payload
+
+    def _recv(self, tensor: torch.Tensor, tag: int, timeout: float | None) -> None:
+        if timeout is None:
+            dist.recv(tensor, src=self.peer, group=self.group, tag=tag)
+            return
+        work = dist.irecv(tensor, src=self.peer, group=self.group, tag=tag)
+        try:
+            done = work.wait(timedelta(seconds=timeout))
+        except RuntimeError as exc:  # gloo: "Timed out waiting ...ms for recv operation to complete"
+            if "timed out" not in str(exc).lower():
+                raise
+            done = False
+        if not done:  # (the pair is closed after a timeout: the run is over)
+            raise TimeoutError(f"no message from rank {self.peer} within {timeout:g} s")
 
     def flush(self) -> None:
         """Wait for every send in flight (before the process leaves the group)."""

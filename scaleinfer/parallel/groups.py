@@ -68,8 +68,8 @@ def join_tensor_parallel(spec: RankSpec, device: torch.device, dtype: torch.dtyp
 
 def _join_pipeline(spec: RankSpec) -> ParallelState:
     """Every rank creates every group, in one order (new_group is collective over the world): per stage its T
-    ranks (the layers' group and a gloo one for the step broadcast), per tp_rank its P ranks (hidden states, and
-    gloo for the step messages and sampled tokens), then the world's control group."""
+    ranks (the layers' group and a gloo one for the step broadcast), per tp_rank its P ranks (hidden states, with
+    P x collective_timeout, and gloo for the step messages and sampled tokens), then the world's control group."""
     tp, pp = spec.tp_size, spec.pipeline_parallel_size
     tp_rank, pp_rank = spec.rank % tp, spec.rank // tp
     short = timedelta(seconds=spec.collective_timeout)
@@ -77,7 +77,9 @@ def _join_pipeline(spec: RankSpec) -> ParallelState:
     columns = [list(range(t, spec.world_size, tp)) for t in range(tp)]
     tp_group = [dist.new_group(r, timeout=short, backend=spec.backend) for r in stages][pp_rank]
     stage_control = [dist.new_group(r, timeout=CONTROL_TIMEOUT, backend="gloo") for r in stages][pp_rank]
-    pp_group = [dist.new_group(r, timeout=short, backend=spec.backend) for r in columns][tp_rank]
+    # A stage waits for the hidden states of a step the stages before it compute first (at the fill, all of them).
+    pipe = timedelta(seconds=spec.collective_timeout * pp)
+    pp_group = [dist.new_group(r, timeout=pipe, backend=spec.backend) for r in columns][tp_rank]
     pp_control = [dist.new_group(r, timeout=CONTROL_TIMEOUT, backend="gloo") for r in columns][tp_rank]
     control = dist.new_group(list(range(spec.world_size)), backend="gloo", timeout=CONTROL_TIMEOUT)
     return ParallelState(tp_rank=tp_rank, tp_size=tp, tp_group=tp_group, control_group=control, pp_rank=pp_rank,

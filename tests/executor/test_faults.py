@@ -2,13 +2,11 @@
 and leaves no process behind. The test fails on a hang (the bound is asserted, and pytest's own run would
 stall visibly)."""
 
-import os
 import signal
-import threading
 import time
-from pathlib import Path
 
 import pytest
+from tp_helpers import assert_no_process_left, signal_worker_after
 
 from scaleinfer import LLM, SamplingParams
 from scaleinfer.errors import RankFailedError
@@ -21,33 +19,12 @@ def start_tp2(folder, **options):
                kv_cache_memory=4 << 20, tensor_parallel_size=2, **options)
 
 
-def signal_worker_after(llm, signum: int, num_steps: int) -> threading.Thread:
-    """Send signum to rank 1 once it has finished num_steps steps (from a thread: generate() is running)."""
-    steps_done, pid = llm.engine.executor._run.workers.steps_done, llm.engine.executor.worker_pids[0]
-
-    def send() -> None:
-        while steps_done[1] < num_steps:
-            time.sleep(0.01)
-        os.kill(pid, signum)
-
-    thread = threading.Thread(target=send, daemon=True)
-    thread.start()
-    return thread
-
-
 def run_until_failure(llm) -> tuple[RankFailedError, float]:
     params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
     start = time.monotonic()
     with pytest.raises(RankFailedError) as failure:
         llm.generate([[5, 6, 7], [8, 9]], params)
     return failure.value, time.monotonic() - start
-
-
-def assert_no_process_left(pids: list[int]) -> None:
-    deadline = time.monotonic() + 10
-    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
 
 
 def test_a_killed_worker_ends_the_run_naming_it(tiny_models):

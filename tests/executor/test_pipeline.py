@@ -1,7 +1,7 @@
 """Pipeline parallelism on CPU processes over gloo: P stages (and T x P ranks) give one process's greedy tokens
 and logprobs, with chunked prefill, prefix caching and preemption in play, under the hybrid and the fixed
-micro-batch schedules; a dead stage ends the run naming its rank. One LLM per world size: its processes serve
-every case of the module."""
+micro-batch schedules; a dead or hung stage ends the run naming its rank. One LLM per world size: its processes
+serve every case of the module."""
 
 import os
 import signal
@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tp_helpers import assert_logprobs_close, hf_greedy, prompts_with_shared_prefix
+from tp_helpers import (
+    assert_logprobs_close,
+    assert_no_process_left,
+    hf_greedy,
+    prompts_with_shared_prefix,
+    signal_worker_after,
+)
 from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
 
 from scaleinfer import LLM, SamplingParams
@@ -142,6 +148,22 @@ def test_a_killed_stage_ends_the_run_naming_it(llama):
         assert "rank 1" in str(failure.value) and "SIGKILL" in str(failure.value), failure.value
         with pytest.raises(RankFailedError):  # every later call names it again
             llm.generate([[5, 6]], SamplingParams(max_tokens=2))
+
+
+def test_a_hung_stage_ends_the_run_naming_it(llama):
+    """SIGSTOP freezes the last stage between two steps: alive, silent. Rank 0 waits for the micro-batch's tokens
+    at most (P + 1) x collective_timeout, then names the stage and its rank and stops every process."""
+    folder, _ = llama
+    with start(folder, pipeline_parallel_size=2, kv_cache_memory=4 << 20, collective_timeout=3.0) as llm:
+        pids = llm.engine.executor.worker_pids
+        signal_worker_after(llm, signal.SIGSTOP, num_steps=3)
+        with pytest.raises(RankFailedError) as failure:
+            llm.generate([[5, 6, 7], [8, 9]], SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
+        message = str(failure.value)
+        assert "pipeline stage 1, rank(s) [1], did not finish step" in message and "hung" in message, message
+        with pytest.raises(RankFailedError, match="pipeline stage 1"):  # every later call names it again
+            llm.generate([[5, 6]], SamplingParams(max_tokens=2))
+    assert_no_process_left(pids)
 
 
 def test_pipelines_that_cannot_run_are_refused_with_the_value(llama, tmp_path):

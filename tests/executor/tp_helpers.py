@@ -1,6 +1,12 @@
-"""Running a model at several tensor-parallel sizes against HF transformers and against one process."""
+"""Running a model at several tensor-parallel sizes against HF transformers and against one process; faults
+made on purpose (a signal to a worker once it has done some steps) and the check that no process is left."""
 
 from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
 
 import torch
 
@@ -42,3 +48,25 @@ def assert_logprobs_close(outputs, reference, atol: float = 1e-4) -> None:
             assert mine.keys() == ref.keys()
             for token_id, logprob in mine.items():
                 assert abs(logprob.logprob - ref[token_id].logprob) < atol, (token_id, logprob, ref[token_id])
+
+
+def signal_worker_after(llm, signum: int, num_steps: int, rank: int = 1) -> threading.Thread:
+    """Send signum to worker `rank` once it has finished num_steps steps (from a thread: generate() is running)."""
+    executor = llm.engine.executor
+    steps_done, pid = executor._run.workers.steps_done, executor.worker_pids[rank - 1]
+
+    def send() -> None:
+        while steps_done[rank] < num_steps:
+            time.sleep(0.01)
+        os.kill(pid, signum)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
+
+
+def assert_no_process_left(pids: list[int]) -> None:
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
