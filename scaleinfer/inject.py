@@ -21,7 +21,7 @@ from scaleinfer.config import EngineConfig
 from scaleinfer.engine.llm_engine import LLMEngine
 from scaleinfer.errors import InvalidRequestError, RequestFailedError
 from scaleinfer.outputs import ScheduledSequence, SchedulerOutput
-from scaleinfer.sampling_params import SamplingParams
+from scaleinfer.sampling_params import RequestOutputKind, SamplingParams
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -97,7 +97,7 @@ class InferenceModel:
             max_tokens=max_new_tokens or self._default("max_new_tokens", 20), min_tokens=min_new_tokens,
             temperature=temperature if do_sample else 0.0, top_p=top_p if do_sample else 1.0,
             top_k=(top_k if top_k is not None else self._default("top_k", 0)) if do_sample else 0,
-            stop_token_ids=eos, ignore_eos=True,
+            stop_token_ids=eos, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY,
         )
         rows = _unpadded_rows(input_ids, attention_mask)
         generated = self._run(rows, params)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 import warnings
@@ -16,7 +17,7 @@ from scaleinfer.errors import InvalidRequestError
 from scaleinfer.executor.rank import share_cpu_cores, with_num_threads
 from scaleinfer.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from scaleinfer.prompts import Message, PromptInput, as_conversations, as_prompt_list
-from scaleinfer.sampling_params import SamplingParams
+from scaleinfer.sampling_params import RequestOutputKind, SamplingParams
 from scaleinfer.startup import embedder_summary, engine_summary, print_startup
 from scaleinfer.tokenizer import apply_chat_template, render_chat
 from scaleinfer.weights.source import resolve_model
@@ -214,10 +215,15 @@ class GenerateProgress:
 
 
 def _as_params_list(params: SamplingParams | list[SamplingParams] | None, num_prompts: int) -> list[SamplingParams]:
+    """One per prompt, each asking for its final output only (as vLLM's LLM: generate returns nothing else)."""
     if params is None:
-        return [SamplingParams()] * num_prompts
+        return [SamplingParams(output_kind=RequestOutputKind.FINAL_ONLY)] * num_prompts
     if isinstance(params, SamplingParams):
-        return [params] * num_prompts
+        return [_final_only(params)] * num_prompts
     if len(params) != num_prompts:
         raise InvalidRequestError(f"got {len(params)} sampling params for {num_prompts} prompts")
-    return list(params)
+    return [_final_only(p) for p in params]
+
+
+def _final_only(params: SamplingParams) -> SamplingParams:
+    return dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)

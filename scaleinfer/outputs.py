@@ -32,6 +32,16 @@ class CompletionOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def add(self, later: CompletionOutput) -> None:
+        """Append the next delta of this sequence (RequestOutputKind.DELTA): this then spans both."""
+        self.text += later.text
+        self.token_ids += later.token_ids
+        if later.logprobs is not None:  # each delta's lists are its own (slices): extended in place
+            self.logprobs = self.logprobs or []
+            self.logprobs += later.logprobs
+        self.cumulative_logprob = later.cumulative_logprob  # a running total already
+        self.finish_reason, self.stop_reason = later.finish_reason, later.stop_reason
+
 
 @dataclass(slots=True)
 class RequestMetrics:
@@ -54,6 +64,19 @@ class RequestOutput:
     # With SamplingParams.prompt_logprobs, once the prompt ran: one entry per prompt position, None for the
     # first, else token id -> Logprob with the prompt token included (vLLM's shape).
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+
+    def add(self, later: RequestOutput) -> None:
+        """Append the next delta of this request (RequestOutputKind.DELTA), as a slow reader's stream coalesces
+        them: each sequence's text, token ids and logprobs concatenate; the later finish and error win."""
+        mine = {output.index: output for output in self.outputs}
+        for output in later.outputs:
+            if output.index in mine:
+                mine[output.index].add(output)
+            else:
+                self.outputs.append(output)
+        self.outputs.sort(key=lambda output: output.index)
+        self.finished, self.error, self.metrics = later.finished, later.error or self.error, later.metrics
+        self.prompt_logprobs = self.prompt_logprobs or later.prompt_logprobs
 
 
 @dataclass(slots=True)

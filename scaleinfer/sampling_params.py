@@ -6,6 +6,7 @@ accepted value can make a logit NaN or infinite in float32.
 
 from __future__ import annotations
 
+import enum
 import json as json_module
 import math
 from dataclasses import dataclass, field
@@ -75,6 +76,16 @@ class StructuredOutputsParams:
         return self.kinds[0]
 
 
+class RequestOutputKind(enum.IntEnum):
+    """What a request's RequestOutputs hold (vLLM's). CUMULATIVE: all of it so far, at every step. DELTA: only
+    what is new since the previous output (texts, token ids and logprobs concatenate; a finished sequence comes
+    once more with its finish reason, then no more). FINAL_ONLY: one output, when the request finishes."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
+
+
 @dataclass(slots=True)
 class SamplingParams:
     n: int = 1
@@ -107,6 +118,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None  # the output must match it (JSON, regex, ...)
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # the front's only: the core never reads it
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -129,6 +141,9 @@ class SamplingParams:
         self._check_stop()
         self._check_penalties()
         self._check_structured()
+        _check(self.output_kind in list(RequestOutputKind), "output_kind must be a RequestOutputKind",
+               self.output_kind)
+        self.output_kind = RequestOutputKind(self.output_kind)
 
     def _check_sampling(self) -> None:
         _check(_is_finite(self.temperature), "temperature must be a finite number", self.temperature)

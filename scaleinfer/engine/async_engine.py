@@ -7,7 +7,8 @@ scheduling and the model. Outputs arrive on the core's side (the reader thread, 
 processed there under a lock, and reach each stream on its event loop with call_soon_threadsafe. Invariants:
   - admission is decided here at once (the front counts the sequences that have produced nothing yet):
     past max_waiting a QueueFullError (503), a request that could never be served an InvalidRequestError;
-  - a stream holds only its latest cumulative output: a slow reader costs one output, not one per step;
+  - a stream holds one output at most: the latest (CUMULATIVE, FINAL_ONLY), or the DELTA outputs not read yet
+    concatenated into one; a slow reader costs one output, not one per step;
   - a request that fails alone (in the core, or in output processing) fails only its stream;
   - a core that dies (its loop raised, a device fault, its process exited) fails every stream and every later
     call with EngineDeadError, and is_healthy turns False.
@@ -41,7 +42,7 @@ from scaleinfer.engine.output_processor import OutputProcessor
 from scaleinfer.engine.scheduler import QueueFullError, check_fits
 from scaleinfer.errors import EngineDeadError, InvalidRequestError, RequestFailedError
 from scaleinfer.outputs import RequestOutput
-from scaleinfer.sampling_params import SamplingParams
+from scaleinfer.sampling_params import RequestOutputKind, SamplingParams
 
 if TYPE_CHECKING:
     from scaleinfer.config import EngineConfig
@@ -58,15 +59,17 @@ def default_max_waiting(ready: CoreReady, max_num_seqs: int) -> int:
 
 
 class RequestStream:
-    """The outputs of one request: iterate it for its latest cumulative output each time (outputs that came
-    while the reader was away coalesce into the newest); close() it when done (aborts it if unfinished)."""
+    """The outputs of one request: iterate it for its outputs as they come (those that came while the reader was
+    away coalesce: into the newest, or with aggregate (DELTA outputs) into their concatenation); close() it
+    when done (aborts it if unfinished)."""
 
-    __slots__ = ("request_id", "loop", "finished", "_latest", "_error", "_ready", "_abort", "_closed")
+    __slots__ = ("request_id", "loop", "finished", "_aggregate", "_latest", "_error", "_ready", "_abort", "_closed")
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, abort: Any) -> None:
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, abort: Any, aggregate: bool = False) -> None:
         self.request_id = request_id
         self.loop = loop
         self.finished = False
+        self._aggregate = aggregate
         self._latest: RequestOutput | None = None
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
@@ -95,7 +98,10 @@ class RequestStream:
             if self._latest is not None and not self._latest.finished:
                 self._latest = None  # unfinished progress is moot once the request failed
         elif self._error is None:
-            self._latest = item
+            if self._aggregate and self._latest is not None:
+                self._latest.add(item)
+            else:
+                self._latest = item
         self._ready.set()
 
     def close(self) -> bool:
@@ -177,7 +183,8 @@ class AsyncLLMEngine:
         EngineDeadError; a refusal the core makes itself comes as the stream's first item."""
         prompt_text, prompt_token_ids = tokenize_prompt(self.tokenizer, prompt)
         self._check(prompt_token_ids, params)
-        stream = RequestStream(request_id, asyncio.get_running_loop(), self.abort)
+        aggregate = params.output_kind is RequestOutputKind.DELTA
+        stream = RequestStream(request_id, asyncio.get_running_loop(), self.abort, aggregate)
         arrival_time = time.time()
         with self._lock:
             self._admit(request_id, params)
@@ -212,7 +219,7 @@ class AsyncLLMEngine:
 
     async def generate(self, request_id: str, prompt: str | list[int],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Cumulative outputs of one request; closing or cancelling the iterator aborts the request."""
+        """The outputs of one request, as params.output_kind asks; closing or cancelling the iterator aborts it."""
         stream = await self.add_request(request_id, prompt, params)
         try:
             async for output in stream:

@@ -26,6 +26,10 @@ without ever being taken back. Three things make that non-trivial:
 
 With skip_special_tokens, special tokens decode to "". A request that ends on an EOS or stop token id
 should pass that token with `stop_terminated=True`: its text is kept only with include_stop_str_in_output.
+
+Per update the work is bounded by the new text and the stop strings, never by the output so far: the working
+text is a window (what delta() has not returned, and the last len(longest stop) - 1 characters it has, which a
+stop string may still begin in); text before it is set aside in pieces, joined only for output_text.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ class IncrementalDetokenizer:
     """Turns one request's output token ids into text, incrementally (see the module docstring)."""
 
     __slots__ = ("_tokenizer", "_skip_special_tokens", "_stop", "_include_stop", "_ids", "_prefix_offset",
-                 "_read_offset", "_text", "_num_streamed", "stop_str", "finished")
+                 "_read_offset", "_text", "_set_aside", "_num_kept", "_num_streamed", "stop_str", "finished")
 
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         self._tokenizer = tokenizer
@@ -58,14 +62,23 @@ class IncrementalDetokenizer:
         self._ids = list(prompt_token_ids[max(0, len(prompt_token_ids) - NUM_PROMPT_CONTEXT_TOKENS):])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
-        self._text = ""
-        self._num_streamed = 0  # len of the text prefix delta() has returned
+        self._text = ""  # the output text's tail from the first character not set aside
+        self._set_aside: list[str] = []  # the output text before self._text, in pieces
+        # streamed characters kept in the window: a stop string found later may begin in them
+        self._num_kept = max((len(stop) for stop in self._stop), default=1) - 1
+        self._num_streamed = 0  # of self._text: the prefix delta() has returned
         self.stop_str: str | None = None  # the stop string that cut the text
         self.finished = False
 
     @property
     def output_text(self) -> str:
-        return self._text
+        """The whole output text so far, held-back tail included (joined on each call)."""
+        return "".join(self._set_aside) + self._text
+
+    @property
+    def num_window_chars(self) -> int:
+        """Length of the working text an update touches: bounded, whatever the output's length."""
+        return len(self._text)
 
     def update(self, new_token_ids: Sequence[int], stop_terminated: bool = False) -> str | None:
         """Add the step's new tokens; returns the stop string if one completed now, else None."""
@@ -88,7 +101,14 @@ class IncrementalDetokenizer:
         end = len(self._text) if self.finished else len(self._text) - self._num_held()
         delta = self._text[self._num_streamed:end]
         self._num_streamed = max(self._num_streamed, end)
+        self._set_aside_streamed()
         return delta
+
+    def _set_aside_streamed(self) -> None:
+        num_done = min(self._num_streamed, len(self._text) - self._num_kept)
+        if num_done > 0:
+            self._set_aside.append(self._text[:num_done])
+            self._text, self._num_streamed = self._text[num_done:], self._num_streamed - num_done
 
     def _decode_new(self, final: bool) -> str:
         prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])

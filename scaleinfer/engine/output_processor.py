@@ -6,6 +6,10 @@ A stop string ends its sequence here; process() names those sequences in `to_sto
 them in the core (which may have sampled further tokens meanwhile: they are dropped). A request whose
 output cannot be processed (its own state broke) fails alone: it comes back finished with `error`, and
 its id is in `to_abort`.
+
+What each RequestOutput holds follows the request's SamplingParams.output_kind: DELTA outputs carry only the
+step's news (the server's streams), FINAL_ONLY requests give one output at the end (LLM.generate, the server's
+non-streamed answers), CUMULATIVE ones everything at every step.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from scaleinfer.engine.prompt_logprobs import prompt_logprob_dicts
 from scaleinfer.engine.request_state import RequestState, SequenceState
 from scaleinfer.errors import InvalidRequestError
 from scaleinfer.outputs import RequestMetrics, RequestOutput
-from scaleinfer.sampling_params import SamplingParams
+from scaleinfer.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +51,11 @@ class OutputProcessor:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if self.tokenizer is None and params.stop:
             raise InvalidRequestError(f"stop strings {params.stop} need a tokenizer; this engine skipped it")
-        children = [SequenceState(self._detokenizer(prompt_token_ids, params), params.logprobs)
+        delta = params.output_kind is RequestOutputKind.DELTA
+        children = [SequenceState(self._detokenizer(prompt_token_ids, params), params.logprobs, delta)
                     for _ in range(params.n)]
         self.requests[request_id] = RequestState(request_id, prompt, prompt_token_ids, children,
-                                                 RequestMetrics(arrival_time=arrival_time))
+                                                 RequestMetrics(arrival_time=arrival_time), None, params.output_kind)
         self.num_unstarted += params.n
 
     def _detokenizer(self, prompt_token_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
@@ -85,7 +90,8 @@ class OutputProcessor:
                 continue
             if self._update(state, output, processed, now):
                 touched[state.request_id] = state
-        processed.request_outputs += [self._emit(state, now) for state in touched.values()]
+        processed.request_outputs += [output for state in touched.values()
+                                      if (output := self._emit(state, now)) is not None]
         return processed
 
     def _update(self, state: RequestState, output: EngineCoreOutput, processed: ProcessedOutputs,
@@ -124,9 +130,10 @@ class OutputProcessor:
         output.finished, output.error = True, error
         return output
 
-    def _emit(self, state: RequestState, now: float) -> RequestOutput:
-        output = state.output()  # output.metrics is state.metrics: the finish time below reaches it
-        if output.finished:
-            state.metrics.finished_time = now
-            self._drop(state.request_id)
-        return output
+    def _emit(self, state: RequestState, now: float) -> RequestOutput | None:
+        """None for a FINAL_ONLY request that has not finished."""
+        if not state.finished:
+            return None if state.output_kind is RequestOutputKind.FINAL_ONLY else state.output()
+        state.metrics.finished_time = now  # output.metrics is state.metrics: the output carries it
+        self._drop(state.request_id)
+        return state.output()

@@ -15,13 +15,12 @@ from scaleinfer.server.protocol import (
 )
 
 
-def completion_logprobs(tokenizer: Any, output: CompletionOutput, start: int,
-                        text_offset: int) -> CompletionLogprobs | None:
-    """Logprobs of output.token_ids[start:]; text_offset is where the first of them starts in the text."""
+def completion_logprobs(tokenizer: Any, output: CompletionOutput, text_offset: int) -> CompletionLogprobs | None:
+    """Logprobs of output.token_ids; text_offset is where the first of them starts in the text."""
     if output.logprobs is None:
         return None
     result = CompletionLogprobs()
-    for token_id, entry in zip(output.token_ids[start:], output.logprobs[start:]):
+    for token_id, entry in zip(output.token_ids, output.logprobs):
         token = token_text(tokenizer, token_id, entry[token_id])
         result.tokens.append(token)
         result.token_logprobs.append(entry[token_id].logprob)
@@ -29,6 +28,34 @@ def completion_logprobs(tokenizer: Any, output: CompletionOutput, start: int,
         result.text_offset.append(text_offset)
         text_offset += len(token)
     return result
+
+
+def echo_logprobs(tokenizer: Any, output: RequestOutput, num_top: int) -> CompletionLogprobs:
+    """The prompt's tokens as OpenAI's echo with logprobs shows them before the completion's, from the prompt
+    logprobs: the first token has none (None), the others their logprob and the num_top best alternatives."""
+    result, offset = CompletionLogprobs(), 0
+    for token_id, entry in zip(output.prompt_token_ids, output.prompt_logprobs or []):
+        if entry is None:
+            token, logprob, top = tokenizer.decode([token_id]), None, None
+        else:
+            token, logprob = token_text(tokenizer, token_id, entry[token_id]), entry[token_id].logprob
+            top = {token_text(tokenizer, t, lp): lp.logprob for t, lp in entry.items()
+                   if t == token_id or lp.rank <= num_top}
+        result.tokens.append(token)
+        result.token_logprobs.append(logprob)
+        result.top_logprobs.append(top)
+        result.text_offset.append(offset)
+        offset += len(token)
+    return result
+
+
+def joined(first: CompletionLogprobs, then: CompletionLogprobs | None) -> CompletionLogprobs:
+    if then is None:
+        return first
+    return CompletionLogprobs(tokens=first.tokens + then.tokens,
+                              token_logprobs=first.token_logprobs + then.token_logprobs,
+                              top_logprobs=first.top_logprobs + then.top_logprobs,
+                              text_offset=first.text_offset + then.text_offset)
 
 
 def prompt_logprobs_out(output: RequestOutput) -> PromptLogprobs | None:
@@ -41,11 +68,11 @@ def prompt_logprobs_out(output: RequestOutput) -> PromptLogprobs | None:
             for entry in output.prompt_logprobs]
 
 
-def chat_logprobs(tokenizer: Any, output: CompletionOutput, start: int, num_top: int) -> ChatLogprobs | None:
+def chat_logprobs(tokenizer: Any, output: CompletionOutput, num_top: int) -> ChatLogprobs | None:
     if output.logprobs is None:
         return None
     content = [_token_logprob(tokenizer, token_id, entry, num_top)
-               for token_id, entry in zip(output.token_ids[start:], output.logprobs[start:])]
+               for token_id, entry in zip(output.token_ids, output.logprobs)]
     return ChatLogprobs(content=content)
 
 

@@ -1,5 +1,8 @@
 """What completions and chat completions share: request -> SamplingParams, the engine requests behind one
-HTTP request (one per prompt) with their latency metrics, streaming deltas, usage, and SSE framing."""
+HTTP request (one per prompt) with their latency metrics, streaming deltas, usage, and SSE framing.
+
+A streamed request asks the engine for DELTA outputs (each carries only the step's new text, token ids and
+logprobs, so a chunk costs what it adds, not what came before); a non-streamed one for its FINAL_ONLY output."""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from pydantic import BaseModel
 from scaleinfer.engine.async_embedder import AsyncEmbedder
 from scaleinfer.engine.async_engine import AsyncLLMEngine, RequestStream
 from scaleinfer.outputs import CompletionOutput, RequestOutput
-from scaleinfer.sampling_params import SamplingParams
+from scaleinfer.sampling_params import RequestOutputKind, SamplingParams
 from scaleinfer.server.errors import ApiError, bad_request, to_api_error
 from scaleinfer.server.limits import RequestLimits
 from scaleinfer.server.metrics import RequestTiming, ServerMetrics
@@ -73,7 +76,8 @@ def build_params(ctx: ServingContext, req: SamplingRequest, max_tokens: int,
         ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=_prompt_logprobs(req),
         presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        logit_bias=_token_id_keys(req.logit_bias or {}), structured_outputs=structured_outputs(req))
+        logit_bias=_token_id_keys(req.logit_bias or {}), structured_outputs=structured_outputs(req),
+        output_kind=RequestOutputKind.DELTA if req.stream else RequestOutputKind.FINAL_ONLY)
 
 
 def _prompt_logprobs(req: SamplingRequest) -> int | None:
@@ -123,7 +127,8 @@ async def open_requests(ctx: ServingContext, request_id: str, prompts: list[Prom
 
 
 class EngineRequests:
-    """The engine requests behind one HTTP request, iterated together and closed together."""
+    """The engine requests behind one HTTP request, iterated together and closed together. Their outputs are
+    DELTA (streamed) or FINAL_ONLY: either way each token comes in exactly one output."""
 
     def __init__(self, streams: list[RequestStream], params: SamplingParams, metrics: ServerMetrics,
                  timings: list[RequestTiming], prompt_texts: list[str | None]) -> None:
@@ -132,12 +137,17 @@ class EngineRequests:
         self.metrics = metrics
         self.timings = timings
         self.prompt_texts = prompt_texts  # as sent, where a prompt was text; the engine got token ids
-        self.latest: list[RequestOutput | None] = [None] * len(streams)
+        self.latest: list[RequestOutput | None] = [None] * len(streams)  # each request's last output read
+        self._num_prompt_tokens = [0] * len(streams)
+        self._num_tokens = [[0] * params.n for _ in streams]  # [prompt][choice]: output tokens read so far
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(prompt index, cumulative output) as each arrives; records latency metrics as they finish."""
+        """(prompt index, output) as each arrives; counts tokens and records latency metrics as they finish."""
         async for index, output in merge_streams(self.streams):
             self.latest[index] = output
+            self._num_prompt_tokens[index] = len(output.prompt_token_ids)
+            for choice in output.outputs:
+                self._num_tokens[index][choice.index] += len(choice.token_ids)
             self._time(index, output)
             yield index, output
 
@@ -147,7 +157,7 @@ class EngineRequests:
         return [output for output in self.latest if output is not None]
 
     def delta_tracker(self) -> DeltaTracker:
-        return DeltaTracker(self.params.n, tuple(self.params.stop))
+        return DeltaTracker(self.params.n)
 
     def close(self) -> None:
         for stream in self.streams:
@@ -155,20 +165,28 @@ class EngineRequests:
                 self.metrics.requests.labels("abort").inc()
 
     def usage(self) -> Usage:
-        outputs = [output for output in self.latest if output is not None]
-        prompt = sum(len(output.prompt_token_ids) for output in outputs)
-        completion = sum(len(c.token_ids) for output in outputs for c in output.outputs)
+        prompt = sum(self._num_prompt_tokens)
+        completion = sum(map(sum, self._num_tokens))
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     def _time(self, index: int, output: RequestOutput) -> None:
         timing = self.timings[index]
-        num_tokens = max(len(c.token_ids) for c in output.outputs)
+        num_tokens = max(self._num_tokens[index])
         if num_tokens > timing.num_tokens:
             now = time.monotonic()
-            timing.first_token = timing.first_token or now
+            timing.first_token = timing.first_token or _first_token_time(now, output)
             timing.last_token, timing.num_tokens = now, num_tokens
         if output.finished:
-            self.metrics.observe(timing, output.outputs[0].finish_reason or "stop")
+            self.metrics.observe(timing, next((c.finish_reason for c in output.outputs if c.finish_reason), "stop"))
+
+
+def _first_token_time(now: float, output: RequestOutput) -> float:
+    """When the first token came (time.monotonic): now, unless this first output is the final one (FINAL_ONLY):
+    then the front's interval from the first token to the finish, taken back from now."""
+    metrics = output.metrics
+    if not output.finished or metrics is None or metrics.first_token_time is None or metrics.finished_time is None:
+        return now
+    return now - max(0.0, metrics.finished_time - metrics.first_token_time)
 
 
 async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -197,12 +215,15 @@ async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int
 
 @dataclass(slots=True)
 class ChoiceDelta:
-    """What one choice gained since the last chunk."""
+    """What one choice gained since the last chunk (from a DELTA output), or all of it (a final output)."""
 
     index: int  # in the response: prompt_index * n + output index
-    text: str
-    output: CompletionOutput  # cumulative
-    token_start: int  # the new tokens are output.token_ids[token_start:]
+    output: CompletionOutput  # only the new part: its text, token ids and logprobs
+    text_offset: int  # characters of the choice's text before output.text
+
+    @property
+    def text(self) -> str:
+        return self.output.text
 
     @property
     def finish_reason(self) -> str | None:
@@ -211,30 +232,19 @@ class ChoiceDelta:
 
 @dataclass(slots=True)
 class DeltaTracker:
-    """Turns cumulative outputs into per-choice deltas; text never streamed twice, never taken back."""
+    """Numbers each output's choices as the response does and keeps their text offsets. The engine's outputs are
+    the deltas already: text that may begin a stop string is held back there, never taken back."""
 
     n: int
-    stop: tuple[str, ...] = ()
-    _sent: dict[int, tuple[int, int, bool]] = field(default_factory=dict)  # index -> chars, tokens, done
+    _num_chars: dict[int, int] = field(default_factory=dict)  # choice index -> characters sent
 
     def deltas(self, prompt_index: int, output: RequestOutput) -> list[ChoiceDelta]:
-        return [d for c in output.outputs if (d := self._delta(prompt_index * self.n + c.index, c))]
+        return [self._delta(prompt_index * self.n + c.index, c) for c in output.outputs]
 
-    def _delta(self, index: int, output: CompletionOutput) -> ChoiceDelta | None:
-        num_chars, num_tokens, done = self._sent.get(index, (0, 0, False))
-        if done or (len(output.token_ids) == num_tokens and not output.finished):
-            return None
-        # A tail that may begin a stop string can still be cut by the engine: hold it until it cannot.
-        held = 0 if output.finished else _stop_prefix_len(output.text, self.stop)
-        visible = max(num_chars, len(output.text) - held)
-        self._sent[index] = (visible, len(output.token_ids), output.finished)
-        return ChoiceDelta(index, output.text[num_chars:visible], output, num_tokens)
-
-
-def _stop_prefix_len(text: str, stop: tuple[str, ...]) -> int:
-    """Length of the longest tail of text that is a proper prefix of some stop string."""
-    return max((k for s in stop for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
-               default=0)
+    def _delta(self, index: int, output: CompletionOutput) -> ChoiceDelta:
+        offset = self._num_chars.get(index, 0)
+        self._num_chars[index] = offset + len(output.text)
+        return ChoiceDelta(index, output, offset)
 
 
 def sse(payload: BaseModel) -> str:

@@ -107,7 +107,7 @@ def _response(plan: ToolPlan, ctx: ServingContext, req: ChatCompletionRequest, r
     output = requests.latest[0]
     assert output is not None, "a finished request has an output"
     choices = [ChatChoice(index=c.index, message=message, finish_reason=finish_reason,
-                          logprobs=chat_logprobs(ctx.engine.tokenizer, c, 0, req.top_logprobs or 0))
+                          logprobs=chat_logprobs(ctx.engine.tokenizer, c, req.top_logprobs or 0))
                for c in output.outputs for message, finish_reason in [message_out(plan, c)]]
     return ChatCompletionResponse(id=request_id, model=req.model, choices=choices, usage=requests.usage(),
                                   prompt_logprobs=prompt_logprobs_out(output))
@@ -124,7 +124,7 @@ async def _stream(plan: ToolPlan, ctx: ServingContext, req: ChatCompletionReques
                      for i in range(req.n)])
         async for _, output in requests.outputs():
             for d in tracker.deltas(0, output):
-                logprobs = chat_logprobs(ctx.engine.tokenizer, d.output, d.token_start, req.top_logprobs or 0)
+                logprobs = chat_logprobs(ctx.engine.tokenizer, d.output, req.top_logprobs or 0)
                 s = tool_streams.delta(d)
                 if s.content or s.tool_calls or s.finish_reason or logprobs or plan.format is None:
                     delta = DeltaMessage(content=s.content, tool_calls=s.tool_calls)

@@ -62,7 +62,6 @@ CASES = {
     "logit_bias value too large": ("/v1/completions", body(logit_bias={"5": 101}), 400, "logit_bias", "101"),
     "logit_bias token out of vocabulary": ("/v1/completions", body(logit_bias={"999999999": 1}), 400,
                                            "logit_bias", "999999999"),
-    "echo with logprobs": ("/v1/completions", body(echo=True, logprobs=1), 400, "echo", "echo"),
     "invalid utf-8": ("/v1/completions", b'{"model": "smollm2-135m", "prompt": "\xff\xfe"}', 400, None, "UTF-8"),
 }
 
