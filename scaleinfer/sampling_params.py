@@ -47,6 +47,9 @@ class StructuredOutputsParams:
     # JSON only: no whitespace but json.dumps' (one space after "," and ":"); small models otherwise tend to
     # spend their tokens on newlines. By default any whitespace is allowed, as vLLM's xgrammar backend does.
     disable_any_whitespace: bool = False
+    # JSON only (json, json_object): a regex every run of whitespace between JSON tokens must match (vLLM's),
+    # e.g. "[ ]?"; "" allows none. None: any whitespace (or disable_any_whitespace's).
+    whitespace_pattern: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.json is None or isinstance(self.json, (dict, str)), "structured_outputs.json must be a JSON "
@@ -65,6 +68,17 @@ class StructuredOutputsParams:
                    "strings", self.choice)
         kinds = self.kinds
         _check(len(kinds) == 1, f"structured_outputs must set exactly one of {', '.join(STRUCTURED_KINDS)}", kinds)
+        self._check_whitespace_pattern()
+
+    def _check_whitespace_pattern(self) -> None:
+        pattern = self.whitespace_pattern
+        if pattern is None:
+            return
+        _check(isinstance(pattern, str), "structured_outputs.whitespace_pattern must be a string (a regex)", pattern)
+        _check(self.kind in ("json", "json_object"), "structured_outputs.whitespace_pattern applies to JSON "
+               "outputs (json, json_object) only", self.kind)
+        _check(not self.disable_any_whitespace, "structured_outputs.whitespace_pattern cannot be combined with "
+               "disable_any_whitespace (the pattern says which whitespace is allowed)", pattern)
 
     @property
     def kinds(self) -> list[str]:

@@ -20,6 +20,9 @@ from scaleinfer.sampling_params import SamplingParams, StructuredOutputsParams
     ({"regex": ""}, "''"),
     ({"grammar": 5}, "5"),
     ({"json_object": "yes"}, "'yes'"),
+    ({"regex": "a", "whitespace_pattern": " "}, "JSON outputs (json, json_object) only, got 'regex'"),
+    ({"json_object": True, "whitespace_pattern": 3}, "must be a string (a regex), got 3"),
+    ({"json_object": True, "whitespace_pattern": "", "disable_any_whitespace": True}, "disable_any_whitespace"),
 ])
 def test_bad_constraints_are_refused_naming_the_value(fields, words):
     with pytest.raises(InvalidRequestError) as info:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from scaleinfer.engine.json_whitespace import WhitespacePatternError, json_grammar_with_whitespace
 from scaleinfer.errors import InvalidRequestError
 from scaleinfer.outputs import GrammarBitmask
 from scaleinfer.sampling_params import MAX_SHOWN_CHARS, StructuredOutputsParams
@@ -120,6 +121,9 @@ class StructuredOutputs:
         value = getattr(params, kind)
         try:
             return _COMPILERS[kind](self._get_compiler(), params)
+        except WhitespacePatternError as exc:
+            raise InvalidRequestError(f"structured_outputs.whitespace_pattern {params.whitespace_pattern[:200]!r} "
+                                      f"cannot be honoured ({_message(exc)})") from exc
         except (RuntimeError, ValueError, TypeError) as exc:
             raise InvalidRequestError(f"structured_outputs.{kind} does not compile ({_message(exc)}): "
                                       f"{_shown(value)}") from exc
@@ -157,13 +161,17 @@ def grammar_bitmask(seqs: list[Sequence]) -> GrammarBitmask | None:
 
 def _compile_json(compiler: Any, params: StructuredOutputsParams) -> Any:
     schema = params.json if isinstance(params.json, str) else json.dumps(params.json)
+    if params.whitespace_pattern is not None:
+        return compiler.compile_grammar(json_grammar_with_whitespace(schema, params.whitespace_pattern))
     return compiler.compile_json_schema(schema, any_whitespace=not params.disable_any_whitespace)
 
 
 def _compile_json_object(compiler: Any, params: StructuredOutputsParams) -> Any:
     # An object, not any JSON value: what OpenAI's response_format {"type": "json_object"} promises.
-    return compiler.compile_json_schema('{"type": "object"}', any_whitespace=not params.disable_any_whitespace,
-                                        strict_mode=False)
+    schema = '{"type": "object"}'
+    if params.whitespace_pattern is not None:
+        return compiler.compile_grammar(json_grammar_with_whitespace(schema, params.whitespace_pattern, False))
+    return compiler.compile_json_schema(schema, any_whitespace=not params.disable_any_whitespace, strict_mode=False)
 
 
 def _compile_choice(compiler: Any, params: StructuredOutputsParams) -> Any:
@@ -186,7 +194,7 @@ def _cache_key(params: StructuredOutputsParams) -> str:
     if params.kind == "json" and isinstance(value, str):
         value = json.loads(value)  # SamplingParams checked that it parses
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    return f"{params.kind}:{params.disable_any_whitespace}:{text}"
+    return f"{params.kind}:{params.disable_any_whitespace}:{params.whitespace_pattern!r}:{text}"
 
 
 def _message(exc: Exception) -> str:

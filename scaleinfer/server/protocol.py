@@ -55,6 +55,7 @@ class StructuredOutputsRequest(_Request):
     choice: list[str] | None = None
     grammar: str | None = None
     disable_any_whitespace: bool = False
+    whitespace_pattern: str | None = None  # JSON only: the regex whitespace between tokens matches
 
 
 class SamplingRequest(_Request):
@@ -89,6 +90,7 @@ class SamplingRequest(_Request):
     guided_regex: str | None = None  # extension (vLLM, older)
     guided_choice: list[str] | None = None  # extension (vLLM, older)
     guided_grammar: str | None = None  # extension (vLLM, older)
+    guided_whitespace_pattern: str | None = None  # extension (vLLM, older): of the JSON constraint above
 
     @property
     def include_usage(self) -> bool:

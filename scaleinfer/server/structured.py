@@ -1,10 +1,15 @@
 """A request's structured-output fields -> StructuredOutputsParams, in one place: OpenAI's response_format
 (text, json_object, json_schema), vLLM's structured_outputs and its older guided_json / guided_regex /
 guided_choice / guided_grammar. A request sets at most one of them; SamplingParams checks the values and the
-engine compiles them (a schema, regex or grammar that does not compile is a 400 naming it)."""
+engine compiles them (a schema, regex or grammar that does not compile is a 400 naming it). vLLM's older
+guided_whitespace_pattern applies to whichever of them is a JSON constraint (structured_outputs carries its
+own whitespace_pattern)."""
 
 from __future__ import annotations
 
+import dataclasses
+
+from scaleinfer.errors import InvalidRequestError
 from scaleinfer.sampling_params import StructuredOutputsParams
 from scaleinfer.server.errors import bad_request
 from scaleinfer.server.protocol import ResponseFormat, SamplingRequest, StructuredOutputsRequest
@@ -17,7 +22,22 @@ def structured_outputs(req: SamplingRequest) -> StructuredOutputsParams | None:
     given = {name: value for name, value in _sources(req).items() if value is not None}
     if len(given) > 1:
         raise bad_request(f"set at most one of {', '.join(given)} (each constrains the output)", next(iter(given)))
-    return next(iter(given.values()), None)
+    return _with_whitespace_pattern(next(iter(given.values()), None), req.guided_whitespace_pattern)
+
+
+def _with_whitespace_pattern(params: StructuredOutputsParams | None,
+                             pattern: str | None) -> StructuredOutputsParams | None:
+    if pattern is None:
+        return params
+    name = "guided_whitespace_pattern"
+    if params is None:
+        raise bad_request(f"{name} needs a JSON constraint (guided_json, response_format or structured_outputs)", name)
+    if params.whitespace_pattern is not None:
+        raise bad_request(f"set {name} or structured_outputs.whitespace_pattern, not both", name)
+    try:
+        return dataclasses.replace(params, whitespace_pattern=pattern)
+    except InvalidRequestError as exc:
+        raise bad_request(str(exc), name) from exc
 
 
 def _sources(req: SamplingRequest) -> dict[str, StructuredOutputsParams | None]:
@@ -45,4 +65,5 @@ def _from_vllm(req: StructuredOutputsRequest | None) -> StructuredOutputsParams 
         return None
     return StructuredOutputsParams(json=req.json_, json_object=bool(req.json_object), regex=req.regex,
                                    choice=req.choice, grammar=req.grammar,
-                                   disable_any_whitespace=req.disable_any_whitespace)
+                                   disable_any_whitespace=req.disable_any_whitespace,
+                                   whitespace_pattern=req.whitespace_pattern)
