@@ -110,6 +110,9 @@ def run_server(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, 
         server = GracefulServer(uvicorn_config, engine, shutdown_timeout_s)
         print(f"scaleinfer: serving {app.state.ctx.model_name!r} at http://{host}:{port}/v1 "
               f"({'an API key is required' if api_key else 'no API key required'})", flush=True)
+        if task != "embed" and not getattr(engine.tokenizer, "chat_template", None):
+            print("scaleinfer: the model has no chat template: /v1/chat/completions answers 400 "
+                  "(start with --chat-template to serve chat)", flush=True)
         server.run(sockets=[sock])
         if server.engine_failure is not None:
             raise server.engine_failure

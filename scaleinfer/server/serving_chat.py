@@ -63,6 +63,10 @@ def conversation_of(ctx: ServingContext, messages: list[ChatMessage]) -> list[di
         raise bad_request("messages must not be empty", "messages")
     if not ctx.tokenizer.has_tokenizer:
         raise bad_request("chat needs a tokenizer; this engine was started without one", "messages")
+    if not getattr(ctx.engine.tokenizer, "chat_template", None):
+        raise bad_request(f"model {ctx.model_name!r} has no chat template, which /v1/chat/completions needs: "
+                          "start the server with --chat-template (a file or the template), or use /v1/completions",
+                          "messages")
     conversation = [{"role": m.role, "content": _text_of(m), **message_fields(i, m)} for i, m in enumerate(messages)]
     ctx.limits.check_chars(sum(len(m["content"]) for m in conversation), "messages", "messages")
     return conversation
