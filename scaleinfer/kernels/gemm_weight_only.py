@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from scaleinfer.kernels.checks import check_bias, check_contiguous, check_dtype, check_shape
 from scaleinfer.kernels.dispatch import dot_args, mma, tl, triton
 from scaleinfer.kernels.gemv_fp8 import FP8_DTYPE
 from scaleinfer.kernels.gemv_fp8 import _check as _check_fp8
+from scaleinfer.kernels.gemv_int8 import _check as _check_int8
 
 GPU_TILES = dict(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
 INTERPRETER_TILES = dict(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=1)
@@ -34,14 +34,7 @@ def fp8_gemm_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group
 def int8_gemm_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                      bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [M, K] float, q: [N, K] int8, scale: [N] float32 (one per output row) -> [M, N] in x's dtype."""
-    check_shape("x", x, [None, None])
-    check_shape("q", q, [None, x.shape[1]])
-    check_shape("scale", scale, [q.shape[0]])
-    check_dtype("q", q, (torch.int8,))
-    check_dtype("scale", scale, (torch.float32,))
-    for name, t in (("x", x), ("q", q), ("scale", scale)):
-        check_contiguous(name, t)
-    check_bias(bias, q.shape[0], x.dtype)
+    _check_int8(x, q, scale, bias)
     return _weight_only_gemm(x, q, scale.view(-1, 1), x.shape[1], bias)
 
 

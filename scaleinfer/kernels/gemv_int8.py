@@ -38,17 +38,8 @@ def int8_linear_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
 
 def int8_gemv_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                      config: GemvConfig = INT8_GEMV) -> torch.Tensor:
-    check_shape("x", x, [None, None])
-    m, k = x.shape
-    check_shape("q", q, [None, k])
-    n = q.shape[0]
-    check_shape("scale", scale, [n])
-    check_dtype("x", x, FLOAT_DTYPES)
-    check_dtype("q", q, (torch.int8,))
-    check_dtype("scale", scale, (torch.float32,))
-    for name, t in (("x", x), ("q", q), ("scale", scale)):
-        check_contiguous(name, t)
-    check_bias(bias, n, x.dtype)
+    _check(x, q, scale, bias)
+    (m, k), n = x.shape, q.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, config.block_n), m)
     _int8_gemv_kernel[grid](
@@ -57,6 +48,21 @@ def int8_gemv_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
+
+
+def _check(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """The int8 operands (the GEMV's and kernels/gemm_weight_only.py's): x [M, K] float, q [N, K] int8, scale [N]
+    float32, all contiguous, and the optional bias [N]."""
+    check_shape("x", x, [None, None])
+    check_shape("q", q, [None, x.shape[1]])
+    n = q.shape[0]
+    check_shape("scale", scale, [n])
+    check_dtype("x", x, FLOAT_DTYPES)
+    check_dtype("q", q, (torch.int8,))
+    check_dtype("scale", scale, (torch.float32,))
+    for name, t in (("x", x), ("q", q), ("scale", scale)):
+        check_contiguous(name, t)
+    check_bias(bias, n, x.dtype)
 
 
 @triton.jit
