@@ -38,12 +38,14 @@ CPU_BLOCK_N = 16  # its packing needs N divisible by this
 
 @dataclass(slots=True)
 class Int4Rows:
-    """Rows of a weight already quantized in this format (a GGUF Q4_0 / Q4_1 tensor): levels [n, K] uint8
-    in 0..15, scale and zero [n, K // group_size] float32. Narrows by rows like the tensor it stands for."""
+    """Rows of a weight already quantized in this format (a GGUF Q4_0 / Q4_1 tensor, an AWQ / GPTQ one): levels
+    [n, K] uint8 in 0..15, scale and zero [n, K // group_size] float32; g_idx [K] the group of each input feature
+    where they are not contiguous (GPTQ's act-order), else None. Narrows by rows like the tensor it stands for."""
 
     levels: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
+    g_idx: torch.Tensor | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -56,14 +58,20 @@ class Int4Rows:
     def dim(self) -> int:
         return 2
 
+    def numel(self) -> int:
+        """The bytes these rows fill in a packed weight [n, K // 2] (what offload's loader counts)."""
+        return self.levels.numel() // 2
+
     def narrow(self, dim: int, start: int, length: int) -> Int4Rows:
         if dim != 0:
             raise ValueError(f"int4 rows narrow by rows only, got dim={dim}")
-        return Int4Rows(*(t.narrow(0, start, length) for t in (self.levels, self.scale, self.zero)))
+        return Int4Rows(*(t.narrow(0, start, length) for t in (self.levels, self.scale, self.zero)), self.g_idx)
 
     def dequantize(self) -> torch.Tensor:
         """[n, K] float32."""
-        return dequantize_int4(pack_int4(self.levels), self.scale, self.zero)
+        if self.g_idx is None:
+            return dequantize_int4(pack_int4(self.levels), self.scale, self.zero)
+        return (self.levels.float() - ZERO_POINT) * self.scale[:, self.g_idx] + self.zero[:, self.g_idx]
 
 
 def group_size_for(input_size: int) -> int:

@@ -23,7 +23,7 @@ from scaleinfer.errors import ModelLoadError
 from scaleinfer.tokenizer import load_tokenizer
 from scaleinfer.weights.gguf import GGUFFile, GGUFQuant, open_gguf
 from scaleinfer.weights.hf_config import CONFIG_NAME, read_hf_config
-from scaleinfer.weights.quant_config import CheckpointQuant, kv_scale_name, read_quant_config
+from scaleinfer.weights.quant_config import CheckpointQuant, Int4CheckpointQuant, kv_scale_name, read_quant_config
 from scaleinfer.weights.safetensors import iter_safetensors, safetensors_files
 
 if TYPE_CHECKING:
@@ -46,17 +46,20 @@ class ModelSource:
     format: Literal["safetensors", "gguf", "hf_model"]
     arch: ArchConfig
     gguf_file: GGUFFile | None = field(default=None, repr=False)  # parsed once, reused for the weights
-    quant: CheckpointQuant | None = None  # a pre-quantized checkpoint's quantization_config
+    quant: CheckpointQuant | Int4CheckpointQuant | GGUFQuant | None = None  # a pre-quantized checkpoint's
 
     def iter_weights(self, dtype: torch.dtype, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         """(hf_name, tensor) pairs. GGUF tensors are dequantized into memory in `dtype`. Safetensors tensors
         come in their stored dtype as read-only views of the mapped files: a parameter's weight_loader narrows
-        one to its rank's slice and the copy into the parameter casts, so a rank reads only its slice."""
+        one to its rank's slice and the copy into the parameter casts, so a rank reads only its slice. An AWQ /
+        GPTQ checkpoint's packed tensors come as each linear's int4 rows (weights/int4_checkpoint.py)."""
         if self.gguf_file is not None:
             yield from self.gguf_file.iter_weights(dtype, progress)
             return
-        for name, tensor in iter_safetensors(self.path, progress):
-            yield kv_scale_name(name), tensor
+        weights = ((kv_scale_name(name), tensor) for name, tensor in iter_safetensors(self.path, progress))
+        if isinstance(self.quant, Int4CheckpointQuant):
+            weights = self.quant.unpacked(weights)
+        yield from weights
 
     def load_tokenizer(self) -> PreTrainedTokenizerBase:
         template = self.gguf_file.chat_template if self.gguf_file is not None else None

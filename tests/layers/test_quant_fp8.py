@@ -296,7 +296,9 @@ def test_unsupported_checkpoint_quantization_is_named_at_start(checkpoints, tmp_
     with pytest.raises(ModelLoadError, match="quantization='int8': the checkpoint is already quantized"):
         _runner(folder, "int8")
     config = json.loads((folder / "config.json").read_text())
-    for qc, message in (({"quant_method": "awq", "bits": 4}, "quant_method 'awq' is not supported"),
+    bnb = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    for qc, message in ((bnb, "quant_method 'bitsandbytes' is not supported"),
+                        ({"quant_method": "awq", "bits": 8, "group_size": 128}, "awq bits=8 is not supported"),
                         ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "format 'pack-quantized'"),
                         (_ct_config("group", None), "weight strategy 'group'")):
         (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": qc}))
