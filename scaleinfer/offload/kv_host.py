@@ -46,6 +46,12 @@ class HostKVCache:
         if on_gpu:
             self.stream, self.ready = torch.cuda.Stream(device), torch.cuda.Event()
 
+    @property
+    def pinned(self) -> bool:
+        """The host blocks are page-locked (registered with cudaHostRegister, which torch's is_pinned does not
+        report: it knows only its own allocator's pages)."""
+        return self.num_blocks > 0 and self._buffer.pinned
+
     def swap(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
         """Move the step's blocks, (device block id, host block index) pairs; the compute stream's next work (the
         step's forward) runs after every swap-in has landed and every swapped-out block has been read."""

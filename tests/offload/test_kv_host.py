@@ -50,7 +50,7 @@ def test_swaps_move_the_same_bytes_as_sequential_copies(device, dtype, monkeypat
     monkeypatch.setattr(kv_host, "MAX_STAGED_BLOCKS", 3)
     caches = make_caches(device, dtype)
     tier = HostKVCache(caches, NUM_HOST_BLOCKS, torch.device(device))
-    assert tier.blocks.is_pinned() == (device == "cuda")
+    assert tier.pinned == (device == "cuda")
     want_device, want_host = device_blocks_of(caches), {}
     for swap_out, swap_in in STEPS:
         tier.swap(swap_out, swap_in)

@@ -119,7 +119,7 @@ def test_on_a_gpu_swaps_through_pinned_memory_keep_the_tokens(folder):
         expected = token_ids(roomy.generate(prompts, GREEDY))
     with start(folder, device="cuda", num_blocks=45, kv_offload="cpu", kv_offload_memory=64 * BLOCK_BYTES,
                kv_offload_h2d_gb_s=1e6) as llm:
-        assert llm.engine.runner.kv_host.blocks.is_pinned() and llm.engine.runner.graphs is not None
+        assert llm.engine.runner.kv_host.pinned and llm.engine.runner.graphs is not None
         assert token_ids(llm.generate(prompts, GREEDY)) == expected
         stats = llm.engine.stats()
         assert stats.num_preempted > 0 and stats.num_swapped == stats.num_preempted, stats
