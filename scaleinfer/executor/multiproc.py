@@ -12,6 +12,7 @@ returns (NCCL with a dead peer), the process reports the failure and exits with 
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import shutil
@@ -27,7 +28,6 @@ from scaleinfer.executor.step_codec import StepEncoder
 from scaleinfer.executor.workers import STOP_SECONDS, RankFailure, WorkerGroup
 from scaleinfer.outputs import RunnerOutput, SchedulerOutput
 from scaleinfer.parallel.groups import leave_tensor_parallel
-from scaleinfer.parallel.state import get_parallel_state
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +58,13 @@ class TensorParallelExecutor:
         if specs is not None:
             self._run.workers = WorkerGroup(specs, self._on_worker_failure)
         self._run.in_step = True  # building is collective too: a worker failing now must not leave us blocked
-        try:
-            self.runner = build_rank_runner(spec, progress)
+        try:  # in a context of its own: rank 0's groups stay the runner's, not this thread's (parallel/state.py)
+            self.runner = contextvars.copy_context().run(build_rank_runner, spec, progress)
         except Exception as exc:
             raise self._fail(exc) from exc
         finally:
             self._run.in_step = False
-        self._run.channel = StepChannel(get_parallel_state().step_group)
+        self._run.channel = StepChannel(self.runner.parallel_state.step_group)
         self._encoder = StepEncoder()
 
     @property

@@ -23,14 +23,13 @@ from scaleinfer.executor.rank import RankRunnerSpec
 from scaleinfer.executor.stage_link import FirstStageLink, results_channel
 from scaleinfer.executor.workers import WorkerGroup
 from scaleinfer.outputs import RunnerOutput, SchedulerOutput
-from scaleinfer.parallel.state import get_parallel_state
 
 
 class PipelineParallelExecutor(TensorParallelExecutor):
     def __init__(self, spec: RankRunnerSpec, specs: list[RankRunnerSpec] | None, rendezvous_dir: str | None,
                  progress: bool) -> None:
         super().__init__(spec, specs, rendezvous_dir, progress)
-        state = get_parallel_state()
+        state = self.runner.parallel_state
         self.num_stages, self._tp_size = state.pp_size, state.tp_size
         self._result_timeout = (state.pp_size + 1) * spec.rank.collective_timeout  # seconds
         self._run.channel = FirstStageLink(state)

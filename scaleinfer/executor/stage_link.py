@@ -15,7 +15,7 @@ import msgspec
 from scaleinfer.executor.channel import StepChannel
 from scaleinfer.executor.peer_channel import PeerChannel
 from scaleinfer.outputs import RunnerOutput
-from scaleinfer.parallel.state import ParallelState, get_parallel_state
+from scaleinfer.parallel.state import ParallelState
 
 STEP_TAG, RESULT_TAG = 10, 20
 
@@ -64,8 +64,7 @@ class FirstStageLink:
         self._next.flush()
 
 
-def results_channel(state: ParallelState | None = None) -> PeerChannel:
+def results_channel(state: ParallelState) -> PeerChannel:
     """Between the last stage's tp_rank 0 and rank 0 (both in pipeline column 0), seen from either end."""
-    state = state or get_parallel_state()
     peer = 0 if state.rank != 0 else state.tp_size * (state.pp_size - 1)
     return PeerChannel(state.pp_control_group, peer, RESULT_TAG)

@@ -17,14 +17,13 @@ from scaleinfer.executor.rank import RankRunnerSpec, build_rank_runner, share_cp
 from scaleinfer.executor.stage_link import StageLink
 from scaleinfer.executor.step_codec import StepDecoder
 from scaleinfer.parallel.groups import leave_tensor_parallel
-from scaleinfer.parallel.state import get_parallel_state
 from scaleinfer.worker.model_runner import ModelRunner
 
 
 def serve_steps(runner: ModelRunner, on_step: Any = None) -> None:
     """Run rank 0's steps until it shuts the run down; on_step(n) after the n-th."""
     gc.freeze()  # the model and everything built so far: no garbage collection walks them again
-    link, decoder = StageLink(get_parallel_state()), StepDecoder()
+    link, decoder = StageLink(runner.parallel_state), StepDecoder()
     num_steps = 0
     while (payload := link.recv()) is not None:
         link.reply(runner.execute(decoder.decode(payload)))

@@ -13,6 +13,9 @@ parallelism alone (whole experts, S = 1).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -45,16 +48,26 @@ class ExpertParallelState:
         return self.ep_size * self.slice_size
 
 
-_STATE = ExpertParallelState()
+# A context variable, as parallel/state.py's ParallelState (the runner built under it sets it for its steps).
+_STATE: ContextVar[ExpertParallelState | None] = ContextVar("expert_state", default=None)  # None: no experts split
+_UNSPLIT = ExpertParallelState()
 
 
 def get_expert_state() -> ExpertParallelState:
-    return _STATE
+    return _STATE.get() or _UNSPLIT
 
 
 def set_expert_state(state: ExpertParallelState) -> None:
-    global _STATE
-    _STATE = state
+    _STATE.set(state)
+
+
+@contextmanager
+def using_expert_state(state: ExpertParallelState) -> Iterator[None]:
+    token = _STATE.set(state)
+    try:
+        yield
+    finally:
+        _STATE.reset(token)
 
 
 def join_expert_parallel(ep_size: int, coordinated: bool, tp_rank: int, tp_size: int, tp_group: ProcessGroup | None,

@@ -14,6 +14,8 @@ from scaleinfer.models.registry import model_class
 from scaleinfer.offload.kv_host import HostKVCache
 from scaleinfer.outputs import RunnerOutput, SampledToken, ScheduledSequence, SchedulerOutput
 from scaleinfer.parallel.comm import min_over_ranks
+from scaleinfer.parallel.expert import get_expert_state, using_expert_state
+from scaleinfer.parallel.state import get_parallel_state, using_parallel_state
 from scaleinfer.sampling_params import SamplingParams
 from scaleinfer.weights.dummy import init_dummy_weights
 from scaleinfer.weights.source import ModelSource
@@ -37,6 +39,8 @@ class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, source: ModelSource,
                  max_model_len: int | None = None, max_num_seqs: int = 256, progress: bool = True,
                  offload_config: OffloadConfig | None = None) -> None:
+        # The groups this runner is built in (its shard, its stage), set again around each of its steps.
+        self.parallel_state, self.expert_state = get_parallel_state(), get_expert_state()
         self.device = resolve_device(model_config)
         self.offload = offload_config or OffloadConfig()
         self.streamer = None  # the layer streamer when weights are offloaded
@@ -122,8 +126,12 @@ class ModelRunner:
         self.kv_host = HostKVCache(caches, num_host_blocks, self.device)  # its share of the same host blocks
         return num_blocks
 
-    @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
+        with using_parallel_state(self.parallel_state), using_expert_state(self.expert_state):
+            return self._execute(output)
+
+    @torch.inference_mode()
+    def _execute(self, output: SchedulerOutput) -> RunnerOutput:
         self.sampling.drop(output.finished_request_ids)
         self.kv_host.swap(output.swap_out, output.swap_in)  # ordered before the forward below
         if not output.scheduled:

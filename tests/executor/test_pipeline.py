@@ -62,8 +62,7 @@ def start(folder, **options):
 
 
 def reference(folder, hf_model):
-    """(prompts, one process's outputs), made before any pipeline starts in this process (rank 0's groups
-    would be the one process's too)."""
+    """(prompts, one process's outputs)."""
     prompts = prompts_with_shared_prefix(hf_model.config.vocab_size)
     with start(folder, kv_cache_memory=4 << 20) as llm:
         return prompts, llm.generate(prompts, PARAMS)
@@ -90,7 +89,17 @@ def test_two_stages_llama_hybrid_and_fixed(llama):
     with start(folder, pipeline_parallel_size=2, **PRESSURE) as llm:
         assert llm.engine.core.executor.num_stages == 2
         check_schedules(llm, prompts, expected, hf_model)
+        check_one_process_beside(folder, prompts, expected)
         check_abort_in_flight(llm, prompts, expected)
+
+
+def check_one_process_beside(folder, prompts, expected):
+    """An LLM built in this process while rank 0 (stage 0) lives is one whole process (its layers, its head), and
+    its steps leave rank 0's groups alone (the pipeline's next run still checks out)."""
+    with start(folder, kv_cache_memory=4 << 20) as alone:
+        assert alone.engine.runner.model.stage.pp_size == 1
+        outputs = alone.generate(prompts, PARAMS)
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
 
 
 def check_abort_in_flight(llm, prompts, expected):
