@@ -3,7 +3,12 @@ over a sweep of their tiles, against the bf16 weight through cuBLAS on the same 
 replays over enough weight copies that none is read from L2 (bench/decode_gemms.py's method); each figure
 counts the bytes the kernel reads (levels, scales, zeros) against the copy bandwidth measured in the run.
 
-    python bench/decode_gemms_quant.py --shape llama3-8b [--schemes int8,int4,fp8]
+int4 also times torch's tinygemm (aten._weight_int4pack_mm, kernels/int4_tinygemm.py) on the same weights: at
+batch 1 against the GEMV's best tile ("batch1_faster" names the faster), and at --int4-rows rows tinygemm, the
+group-wise Triton GEMM (kernels/gemm_int4.py), the weight dequantized for cuBLAS (the path past the GEMM), and
+the bf16 weight through cuBLAS.
+
+    python bench/decode_gemms_quant.py --shape llama3-8b [--schemes int8,int4,fp8] [--int4-rows 16,64]
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ from common import ceilings, write_result  # noqa: E402
 from decode_gemms import gemm_shapes, graph_us  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 
+from scaleinfer.kernels.gemm_int4 import int4_gemm_triton  # noqa: E402
 from scaleinfer.kernels.gemv import GemvConfig  # noqa: E402
 from scaleinfer.kernels.gemv_fp8 import FP8_DTYPE, fp8_gemv_triton  # noqa: E402
-from scaleinfer.kernels.gemv_int4 import int4_gemv_triton  # noqa: E402
+from scaleinfer.kernels.gemv_int4 import dequantize_int4, int4_gemv_triton  # noqa: E402
 from scaleinfer.kernels.gemv_int8 import int8_gemv_triton  # noqa: E402
+from scaleinfer.kernels.int4_tinygemm import pack_tinygemm, tinygemm_mm  # noqa: E402
 
 ROTATION_BYTES = 1 << 30
 INT4_GROUP = 128
@@ -65,22 +72,53 @@ def kernel(scheme: str, x: torch.Tensor, config: GemvConfig) -> Callable[[tuple]
     return lambda w: int4_gemv_triton(x, w[0], w[1], w[2], None, config)
 
 
-def measure(scheme: str, n: int, k: int, copy_gb_s: float) -> dict:
+def measure(scheme: str, n: int, k: int, copy_gb_s: float, int4_rows: list[int]) -> dict:
     device = torch.device("cuda")
     nbytes = scheme_bytes(scheme, n, k)
     weights = scheme_weights(scheme, n, k, max(2, ROTATION_BYTES // nbytes), device)
     x = torch.randn(1, k, dtype=torch.bfloat16, device=device)
     configs = INT4_CONFIGS if scheme == "int4" else WIDE_CONFIGS
     sweep = {_name(c): graph_us(kernel(scheme, x, c), weights) for c in configs}
-    del weights
     best = min(sweep, key=sweep.get)
+    result = {"bytes": nbytes, "best": best, "best_us": sweep[best],
+              "best_fraction_of_copy": nbytes / (sweep[best] * 1e-6) / 1e9 / copy_gb_s}
+    if scheme == "int4":
+        result |= int4_against_tinygemm(weights, x, sweep[best], int4_rows, nbytes / 1e9 / copy_gb_s)
+    del weights
     copies = max(2, ROTATION_BYTES // (2 * n * k))
     bf16 = [torch.randn(n, k, dtype=torch.bfloat16, device=device) for _ in range(copies)]
     cublas_bf16 = graph_us(lambda w: F.linear(x, w), bf16)
+    for m, row in result.get("rows", {}).items():
+        row["cublas_bf16_us"] = graph_us(_cublas(torch.randn(int(m), k, dtype=torch.bfloat16, device=device)), bf16)
     del bf16
-    return {"bytes": nbytes, "best": best, "best_us": sweep[best],
-            "best_fraction_of_copy": nbytes / (sweep[best] * 1e-6) / 1e9 / copy_gb_s,
-            "cublas_bf16_us": cublas_bf16, "speedup_vs_cublas_bf16": cublas_bf16 / sweep[best], "sweep_us": sweep}
+    return result | {"cublas_bf16_us": cublas_bf16, "speedup_vs_cublas_bf16": cublas_bf16 / sweep[best],
+                     "sweep_us": sweep}
+
+
+def int4_against_tinygemm(weights: list[tuple], x: torch.Tensor, gemv_us: float, int4_rows: list[int],
+                          copy_s: float) -> dict:
+    """tinygemm on the same int4 weights (its own layout, packed once): at batch 1 against the GEMV's best tile,
+    and at each of int4_rows rows beside the group-wise GEMM and the dequantized weight through cuBLAS."""
+    packed = [(pack_tinygemm(*w),) for w in weights]
+    tinygemm_us = graph_us(_tinygemm(x), packed)
+    rows = {}
+    for m in int4_rows:
+        xm = torch.randn(m, x.shape[1], dtype=torch.bfloat16, device=x.device)
+        rows[str(m)] = {"tinygemm_us": graph_us(_tinygemm(xm), packed),
+                        "gemm_int4_us": graph_us(lambda w, xm=xm: int4_gemm_triton(xm, *w), weights),
+                        "dequant_cublas_us": graph_us(lambda w, xm=xm: F.linear(xm, dequantize_int4(
+                            *w, dtype=torch.bfloat16)), weights)}
+    del packed
+    return {"tinygemm_us": tinygemm_us, "tinygemm_fraction_of_copy": copy_s / (tinygemm_us * 1e-6),
+            "batch1_faster": "tinygemm" if tinygemm_us < gemv_us else "triton_gemv", "rows": rows}
+
+
+def _tinygemm(x: torch.Tensor) -> Callable[[tuple], torch.Tensor]:
+    return lambda w: tinygemm_mm(x, w[0])
+
+
+def _cublas(x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda w: F.linear(x, w)
 
 
 def _name(config: GemvConfig) -> str:
@@ -92,18 +130,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--schemes", default="int8,int4,fp8")
+    parser.add_argument("--int4-rows", default="16,64", help="rows of x at which int4's matmuls are also timed")
     args = parser.parse_args()
+    int4_rows = [int(m) for m in args.int4_rows.split(",") if m]
     device = torch.device("cuda")
     limits = ceilings(device, torch.bfloat16)
-    result = {"shape": args.shape, "batch": 1, "ceilings": limits, "int4_group_size": INT4_GROUP, "schemes": {}}
+    result = {"shape": args.shape, "batch": 1, "ceilings": limits, "int4_group_size": INT4_GROUP,
+              "int4_rows": int4_rows, "schemes": {}}
     for scheme in args.schemes.split(","):
         shapes = gemm_shapes(SHAPES[args.shape])
-        gemms = {name: measure(scheme, *dims, limits["copy_gb_s"]) for name, dims in shapes.items()}
+        gemms = {name: measure(scheme, *dims, limits["copy_gb_s"], int4_rows) for name, dims in shapes.items()}
         result["schemes"][scheme] = gemms
         for name, g in gemms.items():
             print(f"{scheme} {name:14s} {g['best_us']:7.1f} us {g['best_fraction_of_copy']:6.1%} ({g['best']}); "
                   f"cuBLAS bf16 {g['cublas_bf16_us']:7.1f} us", flush=True)
+            if "tinygemm_us" in g:
+                _print_int4(name, g)
     print(write_result(f"decode-gemms-quant-{args.shape}", device, result))
+
+
+def _print_int4(name: str, g: dict) -> None:
+    print(f"int4 {name:14s} tinygemm {g['tinygemm_us']:7.1f} us {g['tinygemm_fraction_of_copy']:6.1%}; "
+          f"batch 1 faster: {g['batch1_faster']}", flush=True)
+    for m, row in g["rows"].items():
+        print(f"int4 {name:14s} M={m:>4s} tinygemm {row['tinygemm_us']:7.1f} us, gemm_int4 {row['gemm_int4_us']:7.1f}"
+              f" us, dequant+cuBLAS {row['dequant_cublas_us']:7.1f} us, cuBLAS bf16 {row['cublas_bf16_us']:7.1f} us",
+              flush=True)
 
 
 if __name__ == "__main__":

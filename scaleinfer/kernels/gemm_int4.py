@@ -1,4 +1,5 @@
-"""y = x @ W.T for group-wise INT4 weights at more rows than the GEMV takes, dequantized group by group.
+"""y = x @ W.T for group-wise INT4 weights at more rows than the GEMV takes, dequantized group by group (the
+int4 layers' matmul for 5..512 rows where torch's tinygemm does not take them: layers/quant_int4.py).
 
 The format is kernels/gemv_int4.py's (packed [N, K // 2] uint8, even column in the low nibble; scale and zero
 [N, G] float32; w = (q - 8) * scale + zero per group). Each program owns a BLOCK_M x BLOCK_N tile of y and

@@ -11,10 +11,17 @@ Groups are 128 input features, or 64 or 32 where a layer's input features are no
 the same at every tensor-parallel size; a group size that does not divide them is an error at start. Scales
 and zeros are rows of the weight: they shard with their rows (column-parallel) or by groups (row-parallel).
 
-The matmul: on the GPU the Triton GEMV up to MAX_GEMV_ROWS rows, past it the weight dequantized to the run
-dtype and cuBLAS. On the CPU torch's int4 kernel (aten._weight_int4pack_mm_for_cpu) for up to CPU_KERNEL_ROWS
-rows, in bfloat16 activations whatever the run dtype (its float32 path is a scalar loop, 20-50x slower), with
-its own packing of the levels and bf16 scales made once from the stored tensors on the first call.
+The matmul. On the GPU, where torch's int4 tinygemm takes the layer (kernels/int4_tinygemm.py: bfloat16 runs,
+sm80+, groups of 32-256, N a multiple of 8; `_tinygemm_serves`), that kernel at every row count: once the
+layer's last rows are stored (`rows_stored` reaches N) its weight is repacked into tinygemm's layout in the
+same parameter's place (one copy on the GPU; the fp32 scales and zeros stay, bf16 copies of them beside), and
+rows stored again into it first unpack the weight back to our layout, exactly. Where tinygemm does not take
+it (fp16 / fp32 runs, odd shapes, older GPUs): the Triton GEMV up to MAX_GEMV_ROWS rows, the Triton GEMM that
+dequantizes group by group (kernels/gemm_int4.py) up to MAX_DEQUANT_GEMM_ROWS, past it the weight dequantized
+to the run dtype and cuBLAS. On the CPU torch's int4 kernel (aten._weight_int4pack_mm_for_cpu) for up to
+CPU_KERNEL_ROWS rows, in bfloat16 activations whatever the run dtype (its float32 path is a scalar loop,
+20-50x slower), with its own packing of the levels and bf16 scales made once from the stored tensors on the
+first call.
 """
 
 from __future__ import annotations
@@ -27,13 +34,18 @@ from torch import nn
 
 from scaleinfer.errors import ModelLoadError
 from scaleinfer.kernels.dispatch import use_triton
+from scaleinfer.kernels.gemm_int4 import int4_gemm_triton
 from scaleinfer.kernels.gemv_int4 import MAX_GEMV_ROWS, ZERO_POINT, dequantize_int4, int4_gemv_triton, pack_int4
+from scaleinfer.kernels.int4_tinygemm import from_tinygemm_layout, pack_tinygemm, tinygemm_mm, tinygemm_takes
 from scaleinfer.layers.linear import Columns, RowParallelLinear, rows_of
 
 GROUP_SIZES = (128, 64, 32)  # the first that divides a layer's input features
 CPU_KERNEL_ROWS = 16  # past it dequantize + matmul (torch's kernel recomputes the weight per row block)
 CPU_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU kernel takes
 CPU_BLOCK_N = 16  # its packing needs N divisible by this
+# Past it the GPU casts the whole weight for cuBLAS (as quant_int8.py): writing 2 bytes per weight every step
+# costs less than the group-by-group GEMM's lower matmul rate once the step computes enough (a long prefill).
+MAX_DEQUANT_GEMM_ROWS = 512
 
 
 @dataclass(slots=True)
@@ -95,8 +107,11 @@ def int4_linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None = N
     """x: [..., K] -> [..., N] in x's dtype through the layer's int4 weight. No host syncs."""
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
     rows = x2.shape[0]
-    if use_triton(x) and rows <= MAX_GEMV_ROWS:
-        y = int4_gemv_triton(x2.contiguous(), layer.weight, layer.weight_scale, layer.weight_zero, bias)
+    if layer.tinygemm is not None:  # the layer's weight is in its layout now: every call takes it
+        return tinygemm_mm(x2, layer.tinygemm, bias).view(*x.shape[:-1], -1)
+    if use_triton(x) and rows <= MAX_DEQUANT_GEMM_ROWS:
+        kernel = int4_gemv_triton if rows <= MAX_GEMV_ROWS else int4_gemm_triton
+        y = kernel(x2.contiguous(), layer.weight, layer.weight_scale, layer.weight_zero, bias)
         return y.view(*x.shape[:-1], -1)
     if x.device.type == "cpu" and rows <= CPU_KERNEL_ROWS and _cpu_kernel_takes(layer):
         y = _cpu_int4_mm(x2, layer)
@@ -105,6 +120,30 @@ def int4_linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None = N
     if bias is not None:
         y = y + bias
     return y.view(*x.shape[:-1], -1)
+
+
+def _tinygemm_serves(layer: nn.Module) -> bool:
+    """Whether the layer's matmul is torch's tinygemm (kernels/int4_tinygemm.py), decided once its rows are all
+    stored: a CUDA weight in memory of its own (offload's streamed weights are views of a shared slot or scratch
+    buffer, rebound every step: they keep our layout), a bfloat16 run (the dtype the layer was built in), and
+    shapes and a GPU the kernel takes."""
+    weight = layer.weight.data
+    if not weight.is_cuda or weight.untyped_storage().nbytes() != weight.numel():  # uint8: a byte each
+        return False
+    return tinygemm_takes(weight.shape[0], 2 * weight.shape[1], layer.group_size, weight.device, layer.run_dtype)
+
+
+def _to_tinygemm(layer: nn.Module) -> None:
+    """Repack the layer's weight into tinygemm's layout, which then takes the parameter's place (same bytes):
+    the old layout's memory goes when this returns, so the GPU holds one copy of the weight."""
+    layer.tinygemm = pack_tinygemm(layer.weight.data, layer.weight_scale, layer.weight_zero)
+    layer.weight.data = layer.tinygemm.packed.view(torch.uint8).view(layer.weight.shape)
+
+
+def _from_tinygemm(layer: nn.Module) -> None:
+    """Back to our layout (rows are about to be stored into it), exactly: the levels are only moved."""
+    layer.weight.data = from_tinygemm_layout(layer.tinygemm.packed)
+    layer.tinygemm, layer.rows_stored = None, 0
 
 
 def _cpu_kernel_takes(layer: nn.Module) -> bool:
@@ -141,7 +180,8 @@ class Int4Scheme:
     def create_weights(self, layer: nn.Module, output_size: int, input_size: int) -> None:
         group = self._group_size(layer, input_size)
         num_groups = input_size // group
-        layer.group_size, layer.cpu_int4 = group, None
+        layer.group_size, layer.cpu_int4, layer.tinygemm, layer.rows_stored = group, None, None, 0
+        layer.run_dtype = torch.get_default_dtype()  # the model's dtype, which its layers are built in (a bias's)
         layer.weight = nn.Parameter(torch.empty(output_size, input_size // 2, dtype=torch.uint8), requires_grad=False)
         layer.register_buffer("weight_scale", torch.ones(output_size, num_groups, dtype=torch.float32))
         layer.register_buffer("weight_zero", torch.zeros(output_size, num_groups, dtype=torch.float32))
@@ -174,6 +214,8 @@ class Int4Scheme:
 
     @staticmethod
     def _store(layer: nn.Module, offset: int, rows: Int4Rows) -> None:
+        if layer.tinygemm is not None:
+            _from_tinygemm(layer)
         packed = pack_int4(rows.levels.to(layer.weight.device))
         dst = rows_of(layer.weight.data, offset, packed)
         if dst.shape != packed.shape:
@@ -183,6 +225,9 @@ class Int4Scheme:
         rows_of(layer.weight_scale, offset, rows.scale).copy_(rows.scale)
         rows_of(layer.weight_zero, offset, rows.zero).copy_(rows.zero)
         layer.cpu_int4 = None  # the CPU kernel's copy is rebuilt from the stored tensors on its next call
+        layer.rows_stored += rows.shape[0]
+        if layer.rows_stored >= layer.weight.shape[0] and _tinygemm_serves(layer):
+            _to_tinygemm(layer)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return int4_linear(x, layer, bias)

@@ -6,6 +6,7 @@ import torch
 from rank_helpers import as_tp_rank
 
 from scaleinfer.errors import ModelLoadError
+from scaleinfer.kernels.dispatch import HAS_TRITON, force_triton
 from scaleinfer.kernels.gemv_int4 import dequantize_int4, int4_linear_ref, pack_int4
 from scaleinfer.layers import quant_int4
 from scaleinfer.layers.linear import (
@@ -61,6 +62,64 @@ def test_cpu_kernel_path_matches_the_reference(m, dtype):
     layer.weight_loader(layer.weight, -w)
     assert layer.cpu_int4 is None
     torch.testing.assert_close(layer(x).float(), -expected.float() + 2 * layer.bias.float(), atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("m,dtype", [(5, torch.float32), (100, torch.bfloat16), (513, torch.float32)])
+def test_gpu_path_past_the_gemv_is_the_int4_gemm_up_to_512_rows(m, dtype, monkeypatch):
+    """Where tinygemm does not serve (here: the CPU, the kernels forced through Triton's interpreter), 5..512 rows
+    take kernels/gemm_int4.py, not a dequantized copy of the weight; past 512 the dequantized matmul."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    calls, gemm = [], quant_int4.int4_gemm_triton
+    monkeypatch.setattr(quant_int4, "int4_gemm_triton", lambda x, *args: calls.append(len(x)) or gemm(x, *args))
+    torch.manual_seed(m)
+    with linear_scheme(Int4Scheme()):
+        layer = ColumnParallelLinear(192, 40, bias=True)
+    layer.weight_loader(layer.weight, torch.randn(40, 192) / 14)
+    layer.bias.data = torch.randn(40).to(dtype)
+    x = torch.randn(m, 192).to(dtype)
+    with force_triton():
+        got = layer(x)
+    assert calls == ([m] if m <= 512 else []) and got.dtype == dtype
+    expected = int4_linear_ref(x, layer.weight, layer.weight_scale, layer.weight_zero, layer.bias)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(got, expected, **tol)
+
+
+def _random_rows(n, k, group, seed):
+    g = torch.Generator().manual_seed(seed)
+    return Int4Rows(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8),
+                    (torch.rand(n, k // group, generator=g) + 0.5) / (4 * k**0.5),
+                    torch.randn(n, k // group, generator=g) / (4 * k**0.5))
+
+
+def test_a_layer_tinygemm_serves_is_repacked_in_place_once_all_its_rows_are_stored(monkeypatch):
+    """The wiring, on the CPU (the layout's torch reference and the kernel's arithmetic in torch stand in for
+    torch's CUDA ops; the GPU test is test_quant_int4_tinygemm.py): packed when the last shard lands, into the
+    parameter's own place (one copy), served at every row count; a shard stored again unpacks the weight to our
+    layout exactly (the other shard's levels kept) and the layer repacks once every row is stored again."""
+    monkeypatch.setattr(quant_int4, "_tinygemm_serves", lambda layer: True)
+    with linear_scheme(Int4Scheme(group_size=32)):
+        layer = MergedColumnParallelLinear(64, [32, 32])
+    gate, up, new_up = (_random_rows(32, 64, 32, seed) for seed in range(3))
+    layer.weight_loader(layer.weight, gate, 0)
+    assert layer.tinygemm is None  # half its rows
+    layer.weight_loader(layer.weight, up, 1)
+    assert layer.tinygemm is not None and layer.weight.shape == (64, 32) and layer.weight.dtype == torch.uint8
+    assert layer.weight.untyped_storage().data_ptr() == layer.tinygemm.packed.untyped_storage().data_ptr()
+    for m in (1, 7, 40):
+        x = torch.randn(m, 64).to(torch.bfloat16)
+        torch.testing.assert_close(layer(x), _ref(x, _cat(gate, up)), atol=2e-2, rtol=2e-2)
+    layer.weight_loader(layer.weight, new_up, 1)
+    assert layer.tinygemm is None and torch.equal(layer.weight, pack_int4(_cat(gate, new_up).levels))
+    layer.weight_loader(layer.weight, gate, 0)
+    assert layer.tinygemm is not None
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    torch.testing.assert_close(layer(x), _ref(x, _cat(gate, new_up)), atol=2e-2, rtol=2e-2)
+
+
+def _cat(*rows: Int4Rows) -> Int4Rows:
+    return Int4Rows(*(torch.cat([getattr(r, name) for r in rows]) for name in ("levels", "scale", "zero")))
 
 
 def test_fused_and_sharded_loaders_quantize_each_ranks_rows(monkeypatch):

@@ -1,0 +1,154 @@
+"""On a GPU: int4 layers of a bfloat16 run serve through torch's tinygemm (kernels/int4_tinygemm.py) and equal the
+float32 reference of their rows, whatever the rows came from (quantized on load, GGUF's kept rows, AWQ's, GPTQ's
+act-order); fp16 runs keep the Triton kernels; streamed (view) weights are not repacked; a CUDA graph replays it;
+a tiny Llama in int4 gives the same logits through tinygemm as through the Triton kernels."""
+
+import pytest
+import torch
+
+from scaleinfer.kernels.gemv_int4 import int4_linear_ref, pack_int4
+from scaleinfer.layers import quant_int4
+from scaleinfer.layers.linear import ColumnParallelLinear, RowParallelLinear, linear_scheme
+from scaleinfer.layers.quant_int4 import Int4Rows, Int4Scheme, quantize_groups
+from scaleinfer.layers.quant_int4_checkpoint import Int4CheckpointScheme
+from scaleinfer.worker.device import default_dtype
+
+pytestmark = pytest.mark.gpu
+BF16 = dict(atol=2e-2, rtol=2e-2)  # tests/kernels/kernel_helpers.py tolerance(torch.bfloat16)
+ROWS = [1, 3, 16, 100]
+
+
+@pytest.fixture(autouse=True)
+def _needs_sm80():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("needs a CUDA GPU of compute capability 8.0+")
+
+
+def _build(scheme, cls, *args, dtype=torch.bfloat16, **kwargs):
+    with torch.device("cuda"), default_dtype(dtype), linear_scheme(scheme):
+        return cls(*args, **kwargs)
+
+
+def _rows(n, k, group, seed, act_order=False):
+    g = torch.Generator().manual_seed(seed)
+    g_idx = torch.randperm(k, generator=g) // group if act_order else None
+    return Int4Rows(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8),
+                    (torch.rand(n, k // group, generator=g) + 0.5) / (4 * k**0.5),
+                    torch.randn(n, k // group, generator=g) / (4 * k**0.5), g_idx)
+
+
+def _x(m, k, dtype=torch.bfloat16):
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(device="cuda", dtype=dtype)
+
+
+def _ref(x, rows: Int4Rows, bias=None):
+    scale, zero = rows.scale.cuda(), rows.zero.cuda()
+    return int4_linear_ref(x, pack_int4(rows.levels.cuda()), scale, zero, bias)
+
+
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_quantized_on_load(m, group):
+    layer = _build(Int4Scheme(group_size=group), ColumnParallelLinear, 4096, 1024, bias=True)
+    w = torch.randn(1024, 4096, generator=torch.Generator().manual_seed(group)) / 64
+    layer.weight_loader(layer.weight, w)
+    assert layer.tinygemm is not None
+    rows = quantize_groups(w.cuda(), group)  # the loader's own quantization, on the same device
+    layer.bias.data = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+    x = _x(m, 4096)
+    got = layer(x)
+    assert got.shape == (m, 1024) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, _ref(x, rows, layer.bias), **BF16)
+
+
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("scheme,group", [("gguf", 32), ("awq", 64), ("awq", 128), ("gptq", 128)])
+def test_kept_rows(m, scheme, group):
+    """GGUF's Q4 rows (groups of 32), AWQ / GPTQ rows without act-order, stored as they are; a row-parallel shape
+    (K = 14336) too."""
+    s = Int4Scheme(group_size=group) if scheme == "gguf" else Int4CheckpointScheme(scheme, group, act_order=False)
+    layer = _build(s, RowParallelLinear, 14336, 512)
+    rows = _rows(512, 14336, group, seed=m + group)
+    layer.weight_loader(layer.weight, rows)
+    assert layer.tinygemm is not None
+    x = _x(m, 14336)
+    torch.testing.assert_close(layer(x), _ref(x, rows), **BF16)
+
+
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_gptq_act_order_rows(m, group):
+    """Features sorted by group at load, activations gathered in that order, then tinygemm: x @ W.T as g_idx
+    defines W."""
+    layer = _build(Int4CheckpointScheme("gptq", group, act_order=True), ColumnParallelLinear, 1024, 256)
+    rows = _rows(256, 1024, group, seed=m * group, act_order=True)
+    layer.weight_loader(layer.weight, rows)
+    assert layer.tinygemm is not None
+    x = _x(m, 1024)
+    expected = (x.float() @ rows.dequantize().cuda().T).to(torch.bfloat16)
+    torch.testing.assert_close(layer(x), expected, **BF16)
+
+
+@pytest.mark.parametrize("m", [3, 16, 100, 600])
+def test_fp16_runs_keep_the_triton_kernels(m):
+    """No tinygemm for fp16: the GEMV, the group-wise GEMM up to 512 rows, the dequantized matmul past it."""
+    layer = _build(Int4Scheme(), ColumnParallelLinear, 4096, 1024, dtype=torch.float16)
+    rows = _rows(1024, 4096, 128, seed=m)
+    layer.weight_loader(layer.weight, rows)
+    assert layer.tinygemm is None
+    x = _x(m, 4096, torch.float16)
+    torch.testing.assert_close(layer(x), _ref(x, rows), atol=2e-2, rtol=2e-2)
+
+
+def test_a_weight_in_a_shared_buffer_is_not_repacked():
+    """Offload binds streamed weights to views of a slot (or of a scratch buffer while they are drawn): such a
+    weight keeps our layout, so the streamer's next binding is what the matmul reads."""
+    layer = _build(Int4Scheme(), ColumnParallelLinear, 1024, 256)
+    buffer = torch.zeros(2 * layer.weight.numel(), dtype=torch.uint8, device="cuda")
+    layer.weight.data = buffer[: layer.weight.numel()].view(layer.weight.shape)
+    rows = _rows(256, 1024, 128, seed=0)
+    layer.weight_loader(layer.weight, rows)
+    assert layer.tinygemm is None
+    x = _x(2, 1024)
+    torch.testing.assert_close(layer(x), _ref(x, rows), **BF16)
+
+
+def test_tinygemm_inside_a_cuda_graph():
+    layer = _build(Int4Scheme(), ColumnParallelLinear, 4096, 1024, bias=True)
+    rows = _rows(1024, 4096, 128, seed=1)
+    layer.weight_loader(layer.weight, rows)
+    layer.bias.data = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+    x = _x(4, 4096)
+    layer(x)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(x)
+    for seed in range(2):
+        x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 10)).to(x))
+        graph.replay()
+        torch.testing.assert_close(out, _ref(x, rows, layer.bias), **BF16)
+
+
+def test_tiny_llama_logits_through_tinygemm_equal_the_triton_kernels(tiny_models, monkeypatch):
+    from parity_helpers import prefill_logits
+
+    from scaleinfer.config import CacheConfig, ModelConfig
+    from scaleinfer.weights.source import resolve_model
+    from scaleinfer.worker.model_runner import ModelRunner
+
+    folder, _ = tiny_models["llama3.1"]
+    ids = torch.randint(2, 300, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+
+    def logits(tinygemm: bool) -> torch.Tensor:
+        if not tinygemm:
+            monkeypatch.setattr(quant_int4, "_tinygemm_serves", lambda layer: False)
+        config = ModelConfig(str(folder), device="cuda", dtype="bfloat16", quantization="int4", enforce_eager=True)
+        runner = ModelRunner(config, CacheConfig(num_blocks=64), resolve_model(str(folder)), progress=False)
+        served = [m.tinygemm is not None for m in runner.model.modules() if hasattr(m, "tinygemm")]
+        assert served and served == [tinygemm] * len(served)
+        return prefill_logits(runner, ids).float()
+
+    with_tinygemm, with_triton = logits(True), logits(False)
+    rel = ((with_tinygemm - with_triton).norm() / with_triton.norm()).item()
+    assert rel < 0.02, rel
