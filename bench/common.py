@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -16,6 +17,18 @@ import torch
 from scaleinfer.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def quantization_schemes(text: str) -> list[str | None]:
+    """--quantization's comma-separated list: bf16 (None, the weights as stored) or LLM(quantization=...)'s."""
+    from scaleinfer.config import QUANTIZATIONS
+
+    schemes = [None if name == "bf16" else name for name in text.split(",")]
+    unknown = [name for name in schemes if name not in QUANTIZATIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown scheme(s) {unknown}; choose from bf16, "
+                                         f"{', '.join(q for q in QUANTIZATIONS if q)}")
+    return schemes
 
 
 def card_name(device: torch.device) -> str:

@@ -27,11 +27,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ceilings, decode_bytes_read, write_result  # noqa: E402
+from common import ceilings, decode_bytes_read, quantization_schemes, write_result  # noqa: E402
 from shapes import SHAPES, write_config  # noqa: E402
 
 from scaleinfer import LLM, SamplingParams  # noqa: E402
-from scaleinfer.config import QUANTIZATIONS  # noqa: E402
 
 
 def scaleinfer_latency(folder: Path, prompt: list[int], new_tokens: int, kv_bytes: int,
@@ -179,19 +178,10 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--gpt-fast", metavar="PEERS_DIR", default=None,
                         help="run gpt-fast from this folder (gptfast_peer.py and gpt-fast/) in the same run")
-    parser.add_argument("--quantization", type=_schemes, default=[None],
+    parser.add_argument("--quantization", type=quantization_schemes, default=[None],
                         help="bf16 or schemes to quantize scaleinfer's weights to on load, comma-separated "
                              "(LLM(quantization=...)); HF stays bf16")
     return parser.parse_args()
-
-
-def _schemes(text: str) -> list[str | None]:
-    schemes = [None if name == "bf16" else name for name in text.split(",")]
-    unknown = [name for name in schemes if name not in QUANTIZATIONS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown scheme(s) {unknown}; choose from bf16, "
-                                         f"{', '.join(q for q in QUANTIZATIONS if q)}")
-    return schemes
 
 
 if __name__ == "__main__":

@@ -2,9 +2,13 @@
 the GPU through a budget of two layers; batch-1 and batch-32 decode, the FlexGen workload (prompt 512, 32 new
 tokens) at the largest batch the KV cache holds, the achieved host-to-device GB/s against the pinned copy
 bandwidth measured in the same run, and HF accelerate's offload on the same shape in the same run; with
---deepspeed, DeepSpeed ZeRO-Inference on the same shape and requests too (its ratios only then).
+--deepspeed, DeepSpeed ZeRO-Inference on the same shape and requests too (its ratios only then). With
+--quantization bf16,int4 (any of LLM's schemes) each of ours is run, quantized on load, so the streamed layers
+carry the scheme's bytes (results "scaleinfer" for bf16, "scaleinfer_<scheme>" for the others); DeepSpeed and
+HF stay bf16.
 
     python bench/offload.py --shape llama3-8b [--offload cpu|nvme --offload-path DIR] [--skip-hf] [--deepspeed]
+    python bench/offload.py --shape llama3-8b --quantization bf16,int4 --deepspeed --skip-flexgen --batches 1
     python bench/offload.py --shape llama3-70b --ranks 2   # N GPUs, each fetching 1/N and all-gathering
 
 With --ranks N, N processes (one per GPU, NCCL) each serve their own batch and stream the layers together;
@@ -27,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ceilings, timed, write_result  # noqa: E402
+from common import ceilings, quantization_schemes, timed, write_result  # noqa: E402
 from prefill import prefill_flops  # noqa: E402
 from shapes import SHAPES, write_config  # noqa: E402
 
@@ -99,14 +103,14 @@ def deepspeed_peer(args: argparse.Namespace, batch: int) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def run_scaleinfer(folder: Path, args: argparse.Namespace, shape: dict) -> dict:
+def run_scaleinfer(folder: Path, args: argparse.Namespace, shape: dict, quantization: str | None = None) -> dict:
     kv_bytes = _kv_budget(shape)
     batch = flexgen_batch(shape, args)
     options = {"offload_path": args.offload_path} if args.offload == "nvme" else {}
     start = time.perf_counter()
     llm = LLM(str(folder), dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True, progress=False,
               offload=args.offload, kv_cache_memory=kv_bytes, max_num_seqs=max(batch, 32),
-              enable_prefix_caching=False, **options)
+              enable_prefix_caching=False, quantization=quantization, **options)
     out = {"startup_s": time.perf_counter() - start, "runner": llm.engine.runner.describe()}
     streamed = llm.engine.runner.streamer.store.nbytes
     decode_rate(llm, 1, 128, 3)  # warm-up
@@ -335,7 +339,9 @@ def main() -> None:
         else:
             if args.deepspeed:
                 result["deepspeed"] = deepspeed_peer(args, flexgen_batch(shape, args))
-            result["scaleinfer"] = run_scaleinfer(Path(tmp), args, shape)
+            for scheme in args.quantization:
+                key = "scaleinfer" if scheme is None else f"scaleinfer_{scheme}"
+                result[key] = run_scaleinfer(Path(tmp), args, shape, scheme)
             if not args.skip_hf:
                 result["hf_accelerate"] = hf_accelerate(config, args.hf_batches, args.hf_new_tokens,
                                                         args.hf_gpu_budget)
@@ -368,7 +374,14 @@ def _ratios_ranks(result: dict, ranks: int) -> None:
 
 
 def _ratios(result: dict) -> None:
-    ours, ratios = result["scaleinfer"], {}
+    result["ratios"] = {}
+    for name in (k for k in list(result) if k.startswith("scaleinfer")):
+        prefix = "" if name == "scaleinfer" else name.removeprefix("scaleinfer_") + "_"
+        result["ratios"].update({prefix + key: value for key, value in _scheme_ratios(result, result[name]).items()})
+
+
+def _scheme_ratios(result: dict, ours: dict) -> dict:
+    ratios = {}
     pinned = result["ceilings"]["pinned_h2d_gb_s"]
     disk = result["ceilings"].get("disk_read_8_threads_gb_s")
     for key in (k for k in ours if k.startswith("batch")):
@@ -384,7 +397,7 @@ def _ratios(result: dict) -> None:
             ratios["flexgen_vs_deepspeed"] = ours["flexgen"]["tok_s"] / result["deepspeed"]["flexgen"]["tok_s"]
         ratios["flexgen_prefill_fraction_of_matmul"] = (ours["flexgen"]["prefill_tflop_s"]
                                                         / result["ceilings"]["matmul_bfloat16_tflop_s"])
-    result["ratios"] = ratios
+    return ratios
 
 
 def _parse() -> argparse.Namespace:
@@ -400,6 +413,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--skip-flexgen", action="store_true")
     parser.add_argument("--ranks", type=int, default=1, help="GPUs streaming together (one process each)")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--quantization", type=quantization_schemes, default=[None],
+                        help="bf16 or schemes to quantize ours to on load, comma-separated; one run of ours each")
     parser.add_argument("--deepspeed", action="store_true",
                         help="DeepSpeed ZeRO-Inference on the same shape and requests, first (bench/deepspeed_peer.py)")
     parser.add_argument("--profile-first", action="store_true",
