@@ -1,7 +1,7 @@
 """AWQ and GPTQ checkpoints' 4-bit weights on the int4 scheme (layers/quant_int4.py), GPTQ's act-order included.
 
 weights/int4_checkpoint.py turns each linear's packed tensors into int4 rows; this scheme stores them as
-Int4Scheme stores GGUF's kept rows (the same GEMV, CPU kernel and dequantized matmul serve them), in the
+Int4Scheme stores GGUF's kept rows (the same kernels serve them: tinygemm on a GPU, the CPU kernel), in the
 checkpoint's group size, whose fit to each rank's input features is checked at start. A linear the checkpoint
 left in float is refused: quantizing it here would not be loading the checkpoint as it is.
 
