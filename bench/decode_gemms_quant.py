@@ -4,11 +4,14 @@ replays over enough weight copies that none is read from L2 (bench/decode_gemms.
 counts the bytes the kernel reads (levels, scales, zeros) against the copy bandwidth measured in the run.
 
 int4 also times torch's tinygemm (aten._weight_int4pack_mm, kernels/int4_tinygemm.py) on the same weights: at
-batch 1 against the GEMV's best tile ("batch1_faster" names the faster), and at --int4-rows rows tinygemm, the
-group-wise Triton GEMM (kernels/gemm_int4.py), the weight dequantized for cuBLAS (the path past the GEMM), and
-the bf16 weight through cuBLAS.
+batch 1 against the GEMV's best tile ("batch1_faster" names the faster); the dequantization of its layout to bf16
+alone (kernels/dequant_int4_tinygemm.py, against the copy bandwidth for the bytes it reads and writes); and at
+--int4-rows rows the two paths of a layer tinygemm serves, tinygemm and its layout dequantized + cuBLAS
+("faster" names the faster: the layer's TINYGEMM_MAX_ROWS should sit where it changes), beside the group-wise
+Triton GEMM (kernels/gemm_int4.py) and our layout dequantized for cuBLAS (the paths where tinygemm does not
+serve), and the bf16 weight through cuBLAS.
 
-    python bench/decode_gemms_quant.py --shape llama3-8b [--schemes int8,int4,fp8] [--int4-rows 16,64]
+    python bench/decode_gemms_quant.py --shape llama3-8b [--schemes int8,int4,fp8] [--int4-rows 16,32,64,512]
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from common import ceilings, write_result  # noqa: E402
 from decode_gemms import gemm_shapes, graph_us  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 
+from scaleinfer.kernels.dequant_int4_tinygemm import dequant_tinygemm_mm, dequantize_tinygemm  # noqa: E402
 from scaleinfer.kernels.gemm_int4 import int4_gemm_triton  # noqa: E402
 from scaleinfer.kernels.gemv import GemvConfig  # noqa: E402
 from scaleinfer.kernels.gemv_fp8 import FP8_DTYPE, fp8_gemv_triton  # noqa: E402
@@ -83,7 +87,7 @@ def measure(scheme: str, n: int, k: int, copy_gb_s: float, int4_rows: list[int])
     result = {"bytes": nbytes, "best": best, "best_us": sweep[best],
               "best_fraction_of_copy": nbytes / (sweep[best] * 1e-6) / 1e9 / copy_gb_s}
     if scheme == "int4":
-        result |= int4_against_tinygemm(weights, x, sweep[best], int4_rows, nbytes / 1e9 / copy_gb_s)
+        result |= int4_against_tinygemm(weights, x, sweep[best], int4_rows, copy_gb_s)
     del weights
     copies = max(2, ROTATION_BYTES // (2 * n * k))
     bf16 = [torch.randn(n, k, dtype=torch.bfloat16, device=device) for _ in range(copies)]
@@ -96,21 +100,32 @@ def measure(scheme: str, n: int, k: int, copy_gb_s: float, int4_rows: list[int])
 
 
 def int4_against_tinygemm(weights: list[tuple], x: torch.Tensor, gemv_us: float, int4_rows: list[int],
-                          copy_s: float) -> dict:
-    """tinygemm on the same int4 weights (its own layout, packed once): at batch 1 against the GEMV's best tile,
-    and at each of int4_rows rows beside the group-wise GEMM and the dequantized weight through cuBLAS."""
+                          copy_gb_s: float) -> dict:
+    """tinygemm on the same int4 weights (its own layout, packed once): at batch 1 against the GEMV's best tile;
+    its layout dequantized alone; at each of int4_rows rows tinygemm and its dequantized layout through cuBLAS
+    (the layer's two paths), the group-wise GEMM and our layout dequantized through cuBLAS."""
     packed = [(pack_tinygemm(*w),) for w in weights]
+    (n, half_k), groups = weights[0][0].shape, weights[0][1].shape[1]
     tinygemm_us = graph_us(_tinygemm(x), packed)
-    rows = {}
-    for m in int4_rows:
-        xm = torch.randn(m, x.shape[1], dtype=torch.bfloat16, device=x.device)
-        rows[str(m)] = {"tinygemm_us": graph_us(_tinygemm(xm), packed),
-                        "gemm_int4_us": graph_us(lambda w, xm=xm: int4_gemm_triton(xm, *w), weights),
-                        "dequant_cublas_us": graph_us(lambda w, xm=xm: F.linear(xm, dequantize_int4(
-                            *w, dtype=torch.bfloat16)), weights)}
+    dequant_us = graph_us(lambda w: dequantize_tinygemm(w[0]), packed)
+    dequant_bytes = n * half_k + 2 * n * 2 * half_k + 2 * n * groups * 2  # levels, scale_zero read; bf16 written
+    rows = {str(m): int4_rows_at(m, x, weights, packed) for m in int4_rows}
     del packed
-    return {"tinygemm_us": tinygemm_us, "tinygemm_fraction_of_copy": copy_s / (tinygemm_us * 1e-6),
-            "batch1_faster": "tinygemm" if tinygemm_us < gemv_us else "triton_gemv", "rows": rows}
+    return {"tinygemm_us": tinygemm_us,
+            "tinygemm_fraction_of_copy": scheme_bytes("int4", n, 2 * half_k) / 1e9 / copy_gb_s / (tinygemm_us * 1e-6),
+            "batch1_faster": "tinygemm" if tinygemm_us < gemv_us else "triton_gemv",
+            "tinygemm_dequant_us": dequant_us,
+            "tinygemm_dequant_fraction_of_copy": dequant_bytes / 1e9 / copy_gb_s / (dequant_us * 1e-6), "rows": rows}
+
+
+def int4_rows_at(m: int, x: torch.Tensor, weights: list[tuple], packed: list[tuple]) -> dict:
+    xm = torch.randn(m, x.shape[1], dtype=torch.bfloat16, device=x.device)
+    row = {"tinygemm_us": graph_us(_tinygemm(xm), packed),
+           "tinygemm_dequant_cublas_us": graph_us(lambda w: dequant_tinygemm_mm(xm, w[0]), packed),
+           "gemm_int4_us": graph_us(lambda w: int4_gemm_triton(xm, *w), weights),
+           "dequant_cublas_us": graph_us(lambda w: F.linear(xm, dequantize_int4(*w, dtype=torch.bfloat16)), weights)}
+    faster = row["tinygemm_us"] < row["tinygemm_dequant_cublas_us"]
+    return row | {"faster": "tinygemm" if faster else "tinygemm_dequant_cublas"}
 
 
 def _tinygemm(x: torch.Tensor) -> Callable[[tuple], torch.Tensor]:
@@ -151,11 +166,13 @@ def main() -> None:
 
 def _print_int4(name: str, g: dict) -> None:
     print(f"int4 {name:14s} tinygemm {g['tinygemm_us']:7.1f} us {g['tinygemm_fraction_of_copy']:6.1%}; "
-          f"batch 1 faster: {g['batch1_faster']}", flush=True)
+          f"batch 1 faster: {g['batch1_faster']}; its layout dequantized to bf16 {g['tinygemm_dequant_us']:7.1f} us "
+          f"{g['tinygemm_dequant_fraction_of_copy']:6.1%}", flush=True)
     for m, row in g["rows"].items():
-        print(f"int4 {name:14s} M={m:>4s} tinygemm {row['tinygemm_us']:7.1f} us, gemm_int4 {row['gemm_int4_us']:7.1f}"
-              f" us, dequant+cuBLAS {row['dequant_cublas_us']:7.1f} us, cuBLAS bf16 {row['cublas_bf16_us']:7.1f} us",
-              flush=True)
+        print(f"int4 {name:14s} M={m:>4s} tinygemm {row['tinygemm_us']:7.1f} us, tinygemm-layout dequant+cuBLAS "
+              f"{row['tinygemm_dequant_cublas_us']:7.1f} us (faster: {row['faster']}); gemm_int4 "
+              f"{row['gemm_int4_us']:7.1f} us, dequant+cuBLAS {row['dequant_cublas_us']:7.1f} us, cuBLAS bf16 "
+              f"{row['cublas_bf16_us']:7.1f} us", flush=True)
 
 
 if __name__ == "__main__":

@@ -121,10 +121,15 @@ def from_tinygemm_layout(layout: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def tinygemm_mm_ref(x: torch.Tensor, weight: TinygemmWeight) -> torch.Tensor:
-    """The kernel's arithmetic in torch: each weight (q - 8) * scale + zero rounded to bfloat16 (its one bf16
-    fma), products summed in float32, the output in bfloat16. x: [M, K] bfloat16 -> [M, N] bfloat16."""
+def tinygemm_weight_ref(weight: TinygemmWeight) -> torch.Tensor:
+    """The weights the kernel multiplies, in torch: each (q - 8) * scale + zero from the bf16 scale and zero,
+    rounded to bfloat16 (its one bf16 fma; here exact products, the sum in float32, then rounded). -> [N, K]."""
     levels = unpack_int4(from_tinygemm_layout(weight.packed)).float() - ZERO_POINT  # [N, K]
     s, z = (weight.scale_zero[..., i].T.float().repeat_interleave(weight.group_size, dim=1) for i in (0, 1))
-    w = (levels * s + z).to(torch.bfloat16)
-    return (x.float() @ w.float().T).to(torch.bfloat16)
+    return (levels * s + z).to(torch.bfloat16)
+
+
+def tinygemm_mm_ref(x: torch.Tensor, weight: TinygemmWeight) -> torch.Tensor:
+    """The kernel's arithmetic in torch: tinygemm_weight_ref's weights, products summed in float32, the output in
+    bfloat16. x: [M, K] bfloat16 -> [M, N] bfloat16."""
+    return (x.float() @ tinygemm_weight_ref(weight).float().T).to(torch.bfloat16)

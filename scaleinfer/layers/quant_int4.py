@@ -12,10 +12,12 @@ the same at every tensor-parallel size; a group size that does not divide them i
 and zeros are rows of the weight: they shard with their rows (column-parallel) or by groups (row-parallel).
 
 The matmul. On the GPU, where torch's int4 tinygemm takes the layer (kernels/int4_tinygemm.py: bfloat16 runs,
-sm80+, groups of 32-256, N a multiple of 8; `_tinygemm_serves`), that kernel at every row count: once the
-layer's last rows are stored (`rows_stored` reaches N) its weight is repacked into tinygemm's layout in the
-same parameter's place (one copy on the GPU; the fp32 scales and zeros stay, bf16 copies of them beside), and
-rows stored again into it first unpack the weight back to our layout, exactly. Where tinygemm does not take
+sm80+, groups of 32-256, N a multiple of 8; `_tinygemm_serves`), once the layer's last rows are stored
+(`rows_stored` reaches N) its weight is repacked into tinygemm's layout in the same parameter's place (one copy
+on the GPU; the fp32 scales and zeros stay, bf16 copies of them beside), and rows stored again into it first
+unpack the weight back to our layout, exactly. From that layout: up to TINYGEMM_MAX_ROWS rows (decode) that
+kernel, more rows (prefill, large decode batches) the weight dequantized to a bf16 temporary, tinygemm's own
+values to the bit, and cuBLAS (kernels/dequant_int4_tinygemm.py). Where tinygemm does not take
 it (fp16 / fp32 runs, odd shapes, older GPUs): the Triton GEMV up to MAX_GEMV_ROWS rows, the Triton GEMM that
 dequantizes group by group (kernels/gemm_int4.py) up to MAX_DEQUANT_GEMM_ROWS, past it the weight dequantized
 to the run dtype and cuBLAS. On the CPU torch's int4 kernel (aten._weight_int4pack_mm_for_cpu) for up to
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaleinfer.errors import ModelLoadError
+from scaleinfer.kernels.dequant_int4_tinygemm import dequant_tinygemm_mm
 from scaleinfer.kernels.dispatch import use_triton
 from scaleinfer.kernels.gemm_int4 import int4_gemm_triton
 from scaleinfer.kernels.gemv_int4 import MAX_GEMV_ROWS, ZERO_POINT, dequantize_int4, int4_gemv_triton, pack_int4
@@ -46,6 +49,11 @@ CPU_BLOCK_N = 16  # its packing needs N divisible by this
 # Past it the GPU casts the whole weight for cuBLAS (as quant_int8.py): writing 2 bytes per weight every step
 # costs less than the group-by-group GEMM's lower matmul rate once the step computes enough (a long prefill).
 MAX_DEQUANT_GEMM_ROWS = 512
+# Where tinygemm serves, past this many rows the weight is dequantized from its layout to bf16 for cuBLAS
+# (kernels/dequant_int4_tinygemm.py): tinygemm dequantizes again per 16 rows of x, so its time grows with M / 16.
+# H200, Llama 3 8B, groups of 128 (bench/results/decode-gemms-quant-llama3-8b-h200-20261202-183328.json): at 16
+# rows gate_up 136.5 us against cuBLAS bf16's 62.6 (plus about 100 us to write the bf16 weight), at 64 rows 516.0.
+TINYGEMM_MAX_ROWS = 16
 
 
 @dataclass(slots=True)
@@ -107,8 +115,9 @@ def int4_linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None = N
     """x: [..., K] -> [..., N] in x's dtype through the layer's int4 weight. No host syncs."""
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
     rows = x2.shape[0]
-    if layer.tinygemm is not None:  # the layer's weight is in its layout now: every call takes it
-        return tinygemm_mm(x2, layer.tinygemm, bias).view(*x.shape[:-1], -1)
+    if layer.tinygemm is not None:  # the layer's weight is in its layout now: the one copy both paths read
+        matmul = tinygemm_mm if rows <= TINYGEMM_MAX_ROWS else dequant_tinygemm_mm
+        return matmul(x2, layer.tinygemm, bias).view(*x.shape[:-1], -1)
     if use_triton(x) and rows <= MAX_DEQUANT_GEMM_ROWS:
         kernel = int4_gemv_triton if rows <= MAX_GEMV_ROWS else int4_gemm_triton
         y = kernel(x2.contiguous(), layer.weight, layer.weight_scale, layer.weight_zero, bias)

@@ -96,7 +96,7 @@ def _random_rows(n, k, group, seed):
 def test_a_layer_tinygemm_serves_is_repacked_in_place_once_all_its_rows_are_stored(monkeypatch):
     """The wiring, on the CPU (the layout's torch reference and the kernel's arithmetic in torch stand in for
     torch's CUDA ops; the GPU test is test_quant_int4_tinygemm.py): packed when the last shard lands, into the
-    parameter's own place (one copy), served at every row count; a shard stored again unpacks the weight to our
+    parameter's own place (one copy), served from it at every row count; a shard stored again unpacks the weight to our
     layout exactly (the other shard's levels kept) and the layer repacks once every row is stored again."""
     monkeypatch.setattr(quant_int4, "_tinygemm_serves", lambda layer: True)
     with linear_scheme(Int4Scheme(group_size=32)):
@@ -116,6 +116,33 @@ def test_a_layer_tinygemm_serves_is_repacked_in_place_once_all_its_rows_are_stor
     assert layer.tinygemm is not None
     x = torch.randn(3, 64).to(torch.bfloat16)
     torch.testing.assert_close(layer(x), _ref(x, _cat(gate, new_up)), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("m", [1, 16, 17, 40])
+def test_tinygemm_up_to_its_row_limit_then_the_dequantized_weight(m, monkeypatch):
+    """Where tinygemm serves (stood in for on the CPU, the dequantizing kernel run by Triton's interpreter): up to
+    TINYGEMM_MAX_ROWS rows tinygemm, past it the weight dequantized from its layout for the bf16 matmul, both
+    reading the one packed weight, equal to the float32 reference."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    monkeypatch.setattr(quant_int4, "_tinygemm_serves", lambda layer: True)
+    calls = []
+    for name in ("tinygemm_mm", "dequant_tinygemm_mm"):
+        real = getattr(quant_int4, name)
+        monkeypatch.setattr(quant_int4, name, lambda x, w, b, real=real, name=name: calls.append((name, len(x)))
+                            or real(x, w, b))
+    with linear_scheme(Int4Scheme(group_size=64)):
+        layer = ColumnParallelLinear(192, 48, bias=True)
+    rows = _random_rows(48, 192, 64, seed=m)
+    layer.weight_loader(layer.weight, rows)
+    layer.bias.data = torch.randn(48).to(torch.bfloat16)
+    x = torch.randn(1, m, 192).to(torch.bfloat16)  # [batch, tokens, K]: M = m rows
+    with force_triton():
+        got = layer(x)
+    assert quant_int4.TINYGEMM_MAX_ROWS == 16
+    assert calls == [("tinygemm_mm" if m <= 16 else "dequant_tinygemm_mm", m)], calls
+    expected = int4_linear_ref(x.reshape(m, 192), pack_int4(rows.levels), rows.scale, rows.zero, layer.bias)
+    torch.testing.assert_close(got.reshape(m, 48), expected, atol=2e-2, rtol=2e-2)
 
 
 def _cat(*rows: Int4Rows) -> Int4Rows:
