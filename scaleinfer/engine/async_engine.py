@@ -128,6 +128,8 @@ class AsyncLLMEngine:
         self.tokenizer = tokenizer
         # Sees every EngineCoreOutputs on the core's side (the server's metrics: step and queue times).
         self.metrics_sink: Callable[[EngineCoreOutputs], None] | None = None
+        # On a stream's event loop, once a step's outputs are in its streams: seconds since they reached the front.
+        self.delivery_sink: Callable[[float], None] | None = None
         self._lock = threading.Lock()  # the processor, the streams and _dead, from coroutines and the core side
         self._processor = OutputProcessor(tokenizer)
         self._streams: dict[str, RequestStream] = {}
@@ -250,6 +252,7 @@ class AsyncLLMEngine:
             self._die(EngineDeadError(message.message))
 
     def _on_outputs(self, message: EngineCoreOutputs) -> None:
+        received = time.perf_counter()
         self._stats = message.stats
         if self.metrics_sink is not None:
             self.metrics_sink(message)
@@ -260,7 +263,7 @@ class AsyncLLMEngine:
         if processed.to_abort or processed.to_stop:
             with contextlib.suppress(EngineDeadError):
                 self._client.send(AbortRequests(processed.to_abort, processed.to_stop))
-        self._deliver(items)
+        self._deliver(items, received)
 
     def _pop_if_finished(self, output: RequestOutput) -> RequestStream | None:
         stream = self._streams.get(output.request_id)
@@ -268,14 +271,22 @@ class AsyncLLMEngine:
             del self._streams[output.request_id]
         return stream
 
-    def _deliver(self, items: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
+    def _deliver(self, items: list[tuple[RequestStream, RequestOutput | BaseException]], received: float) -> None:
+        """One callback per event loop puts a step's outputs in all its streams (in step order: a later step's
+        callback is queued after this one)."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Any]]] = {}
         for stream, item in items:
             by_loop.setdefault(stream.loop, []).append((stream, item))
         for loop, batch in by_loop.items():
-            if not _call_soon(loop, _put_all, batch):  # the loop is closed: nobody reads these any more
+            if not _call_soon(loop, self._put_all, batch, received):  # the loop is closed: nobody reads these
                 for stream, _ in batch:
                     self.abort(stream.request_id)
+
+    def _put_all(self, batch: list[tuple[RequestStream, RequestOutput | BaseException]], received: float) -> None:
+        for stream, item in batch:
+            stream.put(item)
+        if self.delivery_sink is not None:
+            self.delivery_sink(time.perf_counter() - received)
 
     def _die(self, error: EngineDeadError) -> None:
         with self._lock:
@@ -306,8 +317,3 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> bool:
         return True
     except RuntimeError:  # the loop is closed
         return False
-
-
-def _put_all(batch: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
-    for stream, item in batch:
-        stream.put(item)

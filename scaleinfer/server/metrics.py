@@ -87,8 +87,13 @@ class ServerMetrics:
                                    buckets=_STEP_BUCKETS, registry=self.registry)
         self.queue_time = Histogram(f"{PREFIX}_request_queue_time_seconds", "Arrival to first scheduled.",
                                     buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.delivery_lag = Histogram(
+            f"{PREFIX}_front_delivery_lag_seconds", "From a step's outputs reaching the front to their streams "
+            "getting them on the event loop (output processing, then the wait for the loop).",
+            buckets=_STEP_BUCKETS, registry=self.registry)
         if isinstance(engine, AsyncLLMEngine):
             engine.metrics_sink = self.observe_step
+            engine.delivery_sink = self.delivery_lag.observe
 
     def observe_step(self, message: EngineCoreOutputs) -> None:
         """Each message of the core (on the front's reader thread): its step time, the queue times it reports."""
