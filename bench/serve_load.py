@@ -58,6 +58,7 @@ from serve_fake_core import STEP_MS_ENV  # noqa: E402
 from serve_metrics import MetricsSampler, summarize_samples  # noqa: E402
 from serve_profile import Profiler  # noqa: E402
 
+WARMUP_TOKENS = 4  # output tokens of each warm-up request: its prefill, then batched decode steps
 SERVER = """
 import sys
 sys.path.insert(0, {bench!r})
@@ -159,8 +160,11 @@ async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str | list
 
 
 async def warm_up(args: argparse.Namespace, url: str, model: str, work: Workload) -> None:
+    """The first --warmup-requests prompts at once, WARMUP_TOKENS each: the server's first batched prefills and
+    decodes (its Triton kernels compiled at first use) happen before the clock starts, as offline's do."""
     async with _client(args, url) as client:
-        await one_request(client, model, work.prompts[0], 2)
+        await asyncio.gather(*(one_request(client, model, prompt, WARMUP_TOKENS)
+                               for prompt in work.prompts[:max(1, args.warmup_requests)]))
 
 
 @dataclass(slots=True)
@@ -263,7 +267,8 @@ def run_offline(args: argparse.Namespace, model: ServedModel, work: Workload,
     from scaleinfer import LLM, SamplingParams
 
     llm = LLM(**model.kwargs, max_num_seqs=max_num_seqs, progress=False)
-    llm.generate(work.prompts[:2], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)  # warm-up
+    warm = SamplingParams(temperature=0, max_tokens=WARMUP_TOKENS, ignore_eos=True)
+    llm.generate(work.prompts[:max(1, args.warmup_requests)], warm, use_tqdm=False)  # as the server's warm_up
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in work.output_lens]
     start = time.perf_counter()
     outputs = llm.generate(work.prompts, params, use_tqdm=False)
@@ -477,6 +482,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--min-output", type=int, default=16)
     parser.add_argument("--max-output", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup-requests", type=int, default=None,
+                        help="requests (the workload's first prompts, a few tokens each) run at once before either "
+                             "clock starts, online and offline alike; default: the concurrency")
     parser.add_argument("--no-offline", dest="offline", action="store_false", help="skip the LLM.generate baseline")
     parser.add_argument("--server-timeout", type=float, default=600.0, help="seconds to wait for the server")
     parser.add_argument("--client-procs", type=int, default=None,
@@ -490,7 +498,10 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="sample the front and the engine core with py-spy while the load runs; raw stacks "
                              "go to DIR, their top functions into the result")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.warmup_requests is None:
+        args.warmup_requests = args.concurrency
+    return args
 
 
 if __name__ == "__main__":
