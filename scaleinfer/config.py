@@ -17,7 +17,7 @@ LOAD_FORMATS = ("auto", "dummy")
 OFFLOAD_TARGETS = ("none", "cpu", "nvme")
 PIPELINE_SCHEDULES = ("hybrid", "fixed")  # parallel/pipeline.py states the rule of each
 QUANTIZATIONS = (None, "int8", "int4", "fp8", "gguf")  # None: weights in the run dtype; int8: per-output-channel
-# weight-only, on load; int4: group-wise weight-only, on load; gguf: a GGUF file's Q4_0/Q4_1 weights kept as int4
+# weight-only, on load; int4: group-wise weight-only, on load; gguf: a GGUF file's Q4_0/Q4_1/Q4_K weights kept as int4
 # auto: the KV cache in the run dtype; fp8 (= fp8_e4m3, vLLM's spelling too): e4m3 with a scale per layer
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 KV_OFFLOAD_TARGETS = ("none", "cpu")  # CacheConfig.kv_offload: a second tier of KV blocks in host memory

@@ -7,7 +7,7 @@ Built on the `gguf` package. Three things differ from an HF checkpoint:
 - rope layout: llama.cpp's converter permutes the rows of attn_q / attn_k of Llama models from HF's
   half-split rope layout to its interleaved one; iter_weights undoes that (Qwen2 is stored unpermuted).
 Quantized tensors are dequantized (through float32) to the requested dtype, except under quantization="gguf"
-(GGUFQuant), where Q4_0 / Q4_1 linear weights stay int4. A tied model has no output.weight, and then no
+(GGUFQuant), where Q4_0 / Q4_1 / Q4_K linear weights stay int4. A tied model has no output.weight, and then no
 lm_head.weight is yielded.
 """
 
@@ -85,7 +85,7 @@ class GGUFFile:
     arch: ArchConfig
     reader: GGUFReader = field(repr=False)
     rope_permuted: bool = False
-    keep_int4: bool = False  # linear weights in Q4_0 / Q4_1 come as Int4Rows, not dequantized (GGUFQuant sets it)
+    keep_int4: bool = False  # Q4_0 / Q4_1 / Q4_K linear weights come as Int4Rows, not dequantized (GGUFQuant)
 
     @property
     def chat_template(self) -> str | None:
@@ -106,7 +106,7 @@ class GGUFFile:
         return torch.from_numpy(np.array(array, dtype=np.float32)).to(dtype)
 
     def _kept(self, tensor: ReaderTensor) -> Int4Rows:
-        """A Q4_0 / Q4_1 weight as int4 rows; q/k rows un-permuted with their scales and zeros together."""
+        """A Q4_0 / Q4_1 / Q4_K weight as int4 rows; q/k rows un-permuted with their scales and zeros together."""
         blocks = read_q4(tensor)
         expected = tuple(reversed(tensor.shape.tolist()))
         if blocks.levels.shape != expected:
@@ -127,7 +127,7 @@ class GGUFFile:
 @dataclass(slots=True, frozen=True)
 class GGUFQuant:
     """A GGUF source's say in the linears' scheme (ModelSource.quant): quantization="gguf" keeps its Q4_0 /
-    Q4_1 linear weights as int4 in groups of 32 (weights/gguf_quant.py); any other choice dequantizes first."""
+    Q4_1 / Q4_K linear weights as int4 in groups of 32 (weights/gguf_quant.py); any other choice dequantizes first."""
 
     file: GGUFFile
 

@@ -1,13 +1,19 @@
-"""GGUF weights kept quantized: Q4_0 / Q4_1 blocks read as the int4 scheme's levels, scales and zeros.
+"""GGUF weights kept quantized: Q4_0 / Q4_1 / Q4_K blocks read as the int4 scheme's levels, scales and zeros.
 
-llama.cpp's blocks are 32 weights of a row: Q4_0 is a float16 d and 16 bytes of 4-bit levels q (w = d * (q - 8)),
-Q4_1 a float16 d, a float16 m and the same 16 bytes (w = d * q + m); byte j holds element j in its low nibble
-and element j + 16 in its high one. In the int4 scheme's form, w = (q - 8) * scale + zero, that is scale = d and
-zero = 0 (Q4_0) or m + 8d (Q4_1): the same values as gguf's own dequantization (the tests check equality).
+llama.cpp's Q4_0 / Q4_1 blocks are 32 weights of a row: Q4_0 is a float16 d and 16 bytes of 4-bit levels q
+(w = d * (q - 8)), Q4_1 a float16 d, a float16 m and the same 16 bytes (w = d * q + m); byte j holds element j in
+its low nibble and element j + 16 in its high one. Q4_K is a super-block of 256 weights (144 bytes): float16 d
+and dmin, 12 bytes packing a 6-bit scale sc and a 6-bit min m for each of its eight sub-blocks of 32
+(llama.cpp's get_scale_min_k4), and 128 bytes of levels, 32 per pair of sub-blocks (sub-block 2j in the low
+nibbles of bytes 32j..32j+31, 2j + 1 in their high ones); w = d * sc * q - dmin * m. In the int4 scheme's form,
+w = (q - 8) * scale + zero, in groups of 32: scale = d and zero = 0 (Q4_0) or m + 8d (Q4_1); scale = d * sc and
+zero = 8 * scale - dmin * m (Q4_K). Q4_0 / Q4_1 give gguf's own dequantization exactly, Q4_K within float32's
+rounding of one subtraction (the tests check both).
 
-quantization="gguf" keeps them when every linear weight of the file is Q4_0 or Q4_1 (the embedded SmolLM2 is
-Q4_1); a file with other linear types (Q8_0, K-quants: no kernel here yet) is dequantized, which the load says
-once. The embedding (and the tied LM head) is dequantized in every case.
+quantization="gguf" keeps them when every linear weight of the file is one of these types (the embedded
+SmolLM2 is Q4_1); a file with other linear types (Q8_0, Q6_K and the other K-quants: a Q4_K_M file mixes Q6_K in,
+and a scheme is chosen per model, not per layer) is dequantized, which the load says once. The embedding (and
+the tied LM head) is dequantized in every case.
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, ReaderTensor
 
+from scaleinfer.kernels.gemv_int4 import ZERO_POINT
+
 logger = logging.getLogger(__name__)
 
-BLOCK = 32  # weights per Q4 block
+BLOCK = 32  # weights per Q4 block, and per Q4_K sub-block: the int4 scheme's group
 HEADER_BYTES = {GGMLQuantizationType.Q4_0: 2, GGMLQuantizationType.Q4_1: 4}  # d, or d and m (float16)
-KEPT_TYPES = tuple(HEADER_BYTES)
+Q4_K_WEIGHTS, Q4_K_BYTES = 256, 144  # a super-block: d, dmin (float16), 12 bytes of scales and mins, 128 of levels
+KEPT_TYPES = (*HEADER_BYTES, GGMLQuantizationType.Q4_K)
 LINEAR_PARTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -33,7 +42,7 @@ def is_linear_weight(name: str) -> bool:
 
 @dataclass(slots=True, frozen=True)
 class Q4Blocks:
-    """A Q4_0 / Q4_1 tensor's rows as numpy arrays: levels [N, K] uint8 in 0..15, scale and zero [N, K // 32]
+    """A Q4_0 / Q4_1 / Q4_K tensor's rows as numpy arrays: levels [N, K] uint8 in 0..15, scale and zero [N, K // 32]
     float32 (rows in torch order, as the file's dequantization gives them)."""
 
     levels: np.ndarray
@@ -42,14 +51,38 @@ class Q4Blocks:
 
 
 def read_q4(tensor: ReaderTensor) -> Q4Blocks:
-    header = HEADER_BYTES[tensor.tensor_type]
     rows = int(tensor.shape[-1]) if len(tensor.shape) > 1 else 1  # GGUF dims are fastest-first: [K, N]
+    if tensor.tensor_type == GGMLQuantizationType.Q4_K:
+        return _read_q4_k(np.asarray(tensor.data, dtype=np.uint8).reshape(rows, -1, Q4_K_BYTES))
+    header = HEADER_BYTES[tensor.tensor_type]
     blocks = np.asarray(tensor.data, dtype=np.uint8).reshape(rows, -1, header + BLOCK // 2)  # [N, K/32, bytes]
     d = _float16(blocks[..., 0:2])  # [N, K/32]
     zero = _float16(blocks[..., 2:4]) + 8 * d if header == 4 else np.zeros_like(d)
     qs = blocks[..., header:]  # [N, K/32, 16]
     levels = np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(rows, -1)  # [N, K]
     return Q4Blocks(levels, d, zero.astype(np.float32))
+
+
+def _read_q4_k(blocks: np.ndarray) -> Q4Blocks:
+    """blocks [N, K / 256, 144] uint8 -> levels [N, K], scale and zero [N, K / 32]."""
+    rows, supers = blocks.shape[:2]
+    d, dmin = _float16(blocks[..., 0:2]), _float16(blocks[..., 2:4])  # [N, S]
+    sc, mins = q4_k_scales(blocks[..., 4:16])  # [N, S, 8]
+    qs = blocks[..., 16:].reshape(rows, supers, 4, 1, BLOCK)  # [N, S, pair, 1, 32]
+    levels = np.concatenate([qs & 0xF, qs >> 4], axis=3).reshape(rows, -1)  # sub-blocks 2j (low), 2j + 1 (high)
+    scale = d[..., None] * sc  # [N, S, 8]: exact (an 11-bit mantissa times a 6-bit integer)
+    zero = ZERO_POINT * scale - dmin[..., None] * mins
+    return Q4Blocks(levels, scale.reshape(rows, -1), zero.reshape(rows, -1).astype(np.float32))
+
+
+def q4_k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A Q4_K block's 12 bytes [..., 12] -> 6-bit scales and mins [..., 8] float32. Bytes 0-3 hold the scales of
+    sub-blocks 0-3 in their low 6 bits, bytes 4-7 their mins; sub-blocks 4-7 take their low 4 bits from bytes 8-11
+    (scale low nibble, min high nibble) and their top 2 from the top bits of bytes 0-3 (scales) and 4-7 (mins)."""
+    first, second, extra = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    scales = np.concatenate([first & 63, (extra & 0xF) | ((first >> 6) << 4)], axis=-1)
+    mins = np.concatenate([second & 63, (extra >> 4) | ((second >> 6) << 4)], axis=-1)
+    return scales.astype(np.float32), mins.astype(np.float32)
 
 
 def _float16(pairs: np.ndarray) -> np.ndarray:
@@ -61,7 +94,7 @@ def keeps_linears(tensors: list[ReaderTensor], path: object) -> bool:
     other = sorted({t.tensor_type.name for t in tensors
                     if is_linear_weight(t.name) and t.tensor_type not in KEPT_TYPES})
     if other:
-        logger.warning("%s: quantization='gguf' keeps Q4_0/Q4_1 linear weights only; this file's linears include "
+        logger.warning("%s: quantization='gguf' keeps Q4_0/Q4_1/Q4_K linear weights only; this file's linears include "
                        "%s, so every linear weight is dequantized", path, ", ".join(other))
     return not other
 
