@@ -58,7 +58,7 @@ TINYGEMM_MAX_ROWS = 16
 
 @dataclass(slots=True)
 class Int4Rows:
-    """Rows of a weight already quantized in this format (a GGUF Q4_0 / Q4_1 tensor, an AWQ / GPTQ one): levels
+    """Rows of a weight already quantized in this format (a GGUF Q4_0 / Q4_1 / Q4_K tensor, an AWQ / GPTQ one): levels
     [n, K] uint8 in 0..15, scale and zero [n, K // group_size] float32; g_idx [K] the group of each input feature
     where they are not contiguous (GPTQ's act-order), else None. Narrows by rows like the tensor it stands for."""
 
