@@ -124,16 +124,19 @@ def _unchunk(payload: bytes) -> bytes:
     return bytes(out)
 
 
-def test_a_port_in_use_fails_at_once_before_loading(tmp_path):
+def test_a_port_in_use_fails_at_once_before_loading(long_llama, tmp_path):
+    """The model's folder has no weights: loading it would fail with its own error, so the port's error proves
+    the port was tried first (no clock: a busy machine's start-up time says nothing about the order)."""
+    unloadable = tmp_path / "no_weights"
+    shutil.copytree(long_llama, unloadable, ignore=shutil.ignore_patterns("*.safetensors"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        start = time.monotonic()
-        done = subprocess.run([sys.executable, "-m", "scaleinfer.cli", "serve", "--port", str(port), "--device", "cpu"],
-                              capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in done.stderr + done.stdout
-    assert time.monotonic() - start < 60, "refused before the model loaded"
+        done = subprocess.run([sys.executable, "-m", "scaleinfer.cli", "serve", "--port", str(port), "--device", "cpu",
+                               "--model", str(unloadable)], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in done.stderr + done.stdout, done.stderr
+    assert "safetensors" not in done.stderr + done.stdout, "the model was loaded before the port was tried"
 
 
 def test_the_start_up_line_names_the_model_url_and_key(servers):
@@ -173,21 +176,18 @@ def test_a_slow_reader_costs_the_server_no_memory_and_gets_the_whole_stream(serv
 def test_a_request_whose_row_fails_fails_alone(servers):
     faults, _ = servers
     name = model_name(faults)
-    results = {}
-
-    def stream_ok() -> None:
-        with httpx.stream("POST", f"{faults.url}/v1/completions", json=body(model=name, max_tokens=64, stream=True),
-                          timeout=60) as response:
-            results["ok"] = [line for line in response.iter_lines() if line.startswith("data: ")]
-
-    reader = threading.Thread(target=stream_ok)
+    # The bystander streams before the bad request is sent, and lasts (20 ms a step: 2.5 s), so the bad row's step
+    # has it in its batch; sent together, it could have been admitted after the bad request was over.
+    first, events = threading.Event(), []
+    bystander = body(model=name, max_tokens=128, stream=True, seed=SLOW_SEED)
+    reader = threading.Thread(target=_stream_until_closed, args=(faults.url, bystander, first, events))
     reader.start()
+    assert first.wait(60) and events and "choices" in json.loads(events[0]), events
     failed = httpx.post(f"{faults.url}/v1/completions", json=body(model=name, max_tokens=64, seed=BAD_ROW_SEED),
                         timeout=60)
     reader.join(timeout=60)
     assert failed.status_code == 500 and "injected" in failed.json()["error"]["message"], failed.text
-    assert results["ok"][-1] == "data: [DONE]"
-    assert json.loads(results["ok"][-2][6:])["choices"][0]["finish_reason"] == "length"
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "length", events[-2:]
     assert httpx.get(f"{faults.url}/health", timeout=10).status_code == 200
 
 
@@ -221,16 +221,20 @@ def _health_503_then_exit(served: Served, since: float) -> None:
 def test_a_device_fault_in_a_step_ends_every_stream_and_the_server(servers):
     faults, _ = servers
     name = model_name(faults)
-    firsts, streams, readers = [], [], []
-    for seed in (DEVICE_FAULT_SEED, None):  # the faulting request, and a bystander in the same batch
+    # The bystander streams before the faulting request is sent, and lasts (20 ms a step: a minute), so the step
+    # that faults has it in its batch. Sent together, the fault (the third step) could come before the bystander
+    # was admitted, which then got a 503 and no stream at all.
+    bystander = body(model=name, max_tokens=3000, stream=True, seed=SLOW_SEED)
+    faulting = body(model=name, max_tokens=3000, stream=True, seed=DEVICE_FAULT_SEED)
+    streams, readers = [], []
+    for request in (bystander, faulting):
         first, events = threading.Event(), []
-        request = body(model=name, max_tokens=3000, stream=True, **({"seed": seed} if seed else {}))
         readers.append(threading.Thread(target=_stream_until_closed, args=(faults.url, request, first, events)))
         readers[-1].start()
-        firsts.append(first)
+        assert first.wait(60)
         streams.append(events)
-    assert all(first.wait(60) for first in firsts)
     since = time.monotonic()
+    assert streams[0] and "choices" in json.loads(streams[0][0]), f"the bystander streamed first: {streams[0][:2]}"
     for reader in readers:
         reader.join(timeout=EXIT_BOUND_S)
     for events in streams:
