@@ -137,18 +137,18 @@ class StreamedChoice:
 
 @dataclass(slots=True)
 class ToolCallStreams:
-    """The streamed choices of one request: each choice's text so far and its ToolCallStream."""
+    """The streamed choices of one request: each choice's ToolCallStream, fed its new text only."""
 
     plan: ToolPlan
-    _texts: dict[int, str] = field(default_factory=dict)
     _streams: dict[int, ToolCallStream] = field(default_factory=dict)
 
     def delta(self, d: ChoiceDelta) -> StreamedChoice:
         if self.plan.format is None:
             return StreamedChoice(d.text, None, d.finish_reason)
-        text = self._texts[d.index] = self._texts.get(d.index, "") + d.text
-        stream = self._streams.setdefault(d.index, ToolCallStream(self.plan.format, self.plan.parallel_tool_calls))
-        out = stream.update(text, d.finish_reason is not None)
+        stream = self._streams.get(d.index)
+        if stream is None:
+            stream = self._streams[d.index] = ToolCallStream(self.plan.format, self.plan.parallel_tool_calls)
+        out = stream.feed(d.text, d.finish_reason is not None)
         calls = [_delta_call(c) for c in out.tool_calls] or None
         return StreamedChoice(out.content, calls, _finish_reason(d.finish_reason, stream.called))
 

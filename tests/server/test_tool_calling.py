@@ -1,6 +1,6 @@
-"""Tool calling through the official openai client: a scripted engine whose output is a call (Hermes and
-Llama 3.1 JSON formats; non-streamed and streamed, then the round trip back with the call and its result in
-the history), and the embedded model under the Hermes-style template the tests ship."""
+"""Tool calling through the official openai client: a scripted engine whose output is a call (Hermes,
+Llama 3.1 JSON and Mistral formats; non-streamed and streamed, then the round trip back with the call and
+its result in the history), and the embedded model under the Hermes-style template the tests ship."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ SCRIPTS = {  # (the model's text, the content around its calls)
                '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>', "Checking."),
     "llama3_json": (f'<|python_tag|>{{"name": "get_weather", "parameters": {json.dumps(ARGS)}}}; '
                     '{"name": "get_time", "parameters": {}}', None),
+    "mistral": (f'[TOOL_CALLS] [{{"name": "get_weather", "arguments": {json.dumps(ARGS)}}}, '
+                '{"name": "get_time", "arguments": {}}]', None),
 }
 
 

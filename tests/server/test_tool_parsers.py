@@ -39,8 +39,8 @@ def test_whole_text_gives_content_and_calls(name):
 def _streamed(fmt, text: str, step: int, parallel: bool = True):
     stream = ToolCallStream(fmt, parallel)
     content, calls = "", {}
-    for end in [*range(step, len(text), step), len(text)]:
-        delta = stream.update(text[:end], finished=end == len(text))
+    for start in range(0, len(text), step):
+        delta = stream.feed(text[start:start + step], finished=start + step >= len(text))
         content += delta.content
         for d in delta.tool_calls:
             if d.id is not None:

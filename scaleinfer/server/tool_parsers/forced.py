@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from scaleinfer.server.tool_parsers.format import ToolCallFormat
+from scaleinfer.server.tool_parsers.json_feed import ArgumentsScanner, CallScanner
 from scaleinfer.server.tool_parsers.json_scan import PartialCall, skip_whitespace, value_end
 
 
@@ -34,6 +35,9 @@ class NamedFormat(RequiredFormat):
         args_start = skip_whitespace(text, start)
         end = value_end(text, args_start)
         return [PartialCall(self.function_name, args_start, end, end)]
+
+    def call_scanner(self) -> CallScanner:
+        return ArgumentsScanner(self.function_name)
 
 
 def required_schema(tools: list[dict[str, Any]], parallel_tool_calls: bool) -> dict[str, Any]:

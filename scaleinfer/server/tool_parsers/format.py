@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import ClassVar
 
+from scaleinfer.server.tool_parsers.json_feed import CallScanner
 from scaleinfer.server.tool_parsers.json_scan import PartialCall, scan_calls
 
 
@@ -46,12 +47,21 @@ class ToolCallFormat:
         return min(found, default=None)
 
     def held_tail(self, text: str) -> int:
-        """Characters at the end of text that may yet become a marker: not streamed as content yet."""
+        """Characters at the end of text that may yet become a marker: not streamed as content yet.
+        Streaming asks it (and region_start) about the held tail and the new piece only, not all the text."""
         return max((k for m in self.markers for k in range(min(len(m) - 1, len(text)), 0, -1)
                     if text.endswith(m[:k])), default=0)
 
+    def content_only(self, text: str) -> bool:
+        """Whether no call can begin after this text (which has none): the rest of the message is content."""
+        return False
+
     def scan(self, text: str, start: int) -> list[PartialCall]:
         return scan_calls(text, start)
+
+    def call_scanner(self) -> CallScanner:
+        """What reads the calls' text as it streams in (scan's reading, a piece at a time)."""
+        return CallScanner()
 
     def extract(self, text: str, parallel_tool_calls: bool = True) -> ExtractedMessage:
         """The finished text as content and tool calls; all content when no call parses."""

@@ -18,6 +18,11 @@ class Llama3JsonFormat(ToolCallFormat):
         return begin if text.startswith(("{", PYTHON_TAG), begin) else None
 
     def held_tail(self, text: str) -> int:
-        """Leading whitespace, or a start of <|python_tag|>, may still open a call: all of it is held."""
+        """A start of <|python_tag|> after the leading whitespace may still open a call (the whitespace is
+        content either way: text before the calls)."""
         stripped = text.lstrip()
-        return len(text) if not stripped or PYTHON_TAG.startswith(stripped) else 0
+        return len(stripped) if PYTHON_TAG.startswith(stripped) else 0
+
+    def content_only(self, text: str) -> bool:
+        """The message began with something else than a call."""
+        return bool(text.strip()) and self.held_tail(text) == 0 and self.region_start(text) is None
