@@ -110,7 +110,11 @@ def test_a_message_too_long_alone_is_not_sent_and_the_chat_goes_on(session):
     session.type("pear " * 300 + "\n")
     assert "it was not sent]" in session.expect("> ")
     session.type("What is the capital of France?\n")
-    assert "Paris" in session.expect("> ")
+    # answered (its summary line), from a history without the refused message (no pear in the reply). What the
+    # 135M model says after the trimmed history is its own: "Paris" came, or French about France, with the
+    # package versions of the day (the plain turn above still checks for Paris).
+    shown = session.expect("> ")
+    assert "tokens, time to first token" in shown and "pear" not in shown
 
 
 def test_ctrl_d_ends_the_session(session):
