@@ -102,6 +102,7 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = None  # None: OpenAI's default of 16
     logprobs: int | None = None  # top-k per generated token
     echo: bool = False
+    add_special_tokens: bool = True  # extension (vLLM): the tokenizer's special tokens (BOS) around text prompts
 
 
 class ContentPart(_Request):

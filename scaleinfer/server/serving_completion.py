@@ -40,7 +40,7 @@ async def create_completion(ctx: ServingContext,
     ctx.limits.check_admissible(req.n, len(raw_prompts))
     max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
     params = _scoring_echo(req, build_params(ctx, req, max_tokens, req.logprobs))
-    prompts = await ctx.tokenizer.prompts(raw_prompts)
+    prompts = await ctx.tokenizer.prompts(raw_prompts, req.add_special_tokens)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     return await run_requests(ctx, req, request_id, prompts, params, _stream, _response, arrival)
 

@@ -40,12 +40,13 @@ class PromptTokenizer:
     def has_tokenizer(self) -> bool:
         return self._tokenizer is not None
 
-    async def prompts(self, prompts: list[str | list[int]]) -> list[Prompt]:
-        """Each text prompt tokenized (all of them in one trip to the worker); token-id prompts as they are."""
+    async def prompts(self, prompts: list[str | list[int]], add_special_tokens: bool = True) -> list[Prompt]:
+        """Each text prompt tokenized (all of them in one trip to the worker), with the tokenizer's special tokens
+        (a BOS) unless add_special_tokens is false; token-id prompts as they are."""
         texts = [prompt for prompt in prompts if isinstance(prompt, str)]
         if not texts or self._tokenizer is None:
             return [Prompt(prompt, prompt if isinstance(prompt, str) else None) for prompt in prompts]
-        encoded = iter(await self._run(_encode_all, texts))
+        encoded = iter(await self._run(_encode_all, texts, add_special_tokens))
         return [Prompt(next(encoded), prompt) if isinstance(prompt, str) else Prompt(prompt, None)
                 for prompt in prompts]
 
@@ -67,8 +68,8 @@ class PromptTokenizer:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _encode_all(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    return [list(tokenizer.encode(text)) for text in texts]
+def _encode_all(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    return [list(tokenizer.encode(text, add_special_tokens=add_special_tokens)) for text in texts]
 
 
 def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:

@@ -95,7 +95,7 @@ class ByteTokenizer:
     def __deepcopy__(self, memo: dict) -> ByteTokenizer:
         return self
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:  # no special tokens to add
         self.caller_threads.add(threading.current_thread().name)
         return list(text.encode())
 

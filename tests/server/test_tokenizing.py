@@ -54,3 +54,29 @@ def test_text_prompts_without_a_tokenizer_are_refused():
     finally:
         threaded.stop()
         engine.shutdown()
+
+
+class BosTokenizer(ByteTokenizer):
+    """Puts a BOS (id 1) before each text, as Llama's tokenizers do, unless add_special_tokens is false."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [1] * add_special_tokens + super().encode(text)
+
+
+def test_completions_add_special_tokens_false_drops_the_bos():
+    """vLLM's add_special_tokens on /v1/completions (default true): false reaches the tokenizer, not ignored."""
+    fake = FakeEngine(tokenizer=BosTokenizer())
+    engine = AsyncLLMEngine(fake)  # type: ignore[arg-type]
+    threaded = ThreadedServer(build_app(engine))
+    try:
+        for body, expected in [({}, [1, *b"hi"]), ({"add_special_tokens": True}, [1, *b"hi"]),
+                               ({"add_special_tokens": False}, list(b"hi"))]:
+            fake.prompts.clear()
+            answer = post(threaded.url, "completions", prompt="hi", **body)
+            assert answer.status_code == 200, answer.text
+            assert list(fake.prompts.values()) == [expected], body
+            assert answer.json()["usage"]["prompt_tokens"] == len(expected)
+        assert post(threaded.url, "completions", prompt="hi", add_special_tokens="no").status_code == 422
+    finally:
+        threaded.stop()
+        engine.shutdown()
