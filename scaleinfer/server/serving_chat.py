@@ -38,7 +38,7 @@ from scaleinfer.server.serving_tools import (
     plan_tools,
 )
 from scaleinfer.server.tokenizing import Prompt
-from scaleinfer.server.unsupported import refuse_unsupported_chat
+from scaleinfer.server.unsupported import refuse_unsupported_chat, refuse_unsupported_stream_options
 
 
 async def create_chat_completion(ctx: ServingContext,
@@ -46,6 +46,7 @@ async def create_chat_completion(ctx: ServingContext,
     arrival = time.monotonic()
     ctx.check_model(req.model)
     refuse_unsupported_chat(req.model_extra, [m.model_extra for m in req.messages])
+    refuse_unsupported_stream_options(req.stream_options)
     conversation = conversation_of(ctx, req.messages)
     plan = plan_tools(req, ctx.tool_call_parser)
     ctx.limits.check_admissible(req.n, 1)

@@ -25,7 +25,7 @@ from scaleinfer.server.serving import (
     run_requests,
     sse,
 )
-from scaleinfer.server.unsupported import refuse_unsupported_completion
+from scaleinfer.server.unsupported import refuse_unsupported_completion, refuse_unsupported_stream_options
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
@@ -35,6 +35,7 @@ async def create_completion(ctx: ServingContext,
     arrival = time.monotonic()
     ctx.check_model(req.model)
     refuse_unsupported_completion(req.model_extra)
+    refuse_unsupported_stream_options(req.stream_options)
     raw_prompts = normalize_prompts(req.prompt)
     ctx.limits.check_prompts(raw_prompts)
     ctx.limits.check_admissible(req.n, len(raw_prompts))

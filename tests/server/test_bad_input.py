@@ -62,6 +62,11 @@ CASES = {
     "logit_bias value too large": ("/v1/completions", body(logit_bias={"5": 101}), 400, "logit_bias", "101"),
     "logit_bias token out of vocabulary": ("/v1/completions", body(logit_bias={"999999999": 1}), 400,
                                            "logit_bias", "999999999"),
+    "usage in every chunk": ("/v1/completions", body(stream=True, stream_options={
+        "include_usage": True, "continuous_usage_stats": True}), 400, "stream_options.continuous_usage_stats",
+        "stream_options.continuous_usage_stats: usage in every chunk is not supported"),
+    "chat usage in every chunk": ("/v1/chat/completions", json.dumps({**CHAT, "stream": True, "stream_options": {
+        "continuous_usage_stats": True}}).encode(), 400, "stream_options.continuous_usage_stats", "every chunk"),
     "invalid utf-8": ("/v1/completions", b'{"model": "smollm2-135m", "prompt": "\xff\xfe"}', 400, None, "UTF-8"),
 }
 
@@ -145,3 +150,13 @@ def test_bad_requests_do_not_disturb_a_running_stream(server):
     thread.join(timeout=60)
     assert done.is_set()
     assert first + rest == alone
+
+
+def test_continuous_usage_stats_false_is_served(server):
+    """Its inert value changes nothing: the stream ends with the one usage chunk include_usage asks for."""
+    options = {"include_usage": True, "continuous_usage_stats": False}
+    response = httpx.post(f"{server.url}/v1/completions", content=body(stream=True, stream_options=options),
+                          headers={**server.headers, "Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == 200, response.text
+    chunks = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+    assert [c.get("usage") is not None for c in chunks] == [False] * (len(chunks) - 1) + [True]
