@@ -10,6 +10,7 @@ from functools import partial
 from typing import Any
 
 from scaleinfer.errors import InvalidRequestError
+from scaleinfer.sampling_params import MAX_LOGPROBS
 from scaleinfer.server.errors import bad_request
 from scaleinfer.server.logprobs import chat_logprobs, prompt_logprobs_out
 from scaleinfer.server.protocol import (
@@ -104,6 +105,8 @@ def _max_tokens(ctx: ServingContext, req: ChatCompletionRequest, num_prompt_toke
 def _num_logprobs(req: ChatCompletionRequest) -> int | None:
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:  # not SamplingParams' "logprobs"
+        raise bad_request(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {req.top_logprobs}", "top_logprobs")
     return (req.top_logprobs or 0) if req.logprobs else None
 
 

@@ -49,6 +49,8 @@ CASES = {
     "logprobs too many": ("/v1/completions", body(logprobs=99), 400, "logprobs", "logprobs"),
     "top_logprobs without logprobs": ("/v1/chat/completions", json.dumps({**CHAT, "top_logprobs": 2}).encode(),
                                       400, "top_logprobs", "logprobs"),
+    "top_logprobs too many": ("/v1/chat/completions", json.dumps({**CHAT, "logprobs": True, "top_logprobs": 21}
+                                                                 ).encode(), 400, "top_logprobs", "top_logprobs must"),
     "empty messages": ("/v1/chat/completions", json.dumps({**CHAT, "messages": []}).encode(), 400, "messages",
                        "empty"),
     "image content": ("/v1/chat/completions", json.dumps({**CHAT, "messages": [
