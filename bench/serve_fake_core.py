@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import scaleinfer.executor
@@ -29,6 +30,7 @@ class SleepExecutor:
     def __init__(self, step_s: float) -> None:
         self.step_s = step_s
         self.num_blocks = NUM_BLOCKS
+        self.runner = SimpleNamespace(device="sleep", dtype="none")  # what the core's start-up line names
 
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
         time.sleep(self.step_s)

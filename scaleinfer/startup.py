@@ -1,5 +1,6 @@
 """The start-up line: what a run serves and how, printed once to stderr when the engine is built (LLM() and the
-generate and chat commands; serve prints its own beside its URL), never into the generated text on stdout."""
+generate and chat commands; under serve the engine core's process prints it, then the front its URL), never into
+the generated text on stdout."""
 
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ class StartupSummary:
 
 
 def engine_summary(engine: Any) -> StartupSummary:
-    """The summary of an LLMEngine built in this process (its rank-0 runner is here)."""
-    config, runner = engine.config, engine.runner
+    """The summary of an LLMEngine or EngineCore built in this process (its rank-0 runner is here)."""
+    config, runner = engine.config, engine.executor.runner
     return StartupSummary(
         model=config.model.model, architecture=engine.arch.architecture, device=str(runner.device),
         dtype=_dtype_name(runner.dtype), max_model_len=engine.max_model_len,

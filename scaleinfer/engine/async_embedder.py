@@ -49,6 +49,7 @@ class AsyncEmbedder:
 
     @classmethod
     def from_config(cls, config: EngineConfig, progress: bool = True) -> AsyncEmbedder:
+        from scaleinfer.startup import embedder_summary, print_startup
         from scaleinfer.weights.source import resolve_model
         from scaleinfer.worker.embedding_runner import EmbeddingRunner
 
@@ -56,7 +57,10 @@ class AsyncEmbedder:
             raise InvalidRequestError(f"task 'embed' runs in one process; got tensor_parallel_size="
                                       f"{config.parallel.tensor_parallel_size}")
         source = resolve_model(config.model.model, config.model.load_format)
-        return cls(EmbeddingRunner(config.model, config.scheduler, source, progress), config.model.model)
+        runner = EmbeddingRunner(config.model, config.scheduler, source, progress)
+        if progress:
+            print_startup(embedder_summary(config.model.model, runner))
+        return cls(runner, config.model.model)
 
     @property
     def is_healthy(self) -> bool:

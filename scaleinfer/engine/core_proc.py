@@ -38,6 +38,7 @@ from scaleinfer.engine.core_types import (
     message_encoder,
 )
 from scaleinfer.errors import EngineDeadError
+from scaleinfer.startup import engine_summary, print_startup
 
 logger = logging.getLogger(__name__)
 READER_POLL_S = 1.0  # how often the front's reader, with nothing to read, checks that the core lives
@@ -61,6 +62,7 @@ def run_core_process(config: EngineConfig, core_class: type, tokenizer_eos_token
         except BaseException as exc:
             send(CoreFailed(f"engine core failed to start: {type(exc).__name__}: {exc}"))
             raise
+        print_startup(engine_summary(core))  # to serve's stderr, before the front's line (sent on ready)
         send(core.ready())
         CoreLoop(core, _receiver(commands), send, lambda: os.getppid() == front_pid).run()
     finally:
