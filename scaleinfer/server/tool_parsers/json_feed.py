@@ -10,14 +10,12 @@ object (a member without a key) nothing more.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from scaleinfer.server.tool_parsers.json_scan import ARGUMENT_KEYS, NAME_KEY
+from scaleinfer.server.tool_parsers.json_scan import ARGUMENT_KEYS, NAME_KEY, WHITESPACE, loads_or_none
 
-_WHITESPACE = " \t\r\n"
 _STRING_STOP = re.compile(r'["\\]')  # in a string: its end, or an escape
 _CONTAINER_STOP = re.compile(r'["{}\[\]]')  # in a container, outside strings
 _SCALAR_STOP = re.compile(r'[,}\] \t\r\n]')  # json_scan's _VALUE_ENDS
@@ -125,7 +123,7 @@ class CallScanner:
 
     def _key_or_end(self, text: str, i: int) -> int:
         char = text[i]
-        if char in _WHITESPACE:
+        if char in WHITESPACE:
             return i + 1
         if char == "}":
             self._end_call()
@@ -137,11 +135,11 @@ class CallScanner:
         return i
 
     def _key_read(self) -> None:
-        self._key = _loads("".join(self._sink or ()))
+        self._key = loads_or_none("".join(self._sink or ()))
         self._state = self._colon
 
     def _colon(self, text: str, i: int) -> int:
-        if text[i] in _WHITESPACE:
+        if text[i] in WHITESPACE:
             return i + 1
         if text[i] != ":":
             self._state = self._dead
@@ -150,7 +148,7 @@ class CallScanner:
         return i + 1
 
     def _value_start(self, text: str, i: int) -> int:
-        if text[i] in _WHITESPACE:
+        if text[i] in WHITESPACE:
             return i + 1
         call, first = self._call, text[i]
         assert call is not None, "a member is inside a call"
@@ -165,7 +163,7 @@ class CallScanner:
 
     def _name_read(self) -> None:
         assert self._call is not None and self._sink is not None
-        name = _loads("".join(self._sink))
+        name = loads_or_none("".join(self._sink))
         self._call.name = name if isinstance(name, str) else None
         self._member_done()
 
@@ -173,7 +171,7 @@ class CallScanner:
         self._state = self._after_value
 
     def _after_value(self, text: str, i: int) -> int:
-        if text[i] in _WHITESPACE:
+        if text[i] in WHITESPACE:
             return i + 1
         self._state = self._key_or_end
         return i + 1 if text[i] == "," else i
@@ -215,15 +213,8 @@ class ArgumentsScanner(CallScanner):
         self._after_call = self._dead
 
     def _arguments_start(self, text: str, i: int) -> int:
-        if text[i] in _WHITESPACE:
+        if text[i] in WHITESPACE:
             return i + 1
         assert self._call is not None
         self._start_value(text[i], self._call.arguments, self._end_call)
         return i
-
-
-def _loads(text: str) -> object:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 NAME_KEY = "name"
 ARGUMENT_KEYS = ("arguments", "parameters")  # Hermes and Mistral write "arguments", Llama 3.1 "parameters"
-_WHITESPACE = " \t\r\n"
+WHITESPACE = " \t\r\n"
 _VALUE_ENDS = ",}] \t\r\n"
 
 
@@ -79,11 +79,11 @@ def _scan_member(text: str, i: int, call: PartialCall) -> int | None:
         return None
     start = skip_whitespace(text, colon + 1)
     end = value_end(text, start)
-    key = _loads(text[i:key_end])
+    key = loads_or_none(text[i:key_end])
     if key in ARGUMENT_KEYS and start < len(text) and call.args_start is None:
         call.args_start, call.args_end = start, end
     elif key == NAME_KEY and end is not None:
-        name = _loads(text[start:end])
+        name = loads_or_none(text[start:end])
         call.name = name if isinstance(name, str) else None
     return end
 
@@ -132,12 +132,13 @@ def _container_end(text: str, i: int) -> int | None:
 
 
 def skip_whitespace(text: str, i: int) -> int:
-    while i < len(text) and text[i] in _WHITESPACE:
+    while i < len(text) and text[i] in WHITESPACE:
         i += 1
     return i
 
 
-def _loads(text: str) -> object:
+def loads_or_none(text: str) -> object:
+    """The JSON value of text, None where it is not JSON."""
     try:
         return json.loads(text)
     except ValueError:
