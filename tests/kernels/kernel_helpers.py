@@ -1,4 +1,5 @@
-"""Paged KV caches for kernel tests: sequences in shuffled blocks, every other slot poisoned with NaN."""
+"""Kernel tests' inputs: paged KV caches (sequences in shuffled blocks, every other slot poisoned with NaN), random
+int4 weights, and tolerances per dtype."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from scaleinfer.kernels.gemv_int4 import pack_int4
 from scaleinfer.kernels.paged_attention import write_kv_cache
 
 
@@ -49,3 +51,12 @@ def slots_of(table: list[int], positions, block_size: int, device: torch.device)
 
 def tolerance(dtype: torch.dtype) -> dict[str, float]:
     return dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+
+
+def random_int4_weight(n: int, k: int, group: int, seed: int, device: str | torch.device = "cpu"):
+    """(packed levels [N, K // 2], scale, zero [N, K // group]) sized so that outputs of x ~ N(0, 1) are about 1."""
+    g = torch.Generator().manual_seed(seed)
+    levels = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scale = (torch.rand(n, k // group, generator=g) + 0.5) / (4 * k**0.5)
+    zero = torch.randn(n, k // group, generator=g) / (4 * k**0.5)
+    return pack_int4(levels).to(device), scale.to(device), zero.to(device)

@@ -5,7 +5,7 @@ the compiled kernel to the bit, and against torch's tinygemm itself (its product
 
 import pytest
 import torch
-from kernel_helpers import tolerance
+from kernel_helpers import random_int4_weight, tolerance
 
 from scaleinfer.kernels import dequant_int4_tinygemm
 from scaleinfer.kernels.dequant_int4_tinygemm import (
@@ -14,7 +14,6 @@ from scaleinfer.kernels.dequant_int4_tinygemm import (
     dequantize_tinygemm,
     weight_shape,
 )
-from scaleinfer.kernels.gemv_int4 import pack_int4
 from scaleinfer.kernels.int4_tinygemm import (
     inner_k_tiles,
     pack_tinygemm,
@@ -26,11 +25,7 @@ from scaleinfer.kernels.int4_tinygemm import (
 
 def _tinygemm_weight(n, k, group, seed, device="cpu"):
     """Random levels, scales and zeros (outputs of x ~ N(0, 1) about 1) in tinygemm's layout."""
-    g = torch.Generator().manual_seed(seed)
-    levels = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    scale = (torch.rand(n, k // group, generator=g) + 0.5) / (4 * k**0.5)
-    zero = torch.randn(n, k // group, generator=g) / (4 * k**0.5)
-    return pack_tinygemm(pack_int4(levels).to(device), scale.to(device), zero.to(device))
+    return pack_tinygemm(*random_int4_weight(n, k, group, seed, device))
 
 
 # (N, K, group, inner k-tiles): N past the interpreter's 16-row tiles, K past its 128-feature ones, or neither

@@ -4,7 +4,7 @@ equals the reference packing, and aten._weight_int4pack_mm equals int4_linear_re
 
 import pytest
 import torch
-from kernel_helpers import tolerance
+from kernel_helpers import random_int4_weight, tolerance
 
 from scaleinfer.kernels.gemv_int4 import int4_linear_ref, pack_int4
 from scaleinfer.kernels.int4_tinygemm import (
@@ -17,22 +17,13 @@ from scaleinfer.kernels.int4_tinygemm import (
 )
 
 
-def _weight(n, k, group, seed, device="cpu"):
-    """Levels, and scales and zeros sized so that outputs of x ~ N(0, 1) are about 1."""
-    g = torch.Generator().manual_seed(seed)
-    levels = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    scale = (torch.rand(n, k // group, generator=g) + 0.5) / (4 * k**0.5)
-    zero = torch.randn(n, k // group, generator=g) / (4 * k**0.5)
-    return pack_int4(levels).to(device), scale.to(device), zero.to(device)
-
-
 def _swap_nibbles(packed):
     return (packed << 4) | (packed >> 4)
 
 
 @pytest.mark.parametrize("n,k,t", [(8, 32, 2), (16, 128, 4), (24, 256, 8), (40, 384, 8)])
 def test_reference_layout_inverts_exactly(n, k, t):
-    packed, _, _ = _weight(n, k, 32, seed=n + k)
+    packed, _, _ = random_int4_weight(n, k, 32, seed=n + k)
     layout = tinygemm_layout_ref(packed, t)
     assert layout.shape == (n // 8, k // (16 * t), 32, t // 2) and layout.dtype == torch.int32
     assert torch.equal(from_tinygemm_layout(layout), packed)
@@ -59,7 +50,7 @@ def test_inner_k_tiles_is_the_largest_that_divides_k():
 def test_reference_matmul_equals_the_format(m, k, group):
     """Off the GPU tinygemm_mm runs the kernel's arithmetic in torch (bf16 weights and scales): bf16-close to the
     float32 reference, and far from it when the nibbles of each byte are read the other way."""
-    packed, scale, zero = _weight(48, k, group, seed=m + k)
+    packed, scale, zero = random_int4_weight(48, k, group, seed=m + k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
     got = tinygemm_mm(x, pack_tinygemm(packed, scale, zero))
     assert got.shape == (m, 48) and got.dtype == torch.bfloat16
@@ -88,7 +79,7 @@ def test_tinygemm_takes_bf16_and_the_kernels_shapes(cuda):
 @pytest.mark.parametrize("n,k", [(64, 32), (48, 576), (256, 4096), (128, 14336)])
 def test_torch_packing_equals_the_reference_layout(n, k, cuda):
     """Our reading of int4mm.cu (nibble order of the uint8 input, lanes, k-tile pairs) against torch's own."""
-    packed, _, _ = _weight(n, k, 32, seed=n * k, device=cuda)
+    packed, _, _ = random_int4_weight(n, k, 32, seed=n * k, device=cuda)
     t = inner_k_tiles(k)
     torch_layout = torch.ops.aten._convert_weight_to_int4pack(_swap_nibbles(packed).contiguous(), t)
     assert torch.equal(torch_layout, tinygemm_layout_ref(packed, t))
@@ -103,7 +94,7 @@ def test_torch_packing_equals_the_reference_layout(n, k, cuda):
 def test_torch_tinygemm_equals_the_reference(m, group, n, k, cuda):
     if k % group:
         pytest.skip("the group does not divide K")
-    packed, scale, zero = _weight(n, k, group, seed=m + group + n, device=cuda)
+    packed, scale, zero = random_int4_weight(n, k, group, seed=m + group + n, device=cuda)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(device=cuda, dtype=torch.bfloat16)
     bias = torch.randn(n, device=cuda, dtype=torch.bfloat16)
     got = tinygemm_mm(x, pack_tinygemm(packed, scale, zero), bias)
