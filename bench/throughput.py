@@ -6,6 +6,8 @@ tokens each request asked for (eos ignored), so the figures compare useful work 
     python bench/throughput.py                      # the embedded model on the best device present
     python bench/throughput.py --shape llama3-8b --num-requests 512 --hf-batch-size 64 \
         --min-prompt 128 --max-prompt 1024 --min-output 128 --max-output 512   # random bf16 weights, GPU
+    python bench/throughput.py --shape llama3-8b ... --runs bf16,fp8,fp8:fp8   # HF once, then ours per
+        weight scheme[:KV-cache dtype], each against HF and against the first run
 """
 
 from __future__ import annotations
@@ -126,7 +128,8 @@ def main() -> None:
     path = write_result("throughput" + (f"-{args.shape}" if args.shape else ""), torch.device(result["device"]),
                         result)
     for key in result["scaleinfer"]:
-        ours, peer = result["scaleinfer"][key]["output_tok_s"], result["hf_transformers"][key]["output_tok_s"]
+        ours = result["scaleinfer"][key]["output_tok_s"]
+        peer = _peer(result["hf_transformers"], key)["output_tok_s"]
         print(f"{key}: scaleinfer {ours:.1f} tok/s, HF {peer:.1f} tok/s, ratio {ours / peer:.2f}")
     print(f"wrote {path}")
 
@@ -166,13 +169,39 @@ def run_shape(args: argparse.Namespace) -> dict:
         del hf
         gc.collect()
         torch.cuda.empty_cache()
-        llm = LLM(model=tmp, dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True, progress=False,
-                  quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
         limits = ceilings(device, dtype)
-        ours = {"batch": run_scaleinfer(llm, work, limits)}
-    weights = f"{args.quantization} (scaleinfer; HF bf16)" if args.quantization else "bf16"
-    return _record(f"{args.shape} shape, random {weights} weights, KV cache {args.kv_cache_dtype}", device, dtype,
+        ours = {}
+        for key, (scheme, kv) in _runs(args).items():
+            llm = LLM(model=tmp, dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True, progress=False,
+                      quantization=scheme, kv_cache_dtype=kv)
+            ours[key] = run_scaleinfer(llm, work, limits)
+            del llm
+            gc.collect()
+            torch.cuda.empty_cache()
+    schemes = sorted({scheme or "bf16" for scheme, _ in _runs(args).values()})
+    return _record(f"{args.shape} shape, random weights: scaleinfer {'/'.join(schemes)}, HF bf16", device, dtype,
                    args, ours, peer, limits)
+
+
+def _runs(args: argparse.Namespace) -> dict[str, tuple[str | None, str]]:
+    """Our runs by result key -> (quantization, kv_cache_dtype): --runs, or the one of --quantization and
+    --kv-cache-dtype (key 'batch', HF's)."""
+    if not args.runs:
+        return {"batch": (args.quantization, args.kv_cache_dtype)}
+    return {f"{scheme or 'bf16'}-kv-{kv}": (scheme, kv) for scheme, kv in args.runs}
+
+
+def parse_runs(text: str) -> list[tuple[str | None, str]]:
+    """--runs: comma-separated scheme[:kv_cache_dtype] (bf16 for the weights as stored; kv default auto)."""
+    from common import quantization_schemes
+
+    runs = []
+    for item in text.split(","):
+        scheme, _, kv = item.partition(":")
+        if (kv or "auto") not in KV_CACHE_DTYPES:
+            raise argparse.ArgumentTypeError(f"--runs {item!r}: kv_cache_dtype {kv!r} is not one of {KV_CACHE_DTYPES}")
+        runs.append((quantization_schemes(scheme)[0], kv or "auto"))
+    return runs
 
 
 def _workload(args: argparse.Namespace, vocab: int) -> Workload:
@@ -186,8 +215,14 @@ def _record(model: str, device: torch.device, dtype: torch.dtype, args: argparse
         "model": model, "device": str(device), "dtype": str(dtype), "workload": vars(args), "ceilings": limits,
         "scaleinfer": {k: asdict(v) for k, v in ours.items()},
         "hf_transformers": {k: asdict(v) for k, v in peer.items()},
-        "ratio_output_tok_s": {k: ours[k].output_tok_s / peer[k].output_tok_s for k in ours},
+        "ratio_output_tok_s": {k: ours[k].output_tok_s / _peer(peer, k).output_tok_s for k in ours},
+        "ratio_vs_first_run": {k: v.output_tok_s / next(iter(ours.values())).output_tok_s for k, v in ours.items()},
     }
+
+
+def _peer(peer: dict, key: str):
+    """HF's figures for our run `key`: its own of the same key, else its one batch run (--runs)."""
+    return peer.get(key, peer.get("batch"))
 
 
 def _parse() -> argparse.Namespace:
@@ -205,6 +240,9 @@ def _parse() -> argparse.Namespace:
                         help="our weights quantized on load (gguf: the embedded file's as stored); HF unquantized")
     parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                         help="with --shape: scaleinfer's KV cache dtype (fp8: twice bf16's tokens)")
+    parser.add_argument("--runs", type=parse_runs, default=None,
+                        help="with --shape: several of our runs after one HF run, e.g. bf16,fp8,fp8:fp8 "
+                             "(scheme[:kv_cache_dtype]); replaces --quantization and --kv-cache-dtype")
     return parser.parse_args()
 
 
