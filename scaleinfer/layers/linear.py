@@ -7,7 +7,9 @@ layers (QKV, gate/up) take one checkpoint tensor per shard_id and place it at it
 
 A scheme owns the weight's parameters, how rows are stored and the matmul. The parallel linears take the one
 set by `linear_scheme(...)` while the model is built (the model files never name it); ReplicatedLinear (a
-router, OPT's projections) always stays unquantized.
+router, OPT's projections) always stays unquantized. A scheme that chooses per layer (a GGUF file's tensors each
+keep their own type) names, once the model is built, the layers that take another scheme (`layer_schemes`), and
+`choose_layer_schemes` re-makes their weights in it before anything is loaded.
 """
 
 from __future__ import annotations
@@ -63,6 +65,19 @@ def current_scheme():
     return _scheme
 
 
+def choose_layer_schemes(model: nn.Module, scheme) -> None:
+    """Where the model-level `scheme` chooses per layer (`scheme.layer_schemes(model)`: {module name: scheme}), re-make
+    those parallel linears' weights in their own scheme. Call it right after building the model, inside the same
+    device / dtype contexts, before any weight is loaded."""
+    choose = getattr(scheme, "layer_schemes", None)
+    if choose is None:
+        return
+    chosen = choose(model)
+    for name, module in model.named_modules():
+        if name in chosen and isinstance(module, LinearBase) and chosen[name] is not module.scheme:
+            module.use_scheme(chosen[name])
+
+
 def quantization_scheme(name: str | None, checkpoint=None):
     """The scheme for a ModelConfig.quantization value (validated there), or for a pre-quantized checkpoint's
     quantization_config (weights/quant_config.py), which then decides."""
@@ -101,13 +116,30 @@ class LinearBase(nn.Module):
         state = get_parallel_state()
         self.tp_rank, self.tp_size = state.tp_rank, state.tp_size
         self.input_size = input_size  # this rank's input features (a packed scheme's weight may hold fewer columns)
+        self.output_size = output_size  # this rank's output features
         self.scheme = scheme or _scheme
-        self.scheme.create_weights(self, output_size, input_size)
-        self.weight.weight_loader = self.weight_loader
+        self._create_weights()
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
+
+    def _create_weights(self) -> None:
+        """The scheme's weight, buffers and attributes; their names are kept so that use_scheme can drop them."""
+        before = self._own_names()
+        self.scheme.create_weights(self, self.output_size, self.input_size)
+        self._scheme_names = self._own_names() - before
+        self.weight.weight_loader = self.weight_loader
+
+    def _own_names(self) -> set[str]:
+        return set(self.__dict__) | set(self._parameters) | set(self._buffers)
+
+    def use_scheme(self, scheme) -> None:
+        """Hold the weight as `scheme` says instead of the scheme it was built with; before any weight is loaded."""
+        for name in self._scheme_names:
+            delattr(self, name)
+        self.scheme = scheme
+        self._create_weights()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scheme.apply(self, x, self.bias)

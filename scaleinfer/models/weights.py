@@ -30,7 +30,7 @@ def load_into(
     for name, tensor in weights:
         if name.endswith(skip_suffixes):
             continue
-        target, shard_id = _map_name(name, stacked_params)
+        target, shard_id = map_name(name, stacked_params)
         if target not in targets:
             raise ModelLoadError(f"checkpoint tensor {name!r} matches no parameter of {type(model).__name__}")
         param = targets[target]
@@ -41,7 +41,8 @@ def load_into(
     _check_complete(model, set(params) - loaded)
 
 
-def _map_name(name: str, stacked_params: dict[str, tuple[str, str | int]]) -> tuple[str, str | int | None]:
+def map_name(name: str, stacked_params: dict[str, tuple[str, str | int]]) -> tuple[str, str | int | None]:
+    """A checkpoint tensor's name -> (the parameter it loads into, its shard id in a fused one, or None)."""
     for fragment, (fused, shard_id) in stacked_params.items():
         if fragment in name:
             return name.replace(fragment, fused), shard_id

@@ -18,7 +18,7 @@ from torch import nn
 
 from scaleinfer.config import ModelConfig, OffloadConfig
 from scaleinfer.errors import InvalidRequestError, UnsupportedArchitectureError
-from scaleinfer.layers.linear import linear_scheme, quantization_scheme
+from scaleinfer.layers.linear import choose_layer_schemes, linear_scheme, quantization_scheme
 from scaleinfer.models.registry import model_class
 from scaleinfer.models.weights import _default_loader
 from scaleinfer.offload.host_store import HostStore
@@ -46,6 +46,7 @@ def build_offloaded_model(
     scheme = quantization_scheme(config.quantization, source.quant)
     with default_dtype(dtype), torch.device(device), parameters_on_meta(), linear_scheme(scheme):
         model = model_class(source.arch)(source.arch)
+        choose_layer_schemes(model, scheme)
     layers = _decoder_layers(model)
     shard = current_shard()
     layouts = [LayerLayout.of(layer, shard.world_size if shard else 1) for layer in layers]

@@ -7,12 +7,13 @@ Built on the `gguf` package. Three things differ from an HF checkpoint:
 - rope layout: llama.cpp's converter permutes the rows of attn_q / attn_k of Llama models from HF's
   half-split rope layout to its interleaved one; iter_weights undoes that (Qwen2 is stored unpermuted).
 Quantized tensors are dequantized (through float32) to the requested dtype, except under quantization="gguf"
-(GGUFQuant), where Q4_0 / Q4_1 / Q4_K linear weights stay int4. A tied model has no output.weight, and then no
-lm_head.weight is yielded.
+(GGUFQuant), where the linears whose tensors are all Q4_0 / Q4_1 / Q4_K stay int4 (GGUFFile.kept, chosen per
+linear: weights/gguf_quant.py). A tied model has no output.weight, and then no lm_head.weight is yielded.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from collections.abc import Iterator
@@ -29,11 +30,11 @@ from tqdm import tqdm
 from scaleinfer.config import ArchConfig
 from scaleinfer.errors import InvalidRequestError, ModelLoadError, UnsupportedArchitectureError
 from scaleinfer.weights.gguf_quant import (
-    BLOCK,
-    KEPT_TYPES,
+    LinearPlan,
     Q4Blocks,
     is_linear_weight,
-    keeps_linears,
+    keeps_any,
+    plan_linears,
     q4_to_torch,
     read_q4,
 )
@@ -73,6 +74,7 @@ BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # quantization="gguf": the embedding (and a tied LM head) as per-row int8 of its dequantized values; on a 135M
 # model the head is a third of a decode step's bytes (tests turn it off to compare with the dequantized path)
 HEAD_INT8 = True
+logger = logging.getLogger(__name__)
 EOS_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 
 
@@ -85,7 +87,7 @@ class GGUFFile:
     arch: ArchConfig
     reader: GGUFReader = field(repr=False)
     rope_permuted: bool = False
-    keep_int4: bool = False  # Q4_0 / Q4_1 / Q4_K linear weights come as Int4Rows, not dequantized (GGUFQuant)
+    kept: frozenset[str] = frozenset()  # GGUF names of the linear weights that come as Int4Rows (LinearPlan.kept)
 
     @property
     def chat_template(self) -> str | None:
@@ -99,7 +101,7 @@ class GGUFFile:
                 yield hf_name(tensor.name, self.path), self._to_torch(tensor, dtype)
 
     def _to_torch(self, tensor: ReaderTensor, dtype: torch.dtype) -> torch.Tensor | Int4Rows:
-        if self.keep_int4 and tensor.tensor_type in KEPT_TYPES and is_linear_weight(tensor.name):
+        if tensor.name in self.kept:
             return self._kept(tensor)
         array = self._unpermuted(tensor.name, _dequantize(tensor, self.path))  # [out, in] or [n]
         # np.array copies: the reader's arrays are read-only views of the memory-mapped file
@@ -126,8 +128,10 @@ class GGUFFile:
 
 @dataclass(slots=True, frozen=True)
 class GGUFQuant:
-    """A GGUF source's say in the linears' scheme (ModelSource.quant): quantization="gguf" keeps its Q4_0 /
-    Q4_1 / Q4_K linear weights as int4 in groups of 32 (weights/gguf_quant.py); any other choice dequantizes first."""
+    """A GGUF source's say in the linears' scheme (ModelSource.quant): quantization="gguf" keeps the linears
+    whose weights are Q4_0 / Q4_1 / Q4_K as int4 in groups of 32 and dequantizes the others, per linear
+    (layers/quant_gguf.py); any other choice dequantizes first. A file without any kept linear weight is
+    dequantized whole, which is said once."""
 
     file: GGUFFile
 
@@ -136,12 +140,26 @@ class GGUFQuant:
 
         if requested != "gguf":
             return quantization_scheme(requested)
-        if not keeps_linears(self.file.reader.tensors, self.file.path):
+        if not keeps_any(self.file.reader.tensors):
+            types = sorted({t.tensor_type.name for t in self.file.reader.tensors if is_linear_weight(t.name)})
+            logger.warning("%s: quantization='gguf' keeps Q4_0/Q4_1/Q4_K linear weights; this file's are %s, so "
+                           "every linear weight is dequantized", self.file.path, ", ".join(types))
             return UNQUANTIZED
-        from scaleinfer.layers.quant_int4 import Int4Scheme
+        from scaleinfer.layers.quant_gguf import GGUFScheme
 
-        self.file.keep_int4 = True
-        return Int4Scheme(group_size=BLOCK, lm_head_int8=HEAD_INT8)
+        return GGUFScheme(self, lm_head_int8=HEAD_INT8)
+
+    def plan(self, stacked_params: dict[str, tuple[str, str | int]]) -> LinearPlan:
+        """Which linears keep their weights, for a model whose fused parameters are `stacked_params`; the file
+        then yields those weights as int4 rows. Said once, with the counts of each type."""
+        from scaleinfer.models.weights import map_name
+
+        module_of = lambda name: map_name(hf_name(name, self.file.path), stacked_params)[0].removesuffix(".weight")
+        plan = plan_linears(self.file.reader.tensors, module_of)
+        self.file.kept = plan.kept
+        level = logging.WARNING if plan.dequantized_types else logging.INFO
+        logger.log(level, "%s: %s", self.file.path, plan.describe())
+        return plan
 
 
 def open_gguf(path: Path) -> GGUFFile:

@@ -10,15 +10,19 @@ w = (q - 8) * scale + zero, in groups of 32: scale = d and zero = 0 (Q4_0) or m 
 zero = 8 * scale - dmin * m (Q4_K). Q4_0 / Q4_1 give gguf's own dequantization exactly, Q4_K within float32's
 rounding of one subtraction (the tests check both).
 
-quantization="gguf" keeps them when every linear weight of the file is one of these types (the embedded
-SmolLM2 is Q4_1); a file with other linear types (Q8_0, Q6_K and the other K-quants: a Q4_K_M file mixes Q6_K in,
-and a scheme is chosen per model, not per layer) is dequantized, which the load says once. The embedding (and
-the tied LM head) is dequantized in every case.
+quantization="gguf" chooses per linear (plan_linears): a linear whose GGUF tensors are all of these types keeps
+them as int4; any other linear (Q8_0, Q6_K, Q5_K and the other K-quants, F16: a Q4_K_M file puts Q6_K in some
+layers' attn_v and ffn_down) is dequantized to the run dtype, that linear only. A fused linear (qkv, gate_up)
+merges several GGUF tensors: it keeps them only when every one of them is kept, else all of it is dequantized.
+The load says once how many linear tensors of each type were kept and dequantized. The embedding (and the tied
+LM head) is dequantized in every case.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,14 +93,43 @@ def _float16(pairs: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pairs).view(np.float16)[..., 0].astype(np.float32)
 
 
-def keeps_linears(tensors: list[ReaderTensor], path: object) -> bool:
-    """Whether every linear weight is a kept type; if not, the types that are dequantized are said once."""
-    other = sorted({t.tensor_type.name for t in tensors
-                    if is_linear_weight(t.name) and t.tensor_type not in KEPT_TYPES})
-    if other:
-        logger.warning("%s: quantization='gguf' keeps Q4_0/Q4_1/Q4_K linear weights only; this file's linears include "
-                       "%s, so every linear weight is dequantized", path, ", ".join(other))
-    return not other
+@dataclass(slots=True, frozen=True)
+class LinearPlan:
+    """Which of a file's linear weights stay quantized: kept, the GGUF names of the tensors that are; dense, the
+    names of the modules (ours: model.layers.0.mlp.down_proj) that take the run dtype instead."""
+
+    kept: frozenset[str]
+    dense: frozenset[str]
+    kept_types: dict[str, int]  # type name -> how many linear tensors of it are kept
+    dequantized_types: dict[str, int]  # ... are dequantized (a kept type merged with another one counts here)
+
+    def describe(self) -> str:
+        counts = lambda types: ", ".join(f"{n} {t}" for t, n in sorted(types.items())) or "none"
+        return (f"quantization='gguf' keeps {counts(self.kept_types)} linear weights quantized and dequantizes "
+                f"{counts(self.dequantized_types)}")
+
+
+def plan_linears(tensors: list[ReaderTensor], module_of: Callable[[str], str]) -> LinearPlan:
+    """module_of: a linear tensor's GGUF name -> the module (our name) it loads into; tensors that share a module
+    (q, k and v; gate and up) are kept together or dequantized together."""
+    by_module: dict[str, list[ReaderTensor]] = {}
+    for tensor in tensors:
+        if is_linear_weight(tensor.name):
+            by_module.setdefault(module_of(tensor.name), []).append(tensor)
+    kept, dense, kept_types, dequantized = set(), set(), Counter(), Counter()
+    for module, parts in by_module.items():
+        types = [t.tensor_type.name for t in parts]
+        if all(t.tensor_type in KEPT_TYPES for t in parts):
+            kept.update(t.name for t in parts)
+            kept_types.update(types)
+        else:
+            dense.add(module)
+            dequantized.update(types)
+    return LinearPlan(frozenset(kept), frozenset(dense), dict(kept_types), dict(dequantized))
+
+
+def keeps_any(tensors: list[ReaderTensor]) -> bool:
+    return any(is_linear_weight(t.name) and t.tensor_type in KEPT_TYPES for t in tensors)
 
 
 def q4_to_torch(blocks: Q4Blocks):

@@ -8,7 +8,7 @@ import torch
 
 from scaleinfer.config import CacheConfig, ModelConfig, OffloadConfig
 from scaleinfer.layers.attention import Attention
-from scaleinfer.layers.linear import linear_scheme, quantization_scheme
+from scaleinfer.layers.linear import choose_layer_schemes, linear_scheme, quantization_scheme
 from scaleinfer.layers.sampler import SamplerOutput, sample
 from scaleinfer.models.registry import model_class
 from scaleinfer.offload.kv_host import HostKVCache
@@ -103,6 +103,7 @@ class ModelRunner:
         scheme = quantization_scheme(config.quantization, source.quant)
         with default_dtype(self.dtype), torch.device(self.device), linear_scheme(scheme):
             model = model_class(source.arch)(source.arch)
+            choose_layer_schemes(model, scheme)
         if config.load_format == "dummy":
             init_dummy_weights(model, config.seed)
         else:

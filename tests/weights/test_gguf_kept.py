@@ -1,8 +1,10 @@
 """GGUF weights kept quantized (quantization="gguf"): the embedded file's Q4_1 tensors as int4 rows equal, once
 dequantized, the tensors the dequantizing path gives (q/k rows un-permuted together with their scales and
-zeros); the kept path is chosen only for files whose linears are all Q4_0/Q4_1, and says so otherwise."""
+zeros); the plan keeps every linear of an all-Q4 file, and a file without Q4 linears is dequantized whole."""
 
 import logging
+from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,9 +13,11 @@ from gguf import GGMLQuantizationType
 from gguf.quants import quantize
 
 from scaleinfer.layers.linear import UNQUANTIZED
-from scaleinfer.layers.quant_int4 import Int4Rows, Int4Scheme
+from scaleinfer.layers.quant_gguf import GGUFScheme
+from scaleinfer.layers.quant_int4 import Int4Rows
+from scaleinfer.models.llama import LlamaForCausalLM
 from scaleinfer.weights.gguf import GGUFQuant, open_gguf
-from scaleinfer.weights.gguf_quant import keeps_linears, read_q4
+from scaleinfer.weights.gguf_quant import is_linear_weight, read_q4
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +29,12 @@ def embedded(embedded_gguf):
 def test_kept_rows_dequantize_to_the_dequantized_paths_tensor_exactly(embedded, part):
     tensor = next(t for t in embedded.reader.tensors if t.name == f"blk.3.{part}.weight")
     assert tensor.tensor_type == GGMLQuantizationType.Q4_1
-    embedded.keep_int4 = False
     expected = embedded._to_torch(tensor, torch.float32)
-    embedded.keep_int4 = True
+    embedded.kept = frozenset({tensor.name})
     try:
         kept = embedded._to_torch(tensor, torch.float32)
     finally:
-        embedded.keep_int4 = False
+        embedded.kept = frozenset()
     assert isinstance(kept, Int4Rows) and kept.group_size == 32 and kept.levels.max() <= 15
     assert torch.equal(kept.dequantize(), expected)
 
@@ -53,20 +56,25 @@ def test_q4_0_blocks_are_symmetric_levels_with_zero_zeros():
     np.testing.assert_array_equal(got, want)
 
 
-def test_the_scheme_keeps_an_all_q4_file_and_dequantizes_others(embedded, caplog):
+def test_the_scheme_keeps_every_linear_of_an_all_q4_file(embedded, caplog):
     scheme = GGUFQuant(embedded).scheme("gguf")
-    try:
-        assert isinstance(scheme, Int4Scheme) and scheme.group_size == 32 and embedded.keep_int4
-    finally:
-        embedded.keep_int4 = False
-    assert GGUFQuant(embedded).scheme(None) is UNQUANTIZED and not embedded.keep_int4
-    tensors = [t for t in embedded.reader.tensors if t.name.startswith("blk.0.")]
-    q8 = next(t for t in embedded.reader.tensors if t.name == "token_embd.weight")
+    assert isinstance(scheme, GGUFScheme) and scheme.group_size == 32 and scheme.lm_head_int8
+    with caplog.at_level(logging.INFO):
+        try:
+            assert scheme.layer_schemes(SimpleNamespace(stacked_params=LlamaForCausalLM.stacked_params)) == {}
+            linears = [t.name for t in embedded.reader.tensors if is_linear_weight(t.name)]
+            assert embedded.kept == frozenset(linears) and len(linears) == 7 * embedded.arch.num_hidden_layers
+        finally:
+            embedded.kept = frozenset()
+    assert f"keeps {len(linears)} Q4_1 linear weights quantized and dequantizes none" in caplog.text
+    assert GGUFQuant(embedded).scheme(None) is UNQUANTIZED
 
-    class Renamed:  # a Q8_0 tensor under a linear's name
-        name, tensor_type = "blk.0.ffn_down.weight", q8.tensor_type
+
+def test_a_file_without_q4_linears_is_dequantized_whole(embedded, caplog):
+    class Q8Reader:  # the embedded file's tensors, every linear Q8_0 as its embedding
+        tensors = [SimpleNamespace(name=t.name, tensor_type=GGMLQuantizationType.Q8_0) for t in embedded.reader.tensors]
 
     with caplog.at_level(logging.WARNING):
-        assert keeps_linears(tensors, "f.gguf")
-        assert not keeps_linears(tensors + [Renamed], "f.gguf")
-    assert "include Q8_0, so every linear weight is dequantized" in caplog.text
+        scheme = GGUFQuant(replace(embedded, reader=Q8Reader)).scheme("gguf")
+    assert scheme is UNQUANTIZED
+    assert "this file's are Q8_0, so every linear weight is dequantized" in caplog.text

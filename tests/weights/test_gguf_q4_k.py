@@ -107,9 +107,9 @@ def test_a_q4_k_file_is_kept_and_runs_as_its_dequantized_weights(q4_k_llama):
     both paths unpermute alike.)"""
     source = open_gguf(q4_k_llama)
     tensor = next(t for t in source.reader.tensors if t.name == "blk.1.ffn_down.weight")
-    source.keep_int4 = True
+    source.kept = frozenset({tensor.name})
     kept = source._to_torch(tensor, torch.float32)
-    source.keep_int4 = False
+    source.kept = frozenset()
     assert isinstance(kept, Int4Rows) and kept.group_size == 32
     torch.testing.assert_close(kept.dequantize(), source._to_torch(tensor, torch.float32), rtol=0, atol=1e-6)
     # 18 prompts decode 18 rows a step: past the CPU int4 kernel's 16 (bfloat16 activations), so the linears

@@ -1,0 +1,114 @@
+"""quantization="gguf" chooses per linear: in a file that mixes Q4_K with Q6_K and Q5_K (as a Q4_K_M file does),
+the linears whose tensors are all Q4_K keep them as int4, the others (a fused qkv or gate_up with one Q6_K part
+included) are dequantized to the run dtype, and the model runs as the fully dequantized one."""
+
+import logging
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.quants import dequantize
+
+from scaleinfer import LLM, SamplingParams
+from scaleinfer.weights import gguf as scaleinfer_gguf
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_gguf_reader import gguf_name  # noqa: E402
+
+T = GGMLQuantizationType
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# every linear Q4_K but these; the fused linears they belong to are dequantized whole
+OTHER_TYPES = {"blk.0.attn_v.weight": T.Q6_K, "blk.0.ffn_down.weight": T.Q6_K, "blk.1.attn_output.weight": T.Q5_K,
+               "blk.1.ffn_up.weight": T.Q6_K}
+DENSE = {(0, "self_attn.qkv_proj"), (0, "mlp.down_proj"), (1, "self_attn.o_proj"), (1, "mlp.gate_up_proj")}
+KEPT = {(0, "self_attn.o_proj"), (0, "mlp.gate_up_proj"), (1, "self_attn.qkv_proj"), (1, "mlp.down_proj")}
+# float16 d (and dmin) of a super-block: where they sit, and a range that keeps the weights of order 1
+HEADERS = {T.Q4_K: ((0, 2), (1e-3, 4e-3)), T.Q5_K: ((0, 2), (5e-4, 2e-3)), T.Q6_K: ((208,), (1e-4, 4e-4))}
+
+
+def random_k_quant(rows: int, cols: int, kind: GGMLQuantizationType, seed: int) -> np.ndarray:
+    """[rows, cols / 256 * bytes] uint8: random levels, scales and mins, small positive float16 d (and dmin)."""
+    rng = np.random.default_rng(seed)
+    weights, size = GGML_QUANT_SIZES[kind]
+    supers = cols // weights
+    blocks = rng.integers(0, 256, (rows, supers, size), dtype=np.uint8)
+    starts, (low, high) = HEADERS[kind]
+    for start in starts:
+        d = rng.uniform(low, high, (rows, supers)).astype(np.float16)
+        blocks[..., start:start + 2] = d[..., None].view(np.uint8).reshape(rows, supers, 2)
+    return blocks.reshape(rows, -1)
+
+
+@pytest.fixture(scope="module")
+def mixed_llama(tmp_path_factory):
+    """A tiny Llama (hidden 256, intermediate 512: whole super-blocks), its linears random Q4_K but OTHER_TYPES."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, rms_norm_eps=1e-5,
+                         tie_word_embeddings=False, initializer_range=0.2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("mixed") / "tiny-q4_k_m.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for add, value in ((writer.add_block_count, 2), (writer.add_context_length, 128),
+                       (writer.add_embedding_length, 256), (writer.add_feed_forward_length, 512),
+                       (writer.add_head_count, 4), (writer.add_head_count_kv, 2), (writer.add_rope_freq_base, 10000.0),
+                       (writer.add_layer_norm_rms_eps, 1e-5), (writer.add_rope_dimension_count, 64)):
+        add(value)
+    for i, (name, tensor) in enumerate(model.state_dict().items()):
+        if name.split(".")[-2] in LINEARS:
+            kind = OTHER_TYPES.get(gguf_name(name), T.Q4_K)
+            writer.add_tensor(gguf_name(name), random_k_quant(*tensor.shape, kind, seed=i), raw_dtype=kind)
+        else:
+            writer.add_tensor(gguf_name(name), tensor.numpy().astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_random_blocks_of_the_other_types_dequantize():
+    for kind in (T.Q5_K, T.Q6_K):
+        values = dequantize(random_k_quant(2, 256, kind, seed=1), kind)
+        assert np.isfinite(values).all() and 0.01 < np.abs(values).mean() < 10
+
+
+def test_each_linear_keeps_its_q4_k_blocks_or_is_dequantized_and_runs_as_the_dequantized_model(
+        mixed_llama, monkeypatch, caplog):
+    # the embedding and LM head as dequantized as the other path's (HEAD_INT8 off): only the linears differ
+    monkeypatch.setattr(scaleinfer_gguf, "HEAD_INT8", False)
+    # 18 prompts decode 18 rows a step: past the CPU int4 kernel's 16 (bfloat16 activations), so kept linears
+    # multiply their dequantized blocks in float32, as the dense path does
+    prompts = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in range(5, 41, 2)]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
+    outputs = {}
+    for quantization in ("gguf", None):
+        with caplog.at_level(logging.INFO, logger="scaleinfer.weights.gguf"):
+            llm = LLM(str(mixed_llama), device="cpu", dtype="float32", quantization=quantization,
+                      skip_tokenizer_init=True, progress=False)
+        if quantization == "gguf":
+            layers = llm.engine.runner.model.model.layers
+            for index, name in KEPT:
+                linear = layers[index].get_submodule(name)
+                assert linear.weight.dtype == torch.uint8 and linear.weight_scale.shape[1] == linear.input_size // 32
+            for index, name in DENSE:
+                linear = layers[index].get_submodule(name)
+                assert linear.weight.dtype == torch.float32 and not hasattr(linear, "weight_scale")
+                assert tuple(linear.weight.shape) == (linear.output_size, linear.input_size)
+            said = [r.getMessage() for r in caplog.records if "linear weights quantized" in r.getMessage()]
+            assert len(said) == 1 and said[0].endswith("quantization='gguf' keeps 7 Q4_K linear weights quantized "
+                                                       "and dequantizes 3 Q4_K, 1 Q5_K, 3 Q6_K")
+        outputs[quantization] = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    for kept, dense in zip(outputs["gguf"], outputs[None]):
+        assert kept.outputs[0].token_ids == dense.outputs[0].token_ids
+        for a, b in zip(kept.outputs[0].logprobs, dense.outputs[0].logprobs):
+            for token in b:
+                assert abs(a[token].logprob - b[token].logprob) < 1e-3
