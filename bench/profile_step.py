@@ -1,6 +1,7 @@
 """Where a decode step's time goes: torch profiler over decode steps of a random-weight shape.
 
     python bench/profile_step.py --shape llama3-8b [--batch 1] [--prompt-len 128] [--eager]
+    python bench/profile_step.py --batch 64 --prompt-len 4096 --kv-cache-gib 40 --kv-cache-dtype fp8   # FP8 KV
 Prints the step's wall time against the device time of its kernels (the rest is host time the device
 waits through: scheduling, input building, launches, the sampled-token copy), then the top kernels.
 """
@@ -23,15 +24,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes import SHAPES, write_config  # noqa: E402
 
 from scaleinfer import LLM, SamplingParams  # noqa: E402
+from scaleinfer.config import KV_CACHE_DTYPES, QUANTIZATIONS  # noqa: E402
 
 
 def start_requests(llm: LLM, prompts: list[list[int]], new_tokens: int) -> None:
-    """Add the prompts and run their prefill, so that the next steps are pure decodes."""
+    """Add the prompts and run their prefill (as many steps as the token budget takes), so that the next steps
+    are pure decodes."""
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"p{time.time()}-{i}", prompt, params)
-    engine.step()
+    ids = {f"p{time.time()}-{i}" for i in range(len(prompts))}
+    for request_id, prompt in zip(sorted(ids), prompts):
+        engine.add_request(request_id, prompt, params)
+    while ids:
+        ids -= {out.request_id for out in engine.step() if out.outputs[0].token_ids}
 
 
 def decode_step_ms(llm: LLM) -> list[float]:
@@ -56,7 +61,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_config(args.shape, Path(tmp))
         llm = LLM(model=tmp, dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True,
-                  kv_cache_memory=8 << 30, enforce_eager=args.eager, progress=False, enable_prefix_caching=False)
+                  kv_cache_memory=args.kv_cache_gib << 30, enforce_eager=args.eager, progress=False,
+                  enable_prefix_caching=False, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
         prompts = [[rng.randrange(1000, 30000) for _ in range(args.prompt_len)] for _ in range(args.batch)]
         start_requests(llm, prompts, 8)  # warm-up
         decode_step_ms(llm)
@@ -65,7 +71,8 @@ def main() -> None:
             times = decode_step_ms(llm)
     device = kernel_ms(prof) / len(times)
     wall = statistics.median(times)
-    print(f"{args.shape} batch {args.batch}, {len(times)} decode steps: median wall {wall:.3f} ms, kernels "
+    print(f"{args.shape} batch {args.batch} x {args.prompt_len} (weights {args.quantization or 'bf16'}, KV cache "
+          f"{args.kv_cache_dtype}), {len(times)} decode steps: median wall {wall:.3f} ms, kernels "
           f"{device:.3f} ms per step, the rest {wall - device:.3f} ms (under the profiler)")
     print(prof.key_averages().table(sort_by="device_time_total", row_limit=30, max_name_column_width=60))
 
@@ -77,6 +84,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--kv-cache-gib", type=int, default=8)
+    parser.add_argument("--quantization", choices=[q for q in QUANTIZATIONS if q], default=None)
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto")
     return parser.parse_args()
 
 
