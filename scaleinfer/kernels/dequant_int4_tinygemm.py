@@ -91,18 +91,31 @@ def _dequant_kernel(packed_ptr, sz_ptr, out_ptr, n, k, row_start, row_end, T: tl
     features = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)  # [BLOCK_K]
     mask = (rows < row_end)[:, None] & (features < k)[None, :]
     r, f = rows[:, None], features[None, :]  # [BLOCK_N, 1], [1, BLOCK_K]
-    # int4mm.cu's layout [N / 8, K / (16 T), 32, T / 2]: lane (r % 8) * 4 + (f % 8) // 2 of 8-row tile r // 8
-    # holds, in the word of its k-tile pair (f % 16 T) // 32, feature f in nibble (f % 32) // 8 + 4 (f % 2).
-    lane = (r % 8) * 4 + (f % 8) // 2
-    word = ((r // 8 * (k // (16 * T)) + f // (16 * T)) * 32 + lane) * (T // 2) + (f % (16 * T)) // 32
-    nibble = (f % 32) // 8 + 4 * (f % 2)
-    q = (tl.load(packed_ptr + word, mask=mask, other=0) >> (4 * nibble)) & 0xF  # [BLOCK_N, BLOCK_K]
+    q = layout_levels(packed_ptr, r, f, k, mask, T)  # [BLOCK_N, BLOCK_K]
     sz = sz_ptr + ((f // GROUP) * n + r).to(tl.int64) * 2  # scale_zero [G, N, 2]: (scale, zero)
     scale = tl.load(sz, mask=mask, other=0.0).to(tl.float32)
     zero = tl.load(sz + 1, mask=mask, other=0.0).to(tl.float32)
-    w = (q.to(tl.float32) - 8.0) * scale + zero  # the product is exact in float32: one rounding, then bf16's
     out = out_ptr + (r - row_start).to(tl.int64) * k + f
-    tl.store(out, _round_to_bf16(w), mask=mask)
+    tl.store(out, tinygemm_values(q, scale, zero), mask=mask)
+
+
+@triton.jit
+def layout_levels(packed_ptr, r, f, k, mask, T: tl.constexpr):
+    """The levels 0..15 of weight rows r [BLOCK_N, 1] at input features f [1, BLOCK_K] -> [BLOCK_N, BLOCK_K] int32,
+    read from the layout [N / 8, K / (16 T), 32, T / 2] (the one place the kernels index it)."""
+    # int4mm.cu's layout: lane (r % 8) * 4 + (f % 8) // 2 of 8-row tile r // 8 holds, in the word of its k-tile
+    # pair (f % 16 T) // 32, feature f in nibble (f % 32) // 8 + 4 (f % 2).
+    lane = (r % 8) * 4 + (f % 8) // 2
+    word = ((r // 8 * (k // (16 * T)) + f // (16 * T)) * 32 + lane) * (T // 2) + (f % (16 * T)) // 32
+    nibble = (f % 32) // 8 + 4 * (f % 2)
+    return (tl.load(packed_ptr + word, mask=mask, other=0) >> (4 * nibble)) & 0xF
+
+
+@triton.jit
+def tinygemm_values(q, scale, zero):
+    """Levels q with their float32 scale and zero (broadcast to q) -> tinygemm's bfloat16 weights, to the bit of
+    tinygemm_weight_ref: (q - 8) * scale is exact in float32, then one rounding for the zero, then bf16's."""
+    return _round_to_bf16((q.to(tl.float32) - 8.0) * scale + zero)
 
 
 @triton.jit

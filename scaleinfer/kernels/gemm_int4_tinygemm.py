@@ -1,0 +1,119 @@
+"""y = x @ W.T with W in torch's tinygemm layout (kernels/int4_tinygemm.py), dequantized in registers: the int4
+layers' matmul between tinygemm's rows and the dequantized weight's (layers/quant_int4.py), read from the one
+copy of the weight such a layer holds, without a temporary.
+
+Past 16 rows tinygemm dequantizes the whole weight again for every 16 rows of x (its m-tile), and writing the
+weight to bf16 for cuBLAS (kernels/dequant_int4_tinygemm.py) moves five times the bytes of the levels every step.
+Here each program owns a [BLOCK_M, BLOCK_N] tile of y and walks K in BLOCK_K steps: it reads the int32 words of
+its [BLOCK_N, BLOCK_K] weight tile (`layout_levels`, the layout's one index math, shared with the dequantizing
+kernel), turns them into tinygemm's bf16 values to the bit (`tinygemm_values`: (q - 8) * scale + zero in float32,
+rounded to bf16, as tinygemm_weight_ref), and multiplies them with the x tile on the tensor cores (float32 sums).
+So the weight is read once per BLOCK_M rows of x: at up to BLOCK_M rows, once.
+
+BLOCK_K divides the group size (32..256), so a step reads one scale and one zero per output feature; K is a
+multiple of the group, so no step is partial. x is bfloat16 (the layout's only run dtype), as is the output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from scaleinfer.kernels.checks import check_bias, check_contiguous, check_dtype, check_power_of_two, check_shape
+from scaleinfer.kernels.dequant_int4_tinygemm import layout_levels, tinygemm_values, weight_shape
+from scaleinfer.kernels.dispatch import dot_args, mma, tl, triton, use_triton
+from scaleinfer.kernels.int4_tinygemm import TinygemmWeight, tinygemm_mm_ref
+
+
+@dataclass(frozen=True, slots=True)
+class GemmTiles:
+    """A launch's tiles: BLOCK_M is the next power of two of M within [16, max_block_m] (a dot needs 16 rows);
+    BLOCK_K is block_k or the group size, whichever is smaller."""
+
+    max_block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    def name(self) -> str:
+        return f"m{self.max_block_m}n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}"
+
+
+GPU_TILES = GemmTiles(max_block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3)  # untuned: the bench
+INTERPRETER_TILES = GemmTiles(max_block_m=32, block_n=16, block_k=64, num_warps=1, num_stages=1)
+
+
+def tinygemm_gemm(x: torch.Tensor, weight: TinygemmWeight, bias: torch.Tensor | None = None,
+                  tiles: GemmTiles | None = None) -> torch.Tensor:
+    """x: [M, K] -> [M, N] in x's dtype, computed in bfloat16 activations; off the GPU (unforced) through
+    tinygemm_mm_ref, bias added as tinygemm_mm adds it."""
+    x16 = x.to(torch.bfloat16).contiguous()
+    if not use_triton(x16):
+        y = tinygemm_mm_ref(x16, weight)
+        return (y if bias is None else y + bias.to(y.dtype)).to(x.dtype)
+    return tinygemm_gemm_triton(x16, weight, None if bias is None else bias.to(torch.bfloat16), tiles).to(x.dtype)
+
+
+def tinygemm_gemm_triton(x: torch.Tensor, weight: TinygemmWeight, bias: torch.Tensor | None = None,
+                         tiles: GemmTiles | None = None) -> torch.Tensor:
+    """x: [M, K] bfloat16, contiguous -> [M, N] bfloat16 (bias [N] bfloat16 added to the float32 sums)."""
+    n, k = _check(x, weight, bias)
+    m = x.shape[0]
+    tiles = tiles or (GPU_TILES if x.is_cuda else INTERPRETER_TILES)
+    block_m = min(tiles.max_block_m, max(16, triton.next_power_of_2(m)))
+    block_k = min(tiles.block_k, weight.group_size)
+    out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, tiles.block_n))
+    _tinygemm_gemm_kernel[grid](
+        x, weight.packed, weight.scale_zero, bias if bias is not None else out, out, m, n, k,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k,
+        T=2 * weight.packed.shape[3], GROUP=weight.group_size, **dot_args(x),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    return out
+
+
+def _check(x: torch.Tensor, weight: TinygemmWeight, bias: torch.Tensor | None) -> tuple[int, int]:
+    """-> (N, K) of the weight, once x, the layout, scale_zero and the bias fit it."""
+    check_dtype("packed", weight.packed, (torch.int32,))
+    check_shape("packed", weight.packed, [None, None, 32, None])
+    check_contiguous("packed", weight.packed)
+    n, k = weight_shape(weight)
+    check_shape("x", x, [None, k])
+    check_dtype("x", x, (torch.bfloat16,))
+    check_contiguous("x", x)
+    check_power_of_two("group_size", weight.group_size)
+    if weight.group_size < 16 or k % weight.group_size:
+        raise ValueError(f"group_size={weight.group_size} does not split K={k} into groups of 16 or more")
+    check_shape("scale_zero", weight.scale_zero, [k // weight.group_size, n, 2])
+    check_dtype("scale_zero", weight.scale_zero, (torch.bfloat16,))
+    check_contiguous("scale_zero", weight.scale_zero)
+    check_bias(bias, n, torch.bfloat16)
+    return n, k
+
+
+@triton.jit(do_not_specialize=["m"])
+def _tinygemm_gemm_kernel(x_ptr, packed_ptr, sz_ptr, bias_ptr, out_ptr, m, n, k, HAS_BIAS: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, T: tl.constexpr,
+                          GROUP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of x [BLOCK_M]
+    features = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output features = weight rows [BLOCK_N]
+    row_mask, feature_mask = rows < m, features < n
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * k  # [BLOCK_M, 1]
+    cols = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in range(0, k, BLOCK_K):  # BLOCK_K divides the group, the group K: whole steps, one group each
+        f = start + cols  # input features [BLOCK_K]
+        xs = tl.load(x_rows + f[None, :], mask=row_mask[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
+        q = layout_levels(packed_ptr, features[:, None], f[None, :], k, feature_mask[:, None], T)  # [BLOCK_N, BK]
+        sz = sz_ptr + ((start // GROUP) * n + features).to(tl.int64) * 2  # scale_zero [G, N, 2]: (scale, zero)
+        scale = tl.load(sz, mask=feature_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
+        zero = tl.load(sz + 1, mask=feature_mask, other=0.0).to(tl.float32)
+        w = tinygemm_values(q, scale[:, None], zero[:, None])  # [BLOCK_N, BLOCK_K] bfloat16
+        acc += mma(xs, tl.trans(w), UPCAST, PRECISION)  # [BLOCK_M, BLOCK_N]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + features, mask=feature_mask, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rows.to(tl.int64)[:, None] * n + features[None, :]
+    tl.store(out, acc.to(tl.bfloat16), mask=row_mask[:, None] & feature_mask[None, :])

@@ -1,0 +1,100 @@
+"""The GEMM that reads tinygemm's layout and dequantizes in registers (on CPU in the interpreter) against the torch
+reference x @ tinygemm_weight_ref(w).T on fresh random inputs: odd rows, bias or none, groups 32..256, N past a
+tile; float32 activations come back float32; bad arguments are named. On a GPU: Llama-3-8B shapes, the tile
+configs the bench sweeps, and the kernel inside a CUDA graph."""
+
+import pytest
+import torch
+from kernel_helpers import random_int4_weight, tolerance
+
+from scaleinfer.kernels.gemm_int4_tinygemm import GemmTiles, tinygemm_gemm, tinygemm_gemm_triton
+from scaleinfer.kernels.int4_tinygemm import TinygemmWeight, pack_tinygemm, tinygemm_weight_ref
+
+BF16 = tolerance(torch.bfloat16)
+
+
+def _inputs(m, n, k, group, seed, device, bias):
+    weight = pack_tinygemm(*random_int4_weight(n, k, group, seed, device))
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=g).to(dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, generator=g).to(dtype=torch.bfloat16, device=device) if bias else None
+    return x, weight, b
+
+
+def _ref(x, weight, bias=None):
+    """The products of x with tinygemm's own bf16 weights summed in float32, bias in the sums, bf16 out."""
+    y = x.float() @ tinygemm_weight_ref(weight).float().T
+    return (y if bias is None else y + bias.float()).to(torch.bfloat16)
+
+
+# (M, N, K, group): odd M across one and several m-tiles, N past the interpreter's 16-feature tiles and not a
+# multiple of them, every group size tinygemm takes (BLOCK_K = the group where it is below 64)
+CASES = [(17, 64, 256, 32, True), (33, 24, 256, 64, False), (100, 40, 256, 128, True), (17, 64, 512, 256, False),
+         (5, 16, 128, 32, True)]
+
+
+@pytest.mark.parametrize("m,n,k,group,bias", CASES)
+def test_equals_the_reference_of_tinygemms_weights(m, n, k, group, bias, device, triton_path):
+    x, weight, b = _inputs(m, n, k, group, seed=m * n + group, device=device, bias=bias)
+    got = tinygemm_gemm(x, weight, b)
+    assert got.shape == (m, n) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, _ref(x, weight, b), **BF16)
+
+
+def test_misplaced_scales_fail_the_comparison(device, triton_path):
+    """The reference is sharp enough to see a wrong reading: the same levels with the groups' scales swapped."""
+    x, weight, _ = _inputs(17, 32, 256, 64, seed=4, device=device, bias=False)
+    rolled = TinygemmWeight(weight.packed, weight.scale_zero.roll(1, dims=0).contiguous(), weight.group_size)
+    assert not torch.allclose(tinygemm_gemm(x, rolled).float(), _ref(x, weight).float(), **BF16)
+
+
+def test_float32_activations_come_back_float32(device, triton_path):
+    x, weight, b = _inputs(20, 16, 128, 32, seed=9, device=device, bias=True)
+    got = tinygemm_gemm(x.float(), weight, b)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, _ref(x, weight, b).float(), **BF16)
+
+
+def test_bad_arguments_are_named(device, triton_path):
+    x, weight, _ = _inputs(17, 16, 128, 32, seed=0, device=device, bias=False)
+    with pytest.raises(ValueError, match="x has shape"):
+        tinygemm_gemm_triton(x[:, :64].contiguous(), weight)
+    with pytest.raises(ValueError, match="x has dtype"):
+        tinygemm_gemm_triton(x.float(), weight)
+    with pytest.raises(ValueError, match="scale_zero has shape"):
+        tinygemm_gemm_triton(x, TinygemmWeight(weight.packed, weight.scale_zero[:2].contiguous(), 32))
+    with pytest.raises(ValueError, match="bias has shape"):
+        tinygemm_gemm_triton(x, weight, torch.zeros(8, dtype=torch.bfloat16, device=device))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [17, 64, 255, 512])
+@pytest.mark.parametrize("n,k,group", [(6144, 4096, 128), (28672, 4096, 128), (4096, 14336, 128), (200, 576, 64),
+                                       (264, 96, 32), (512, 4096, 256)])
+def test_llama3_8b_and_odd_shapes_on_gpu(m, n, k, group, cuda):
+    x, weight, b = _inputs(m, n, k, group, seed=m + n + k, device=cuda, bias=True)
+    torch.testing.assert_close(tinygemm_gemm(x, weight, b), _ref(x, weight, b), **BF16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiles", [GemmTiles(16, 64, 128, 4, 3), GemmTiles(64, 128, 64, 4, 4),
+                                   GemmTiles(128, 128, 128, 8, 3), GemmTiles(32, 32, 256, 4, 2)])
+def test_tile_configs_on_gpu(tiles, cuda):
+    x, weight, b = _inputs(100, 4096, 4096, 128, seed=3, device=cuda, bias=True)
+    torch.testing.assert_close(tinygemm_gemm_triton(x, weight, b, tiles), _ref(x, weight, b), **BF16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [17, 64, 200])
+def test_inside_a_cuda_graph(m, cuda):
+    """Captured once, replayed on new inputs copied into the captured buffer: the reference of those inputs."""
+    x, weight, b = _inputs(m, 4096, 4096, 128, seed=m, device=cuda, bias=True)
+    tinygemm_gemm(x, weight, b)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = tinygemm_gemm(x, weight, b)
+    for seed in range(2):
+        x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 10)).to(x))
+        graph.replay()
+        torch.testing.assert_close(out, _ref(x, weight, b), **BF16)
