@@ -11,7 +11,10 @@ alone (kernels/dequant_int4_tinygemm.py, against the copy bandwidth for the byte
 Triton GEMM (kernels/gemm_int4.py) and our layout dequantized for cuBLAS (the paths where tinygemm does not
 serve), and the bf16 weight through cuBLAS.
 
-    python bench/decode_gemms_quant.py --shape llama3-8b [--schemes int8,int4,fp8] [--int4-rows 16,32,64,512]
+q8_0 (GGUF Q8_0 kept: int8 levels, a float32 scale per group of 32, kernels/gemv_int8_groups.py) sweeps its GEMV's
+tiles and also times the weight dequantized to bf16 + cuBLAS at batch 1, the path it would otherwise take.
+
+    python bench/decode_gemms_quant.py --shape llama3-8b [--schemes int8,int4,fp8,q8_0] [--int4-rows 16,32,64,512]
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from scaleinfer.kernels.gemv import GemvConfig  # noqa: E402
 from scaleinfer.kernels.gemv_fp8 import FP8_DTYPE, fp8_gemv_triton  # noqa: E402
 from scaleinfer.kernels.gemv_int4 import dequantize_int4, int4_gemv_triton  # noqa: E402
 from scaleinfer.kernels.gemv_int8 import int8_gemv_triton  # noqa: E402
+from scaleinfer.kernels.gemv_int8_groups import dequantize_int8_groups, int8_groups_gemv_triton  # noqa: E402
 from scaleinfer.kernels.int4_tinygemm import pack_tinygemm, tinygemm_mm  # noqa: E402
 
 ROTATION_BYTES = 1 << 30
@@ -45,6 +49,9 @@ WIDE_CONFIGS = [GemvConfig(n, k, w, s, sums) for n, k, w, s, sums in
                 if sums or n * k <= 8192]  # a [block_n, block_k] float32 tile past 8K values spills
 INT4_CONFIGS = [GemvConfig(n, k, w, s, True) for n, k, w, s in itertools.product((4, 8, 16), (256, 512, 1024),
                                                                                   (4, 8), (2,))]
+Q8_0_GROUP = 32
+Q8_0_CONFIGS = [GemvConfig(n, k, w, s) for n, k, w, s in itertools.product((4, 8, 16), (256, 512, 1024, 2048),
+                                                                          (4, 8), (2, 3))]
 
 
 def scheme_weights(scheme: str, n: int, k: int, copies: int, device: torch.device) -> list[tuple]:
@@ -56,6 +63,9 @@ def scheme_weights(scheme: str, n: int, k: int, copies: int, device: torch.devic
         if scheme == "fp8":
             q = (torch.randn(n, k, device=device) * 50).to(FP8_DTYPE)
             return q, torch.rand(n, 1, device=device) / 1000
+        if scheme == "q8_0":
+            q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device)
+            return q, torch.rand(n, k // Q8_0_GROUP, device=device) / 1000
         packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device)
         groups = k // INT4_GROUP
         return packed, torch.rand(n, groups, device=device) / 1000, torch.randn(n, groups, device=device) / 1000
@@ -65,6 +75,8 @@ def scheme_weights(scheme: str, n: int, k: int, copies: int, device: torch.devic
 def scheme_bytes(scheme: str, n: int, k: int) -> int:
     if scheme == "int4":
         return n * k // 2 + 2 * n * (k // INT4_GROUP) * 4
+    if scheme == "q8_0":
+        return n * k + n * (k // Q8_0_GROUP) * 4
     return n * k + n * 4
 
 
@@ -73,6 +85,8 @@ def kernel(scheme: str, x: torch.Tensor, config: GemvConfig) -> Callable[[tuple]
         return lambda w: int8_gemv_triton(x, w[0], w[1], None, config)
     if scheme == "fp8":
         return lambda w: fp8_gemv_triton(x, w[0], w[1], x.shape[1], None, config)
+    if scheme == "q8_0":
+        return lambda w: int8_groups_gemv_triton(x, w[0], w[1], None, config)
     return lambda w: int4_gemv_triton(x, w[0], w[1], w[2], None, config)
 
 
@@ -81,13 +95,16 @@ def measure(scheme: str, n: int, k: int, copy_gb_s: float, int4_rows: list[int])
     nbytes = scheme_bytes(scheme, n, k)
     weights = scheme_weights(scheme, n, k, max(2, ROTATION_BYTES // nbytes), device)
     x = torch.randn(1, k, dtype=torch.bfloat16, device=device)
-    configs = INT4_CONFIGS if scheme == "int4" else WIDE_CONFIGS
+    configs = {"int4": INT4_CONFIGS, "q8_0": Q8_0_CONFIGS}.get(scheme, WIDE_CONFIGS)
     sweep = {_name(c): graph_us(kernel(scheme, x, c), weights) for c in configs}
     best = min(sweep, key=sweep.get)
     result = {"bytes": nbytes, "best": best, "best_us": sweep[best],
               "best_fraction_of_copy": nbytes / (sweep[best] * 1e-6) / 1e9 / copy_gb_s}
     if scheme == "int4":
         result |= int4_against_tinygemm(weights, x, sweep[best], int4_rows, copy_gb_s)
+    if scheme == "q8_0":  # the path without the GEMV: the weight dequantized to bf16 each call, then cuBLAS
+        result["dequant_cublas_us"] = graph_us(
+            lambda w: F.linear(x, dequantize_int8_groups(w[0], w[1], torch.bfloat16)), weights)
     del weights
     copies = max(2, ROTATION_BYTES // (2 * n * k))
     bf16 = [torch.randn(n, k, dtype=torch.bfloat16, device=device) for _ in range(copies)]
@@ -161,6 +178,8 @@ def main() -> None:
                   f"cuBLAS bf16 {g['cublas_bf16_us']:7.1f} us", flush=True)
             if "tinygemm_us" in g:
                 _print_int4(name, g)
+            if "dequant_cublas_us" in g:
+                print(f"{scheme} {name:14s} dequant+cuBLAS {g['dequant_cublas_us']:7.1f} us", flush=True)
     print(write_result(f"decode-gemms-quant-{args.shape}", device, result))
 
 

@@ -106,7 +106,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", default="auto", choices=["auto", "none", *(q for q in QUANTIZATIONS if q)],
                         help="quantize the linear layers' weights as they load (int8: per-output-channel, int4: "
                              "groups of 128, weight-only; embeddings, LM head and MoE experts stay in --dtype); gguf: "
-                             "keep a .gguf file's Q4_0/Q4_1/Q4_K weights as int4 and its embedding / LM head as int8; "
+                             "keep a .gguf file's Q4_0/Q4_1/Q4_K linears as int4 (Q8_0 as int8 on a GPU; other types "
+                             "dequantized, per linear) and its embedding / LM head as int8; "
                              "auto (default): gguf for a .gguf model on the CPU in one process, else none (as stored)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="split every layer over T processes (one per GPU; on a CPU, T processes over gloo)")

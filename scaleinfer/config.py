@@ -18,6 +18,7 @@ OFFLOAD_TARGETS = ("none", "cpu", "nvme")
 PIPELINE_SCHEDULES = ("hybrid", "fixed")  # parallel/pipeline.py states the rule of each
 QUANTIZATIONS = (None, "int8", "int4", "fp8", "gguf")  # None: weights in the run dtype; int8: per-output-channel
 # weight-only, on load; int4: group-wise weight-only, on load; gguf: a GGUF file's Q4_0/Q4_1/Q4_K weights kept as int4
+# and its Q8_0 ones as int8 in groups of 32 on a GPU, per linear (other types dequantized)
 # auto: the KV cache in the run dtype; fp8 (= fp8_e4m3, vLLM's spelling too): e4m3 with a scale per layer
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 KV_OFFLOAD_TARGETS = ("none", "cpu")  # CacheConfig.kv_offload: a second tier of KV blocks in host memory

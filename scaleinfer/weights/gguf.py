@@ -7,8 +7,9 @@ Built on the `gguf` package. Three things differ from an HF checkpoint:
 - rope layout: llama.cpp's converter permutes the rows of attn_q / attn_k of Llama models from HF's
   half-split rope layout to its interleaved one; iter_weights undoes that (Qwen2 is stored unpermuted).
 Quantized tensors are dequantized (through float32) to the requested dtype, except under quantization="gguf"
-(GGUFQuant), where the linears whose tensors are all Q4_0 / Q4_1 / Q4_K stay int4 (GGUFFile.kept, chosen per
-linear: weights/gguf_quant.py). A tied model has no output.weight, and then no lm_head.weight is yielded.
+(GGUFQuant), where the linears whose tensors are all Q4_0 / Q4_1 / Q4_K stay int4 and those whose tensors are
+Q8_0 group-wise int8 (GGUFFile.kept, chosen per linear: weights/gguf_quant.py). A tied model has no
+output.weight, and then no lm_head.weight is yielded.
 """
 
 from __future__ import annotations
@@ -17,31 +18,36 @@ import logging
 import re
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from gguf import GGUFReader, GGUFValueType, ReaderTensor
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
 from gguf.quants import dequantize
 from tqdm import tqdm
 
 from scaleinfer.config import ArchConfig
 from scaleinfer.errors import InvalidRequestError, ModelLoadError, UnsupportedArchitectureError
 from scaleinfer.weights.gguf_quant import (
+    KEPT_SCHEMES,
     LinearPlan,
     Q4Blocks,
+    Q8Blocks,
     is_linear_weight,
     keeps_any,
     plan_linears,
     q4_to_torch,
+    q8_to_torch,
     read_q4,
+    read_q8_0,
 )
 from scaleinfer.weights.gguf_reader import FastGGUFReader
 
 if TYPE_CHECKING:
     from scaleinfer.layers.quant_int4 import Int4Rows
+    from scaleinfer.layers.quant_int8_groups import Int8GroupRows
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +93,7 @@ class GGUFFile:
     arch: ArchConfig
     reader: GGUFReader = field(repr=False)
     rope_permuted: bool = False
-    kept: frozenset[str] = frozenset()  # GGUF names of the linear weights that come as Int4Rows (LinearPlan.kept)
+    kept: frozenset[str] = frozenset()  # GGUF names of the linear weights that come as int4 / int8 rows (LinearPlan)
 
     @property
     def chat_template(self) -> str | None:
@@ -100,22 +106,24 @@ class GGUFFile:
             for tensor in tensors:
                 yield hf_name(tensor.name, self.path), self._to_torch(tensor, dtype)
 
-    def _to_torch(self, tensor: ReaderTensor, dtype: torch.dtype) -> torch.Tensor | Int4Rows:
+    def _to_torch(self, tensor: ReaderTensor, dtype: torch.dtype) -> torch.Tensor | Int4Rows | Int8GroupRows:
         if tensor.name in self.kept:
             return self._kept(tensor)
         array = self._unpermuted(tensor.name, _dequantize(tensor, self.path))  # [out, in] or [n]
         # np.array copies: the reader's arrays are read-only views of the memory-mapped file
         return torch.from_numpy(np.array(array, dtype=np.float32)).to(dtype)
 
-    def _kept(self, tensor: ReaderTensor) -> Int4Rows:
-        """A Q4_0 / Q4_1 / Q4_K weight as int4 rows; q/k rows un-permuted with their scales and zeros together."""
-        blocks = read_q4(tensor)
+    def _kept(self, tensor: ReaderTensor) -> Int4Rows | Int8GroupRows:
+        """A Q4_0 / Q4_1 / Q4_K weight as int4 rows, a Q8_0 one as int8 group rows; q/k rows un-permuted with
+        their scales (and zeros) together."""
+        q8 = tensor.tensor_type == GGMLQuantizationType.Q8_0
+        blocks = read_q8_0(tensor) if q8 else read_q4(tensor)
         expected = tuple(reversed(tensor.shape.tolist()))
         if blocks.levels.shape != expected:
             raise ModelLoadError(f"{self.path}: tensor {tensor.name} has {blocks.levels.shape} levels, "
                                  f"expected {expected}")
-        parts = (self._unpermuted(tensor.name, a) for a in (blocks.levels, blocks.scale, blocks.zero))
-        return q4_to_torch(Q4Blocks(*parts))
+        parts = [self._unpermuted(tensor.name, getattr(blocks, f.name)) for f in fields(blocks)]
+        return q8_to_torch(Q8Blocks(*parts)) if q8 else q4_to_torch(Q4Blocks(*parts))
 
     def _unpermuted(self, name: str, array: np.ndarray) -> np.ndarray:
         """array: [rows, ...] of the tensor `name`, rows in HF's rope order."""
@@ -129,9 +137,9 @@ class GGUFFile:
 @dataclass(slots=True, frozen=True)
 class GGUFQuant:
     """A GGUF source's say in the linears' scheme (ModelSource.quant): quantization="gguf" keeps the linears
-    whose weights are Q4_0 / Q4_1 / Q4_K as int4 in groups of 32 and dequantizes the others, per linear
-    (layers/quant_gguf.py); any other choice dequantizes first. A file without any kept linear weight is
-    dequantized whole, which is said once."""
+    whose weights are Q4_0 / Q4_1 / Q4_K as int4 in groups of 32, those of Q8_0 as int8 in groups of 32, and
+    dequantizes the others, per linear (layers/quant_gguf.py); any other choice dequantizes first. A file
+    without any kept linear weight is dequantized whole, which is said once."""
 
     file: GGUFFile
 
@@ -142,23 +150,26 @@ class GGUFQuant:
             return quantization_scheme(requested)
         if not keeps_any(self.file.reader.tensors):
             types = sorted({t.tensor_type.name for t in self.file.reader.tensors if is_linear_weight(t.name)})
-            logger.warning("%s: quantization='gguf' keeps Q4_0/Q4_1/Q4_K linear weights; this file's are %s, so "
+            logger.warning("%s: quantization='gguf' keeps Q4_0/Q4_1/Q4_K/Q8_0 linear weights; this file's are %s, so "
                            "every linear weight is dequantized", self.file.path, ", ".join(types))
             return UNQUANTIZED
         from scaleinfer.layers.quant_gguf import GGUFScheme
 
         return GGUFScheme(self, lm_head_int8=HEAD_INT8)
 
-    def plan(self, stacked_params: dict[str, tuple[str, str | int]]) -> LinearPlan:
-        """Which linears keep their weights, for a model whose fused parameters are `stacked_params`; the file
-        then yields those weights as int4 rows. Said once, with the counts of each type."""
+    def plan(self, stacked_params: dict[str, tuple[str, str | int]], keep_q8_0: bool) -> LinearPlan:
+        """Which linears keep their weights, for a model whose fused parameters are `stacked_params` (Q8_0 ones
+        only if keep_q8_0); the file then yields those weights as int4 / int8 rows. Said once, with the counts of
+        each type."""
         from scaleinfer.models.weights import map_name
 
         module_of = lambda name: map_name(hf_name(name, self.file.path), stacked_params)[0].removesuffix(".weight")
-        plan = plan_linears(self.file.reader.tensors, module_of)
+        kept_schemes = {t: s for t, s in KEPT_SCHEMES.items() if keep_q8_0 or t != GGMLQuantizationType.Q8_0}
+        plan = plan_linears(self.file.reader.tensors, module_of, kept_schemes)
         self.file.kept = plan.kept
         level = logging.WARNING if plan.dequantized_types else logging.INFO
-        logger.log(level, "%s: %s", self.file.path, plan.describe())
+        note = "" if keep_q8_0 or "Q8_0" not in plan.dequantized_types else " (Q8_0 is kept on a GPU only)"
+        logger.log(level, "%s: %s%s", self.file.path, plan.describe(), note)
         return plan
 
 

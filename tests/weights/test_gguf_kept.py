@@ -71,10 +71,10 @@ def test_the_scheme_keeps_every_linear_of_an_all_q4_file(embedded, caplog):
 
 
 def test_a_file_without_q4_linears_is_dequantized_whole(embedded, caplog):
-    class Q8Reader:  # the embedded file's tensors, every linear Q8_0 as its embedding
-        tensors = [SimpleNamespace(name=t.name, tensor_type=GGMLQuantizationType.Q8_0) for t in embedded.reader.tensors]
+    class Q6Reader:  # the embedded file's tensors, every one Q6_K
+        tensors = [SimpleNamespace(name=t.name, tensor_type=GGMLQuantizationType.Q6_K) for t in embedded.reader.tensors]
 
     with caplog.at_level(logging.WARNING):
-        scheme = GGUFQuant(replace(embedded, reader=Q8Reader)).scheme("gguf")
+        scheme = GGUFQuant(replace(embedded, reader=Q6Reader)).scheme("gguf")
     assert scheme is UNQUANTIZED
-    assert "this file's are Q8_0, so every linear weight is dequantized" in caplog.text
+    assert "this file's are Q6_K, so every linear weight is dequantized" in caplog.text

@@ -1,6 +1,7 @@
-"""quantization="gguf" chooses per linear: in a file that mixes Q4_K with Q6_K and Q5_K (as a Q4_K_M file does),
-the linears whose tensors are all Q4_K keep them as int4, the others (a fused qkv or gate_up with one Q6_K part
-included) are dequantized to the run dtype, and the model runs as the fully dequantized one."""
+"""quantization="gguf" chooses per linear: in a file that mixes Q4_K with Q8_0, Q6_K and Q5_K (a Q4_K_M file
+mixes Q6_K in), the linears whose tensors are all Q4_K keep them as int4, those all Q8_0 as group-wise int8, the
+others (a fused qkv with one Q6_K part, a gate_up of Q4_K and Q8_0 included) are dequantized to the run dtype,
+and the model runs as the fully dequantized one."""
 
 import logging
 import sys
@@ -12,9 +13,10 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType
 from gguf.constants import GGML_QUANT_SIZES
-from gguf.quants import dequantize
+from gguf.quants import dequantize, quantize
 
 from scaleinfer import LLM, SamplingParams
+from scaleinfer.layers import quant_gguf
 from scaleinfer.weights import gguf as scaleinfer_gguf
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -22,11 +24,13 @@ from test_gguf_reader import gguf_name  # noqa: E402
 
 T = GGMLQuantizationType
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# every linear Q4_K but these; the fused linears they belong to are dequantized whole
-OTHER_TYPES = {"blk.0.attn_v.weight": T.Q6_K, "blk.0.ffn_down.weight": T.Q6_K, "blk.1.attn_output.weight": T.Q5_K,
-               "blk.1.ffn_up.weight": T.Q6_K}
+# every linear Q4_K but these
+OTHER_TYPES = {"blk.0.attn_v.weight": T.Q6_K, "blk.0.attn_output.weight": T.Q8_0, "blk.0.ffn_down.weight": T.Q6_K,
+               **{f"blk.1.attn_{p}.weight": T.Q8_0 for p in "qkv"}, "blk.1.attn_output.weight": T.Q5_K,
+               "blk.1.ffn_up.weight": T.Q8_0}
+INT4 = {(0, "mlp.gate_up_proj"), (1, "mlp.down_proj")}
+INT8 = {(0, "self_attn.o_proj"), (1, "self_attn.qkv_proj")}
 DENSE = {(0, "self_attn.qkv_proj"), (0, "mlp.down_proj"), (1, "self_attn.o_proj"), (1, "mlp.gate_up_proj")}
-KEPT = {(0, "self_attn.o_proj"), (0, "mlp.gate_up_proj"), (1, "self_attn.qkv_proj"), (1, "mlp.down_proj")}
 # float16 d (and dmin) of a super-block: where they sit, and a range that keeps the weights of order 1
 HEADERS = {T.Q4_K: ((0, 2), (1e-3, 4e-3)), T.Q5_K: ((0, 2), (5e-4, 2e-3)), T.Q6_K: ((208,), (1e-4, 4e-4))}
 
@@ -64,7 +68,8 @@ def mixed_llama(tmp_path_factory):
     for i, (name, tensor) in enumerate(model.state_dict().items()):
         if name.split(".")[-2] in LINEARS:
             kind = OTHER_TYPES.get(gguf_name(name), T.Q4_K)
-            writer.add_tensor(gguf_name(name), random_k_quant(*tensor.shape, kind, seed=i), raw_dtype=kind)
+            data = (quantize(tensor.numpy(), kind) if kind == T.Q8_0 else random_k_quant(*tensor.shape, kind, seed=i))
+            writer.add_tensor(gguf_name(name), data, raw_dtype=kind)
         else:
             writer.add_tensor(gguf_name(name), tensor.numpy().astype(np.float32))
     writer.write_header_to_file()
@@ -84,6 +89,8 @@ def test_each_linear_keeps_its_q4_k_blocks_or_is_dequantized_and_runs_as_the_deq
         mixed_llama, monkeypatch, caplog):
     # the embedding and LM head as dequantized as the other path's (HEAD_INT8 off): only the linears differ
     monkeypatch.setattr(scaleinfer_gguf, "HEAD_INT8", False)
+    # Q8_0 kept on the CPU too: its dequantized matmul, the path a GPU takes past the GEMV's 4 rows
+    monkeypatch.setattr(quant_gguf, "Q8_0_DEVICES", ("cuda", "cpu"))
     # 18 prompts decode 18 rows a step: past the CPU int4 kernel's 16 (bfloat16 activations), so kept linears
     # multiply their dequantized blocks in float32, as the dense path does
     prompts = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist()
@@ -96,19 +103,51 @@ def test_each_linear_keeps_its_q4_k_blocks_or_is_dequantized_and_runs_as_the_deq
                       skip_tokenizer_init=True, progress=False)
         if quantization == "gguf":
             layers = llm.engine.runner.model.model.layers
-            for index, name in KEPT:
+            for index, name in INT4:
                 linear = layers[index].get_submodule(name)
                 assert linear.weight.dtype == torch.uint8 and linear.weight_scale.shape[1] == linear.input_size // 32
+            for index, name in INT8:
+                linear = layers[index].get_submodule(name)
+                assert linear.weight.dtype == torch.int8 and linear.weight_scale.shape[1] == linear.input_size // 32
             for index, name in DENSE:
                 linear = layers[index].get_submodule(name)
                 assert linear.weight.dtype == torch.float32 and not hasattr(linear, "weight_scale")
                 assert tuple(linear.weight.shape) == (linear.output_size, linear.input_size)
             said = [r.getMessage() for r in caplog.records if "linear weights quantized" in r.getMessage()]
-            assert len(said) == 1 and said[0].endswith("quantization='gguf' keeps 7 Q4_K linear weights quantized "
-                                                       "and dequantizes 3 Q4_K, 1 Q5_K, 3 Q6_K")
+            assert len(said) == 1 and said[0].endswith("quantization='gguf' keeps 3 Q4_K, 4 Q8_0 linear weights "
+                                                       "quantized and dequantizes 3 Q4_K, 1 Q5_K, 2 Q6_K, 1 Q8_0")
         outputs[quantization] = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     for kept, dense in zip(outputs["gguf"], outputs[None]):
         assert kept.outputs[0].token_ids == dense.outputs[0].token_ids
         for a, b in zip(kept.outputs[0].logprobs, dense.outputs[0].logprobs):
             for token in b:
                 assert abs(a[token].logprob - b[token].logprob) < 1e-3
+
+
+def test_offloaded_layers_take_the_same_schemes(mixed_llama, monkeypatch):
+    """The offload loader builds its layers on the meta device and chooses their schemes the same way: each
+    streamed linear holds the same kind of weight and the greedy tokens are those of the resident model."""
+    monkeypatch.setattr(quant_gguf, "Q8_0_DEVICES", ("cuda", "cpu"))
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [1, 2, 3, 4, 5]}, {"prompt_token_ids": [9, 8, 7]}]
+    tokens, dtypes = {}, {}
+    for offload in ("none", "cpu"):
+        llm = LLM(str(mixed_llama), device="cpu", dtype="float32", quantization="gguf", skip_tokenizer_init=True,
+                  progress=False, offload=offload)
+        layers = llm.engine.runner.model.model.layers
+        dtypes[offload] = {(i, n): layers[i].get_submodule(n).weight.dtype for i, n in INT4 | INT8 | DENSE}
+        tokens[offload] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert dtypes["cpu"] == dtypes["none"] and tokens["cpu"] == tokens["none"]
+
+
+def test_q8_0_linears_are_dequantized_on_the_cpu(mixed_llama, caplog):
+    """No CPU kernel beats the dequantized matmul for Q8_0's groups: on the CPU its linears take the run dtype (a
+    gate_up of Q4_K and Q8_0 was dense anyway) and the line says so; the Q4_K ones stay int4."""
+    with caplog.at_level(logging.WARNING, logger="scaleinfer.weights.gguf"):
+        llm = LLM(str(mixed_llama), device="cpu", dtype="float32", quantization="gguf", skip_tokenizer_init=True,
+                  progress=False)
+    layers = llm.engine.runner.model.model.layers
+    assert all(layers[i].get_submodule(n).weight.dtype == torch.float32 for i, n in INT8 | DENSE)
+    assert all(layers[i].get_submodule(n).weight.dtype == torch.uint8 for i, n in INT4)
+    assert ("keeps 3 Q4_K linear weights quantized and dequantizes 3 Q4_K, 1 Q5_K, 2 Q6_K, 5 Q8_0 (Q8_0 is kept on "
+            "a GPU only)") in caplog.text
