@@ -151,3 +151,28 @@ def test_q8_0_linears_are_dequantized_on_the_cpu(mixed_llama, caplog):
     assert all(layers[i].get_submodule(n).weight.dtype == torch.uint8 for i, n in INT4)
     assert ("keeps 3 Q4_K linear weights quantized and dequantizes 3 Q4_K, 1 Q5_K, 2 Q6_K, 5 Q8_0 (Q8_0 is kept on "
             "a GPU only)") in caplog.text
+
+
+def test_every_tensor_is_transformers_gguf_load_of_the_file(mixed_llama):
+    """transformers as the oracle (its own renaming, dequantization and q/k un-permutation): each tensor the
+    planned file yields, kept rows dequantized, equals its state dict's (Q8_0 and the dense ones exactly, Q4_K
+    within float32's rounding of one subtraction)."""
+    from test_gguf_reader import _transformers_gguf_state_dict
+
+    from scaleinfer.layers.quant_int4 import Int4Rows
+    from scaleinfer.layers.quant_int8_groups import Int8GroupRows
+    from scaleinfer.models.llama import LlamaForCausalLM
+    from scaleinfer.weights.gguf import GGUFQuant, open_gguf
+
+    source = open_gguf(mixed_llama)
+    expected = _transformers_gguf_state_dict(source.path, source.arch)
+    GGUFQuant(source).plan(LlamaForCausalLM.stacked_params, keep_q8_0=True)
+    kinds = {}
+    for name, tensor in source.iter_weights(torch.float32, progress=False):
+        kinds[type(tensor).__name__] = kinds.get(type(tensor).__name__, 0) + 1
+        if isinstance(tensor, Int4Rows):
+            torch.testing.assert_close(tensor.dequantize(), expected[name], rtol=0, atol=1e-6, msg=name)
+        else:
+            got = tensor.dequantize() if isinstance(tensor, Int8GroupRows) else tensor
+            assert torch.equal(got, expected[name]), name
+    assert kinds == {"Int4Rows": 3, "Int8GroupRows": 4, "Tensor": len(expected) - 7}
