@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ceilings, decode_bytes_read, write_result  # noqa: E402
-from profile_step import start_requests  # noqa: E402
+from profile_step import prefill_budget, start_requests  # noqa: E402
 from shapes import SHAPES, write_config  # noqa: E402
 
 from scaleinfer import LLM  # noqa: E402
@@ -136,7 +136,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_config(args.shape, Path(tmp))
         llm = LLM(model=tmp, dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True,
-                  kv_cache_memory=8 << 30, progress=False, enable_prefix_caching=False)
+                  kv_cache_memory=8 << 30, progress=False, enable_prefix_caching=False,
+                  max_num_batched_tokens=prefill_budget(args.batch, args.prompt_len))
         prompts = [[rng.randrange(1000, 30000) for _ in range(args.prompt_len)] for _ in range(args.batch)]
         start_requests(llm, prompts, 8)
         engine_step_ms(llm)  # warm-up

@@ -28,8 +28,9 @@ from scaleinfer.config import KV_CACHE_DTYPES, QUANTIZATIONS  # noqa: E402
 
 
 def start_requests(llm: LLM, prompts: list[list[int]], new_tokens: int) -> None:
-    """Add the prompts and run their prefill (as many steps as the token budget takes), so that the next steps
-    are pure decodes."""
+    """Add the prompts and run their prefill, so that the next steps are pure decodes of all of them. The engine
+    needs a token budget that holds every prompt (prefill_budget): a prefill over several steps lets the first
+    requests spend their tokens before the last start, and the decodes would not be the batch asked for."""
     engine = llm.engine
     params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
     ids = {f"p{time.time()}-{i}" for i in range(len(prompts))}
@@ -37,6 +38,15 @@ def start_requests(llm: LLM, prompts: list[list[int]], new_tokens: int) -> None:
         engine.add_request(request_id, prompt, params)
     while ids:
         ids -= {out.request_id for out in engine.step() if out.outputs[0].token_ids}
+    running = engine.stats().num_running
+    if running != len(prompts):
+        raise RuntimeError(f"{running} of {len(prompts)} requests decode after the prefill: give the engine "
+                           f"max_num_batched_tokens >= {sum(map(len, prompts))} and KV room for all of them")
+
+
+def prefill_budget(batch: int, prompt_len: int) -> int:
+    """max_num_batched_tokens for start_requests: every prompt in one step (2048, the default, at least)."""
+    return max(2048, batch * prompt_len)
 
 
 def decode_step_ms(llm: LLM) -> list[float]:
@@ -62,7 +72,8 @@ def main() -> None:
         write_config(args.shape, Path(tmp))
         llm = LLM(model=tmp, dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True,
                   kv_cache_memory=args.kv_cache_gib << 30, enforce_eager=args.eager, progress=False,
-                  enable_prefix_caching=False, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+                  max_num_batched_tokens=prefill_budget(args.batch, args.prompt_len), enable_prefix_caching=False,
+                  quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
         prompts = [[rng.randrange(1000, 30000) for _ in range(args.prompt_len)] for _ in range(args.batch)]
         start_requests(llm, prompts, 8)  # warm-up
         decode_step_ms(llm)

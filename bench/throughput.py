@@ -6,8 +6,8 @@ tokens each request asked for (eos ignored), so the figures compare useful work 
     python bench/throughput.py                      # the embedded model on the best device present
     python bench/throughput.py --shape llama3-8b --num-requests 512 --hf-batch-size 64 \
         --min-prompt 128 --max-prompt 1024 --min-output 128 --max-output 512   # random bf16 weights, GPU
-    python bench/throughput.py --shape llama3-8b ... --runs bf16,fp8,fp8:fp8   # HF once, then ours per
-        weight scheme[:KV-cache dtype], each against HF and against the first run
+    python bench/throughput.py --shape llama3-8b ... --runs bf16,fp8,fp8:fp8,bf16:auto:8192   # HF once, then
+        ours per weight scheme[:KV-cache dtype[:max_num_batched_tokens]], each against HF and the first run
 """
 
 from __future__ import annotations
@@ -171,36 +171,44 @@ def run_shape(args: argparse.Namespace) -> dict:
         torch.cuda.empty_cache()
         limits = ceilings(device, dtype)
         ours = {}
-        for key, (scheme, kv) in _runs(args).items():
+        for key, (scheme, kv, budget) in _runs(args).items():
+            budget_arg = {"max_num_batched_tokens": budget} if budget else {}
             llm = LLM(model=tmp, dtype="bfloat16", load_format="dummy", skip_tokenizer_init=True, progress=False,
-                      quantization=scheme, kv_cache_dtype=kv)
+                      quantization=scheme, kv_cache_dtype=kv, **budget_arg)
             ours[key] = run_scaleinfer(llm, work, limits)
             del llm
             gc.collect()
             torch.cuda.empty_cache()
-    schemes = sorted({scheme or "bf16" for scheme, _ in _runs(args).values()})
+    schemes = sorted({scheme or "bf16" for scheme, _, _ in _runs(args).values()})
     return _record(f"{args.shape} shape, random weights: scaleinfer {'/'.join(schemes)}, HF bf16", device, dtype,
                    args, ours, peer, limits)
 
 
-def _runs(args: argparse.Namespace) -> dict[str, tuple[str | None, str]]:
-    """Our runs by result key -> (quantization, kv_cache_dtype): --runs, or the one of --quantization and
-    --kv-cache-dtype (key 'batch', HF's)."""
+Run = tuple[str | None, str, int | None]  # quantization, kv_cache_dtype, max_num_batched_tokens (None: default)
+
+
+def _runs(args: argparse.Namespace) -> dict[str, Run]:
+    """Our runs by result key: --runs, or the one of --quantization and --kv-cache-dtype (key 'batch', HF's)."""
     if not args.runs:
-        return {"batch": (args.quantization, args.kv_cache_dtype)}
-    return {f"{scheme or 'bf16'}-kv-{kv}": (scheme, kv) for scheme, kv in args.runs}
+        return {"batch": (args.quantization, args.kv_cache_dtype, None)}
+    return {f"{scheme or 'bf16'}-kv-{kv}" + (f"-budget-{budget}" if budget else ""): (scheme, kv, budget)
+            for scheme, kv, budget in args.runs}
 
 
-def parse_runs(text: str) -> list[tuple[str | None, str]]:
-    """--runs: comma-separated scheme[:kv_cache_dtype] (bf16 for the weights as stored; kv default auto)."""
+def parse_runs(text: str) -> list[Run]:
+    """--runs: comma-separated scheme[:kv_cache_dtype[:max_num_batched_tokens]] (bf16: the weights as stored;
+    kv default auto; the engine's default token budget)."""
     from common import quantization_schemes
 
     runs = []
     for item in text.split(","):
-        scheme, _, kv = item.partition(":")
+        scheme, kv, budget = (item.split(":") + ["", ""])[:3]
         if (kv or "auto") not in KV_CACHE_DTYPES:
             raise argparse.ArgumentTypeError(f"--runs {item!r}: kv_cache_dtype {kv!r} is not one of {KV_CACHE_DTYPES}")
-        runs.append((quantization_schemes(scheme)[0], kv or "auto"))
+        if budget and not (budget.isdigit() and int(budget) > 0):
+            raise argparse.ArgumentTypeError(f"--runs {item!r}: max_num_batched_tokens {budget!r} is not a positive "
+                                             "integer")
+        runs.append((quantization_schemes(scheme)[0], kv or "auto", int(budget) if budget else None))
     return runs
 
 
@@ -241,8 +249,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                         help="with --shape: scaleinfer's KV cache dtype (fp8: twice bf16's tokens)")
     parser.add_argument("--runs", type=parse_runs, default=None,
-                        help="with --shape: several of our runs after one HF run, e.g. bf16,fp8,fp8:fp8 "
-                             "(scheme[:kv_cache_dtype]); replaces --quantization and --kv-cache-dtype")
+                        help="with --shape: several of our runs after one HF run, e.g. bf16,fp8,fp8:fp8,"
+                             "bf16:auto:8192 (scheme[:kv_cache_dtype[:max_num_batched_tokens]]); replaces "
+                             "--quantization and --kv-cache-dtype")
     return parser.parse_args()
 
 
