@@ -176,3 +176,29 @@ def test_every_tensor_is_transformers_gguf_load_of_the_file(mixed_llama):
             got = tensor.dequantize() if isinstance(tensor, Int8GroupRows) else tensor
             assert torch.equal(got, expected[name]), name
     assert kinds == {"Int4Rows": 3, "Int8GroupRows": 4, "Tensor": len(expected) - 7}
+
+
+@pytest.mark.gpu
+def test_on_gpu_q8_0_and_q4_k_are_kept_and_give_the_dequantized_models_tokens(mixed_llama, monkeypatch):
+    """float32 on the GPU (Q8_0_DEVICES as shipped): the Q8_0 GEMV and the int4 Triton GEMV at decode (one
+    prompt at a time), dequantized weights at prefill, CUDA graphs and eager; the same greedy tokens as the
+    dequantized model on the CPU. bfloat16 (tinygemm for the int4 linears) starts like them."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    monkeypatch.setattr(scaleinfer_gguf, "HEAD_INT8", False)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [{"prompt_token_ids": torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist()}
+               for n in (5, 9, 17, 30)]
+
+    def tokens(device, quantization, **options):
+        with LLM(str(mixed_llama), device=device, quantization=quantization, progress=False, kv_cache_memory=1 << 28,
+                 skip_tokenizer_init=True, **options) as llm:
+            if device == "cuda":
+                layers = llm.engine.runner.model.model.layers
+                assert all(layers[i].get_submodule(n).weight.dtype == torch.int8 for i, n in INT8)
+            return [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
+
+    expected = tokens("cpu", None, dtype="float32")
+    assert tokens("cuda", "gguf", dtype="float32", enforce_eager=True) == expected
+    assert tokens("cuda", "gguf", dtype="float32") == expected
+    assert [t[:2] for t in tokens("cuda", "gguf", dtype="bfloat16")] == [t[:2] for t in expected]
