@@ -16,8 +16,9 @@ sm80+, groups of 32-256, N a multiple of 8; `_tinygemm_serves`), once the layer'
 (`rows_stored` reaches N) its weight is repacked into tinygemm's layout in the same parameter's place (one copy
 on the GPU; the fp32 scales and zeros stay, bf16 copies of them beside), and rows stored again into it first
 unpack the weight back to our layout, exactly. From that layout: up to TINYGEMM_MAX_ROWS rows (decode) that
-kernel, more rows (prefill, large decode batches) the weight dequantized to a bf16 temporary, tinygemm's own
-values to the bit, and cuBLAS (kernels/dequant_int4_tinygemm.py). Where tinygemm does not take
+kernel, up to TINYGEMM_GEMM_MAX_ROWS the Triton GEMM that reads the layout and dequantizes in registers
+(kernels/gemm_int4_tinygemm.py), more rows (long prefills) the weight dequantized to a bf16 temporary, tinygemm's
+own values to the bit, and cuBLAS (kernels/dequant_int4_tinygemm.py). Where tinygemm does not take
 it (fp16 / fp32 runs, odd shapes, older GPUs): the Triton GEMV up to MAX_GEMV_ROWS rows, the Triton GEMM that
 dequantizes group by group (kernels/gemm_int4.py) up to MAX_DEQUANT_GEMM_ROWS, past it the weight dequantized
 to the run dtype and cuBLAS. On the CPU torch's int4 kernel (aten._weight_int4pack_mm_for_cpu) for up to
@@ -28,6 +29,7 @@ first call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +40,7 @@ from scaleinfer.errors import ModelLoadError
 from scaleinfer.kernels.dequant_int4_tinygemm import dequant_tinygemm_mm
 from scaleinfer.kernels.dispatch import use_triton
 from scaleinfer.kernels.gemm_int4 import int4_gemm_triton
+from scaleinfer.kernels.gemm_int4_tinygemm import tinygemm_gemm
 from scaleinfer.kernels.gemv_int4 import MAX_GEMV_ROWS, ZERO_POINT, dequantize_int4, int4_gemv_triton, pack_int4
 from scaleinfer.kernels.int4_tinygemm import from_tinygemm_layout, pack_tinygemm, tinygemm_mm, tinygemm_takes
 from scaleinfer.layers.linear import Columns, RowParallelLinear, rows_of
@@ -54,6 +57,11 @@ MAX_DEQUANT_GEMM_ROWS = 512
 # H200, Llama 3 8B, groups of 128 (bench/results/decode-gemms-quant-llama3-8b-h200-20261202-183328.json): at 16
 # rows gate_up 136.5 us against cuBLAS bf16's 62.6 (plus about 100 us to write the bf16 weight), at 64 rows 516.0.
 TINYGEMM_MAX_ROWS = 16
+# Past TINYGEMM_MAX_ROWS and up to this many rows the Triton GEMM that reads tinygemm's layout and dequantizes in
+# registers (kernels/gemm_int4_tinygemm.py); past it the dequantized weight through cuBLAS. 256 is a first choice,
+# not a measurement: bench/decode_gemms_quant.py's int4 rows sweep ("gemm_int4_tinygemm_us" against
+# "tinygemm_dequant_cublas_us") decides where it goes.
+TINYGEMM_GEMM_MAX_ROWS = 256
 
 
 @dataclass(slots=True)
@@ -115,9 +123,8 @@ def int4_linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None = N
     """x: [..., K] -> [..., N] in x's dtype through the layer's int4 weight. No host syncs."""
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
     rows = x2.shape[0]
-    if layer.tinygemm is not None:  # the layer's weight is in its layout now: the one copy both paths read
-        matmul = tinygemm_mm if rows <= TINYGEMM_MAX_ROWS else dequant_tinygemm_mm
-        return matmul(x2, layer.tinygemm, bias).view(*x.shape[:-1], -1)
+    if layer.tinygemm is not None:  # the layer's weight is in its layout now: the one copy its paths read
+        return _tinygemm_matmul(rows)(x2, layer.tinygemm, bias).view(*x.shape[:-1], -1)
     if use_triton(x) and rows <= MAX_DEQUANT_GEMM_ROWS:
         kernel = int4_gemv_triton if rows <= MAX_GEMV_ROWS else int4_gemm_triton
         y = kernel(x2.contiguous(), layer.weight, layer.weight_scale, layer.weight_zero, bias)
@@ -129,6 +136,13 @@ def int4_linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None = N
     if bias is not None:
         y = y + bias
     return y.view(*x.shape[:-1], -1)
+
+
+def _tinygemm_matmul(rows: int) -> Callable[..., torch.Tensor]:
+    """The matmul of a layer in tinygemm's layout for `rows` rows of x (all three read that one copy)."""
+    if rows <= TINYGEMM_MAX_ROWS:
+        return tinygemm_mm
+    return tinygemm_gemm if rows <= TINYGEMM_GEMM_MAX_ROWS else dequant_tinygemm_mm
 
 
 def _tinygemm_serves(layer: nn.Module) -> bool:

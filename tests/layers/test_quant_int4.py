@@ -118,16 +118,18 @@ def test_a_layer_tinygemm_serves_is_repacked_in_place_once_all_its_rows_are_stor
     torch.testing.assert_close(layer(x), _ref(x, _cat(gate, new_up)), atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("m", [1, 16, 17, 40])
-def test_tinygemm_up_to_its_row_limit_then_the_dequantized_weight(m, monkeypatch):
-    """Where tinygemm serves (stood in for on the CPU, the dequantizing kernel run by Triton's interpreter): up to
-    TINYGEMM_MAX_ROWS rows tinygemm, past it the weight dequantized from its layout for the bf16 matmul, both
-    reading the one packed weight, equal to the float32 reference."""
+@pytest.mark.parametrize("m,path", [(1, "tinygemm_mm"), (16, "tinygemm_mm"), (17, "tinygemm_gemm"),
+                                    (40, "tinygemm_gemm"), (256, "tinygemm_gemm"), (257, "dequant_tinygemm_mm")])
+def test_tinygemm_then_the_gemm_on_its_layout_then_the_dequantized_weight(m, path, monkeypatch):
+    """Where tinygemm serves (stood in for on the CPU, the Triton kernels run by Triton's interpreter): up to
+    TINYGEMM_MAX_ROWS rows tinygemm, up to TINYGEMM_GEMM_MAX_ROWS the GEMM that dequantizes the layout in registers,
+    past it the weight dequantized from its layout for the bf16 matmul, all reading the one packed weight, equal to
+    the float32 reference."""
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
     monkeypatch.setattr(quant_int4, "_tinygemm_serves", lambda layer: True)
     calls = []
-    for name in ("tinygemm_mm", "dequant_tinygemm_mm"):
+    for name in ("tinygemm_mm", "tinygemm_gemm", "dequant_tinygemm_mm"):
         real = getattr(quant_int4, name)
         monkeypatch.setattr(quant_int4, name, lambda x, w, b, real=real, name=name: calls.append((name, len(x)))
                             or real(x, w, b))
@@ -139,8 +141,8 @@ def test_tinygemm_up_to_its_row_limit_then_the_dequantized_weight(m, monkeypatch
     x = torch.randn(1, m, 192).to(torch.bfloat16)  # [batch, tokens, K]: M = m rows
     with force_triton():
         got = layer(x)
-    assert quant_int4.TINYGEMM_MAX_ROWS == 16
-    assert calls == [("tinygemm_mm" if m <= 16 else "dequant_tinygemm_mm", m)], calls
+    assert (quant_int4.TINYGEMM_MAX_ROWS, quant_int4.TINYGEMM_GEMM_MAX_ROWS) == (16, 256)
+    assert calls == [(path, m)], calls
     expected = int4_linear_ref(x.reshape(m, 192), pack_int4(rows.levels), rows.scale, rows.zero, layer.bias)
     torch.testing.assert_close(got.reshape(m, 48), expected, atol=2e-2, rtol=2e-2)
 

@@ -1,9 +1,10 @@
 """On a GPU: int4 layers of a bfloat16 run serve from torch's tinygemm layout (kernels/int4_tinygemm.py), through
-tinygemm up to TINYGEMM_MAX_ROWS rows and the weight dequantized for cuBLAS past it (kernels/
+tinygemm up to TINYGEMM_MAX_ROWS rows, the Triton GEMM that dequantizes the layout in registers up to
+TINYGEMM_GEMM_MAX_ROWS (kernels/gemm_int4_tinygemm.py) and the weight dequantized for cuBLAS past it (kernels/
 dequant_int4_tinygemm.py, in slices of rows where the temporary would be large), and equal the float32 reference
 of their rows, whatever the rows came from (quantized on load, GGUF's kept rows, AWQ's, GPTQ's act-order); fp16
-runs keep the Triton kernels; streamed (view) weights are not repacked; a CUDA graph replays both paths; a tiny
-Llama in int4 through either path is as close to its float32 logits as through the Triton kernels in bf16."""
+runs keep the Triton kernels; streamed (view) weights are not repacked; a CUDA graph replays each path; a tiny
+Llama in int4 through each path is as close to its float32 logits as through the Triton kernels in bf16."""
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from scaleinfer.worker.device import default_dtype
 
 pytestmark = pytest.mark.gpu
 BF16 = dict(atol=2e-2, rtol=2e-2)  # tests/kernels/kernel_helpers.py tolerance(torch.bfloat16)
-ROWS = [1, 3, 16, 17, 100]  # tinygemm up to 16 (TINYGEMM_MAX_ROWS), then dequant + cuBLAS
+ROWS = [1, 3, 16, 17, 100, 300]  # tinygemm up to 16 (TINYGEMM_MAX_ROWS), the GEMM up to 256, then dequant + cuBLAS
 
 
 @pytest.fixture(autouse=True)
@@ -118,16 +119,22 @@ def test_a_weight_in_a_shared_buffer_is_not_repacked():
 
 def _spy_paths(monkeypatch) -> list[tuple[str, int]]:
     calls = []
-    for name in ("tinygemm_mm", "dequant_tinygemm_mm"):
+    for name in ("tinygemm_mm", "tinygemm_gemm", "dequant_tinygemm_mm"):
         real = getattr(quant_int4, name)
         monkeypatch.setattr(quant_int4, name, lambda x, w, b, real=real, name=name: calls.append((name, len(x)))
                             or real(x, w, b))
     return calls
 
 
-@pytest.mark.parametrize("m", [17, 100, 2048])
+def _path(m: int) -> str:
+    if m <= quant_int4.TINYGEMM_MAX_ROWS:
+        return "tinygemm_mm"
+    return "tinygemm_gemm" if m <= quant_int4.TINYGEMM_GEMM_MAX_ROWS else "dequant_tinygemm_mm"
+
+
+@pytest.mark.parametrize("m", [17, 100, 256, 257, 2048])
 @pytest.mark.parametrize("n,k,group", [(1024, 4096, 128), (512, 14336, 128), (200, 576, 64)])
-def test_past_tinygemm_max_rows_the_dequantized_weight_through_cublas(m, n, k, group, monkeypatch):
+def test_past_tinygemm_max_rows_the_gemm_on_its_layout_then_the_dequantized_weight(m, n, k, group, monkeypatch):
     calls = _spy_paths(monkeypatch)
     layer = _build(Int4Scheme(group_size=group), ColumnParallelLinear, k, n, bias=True)
     rows = _rows(n, k, group, seed=m + n)
@@ -136,13 +143,14 @@ def test_past_tinygemm_max_rows_the_dequantized_weight_through_cublas(m, n, k, g
     layer.bias.data = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     x = _x(m, k)
     got = layer(x)
-    assert calls == [("dequant_tinygemm_mm", m)] and got.shape == (m, n) and got.dtype == torch.bfloat16
+    assert calls == [(_path(m), m)] and got.shape == (m, n) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got, _ref(x, rows, layer.bias), **BF16)
 
 
 def test_the_dequantized_matmul_in_slices_of_rows(monkeypatch):
     """A temporary bound of 384 rows of 4096: slices at 0, 384, 768 of 1000 rows, one output."""
     monkeypatch.setattr(dequant_int4_tinygemm, "DEQUANT_CHUNK_BYTES", 384 * 2 * 4096)
+    monkeypatch.setattr(quant_int4, "TINYGEMM_GEMM_MAX_ROWS", 16)  # 300 rows: the dequantized path wherever it starts
     assert dequant_int4_tinygemm.chunk_rows(1000, 4096) == 384
     layer = _build(Int4Scheme(), ColumnParallelLinear, 4096, 1000, bias=True)
     rows = _rows(1000, 4096, 128, seed=7)
@@ -152,9 +160,10 @@ def test_the_dequantized_matmul_in_slices_of_rows(monkeypatch):
     torch.testing.assert_close(layer(x), _ref(x, rows, layer.bias), **BF16)
 
 
-@pytest.mark.parametrize("m", [4, 64])
-def test_tinygemm_and_the_dequantized_matmul_inside_a_cuda_graph(m, monkeypatch):
-    """4 rows replay tinygemm, 64 the dequantizing kernel and cuBLAS (its temporary from the graph's pool)."""
+@pytest.mark.parametrize("m", [4, 64, 300])
+def test_each_path_inside_a_cuda_graph(m, monkeypatch):
+    """4 rows replay tinygemm, 64 the GEMM on its layout, 300 the dequantizing kernel and cuBLAS (its temporary
+    from the graph's pool)."""
     calls = _spy_paths(monkeypatch)
     layer = _build(Int4Scheme(), ColumnParallelLinear, 4096, 1024, bias=True)
     rows = _rows(1024, 4096, 128, seed=1)
@@ -166,21 +175,21 @@ def test_tinygemm_and_the_dequantized_matmul_inside_a_cuda_graph(m, monkeypatch)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = layer(x)
-    assert {name for name, _ in calls} == {"tinygemm_mm" if m <= 16 else "dequant_tinygemm_mm"}
+    assert {name for name, _ in calls} == {_path(m)}
     for seed in range(2):
         x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 10)).to(x))
         graph.replay()
         torch.testing.assert_close(out, _ref(x, rows, layer.bias), **BF16)
 
 
-def test_tiny_llama_logits_through_tinygemm_and_the_dequantized_weight(tiny_models, monkeypatch):
+def test_tiny_llama_logits_through_each_path(tiny_models, monkeypatch):
     """The oracle: the same int4 model (levels, scales and zeros quantized alike from the float32 checkpoint) run
     in float32 (the Triton kernels' float32 path). The baseline: the Triton kernels in bf16 (bf16 activations,
-    float32 scales). tinygemm and the dequantized weight (its values: scale and zero rounded to bf16, each weight
-    rounded to bf16) add to the activations' bf16 rounding one of about the same size on every weight; independent
-    errors add in quadrature, so theirs may be up to sqrt(2) the baseline's: at most 1.5x + 1e-3, and the top-1
-    token as often the oracle's (within 2 of 40 positions). Comparing the two bf16 paths with each other instead
-    doubles both errors (on the H200: 0.0207 relative, each about 0.015 from the oracle)."""
+    float32 scales). tinygemm, the GEMM on its layout and the dequantized weight (their values: scale and zero
+    rounded to bf16, each weight rounded to bf16) add to the activations' bf16 rounding one of about the same size
+    on every weight; independent errors add in quadrature, so theirs may be up to sqrt(2) the baseline's: at most
+    1.5x + 1e-3, and the top-1 token as often the oracle's (within 2 of 40 positions). Comparing the two bf16 paths
+    with each other instead doubles both errors (on the H200: 0.0207 relative, each about 0.015 from the oracle)."""
     from parity_helpers import prefill_logits
 
     from scaleinfer.config import CacheConfig, ModelConfig
@@ -200,8 +209,12 @@ def test_tiny_llama_logits_through_tinygemm_and_the_dequantized_weight(tiny_mode
     oracle = prefill_logits(runner("float32", tinygemm=False), ids).float()
     bf16 = runner("bfloat16", tinygemm=True)
     calls = _spy_paths(monkeypatch)
+    gemm = prefill_logits(bf16, ids).float()
+    assert {name for name, _ in calls} == {"tinygemm_gemm"}  # 16 < 20 rows <= TINYGEMM_GEMM_MAX_ROWS
+    calls.clear()
+    monkeypatch.setattr(quant_int4, "TINYGEMM_GEMM_MAX_ROWS", 16)
     dequantized = prefill_logits(bf16, ids).float()
-    assert {name for name, _ in calls} == {"dequant_tinygemm_mm"}  # 20 rows > TINYGEMM_MAX_ROWS
+    assert {name for name, _ in calls} == {"dequant_tinygemm_mm"}
     calls.clear()
     monkeypatch.setattr(quant_int4, "TINYGEMM_MAX_ROWS", 64)
     through_tinygemm = prefill_logits(bf16, ids).float()
@@ -216,7 +229,7 @@ def test_tiny_llama_logits_through_tinygemm_and_the_dequantized_weight(tiny_mode
 
     base_err, base_top1 = errors(triton)
     assert base_err < 0.05, base_err  # bf16 activations through two layers: a few percent
-    for logits in (through_tinygemm, dequantized):
+    for logits in (through_tinygemm, gemm, dequantized):
         err, top1 = errors(logits)
         assert err < 1.5 * base_err + 1e-3, (err, base_err)
         assert top1 >= base_top1 - 0.05, (top1, base_top1)
