@@ -50,6 +50,9 @@ class StructuredOutputsParams:
     # JSON only (json, json_object): a regex every run of whitespace between JSON tokens must match (vLLM's),
     # e.g. "[ ]?"; "" allows none. None: any whitespace (or disable_any_whitespace's).
     whitespace_pattern: str | None = None
+    # The request field that set it, as its errors name it ("response_format.json_schema.schema", "guided_regex");
+    # None: the constraint itself (structured_outputs.<kind>).
+    origin: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.json is None or isinstance(self.json, (dict, str)), "structured_outputs.json must be a JSON "

@@ -125,8 +125,8 @@ class StructuredOutputs:
             raise InvalidRequestError(f"structured_outputs.whitespace_pattern {params.whitespace_pattern[:200]!r} "
                                       f"cannot be honoured ({_message(exc)})") from exc
         except (RuntimeError, ValueError, TypeError) as exc:
-            raise InvalidRequestError(f"structured_outputs.{kind} does not compile ({_message(exc)}): "
-                                      f"{_shown(value)}") from exc
+            where = params.origin or f"structured_outputs.{kind}"
+            raise InvalidRequestError(f"{where} does not compile ({_message(exc)}): {_shown(value)}") from exc
 
     def _get_compiler(self) -> Any:
         if self._compiler is None:

@@ -17,8 +17,10 @@ RETRY_AFTER_S = 1
 _PARAM_NAMES = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "logprobs", "stop",
                 "stop_token_ids",
                 "n", "prompt", "messages", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                "logit_bias")
-_PARAM_MESSAGE = re.compile(r"(\w+)(?: token ids)? (?:must|is) ")
+                "logit_bias", "response_format", "structured_outputs", "guided_json", "guided_regex",
+                "guided_choice", "guided_grammar")
+# "max_tokens must ...", "prompt token ids must ...", "response_format.json_schema.schema does not compile ..."
+_PARAM_MESSAGE = re.compile(r"(\w+)(?:\.[\w.]+)?(?: token ids)? (?:must|is|does not compile) ")
 
 
 @dataclass(slots=True, eq=False)

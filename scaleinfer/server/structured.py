@@ -45,7 +45,7 @@ def _sources(req: SamplingRequest) -> dict[str, StructuredOutputsParams | None]:
                "structured_outputs": _from_vllm(req.structured_outputs)}
     for field, kind in _GUIDED.items():
         value = getattr(req, field)
-        sources[field] = None if value is None else StructuredOutputsParams(**{kind: value})
+        sources[field] = None if value is None else StructuredOutputsParams(**{kind: value}, origin=field)
     return sources
 
 
@@ -53,11 +53,13 @@ def _from_response_format(fmt: ResponseFormat | None) -> StructuredOutputsParams
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
-        return StructuredOutputsParams(json_object=True)
+        return StructuredOutputsParams(json_object=True, origin="response_format")
     if fmt.json_schema is None:
         raise bad_request("response_format of type json_schema needs a json_schema object", "response_format")
     schema = fmt.json_schema.schema_
-    return StructuredOutputsParams(json=schema) if schema is not None else StructuredOutputsParams(json_object=True)
+    if schema is None:
+        return StructuredOutputsParams(json_object=True, origin="response_format")
+    return StructuredOutputsParams(json=schema, origin="response_format.json_schema.schema")
 
 
 def _from_vllm(req: StructuredOutputsRequest | None) -> StructuredOutputsParams | None:

@@ -70,10 +70,19 @@ def test_a_schema_that_does_not_compile_is_400_naming_it(client):
     bad = {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "objekt"}}}
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL, messages=COLOR_CHAT, max_tokens=4, response_format=bad)
-    assert "objekt" in info.value.body["message"]
+    body = info.value.body
+    assert "objekt" in body["message"] and body["param"] == "response_format"
+    assert body["message"].startswith("response_format.json_schema.schema does not compile")  # the field sent
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=MODEL, prompt="Hi", max_tokens=4, extra_body={"guided_regex": "[0-9"})
-    assert "[0-9" in info.value.body["message"]
+    body = info.value.body
+    assert "[0-9" in body["message"] and body["param"] == "guided_regex"
+    assert body["message"].startswith("guided_regex does not compile")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=4,
+                                  extra_body={"structured_outputs": {"regex": "(a"}})
+    assert info.value.body["message"].startswith("structured_outputs.regex does not compile")
+    assert info.value.body["param"] == "structured_outputs"
 
 
 def test_two_constraints_or_a_malformed_one_are_400(client):
