@@ -6,10 +6,12 @@ counts the bytes the kernel reads (levels, scales, zeros) against the copy bandw
 int4 also times torch's tinygemm (aten._weight_int4pack_mm, kernels/int4_tinygemm.py) on the same weights: at
 batch 1 against the GEMV's best tile ("batch1_faster" names the faster); the dequantization of its layout to bf16
 alone (kernels/dequant_int4_tinygemm.py, against the copy bandwidth for the bytes it reads and writes); and at
---int4-rows rows the two paths of a layer tinygemm serves, tinygemm and its layout dequantized + cuBLAS
-("faster" names the faster: the layer's TINYGEMM_MAX_ROWS should sit where it changes), beside the group-wise
-Triton GEMM (kernels/gemm_int4.py) and our layout dequantized for cuBLAS (the paths where tinygemm does not
-serve), and the bf16 weight through cuBLAS.
+--int4-rows rows the three paths of a layer tinygemm serves: tinygemm, its layout dequantized + cuBLAS, and the
+Triton GEMM that dequantizes the layout in registers (kernels/gemm_int4_tinygemm.py, the best of GEMM_TILES, each
+timed in "gemm_int4_tinygemm_sweep_us"). "faster" names the fastest: the layer's TINYGEMM_MAX_ROWS and
+TINYGEMM_GEMM_MAX_ROWS should sit where it changes, and the kernel's GPU_TILES be the best tiles. Beside them the
+group-wise Triton GEMM (kernels/gemm_int4.py) and our layout dequantized for cuBLAS (the paths where tinygemm does
+not serve), and the bf16 weight through cuBLAS.
 
 q8_0 (GGUF Q8_0 kept: int8 levels, a float32 scale per group of 32, kernels/gemv_int8_groups.py) sweeps its GEMV's
 tiles and also times the weight dequantized to bf16 + cuBLAS at batch 1, the path it would otherwise take.
@@ -35,6 +37,7 @@ from shapes import SHAPES  # noqa: E402
 
 from scaleinfer.kernels.dequant_int4_tinygemm import dequant_tinygemm_mm, dequantize_tinygemm  # noqa: E402
 from scaleinfer.kernels.gemm_int4 import int4_gemm_triton  # noqa: E402
+from scaleinfer.kernels.gemm_int4_tinygemm import GPU_TILES, GemmTiles, tinygemm_gemm_triton  # noqa: E402
 from scaleinfer.kernels.gemv import GemvConfig  # noqa: E402
 from scaleinfer.kernels.gemv_fp8 import FP8_DTYPE, fp8_gemv_triton  # noqa: E402
 from scaleinfer.kernels.gemv_int4 import dequantize_int4, int4_gemv_triton  # noqa: E402
@@ -49,6 +52,11 @@ WIDE_CONFIGS = [GemvConfig(n, k, w, s, sums) for n, k, w, s, sums in
                 if sums or n * k <= 8192]  # a [block_n, block_k] float32 tile past 8K values spills
 INT4_CONFIGS = [GemvConfig(n, k, w, s, True) for n, k, w, s in itertools.product((4, 8, 16), (256, 512, 1024),
                                                                                   (4, 8), (2,))]
+# kernels/gemm_int4_tinygemm.py's tiles (max_block_m, block_n, block_k, num_warps, num_stages): narrow N tiles
+# for the few-row, few-feature GEMMs (o_proj, down: 4096 features), tall M tiles to read the weight fewer times
+GEMM_TILES = [GPU_TILES] + [GemmTiles(*t) for t in [
+    (16, 32, 256, 4, 3), (32, 32, 128, 4, 4), (32, 64, 128, 4, 3), (64, 128, 64, 4, 4), (64, 128, 128, 8, 3),
+    (128, 64, 128, 4, 3), (128, 128, 64, 8, 3), (128, 128, 128, 8, 2), (256, 128, 64, 8, 2)]]
 Q8_0_GROUP = 32
 Q8_0_CONFIGS = [GemvConfig(n, k, w, s) for n, k, w, s in itertools.product((4, 8, 16), (256, 512, 1024, 2048),
                                                                           (4, 8), (2, 3))]
@@ -141,12 +149,19 @@ def int4_rows_at(m: int, x: torch.Tensor, weights: list[tuple], packed: list[tup
            "tinygemm_dequant_cublas_us": graph_us(lambda w: dequant_tinygemm_mm(xm, w[0]), packed),
            "gemm_int4_us": graph_us(lambda w: int4_gemm_triton(xm, *w), weights),
            "dequant_cublas_us": graph_us(lambda w: F.linear(xm, dequantize_int4(*w, dtype=torch.bfloat16)), weights)}
-    faster = row["tinygemm_us"] < row["tinygemm_dequant_cublas_us"]
-    return row | {"faster": "tinygemm" if faster else "tinygemm_dequant_cublas"}
+    gemm = {tiles.name(): graph_us(_tinygemm_gemm(xm, tiles), packed) for tiles in GEMM_TILES}
+    best = min(gemm, key=gemm.get)
+    row |= {"gemm_int4_tinygemm_us": gemm[best], "gemm_int4_tinygemm_best": best, "gemm_int4_tinygemm_sweep_us": gemm}
+    paths = ("tinygemm", "gemm_int4_tinygemm", "tinygemm_dequant_cublas")  # the layer's three on its layout
+    return row | {"faster": min(paths, key=lambda path: row[f"{path}_us"])}
 
 
 def _tinygemm(x: torch.Tensor) -> Callable[[tuple], torch.Tensor]:
     return lambda w: tinygemm_mm(x, w[0])
+
+
+def _tinygemm_gemm(x: torch.Tensor, tiles: GemmTiles) -> Callable[[tuple], torch.Tensor]:
+    return lambda w: tinygemm_gemm_triton(x, w[0], None, tiles)
 
 
 def _cublas(x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -162,7 +177,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--schemes", default="int8,int4,fp8")
-    parser.add_argument("--int4-rows", default="16,64", help="rows of x at which int4's matmuls are also timed")
+    parser.add_argument("--int4-rows", default="16,32,64,128,256,512",
+                        help="rows of x at which int4's matmuls are also timed")
     args = parser.parse_args()
     int4_rows = [int(m) for m in args.int4_rows.split(",") if m]
     device = torch.device("cuda")
@@ -188,7 +204,8 @@ def _print_int4(name: str, g: dict) -> None:
           f"batch 1 faster: {g['batch1_faster']}; its layout dequantized to bf16 {g['tinygemm_dequant_us']:7.1f} us "
           f"{g['tinygemm_dequant_fraction_of_copy']:6.1%}", flush=True)
     for m, row in g["rows"].items():
-        print(f"int4 {name:14s} M={m:>4s} tinygemm {row['tinygemm_us']:7.1f} us, tinygemm-layout dequant+cuBLAS "
+        print(f"int4 {name:14s} M={m:>4s} tinygemm {row['tinygemm_us']:7.1f} us, its layout's GEMM "
+              f"{row['gemm_int4_tinygemm_us']:7.1f} us ({row['gemm_int4_tinygemm_best']}), dequant+cuBLAS "
               f"{row['tinygemm_dequant_cublas_us']:7.1f} us (faster: {row['faster']}); gemm_int4 "
               f"{row['gemm_int4_us']:7.1f} us, dequant+cuBLAS {row['dequant_cublas_us']:7.1f} us, cuBLAS bf16 "
               f"{row['cublas_bf16_us']:7.1f} us", flush=True)
