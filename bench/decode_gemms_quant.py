@@ -14,7 +14,8 @@ group-wise Triton GEMM (kernels/gemm_int4.py) and our layout dequantized for cuB
 not serve), and the bf16 weight through cuBLAS.
 
 q8_0 (GGUF Q8_0 kept: int8 levels, a float32 scale per group of 32, kernels/gemv_int8_groups.py) sweeps its GEMV's
-tiles and also times the weight dequantized to bf16 + cuBLAS at batch 1, the path it would otherwise take.
+tiles and also times the weight dequantized to bf16 + cuBLAS at batch 1, the path it would otherwise take, and at
+--int4-rows rows the weight-only GEMM (kernels/gemm_weight_only.py) against that dequant + cuBLAS and bf16 cuBLAS.
 
     python bench/decode_gemms_quant.py --shape llama3-8b [--schemes int8,int4,fp8,q8_0] [--int4-rows 16,32,64,512]
 """
@@ -37,6 +38,7 @@ from shapes import SHAPES  # noqa: E402
 
 from scaleinfer.kernels.dequant_int4_tinygemm import dequant_tinygemm_mm, dequantize_tinygemm  # noqa: E402
 from scaleinfer.kernels.gemm_int4 import int4_gemm_triton  # noqa: E402
+from scaleinfer.kernels.gemm_weight_only import int8_groups_gemm_triton  # noqa: E402
 from scaleinfer.kernels.gemm_int4_tinygemm import GPU_TILES, GemmTiles, tinygemm_gemm_triton  # noqa: E402
 from scaleinfer.kernels.gemv import GemvConfig  # noqa: E402
 from scaleinfer.kernels.gemv_fp8 import FP8_DTYPE, fp8_gemv_triton  # noqa: E402
@@ -52,11 +54,13 @@ WIDE_CONFIGS = [GemvConfig(n, k, w, s, sums) for n, k, w, s, sums in
                 if sums or n * k <= 8192]  # a [block_n, block_k] float32 tile past 8K values spills
 INT4_CONFIGS = [GemvConfig(n, k, w, s, True) for n, k, w, s in itertools.product((4, 8, 16), (256, 512, 1024),
                                                                                   (4, 8), (2,))]
-# kernels/gemm_int4_tinygemm.py's tiles (max_block_m, block_n, block_k, num_warps, num_stages): narrow N tiles
-# for the few-row, few-feature GEMMs (o_proj, down: 4096 features), tall M tiles to read the weight fewer times
-GEMM_TILES = [GPU_TILES] + [GemmTiles(*t) for t in [
-    (16, 32, 256, 4, 3), (32, 32, 128, 4, 4), (32, 64, 128, 4, 3), (64, 128, 64, 4, 4), (64, 128, 128, 8, 3),
-    (128, 64, 128, 4, 3), (128, 128, 64, 8, 3), (128, 128, 128, 8, 2), (256, 128, 64, 8, 2)]]
+# kernels/gemm_int4_tinygemm.py's tiles (max_block_m, block_n, block_k, num_warps, num_stages), each reading the
+# layout a value at a time and a word at a time: narrow N tiles for the few-row, few-feature GEMMs (o_proj, down:
+# 4096 features), tall M tiles to read the weight fewer times
+GEMM_TILES = [GPU_TILES] + [GemmTiles(*t, words=words) for words in (False, True) for t in [
+    (16, 32, 256, 4, 3), (32, 32, 128, 4, 4), (32, 64, 128, 4, 3), (64, 64, 128, 4, 3), (64, 128, 64, 4, 4),
+    (64, 128, 128, 8, 3), (128, 64, 128, 4, 3), (128, 128, 64, 8, 3), (128, 128, 128, 8, 2), (256, 128, 64, 8, 2)]
+    if words or t != (64, 64, 128, 4, 3)]  # GPU_TILES is that one, reading values
 Q8_0_GROUP = 32
 Q8_0_CONFIGS = [GemvConfig(n, k, w, s) for n, k, w, s in itertools.product((4, 8, 16), (256, 512, 1024, 2048),
                                                                           (4, 8), (2, 3))]
@@ -113,6 +117,7 @@ def measure(scheme: str, n: int, k: int, copy_gb_s: float, int4_rows: list[int])
     if scheme == "q8_0":  # the path without the GEMV: the weight dequantized to bf16 each call, then cuBLAS
         result["dequant_cublas_us"] = graph_us(
             lambda w: F.linear(x, dequantize_int8_groups(w[0], w[1], torch.bfloat16)), weights)
+        result["rows"] = {str(m): q8_0_rows_at(m, x, weights) for m in int4_rows}
     del weights
     copies = max(2, ROTATION_BYTES // (2 * n * k))
     bf16 = [torch.randn(n, k, dtype=torch.bfloat16, device=device) for _ in range(copies)]
@@ -149,11 +154,24 @@ def int4_rows_at(m: int, x: torch.Tensor, weights: list[tuple], packed: list[tup
            "tinygemm_dequant_cublas_us": graph_us(lambda w: dequant_tinygemm_mm(xm, w[0]), packed),
            "gemm_int4_us": graph_us(lambda w: int4_gemm_triton(xm, *w), weights),
            "dequant_cublas_us": graph_us(lambda w: F.linear(xm, dequantize_int4(*w, dtype=torch.bfloat16)), weights)}
-    gemm = {tiles.name(): graph_us(_tinygemm_gemm(xm, tiles), packed) for tiles in GEMM_TILES}
+    gemm, failed = {}, {}
+    for tiles in GEMM_TILES:  # a tile the compiler refuses (shared memory, registers) is named, not fatal
+        try:
+            gemm[tiles.name()] = graph_us(_tinygemm_gemm(xm, tiles), packed)
+        except Exception as e:  # noqa: BLE001  (triton's compile errors have no common base)
+            failed[tiles.name()] = f"{type(e).__name__}: {str(e)[:200]}"
     best = min(gemm, key=gemm.get)
-    row |= {"gemm_int4_tinygemm_us": gemm[best], "gemm_int4_tinygemm_best": best, "gemm_int4_tinygemm_sweep_us": gemm}
+    row |= {"gemm_int4_tinygemm_us": gemm[best], "gemm_int4_tinygemm_best": best, "gemm_int4_tinygemm_sweep_us": gemm,
+            "gemm_int4_tinygemm_failed": failed}
     paths = ("tinygemm", "gemm_int4_tinygemm", "tinygemm_dequant_cublas")  # the layer's three on its layout
     return row | {"faster": min(paths, key=lambda path: row[f"{path}_us"])}
+
+
+def q8_0_rows_at(m: int, x: torch.Tensor, weights: list[tuple]) -> dict:
+    xm = torch.randn(m, x.shape[1], dtype=torch.bfloat16, device=x.device)
+    dequant = lambda w: F.linear(xm, dequantize_int8_groups(w[0], w[1], torch.bfloat16))
+    return {"gemm_us": graph_us(lambda w: int8_groups_gemm_triton(xm, *w), weights),
+            "dequant_cublas_us": graph_us(dequant, weights)}
 
 
 def _tinygemm(x: torch.Tensor) -> Callable[[tuple], torch.Tensor]:
@@ -196,6 +214,9 @@ def main() -> None:
                 _print_int4(name, g)
             if "dequant_cublas_us" in g:
                 print(f"{scheme} {name:14s} dequant+cuBLAS {g['dequant_cublas_us']:7.1f} us", flush=True)
+                for m, row in g["rows"].items():
+                    print(f"{scheme} {name:14s} M={m:>4s} gemm {row['gemm_us']:7.1f} us, dequant+cuBLAS "
+                          f"{row['dequant_cublas_us']:7.1f} us, cuBLAS bf16 {row['cublas_bf16_us']:7.1f} us", flush=True)
     print(write_result(f"decode-gemms-quant-{args.shape}", device, result))
 
 

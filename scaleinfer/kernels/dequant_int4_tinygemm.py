@@ -112,6 +112,28 @@ def layout_levels(packed_ptr, r, f, k, mask, T: tl.constexpr):
 
 
 @triton.jit
+def layout_words(packed_ptr, r, start, k, mask, T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The int32 words that hold weight rows r [BLOCK_N, 1] at input features [start, start + BLOCK_K), each read
+    once -> [BLOCK_N, BLOCK_K // 8]; start and BLOCK_K multiples of 32 (whole k-tile pairs). Word c of a row holds
+    the 8 features word_features(BLOCK_K)[8 c: 8 c + 8] (after start), in its nibbles 0..7."""
+    c = tl.arange(0, BLOCK_K // 8)[None, :]
+    pair = start // 32 + c // 4  # the k-tile pair [1, BLOCK_K // 8]: 4 words of a row each (lanes 4 (r % 8) + j)
+    lane = (r % 8) * 4 + c % 4
+    word = ((r // 8 * (k // (16 * T)) + pair // (T // 2)) * 32 + lane) * (T // 2) + pair % (T // 2)
+    return tl.load(packed_ptr + word, mask=mask, other=0)
+
+
+@triton.jit
+def word_features(BLOCK_K: tl.constexpr):
+    """The input feature (after a tile's start) of each position 8 c + s of layout_words' tile unpacked nibble by
+    nibble: lane j = c % 4 of a k-tile pair holds features 2 j + 8 i (nibble i) and 2 j + 8 i + 1 (nibble 4 + i)
+    -> [BLOCK_K]."""
+    position = tl.arange(0, BLOCK_K)
+    nibble, j = position % 8, (position // 8) % 4
+    return position // 32 * 32 + 8 * (nibble % 4) + 2 * j + nibble // 4
+
+
+@triton.jit
 def tinygemm_values(q, scale, zero):
     """Levels q with their float32 scale and zero (broadcast to q) -> tinygemm's bfloat16 weights, to the bit of
     tinygemm_weight_ref: (q - 8) * scale is exact in float32, then one rounding for the zero, then bf16's."""

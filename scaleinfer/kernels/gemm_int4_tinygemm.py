@@ -10,6 +10,10 @@ kernel), turns them into tinygemm's bf16 values to the bit (`tinygemm_values`: (
 rounded to bf16, as tinygemm_weight_ref), and multiplies them with the x tile on the tensor cores (float32 sums).
 So the weight is read once per BLOCK_M rows of x: at up to BLOCK_M rows, once.
 
+Two ways to read a tile (GemmTiles.words): each value its word (`layout_levels`: x in feature order, 8 loads of
+every word from L1), or each word once (`layout_words`, unpacked nibble by nibble; the x tile then gathered in the
+order the nibbles hold the features, `word_features`: the sum over K does not mind the order). The bench times both.
+
 BLOCK_K divides the group size (32..256), so a step reads one scale and one zero per output feature; K is a
 multiple of the group, so no step is partial. x is bfloat16 (the layout's only run dtype), as is the output.
 """
@@ -21,7 +25,13 @@ from dataclasses import dataclass
 import torch
 
 from scaleinfer.kernels.checks import check_bias, check_contiguous, check_dtype, check_power_of_two, check_shape
-from scaleinfer.kernels.dequant_int4_tinygemm import layout_levels, tinygemm_values, weight_shape
+from scaleinfer.kernels.dequant_int4_tinygemm import (
+    layout_levels,
+    layout_words,
+    tinygemm_values,
+    weight_shape,
+    word_features,
+)
 from scaleinfer.kernels.dispatch import dot_args, mma, tl, triton, use_triton
 from scaleinfer.kernels.int4_tinygemm import TinygemmWeight, tinygemm_mm_ref
 
@@ -29,20 +39,24 @@ from scaleinfer.kernels.int4_tinygemm import TinygemmWeight, tinygemm_mm_ref
 @dataclass(frozen=True, slots=True)
 class GemmTiles:
     """A launch's tiles: BLOCK_M is the next power of two of M within [16, max_block_m] (a dot needs 16 rows);
-    BLOCK_K is block_k or the group size, whichever is smaller."""
+    BLOCK_K is block_k or the group size, whichever is smaller (32 or more where words: whole k-tile pairs).
+    words: read each int32 word of the layout once (else once per value it holds)."""
 
     max_block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    words: bool = False
 
     def name(self) -> str:
-        return f"m{self.max_block_m}n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}"
+        read = "words" if self.words else "values"
+        return f"m{self.max_block_m}n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}{read}"
 
 
 GPU_TILES = GemmTiles(max_block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3)  # untuned: the bench
 INTERPRETER_TILES = GemmTiles(max_block_m=32, block_n=16, block_k=64, num_warps=1, num_stages=1)
+INTERPRETER_WORD_TILES = GemmTiles(max_block_m=32, block_n=16, block_k=64, num_warps=1, num_stages=1, words=True)
 
 
 def tinygemm_gemm(x: torch.Tensor, weight: TinygemmWeight, bias: torch.Tensor | None = None,
@@ -64,12 +78,14 @@ def tinygemm_gemm_triton(x: torch.Tensor, weight: TinygemmWeight, bias: torch.Te
     tiles = tiles or (GPU_TILES if x.is_cuda else INTERPRETER_TILES)
     block_m = min(tiles.max_block_m, max(16, triton.next_power_of_2(m)))
     block_k = min(tiles.block_k, weight.group_size)
+    if tiles.words and block_k % 32:
+        raise ValueError(f"words tiles read whole k-tile pairs: BLOCK_K={block_k} is not a multiple of 32")
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, tiles.block_n))
     _tinygemm_gemm_kernel[grid](
         x, weight.packed, weight.scale_zero, bias if bias is not None else out, out, m, n, k,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k,
-        T=2 * weight.packed.shape[3], GROUP=weight.group_size, **dot_args(x),
+        T=2 * weight.packed.shape[3], GROUP=weight.group_size, WORDS=tiles.words, **dot_args(x),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out
@@ -97,17 +113,24 @@ def _check(x: torch.Tensor, weight: TinygemmWeight, bias: torch.Tensor | None) -
 @triton.jit(do_not_specialize=["m"])
 def _tinygemm_gemm_kernel(x_ptr, packed_ptr, sz_ptr, bias_ptr, out_ptr, m, n, k, HAS_BIAS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, T: tl.constexpr,
-                          GROUP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                          GROUP: tl.constexpr, WORDS: tl.constexpr, UPCAST: tl.constexpr,
+                          PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of x [BLOCK_M]
     features = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output features = weight rows [BLOCK_N]
     row_mask, feature_mask = rows < m, features < n
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * k  # [BLOCK_M, 1]
-    cols = tl.arange(0, BLOCK_K)
+    # the input feature of each column of the weight tile (after its start) [BLOCK_K]
+    cols = word_features(BLOCK_K) if WORDS else tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for start in range(0, k, BLOCK_K):  # BLOCK_K divides the group, the group K: whole steps, one group each
         f = start + cols  # input features [BLOCK_K]
         xs = tl.load(x_rows + f[None, :], mask=row_mask[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
-        q = layout_levels(packed_ptr, features[:, None], f[None, :], k, feature_mask[:, None], T)  # [BLOCK_N, BK]
+        if WORDS:
+            words = layout_words(packed_ptr, features[:, None], start, k, feature_mask[:, None], T, BLOCK_K)
+            nibbles = (words[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 0xF  # [BLOCK_N, BK // 8, 8]
+            q = tl.reshape(nibbles, (BLOCK_N, BLOCK_K))
+        else:
+            q = layout_levels(packed_ptr, features[:, None], f[None, :], k, feature_mask[:, None], T)  # [BN, BK]
         sz = sz_ptr + ((start // GROUP) * n + features).to(tl.int64) * 2  # scale_zero [G, N, 2]: (scale, zero)
         scale = tl.load(sz, mask=feature_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
         zero = tl.load(sz + 1, mask=feature_mask, other=0.0).to(tl.float32)

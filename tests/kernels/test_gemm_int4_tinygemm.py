@@ -7,7 +7,13 @@ import pytest
 import torch
 from kernel_helpers import random_int4_weight, tolerance
 
-from scaleinfer.kernels.gemm_int4_tinygemm import GemmTiles, tinygemm_gemm, tinygemm_gemm_triton
+from scaleinfer.kernels.gemm_int4_tinygemm import (
+    INTERPRETER_TILES,
+    INTERPRETER_WORD_TILES,
+    GemmTiles,
+    tinygemm_gemm,
+    tinygemm_gemm_triton,
+)
 from scaleinfer.kernels.int4_tinygemm import TinygemmWeight, pack_tinygemm, tinygemm_weight_ref
 
 BF16 = tolerance(torch.bfloat16)
@@ -33,11 +39,21 @@ CASES = [(17, 64, 256, 32, True), (33, 24, 256, 64, False), (100, 40, 256, 128, 
          (5, 16, 128, 32, True)]
 
 
+@pytest.mark.parametrize("tiles", [INTERPRETER_TILES, INTERPRETER_WORD_TILES], ids=["values", "words"])
 @pytest.mark.parametrize("m,n,k,group,bias", CASES)
-def test_equals_the_reference_of_tinygemms_weights(m, n, k, group, bias, device, triton_path):
+def test_equals_the_reference_of_tinygemms_weights(m, n, k, group, bias, tiles, device, triton_path):
     x, weight, b = _inputs(m, n, k, group, seed=m * n + group, device=device, bias=bias)
-    got = tinygemm_gemm(x, weight, b)
+    got = tinygemm_gemm(x, weight, b, tiles)
     assert got.shape == (m, n) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, _ref(x, weight, b), **BF16)
+
+
+@pytest.mark.parametrize("k,group,t", [(512, 256, 8), (192, 64, 4), (96, 32, 2)])
+def test_word_tiles_across_k_tiles_and_inner_k_tiles(k, group, t, device, triton_path):
+    """Words read once with BLOCK_K past one k-outer step of the layout (16 t features) and at each inner k-tiles."""
+    x, weight, b = _inputs(19, 24, k, group, seed=k + t, device=device, bias=True)
+    assert 2 * weight.packed.shape[3] == t
+    got = tinygemm_gemm(x, weight, b, GemmTiles(32, 16, 256, 1, 1, words=True))
     torch.testing.assert_close(got, _ref(x, weight, b), **BF16)
 
 
@@ -63,6 +79,8 @@ def test_bad_arguments_are_named(device, triton_path):
         tinygemm_gemm_triton(x.float(), weight)
     with pytest.raises(ValueError, match="scale_zero has shape"):
         tinygemm_gemm_triton(x, TinygemmWeight(weight.packed, weight.scale_zero[:2].contiguous(), 32))
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        tinygemm_gemm_triton(x, weight, None, GemmTiles(16, 16, 16, 1, 1, words=True))
     with pytest.raises(ValueError, match="bias has shape"):
         tinygemm_gemm_triton(x, weight, torch.zeros(8, dtype=torch.bfloat16, device=device))
 
@@ -78,7 +96,9 @@ def test_llama3_8b_and_odd_shapes_on_gpu(m, n, k, group, cuda):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tiles", [GemmTiles(16, 64, 128, 4, 3), GemmTiles(64, 128, 64, 4, 4),
-                                   GemmTiles(128, 128, 128, 8, 3), GemmTiles(32, 32, 256, 4, 2)])
+                                   GemmTiles(128, 128, 128, 8, 3), GemmTiles(32, 32, 256, 4, 2),
+                                   GemmTiles(64, 64, 128, 4, 3, words=True), GemmTiles(128, 128, 64, 8, 3, True)],
+                         ids=lambda tiles: tiles.name())
 def test_tile_configs_on_gpu(tiles, cuda):
     x, weight, b = _inputs(100, 4096, 4096, 128, seed=3, device=cuda, bias=True)
     torch.testing.assert_close(tinygemm_gemm_triton(x, weight, b, tiles), _ref(x, weight, b), **BF16)
