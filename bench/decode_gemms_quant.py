@@ -38,8 +38,8 @@ from shapes import SHAPES  # noqa: E402
 
 from scaleinfer.kernels.dequant_int4_tinygemm import dequant_tinygemm_mm, dequantize_tinygemm  # noqa: E402
 from scaleinfer.kernels.gemm_int4 import int4_gemm_triton  # noqa: E402
-from scaleinfer.kernels.gemm_weight_only import int8_groups_gemm_triton  # noqa: E402
 from scaleinfer.kernels.gemm_int4_tinygemm import GPU_TILES, GemmTiles, tinygemm_gemm_triton  # noqa: E402
+from scaleinfer.kernels.gemm_weight_only import int8_groups_gemm_triton  # noqa: E402
 from scaleinfer.kernels.gemv import GemvConfig  # noqa: E402
 from scaleinfer.kernels.gemv_fp8 import FP8_DTYPE, fp8_gemv_triton  # noqa: E402
 from scaleinfer.kernels.gemv_int4 import dequantize_int4, int4_gemv_triton  # noqa: E402
@@ -216,7 +216,8 @@ def main() -> None:
                 print(f"{scheme} {name:14s} dequant+cuBLAS {g['dequant_cublas_us']:7.1f} us", flush=True)
                 for m, row in g["rows"].items():
                     print(f"{scheme} {name:14s} M={m:>4s} gemm {row['gemm_us']:7.1f} us, dequant+cuBLAS "
-                          f"{row['dequant_cublas_us']:7.1f} us, cuBLAS bf16 {row['cublas_bf16_us']:7.1f} us", flush=True)
+                          f"{row['dequant_cublas_us']:7.1f} us, cuBLAS bf16 {row['cublas_bf16_us']:7.1f} us",
+                          flush=True)
     print(write_result(f"decode-gemms-quant-{args.shape}", device, result))
 
 

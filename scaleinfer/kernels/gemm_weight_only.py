@@ -3,7 +3,8 @@ tile by tile.
 
 The weight-only matmul past the GEMVs' few rows (kernels/gemv_fp8.py, gemv_int8.py): fp8 block-wise checkpoints
 (a scale per group of group_k input features and per row, kernels/gemv_fp8.py's layout), fp8 per-row scales on
-GPUs without fp8 tensor cores, and int8 per-row scales (whose levels -127..127 are exact in bf16 and fp16).
+GPUs without fp8 tensor cores, int8 per-row scales (whose levels -127..127 are exact in bf16 and fp16) and int8
+group scales (GGUF Q8_0: groups of 32, kernels/gemv_int8_groups.py's layout).
 Each program owns a BLOCK_M x BLOCK_N tile of y and walks K one group at a time (BLOCK_K is the group for
 block scales): the level tile is cast to x's dtype for the tensor-core dot, and the group's partial sums are
 scaled by the tile's rows' scale for that group before they join the float32 accumulator, which is exactly
@@ -19,6 +20,7 @@ from scaleinfer.kernels.dispatch import dot_args, mma, tl, triton
 from scaleinfer.kernels.gemv_fp8 import FP8_DTYPE
 from scaleinfer.kernels.gemv_fp8 import _check as _check_fp8
 from scaleinfer.kernels.gemv_int8 import _check as _check_int8
+from scaleinfer.kernels.gemv_int8_groups import _check as _check_int8_groups
 
 GPU_TILES = dict(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3)
 INTERPRETER_TILES = dict(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=1)
@@ -36,6 +38,13 @@ def int8_gemm_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     """x: [M, K] float, q: [N, K] int8, scale: [N] float32 (one per output row) -> [M, N] in x's dtype."""
     _check_int8(x, q, scale, bias)
     return _weight_only_gemm(x, q, scale.view(-1, 1), x.shape[1], bias)
+
+
+def int8_groups_gemm_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M, K] float, q: [N, K] int8, scale: [N, K // group] float32 (a scale per group of a row) -> [M, N]."""
+    _check_int8_groups(x, q, scale, bias)
+    return _weight_only_gemm(x, q, scale, x.shape[1] // scale.shape[1], bias)
 
 
 def _weight_only_gemm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group_k: int,

@@ -8,9 +8,11 @@ quantized symmetric per group, scale = max |w| / 127. Scales are rows of the wei
 bytes of bf16 plus 4 per 32 weights.
 
 The matmul: on the GPU the Triton GEMV that applies each group's scale to its group sum (up to MAX_GEMV_ROWS
-rows), more rows the weight dequantized to the run dtype and cuBLAS; on the CPU the dequantized matmul for every
-row count (torch has no group-wise int8 kernel there: its _weight_int8pack_mm takes one scale per row), which
-keeps the memory but not the speed of the int8 bytes.
+rows), the weight-only GEMM that dequantizes tile by tile (kernels/gemm_weight_only.py, one group a K step) up
+to MAX_DEQUANT_GEMM_ROWS, past it the weight dequantized to the run dtype and cuBLAS; on the CPU the dequantized
+matmul for every row count (torch has no group-wise int8 kernel there: its _weight_int8pack_mm takes one scale
+per row), which keeps the memory but not the speed of the int8 bytes (3.5-20x float32's time on 2 threads), so
+GGUF files dequantize their Q8_0 linears on a CPU instead (layers/quant_gguf.py's Q8_0_DEVICES).
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from torch import nn
 
 from scaleinfer.errors import ModelLoadError
 from scaleinfer.kernels.dispatch import use_triton
+from scaleinfer.kernels.gemm_weight_only import int8_groups_gemm_triton
 from scaleinfer.kernels.gemv_int8_groups import MAX_GEMV_ROWS, dequantize_int8_groups, int8_groups_gemv_triton
 from scaleinfer.layers.linear import Columns, RowParallelLinear, rows_of
 
 QMAX = 127
+MAX_DEQUANT_GEMM_ROWS = 512  # past it the whole weight is dequantized for cuBLAS (as quant_int8.py)
 
 
 @dataclass(slots=True)
@@ -74,9 +78,9 @@ def quantize_int8_groups(rows: torch.Tensor, group_size: int) -> Int8GroupRows:
 def int8_groups_linear(x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., K] -> [..., N] in x's dtype through the layer's group-wise int8 weight. No host syncs."""
     x2 = x.reshape(-1, x.shape[-1])  # [M, K]
-    if use_triton(x) and x2.shape[0] <= MAX_GEMV_ROWS:
-        y = int8_groups_gemv_triton(x2.contiguous(), layer.weight, layer.weight_scale, bias)
-        return y.view(*x.shape[:-1], -1)
+    if use_triton(x) and x2.shape[0] <= MAX_DEQUANT_GEMM_ROWS:
+        kernel = int8_groups_gemv_triton if x2.shape[0] <= MAX_GEMV_ROWS else int8_groups_gemm_triton
+        return kernel(x2.contiguous(), layer.weight, layer.weight_scale, bias).view(*x.shape[:-1], -1)
     y = F.linear(x2, dequantize_int8_groups(layer.weight, layer.weight_scale, x.dtype), bias)
     return y.view(*x.shape[:-1], -1)
 

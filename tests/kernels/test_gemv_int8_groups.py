@@ -1,6 +1,6 @@
 """The group-wise int8 GEMV (GGUF Q8_0's format) against its torch reference, on fresh random inputs (ragged N,
 K of whole groups not a multiple of the step, bias, bf16, several rows, groups of 32 and 64), and against gguf's
-own Q8_0 dequantization."""
+own Q8_0 dequantization; the weight-only GEMM past the GEMV's rows with the same scales."""
 
 import numpy as np
 import pytest
@@ -9,6 +9,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 from kernel_helpers import tolerance
 
+from scaleinfer.kernels.gemm_weight_only import int8_groups_gemm_triton
 from scaleinfer.kernels.gemv import GemvConfig
 from scaleinfer.kernels.gemv_int8_groups import (
     dequantize_int8_groups,
@@ -38,6 +39,18 @@ def test_int8_groups_gemv_matches_reference(m, n, k, group, dtype, bias, block_k
     got = int8_groups_gemv(x, q, scale, b, GemvConfig(block_n=8, block_k=block_k))
     assert got.shape == (m, n) and got.dtype == dtype
     torch.testing.assert_close(got, int8_groups_linear_ref(x, q, scale, b), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("m,n,k,group,dtype,bias", [(5, 37, 96, 32, torch.float32, True),
+                                                    (33, 64, 512, 32, torch.bfloat16, False),
+                                                    (17, 50, 384, 64, torch.bfloat16, True)])
+def test_int8_groups_gemm_past_the_gemv_matches_reference(m, n, k, group, dtype, bias, device, triton_path):
+    x, q, scale, b = _inputs(m, n, k, group, dtype, device, bias, seed=m + n + k)
+    got = int8_groups_gemm_triton(x, q, scale, b)
+    assert got.shape == (m, n) and got.dtype == dtype
+    torch.testing.assert_close(got, int8_groups_linear_ref(x, q, scale, b), **tolerance(dtype))
+    shuffled = scale[:, torch.randperm(scale.shape[1], generator=torch.Generator().manual_seed(0))]
+    assert not torch.allclose(int8_groups_gemm_triton(x, q, shuffled, b), got, **tolerance(dtype))
 
 
 def test_each_group_takes_its_own_scale(device, triton_path):

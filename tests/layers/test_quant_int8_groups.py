@@ -1,13 +1,16 @@
 """The group-wise int8 scheme (GGUF Q8_0 kept): kept rows placed at their offsets in fused layers and narrowed by
 whole groups for a row-parallel rank at TP=2, float rows quantized per group, a group size that does not divide
-a rank's columns refused, and a built int4 layer re-made in it (LinearBase.use_scheme) loads and runs."""
+a rank's columns refused, the GPU paths by rows (GEMV, GEMM, dequantized matmul), and a built int4 layer re-made
+in it (LinearBase.use_scheme) loads and runs."""
 
 import pytest
 import torch
 from rank_helpers import as_tp_rank
 
 from scaleinfer.errors import ModelLoadError
+from scaleinfer.kernels.dispatch import HAS_TRITON, force_triton
 from scaleinfer.kernels.gemv_int8_groups import int8_groups_linear_ref
+from scaleinfer.layers import quant_int8_groups
 from scaleinfer.layers.linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -84,3 +87,27 @@ def test_a_built_int4_layer_remade_as_int8_groups_drops_its_int4_state():
     layer.weight_loader(layer.bias, torch.ones(8))
     x = torch.randn(17, 64)
     torch.testing.assert_close(layer(x), int8_groups_linear_ref(x, kept.levels, kept.scale, torch.ones(8)))
+
+
+@pytest.mark.parametrize("m,path", [(3, "gemv"), (5, "gemm"), (100, "gemm"), (513, "dequantized")])
+def test_gpu_paths_by_rows(m, path, monkeypatch):
+    """The kernels forced through Triton's interpreter: up to 4 rows the GEMV, 5..512 the weight-only GEMM, past it
+    the dequantized matmul; each gives the reference."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    calls = []
+    for name in ("int8_groups_gemv_triton", "int8_groups_gemm_triton"):
+        kernel = getattr(quant_int8_groups, name)
+        monkeypatch.setattr(quant_int8_groups, name,
+                            lambda x, *args, kernel=kernel, name=name: calls.append(name) or kernel(x, *args))
+    with linear_scheme(Int8GroupScheme(GROUP)):
+        layer = ColumnParallelLinear(64, 24, bias=True)
+    kept = rows(24, 64, m)
+    layer.weight_loader(layer.weight, kept)
+    layer.bias.data = torch.randn(24)
+    x = torch.randn(m, 64)
+    with force_triton():
+        got = layer(x)
+    assert calls == {"gemv": ["int8_groups_gemv_triton"], "gemm": ["int8_groups_gemm_triton"], "dequantized": []}[path]
+    torch.testing.assert_close(got, int8_groups_linear_ref(x, kept.levels, kept.scale, layer.bias), atol=1e-4,
+                               rtol=1e-4)
