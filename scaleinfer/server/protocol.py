@@ -26,7 +26,8 @@ class _Response(BaseModel):
 
 
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: bool = False  # a last chunk with the usage (OpenAI's)
+    continuous_usage_stats: bool = False  # extension (vLLM): with include_usage, the usage so far in every chunk
 
 
 class JsonSchemaFormat(_Request):
@@ -95,6 +96,11 @@ class SamplingRequest(_Request):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage so far in every chunk: vLLM's continuous_usage_stats, which takes include_usage too."""
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
 
 class CompletionRequest(SamplingRequest):

@@ -123,7 +123,7 @@ async def open_requests(ctx: ServingContext, request_id: str, prompts: list[Prom
             stream.close()
         raise errors[0]
     return EngineRequests(streams, params, ctx.metrics, [RequestTiming(arrival) for _ in streams],
-                          [prompt.text for prompt in prompts])
+                          [prompt.text for prompt in prompts], [prompt.num_tokens for prompt in prompts])
 
 
 class EngineRequests:
@@ -131,21 +131,20 @@ class EngineRequests:
     DELTA (streamed) or FINAL_ONLY: either way each token comes in exactly one output."""
 
     def __init__(self, streams: list[RequestStream], params: SamplingParams, metrics: ServerMetrics,
-                 timings: list[RequestTiming], prompt_texts: list[str | None]) -> None:
+                 timings: list[RequestTiming], prompt_texts: list[str | None], num_prompt_tokens: list[int]) -> None:
         self.streams = streams
         self.params = params
         self.metrics = metrics
         self.timings = timings
         self.prompt_texts = prompt_texts  # as sent, where a prompt was text; the engine got token ids
         self.latest: list[RequestOutput | None] = [None] * len(streams)  # each request's last output read
-        self._num_prompt_tokens = [0] * len(streams)
+        self._num_prompt_tokens = list(num_prompt_tokens)  # known at admission: a first chunk's usage counts them
         self._num_tokens = [[0] * params.n for _ in streams]  # [prompt][choice]: output tokens read so far
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, output) as each arrives; counts tokens and records latency metrics as they finish."""
         async for index, output in merge_streams(self.streams):
             self.latest[index] = output
-            self._num_prompt_tokens[index] = len(output.prompt_token_ids)
             for choice in output.outputs:
                 self._num_tokens[index][choice.index] += len(choice.token_ids)
             self._time(index, output)

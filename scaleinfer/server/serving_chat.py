@@ -39,7 +39,7 @@ from scaleinfer.server.serving_tools import (
     plan_tools,
 )
 from scaleinfer.server.tokenizing import Prompt
-from scaleinfer.server.unsupported import refuse_unsupported_chat, refuse_unsupported_stream_options
+from scaleinfer.server.unsupported import refuse_unsupported_chat
 
 
 async def create_chat_completion(ctx: ServingContext,
@@ -47,7 +47,6 @@ async def create_chat_completion(ctx: ServingContext,
     arrival = time.monotonic()
     ctx.check_model(req.model)
     refuse_unsupported_chat(req.model_extra, [m.model_extra for m in req.messages])
-    refuse_unsupported_stream_options(req.stream_options)
     conversation = conversation_of(ctx, req.messages)
     plan = plan_tools(req, ctx.tool_call_parser)
     ctx.limits.check_admissible(req.n, 1)
@@ -124,6 +123,7 @@ def _response(plan: ToolPlan, ctx: ServingContext, req: ChatCompletionRequest, r
 async def _stream(plan: ToolPlan, ctx: ServingContext, req: ChatCompletionRequest, request_id: str,
                   requests: EngineRequests) -> AsyncIterator[str]:
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        usage = usage or (requests.usage() if req.continuous_usage else None)
         return sse(ChatCompletionChunk(id=request_id, model=req.model, choices=choices, usage=usage))
 
     tracker, tool_streams = requests.delta_tracker(), ToolCallStreams(plan)

@@ -25,7 +25,7 @@ from scaleinfer.server.serving import (
     run_requests,
     sse,
 )
-from scaleinfer.server.unsupported import refuse_unsupported_completion, refuse_unsupported_stream_options
+from scaleinfer.server.unsupported import refuse_unsupported_completion
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
@@ -35,7 +35,6 @@ async def create_completion(ctx: ServingContext,
     arrival = time.monotonic()
     ctx.check_model(req.model)
     refuse_unsupported_completion(req.model_extra)
-    refuse_unsupported_stream_options(req.stream_options)
     raw_prompts = normalize_prompts(req.prompt)
     ctx.limits.check_prompts(raw_prompts)
     ctx.limits.check_admissible(req.n, len(raw_prompts))
@@ -121,7 +120,8 @@ async def _stream(ctx: ServingContext, req: CompletionRequest, request_id: str,
                 first = delta.index not in echoed
                 echoed.add(delta.index)
                 choice = _choice(ctx, delta, echo, first)
-                yield sse(CompletionResponse(id=request_id, model=req.model, choices=[choice]))
+                usage = requests.usage() if req.continuous_usage else None
+                yield sse(CompletionResponse(id=request_id, model=req.model, choices=[choice], usage=usage))
         if req.include_usage:
             yield sse(CompletionResponse(id=request_id, model=req.model, choices=[], usage=requests.usage()))
     finally:

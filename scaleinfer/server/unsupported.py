@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
-
 from scaleinfer.server.errors import bad_request
 
 _NOT_SET = (None,)
@@ -55,12 +53,6 @@ _CHAT = {
 }
 
 
-# vLLM's stream_options beyond OpenAI's include_usage
-_STREAM_OPTIONS = {
-    "continuous_usage_stats": ((None, False), "usage in every chunk is not supported; include_usage sends it "
-                                              "in a last chunk"),
-}
-
 _EMBEDDING = {
     "truncate_prompt_tokens": (_NOT_SET, "truncate_prompt_tokens is not supported: texts are truncated to the "
                                          "model's sequence limit"),
@@ -77,11 +69,6 @@ def refuse_unsupported_completion(extra: dict[str, Any] | None) -> None:
     _refuse(extra, _COMPLETION)
 
 
-def refuse_unsupported_stream_options(options: BaseModel | None) -> None:
-    """options: the request's stream_options (its undeclared fields are in model_extra)."""
-    _refuse(None if options is None else options.model_extra, _STREAM_OPTIONS, "stream_options.")
-
-
 def refuse_unsupported_chat(extra: dict[str, Any] | None, messages_extra: list[dict[str, Any] | None]) -> None:
     """extra: the request's fields the schema does not declare; messages_extra: each message's."""
     _refuse(extra, _CHAT)
@@ -91,11 +78,11 @@ def refuse_unsupported_chat(extra: dict[str, Any] | None, messages_extra: list[d
                               "tool_calls", "messages")
 
 
-def _refuse(extra: dict[str, Any] | None, table: dict[str, tuple[tuple[Any, ...], str]], prefix: str = "") -> None:
+def _refuse(extra: dict[str, Any] | None, table: dict[str, tuple[tuple[Any, ...], str]]) -> None:
     for name, value in (extra or {}).items():
         entry = table.get(name)
         if entry is not None and not _is_inert(value, entry[0]):
-            raise bad_request(f"{prefix}{name}: {entry[1]}", prefix + name)
+            raise bad_request(f"{name}: {entry[1]}", name)
 
 
 def _is_inert(value: Any, inert: tuple[Any, ...]) -> bool:

@@ -64,11 +64,6 @@ CASES = {
     "logit_bias value too large": ("/v1/completions", body(logit_bias={"5": 101}), 400, "logit_bias", "101"),
     "logit_bias token out of vocabulary": ("/v1/completions", body(logit_bias={"999999999": 1}), 400,
                                            "logit_bias", "999999999"),
-    "usage in every chunk": ("/v1/completions", body(stream=True, stream_options={
-        "include_usage": True, "continuous_usage_stats": True}), 400, "stream_options.continuous_usage_stats",
-        "stream_options.continuous_usage_stats: usage in every chunk is not supported"),
-    "chat usage in every chunk": ("/v1/chat/completions", json.dumps({**CHAT, "stream": True, "stream_options": {
-        "continuous_usage_stats": True}}).encode(), 400, "stream_options.continuous_usage_stats", "every chunk"),
     "invalid utf-8": ("/v1/completions", b'{"model": "smollm2-135m", "prompt": "\xff\xfe"}', 400, None, "UTF-8"),
 }
 
@@ -154,11 +149,37 @@ def test_bad_requests_do_not_disturb_a_running_stream(server):
     assert first + rest == alone
 
 
-def test_continuous_usage_stats_false_is_served(server):
-    """Its inert value changes nothing: the stream ends with the one usage chunk include_usage asks for."""
-    options = {"include_usage": True, "continuous_usage_stats": False}
-    response = httpx.post(f"{server.url}/v1/completions", content=body(stream=True, stream_options=options),
+def _stream_chunks(server, path: str, payload: bytes) -> list[dict]:
+    response = httpx.post(f"{server.url}{path}", content=payload,
                           headers={**server.headers, "Content-Type": "application/json"}, timeout=60)
     assert response.status_code == 200, response.text
-    chunks = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+    return [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: {")]
+
+
+def test_continuous_usage_stats_false_is_served(server):
+    """Its default changes nothing: the stream ends with the one usage chunk include_usage asks for."""
+    options = {"include_usage": True, "continuous_usage_stats": False}
+    chunks = _stream_chunks(server, "/v1/completions", body(stream=True, stream_options=options))
     assert [c.get("usage") is not None for c in chunks] == [False] * (len(chunks) - 1) + [True]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_continuous_usage_stats_puts_the_usage_so_far_in_every_chunk(server, path):
+    """vLLM's continuous_usage_stats: each chunk's usage counts the tokens streamed up to it; the last chunk is
+    the usage of the whole request, as without it. Without include_usage it adds nothing (vLLM's rule)."""
+    def payload(**options) -> bytes:
+        fields = dict(stream=True, stream_options=options, max_tokens=6, temperature=0, ignore_eos=True)
+        return body(**fields) if path == "/v1/completions" else json.dumps({**CHAT, **fields}).encode()
+
+    chunks = _stream_chunks(server, path, payload(include_usage=True, continuous_usage_stats=True))
+    usages = [c["usage"] for c in chunks]
+    assert all(u is not None for u in usages)
+    assert len({u["prompt_tokens"] for u in usages}) == 1 and usages[0]["prompt_tokens"] > 0
+    completion = [u["completion_tokens"] for u in usages]
+    assert completion == sorted(completion) and completion[-1] == 6 and completion[-2] == 6
+    assert completion[0] < 6  # the first chunks come before the last token
+    assert all(u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] for u in usages)
+    alone = _stream_chunks(server, path, payload(continuous_usage_stats=True))
+    assert all(c.get("usage") is None for c in alone)
+
+
