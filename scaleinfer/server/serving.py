@@ -138,13 +138,15 @@ class EngineRequests:
         self.timings = timings
         self.prompt_texts = prompt_texts  # as sent, where a prompt was text; the engine got token ids
         self.latest: list[RequestOutput | None] = [None] * len(streams)  # each request's last output read
-        self._num_prompt_tokens = list(num_prompt_tokens)  # known at admission: a first chunk's usage counts them
+        # known at admission where the front tokenized (a first chunk's usage counts them), then the engine's
+        self._num_prompt_tokens = list(num_prompt_tokens)
         self._num_tokens = [[0] * params.n for _ in streams]  # [prompt][choice]: output tokens read so far
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, output) as each arrives; counts tokens and records latency metrics as they finish."""
         async for index, output in merge_streams(self.streams):
             self.latest[index] = output
+            self._num_prompt_tokens[index] = len(output.prompt_token_ids)  # the engine's count (text prompts)
             for choice in output.outputs:
                 self._num_tokens[index][choice.index] += len(choice.token_ids)
             self._time(index, output)
