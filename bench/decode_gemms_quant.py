@@ -55,12 +55,14 @@ WIDE_CONFIGS = [GemvConfig(n, k, w, s, sums) for n, k, w, s, sums in
 INT4_CONFIGS = [GemvConfig(n, k, w, s, True) for n, k, w, s in itertools.product((4, 8, 16), (256, 512, 1024),
                                                                                   (4, 8), (2,))]
 # kernels/gemm_int4_tinygemm.py's tiles (max_block_m, block_n, block_k, num_warps, num_stages), each reading the
-# layout a value at a time and a word at a time: narrow N tiles for the few-row, few-feature GEMMs (o_proj, down:
-# 4096 features), tall M tiles to read the weight fewer times
-GEMM_TILES = [GPU_TILES] + [GemmTiles(*t, words=words) for words in (False, True) for t in [
-    (16, 32, 256, 4, 3), (32, 32, 128, 4, 4), (32, 64, 128, 4, 3), (64, 64, 128, 4, 3), (64, 128, 64, 4, 4),
-    (64, 128, 128, 8, 3), (128, 64, 128, 4, 3), (128, 128, 64, 8, 3), (128, 128, 128, 8, 2), (256, 128, 64, 8, 2)]
-    if words or t != (64, 64, 128, 4, 3)]  # GPU_TILES is that one, reading values
+# layout a word at a time and a value at a time: narrow N tiles for the few-row, few-feature GEMMs (o_proj, down:
+# 4096 features), tall M tiles to read the weight fewer times. Compiled for sm90 (no GPU), every word tile and all
+# but the last two value tiles have no register spills. GPU_TILES, the kernel's default, first.
+GEMM_SHAPES = [(64, 32, 128, 4, 3), (16, 32, 128, 4, 3), (32, 32, 128, 4, 3), (64, 32, 64, 8, 4),
+               (64, 64, 128, 8, 3), (64, 128, 64, 8, 3), (128, 32, 64, 8, 3), (128, 64, 64, 8, 3),
+               (128, 128, 64, 8, 3), (128, 64, 128, 8, 2)]
+GEMM_TILES = [GPU_TILES] + [tiles for words in (True, False) for tiles in (GemmTiles(*t, words=words)
+                                                                           for t in GEMM_SHAPES) if tiles != GPU_TILES]
 Q8_0_GROUP = 32
 Q8_0_CONFIGS = [GemvConfig(n, k, w, s) for n, k, w, s in itertools.product((4, 8, 16), (256, 512, 1024, 2048),
                                                                           (4, 8), (2, 3))]
