@@ -50,7 +50,11 @@ SHUTDOWN_JOIN_S = 30.0
 def run_core_process(config: EngineConfig, core_class: type, tokenizer_eos_token_id: int | None,
                      input_path: str, output_path: str, front_pid: int) -> None:
     """The core process's main: connect, load the model, send CoreReady, serve commands until Shutdown."""
+    # Ctrl-C (SIGINT) and a supervisor's SIGTERM reach the whole process group (a terminal, systemd, docker stop):
+    # the front drains its streams and then sends Shutdown, so the core must not die first. It cannot outlive
+    # the front either: the loop ends when the front's pid is no longer its parent.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     context = zmq.Context()
     commands, messages = context.socket(zmq.PULL), context.socket(zmq.PUSH)
     commands.connect(input_path)
