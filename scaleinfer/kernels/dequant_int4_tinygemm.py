@@ -12,7 +12,9 @@ weights at 16 rows and at 17.
 The kernel: each program writes a [BLOCK_N, BLOCK_K] tile of the bf16 weight, contiguous along K (vector stores,
 coalesced), and reads the int32 words that tile's values come from: 8 rows and 16 t features of a tile are the
 t / 2 words of 32 lanes (`_layout_index`), a row's 16 t features 2 t consecutive words, each word read once per
-value from L1 (the levels read are a quarter of the bytes written; the writes set the time).
+value from L1 (the levels read are a quarter of the bytes written; the writes set the time). Its reading of the
+layout (`layout_levels`; `layout_words` and `word_levels`) and its value rule (`tinygemm_values`) are jit helpers
+that kernels/gemm_int4_tinygemm.py calls too: the one place the Triton kernels index the layout.
 
 The temporary: the dequantized weight lives for one matmul, never beside the packed one between steps, and is
 bounded by DEQUANT_CHUNK_BYTES: a weight larger than it is dequantized and multiplied in slices of output rows
@@ -114,8 +116,8 @@ def layout_levels(packed_ptr, r, f, k, mask, T: tl.constexpr):
 @triton.jit
 def layout_words(packed_ptr, r, start, k, mask, T: tl.constexpr, BLOCK_K: tl.constexpr):
     """The int32 words that hold weight rows r [BLOCK_N, 1] at input features [start, start + BLOCK_K), each read
-    once -> [BLOCK_N, BLOCK_K // 8]; start and BLOCK_K multiples of 32 (whole k-tile pairs). Word c of a row holds
-    the 8 features word_features(BLOCK_K)[8 c: 8 c + 8] (after start), in its nibbles 0..7."""
+    once -> [BLOCK_N, BLOCK_K // 8]; start and BLOCK_K multiples of 32 (whole k-tile pairs). Word 4 b + j of a row
+    is lane j of its k-tile pair b (word_levels has which features its nibbles hold)."""
     c = tl.arange(0, BLOCK_K // 8)[None, :]
     pair = start // 32 + c // 4  # the k-tile pair [1, BLOCK_K // 8]: 4 words of a row each (lanes 4 (r % 8) + j)
     lane = (r % 8) * 4 + c % 4
@@ -124,13 +126,12 @@ def layout_words(packed_ptr, r, start, k, mask, T: tl.constexpr, BLOCK_K: tl.con
 
 
 @triton.jit
-def word_features(BLOCK_K: tl.constexpr):
-    """The input feature (after a tile's start) of each position 8 c + s of layout_words' tile unpacked nibble by
-    nibble: lane j = c % 4 of a k-tile pair holds features 2 j + 8 i (nibble i) and 2 j + 8 i + 1 (nibble 4 + i)
-    -> [BLOCK_K]."""
-    position = tl.arange(0, BLOCK_K)
-    nibble, j = position % 8, (position // 8) % 4
-    return position // 32 * 32 + 8 * (nibble % 4) + 2 * j + nibble // 4
+def word_levels(words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """layout_words' words [BLOCK_N, BLOCK_K // 8] -> their levels in feature order [BLOCK_N, BLOCK_K]. Word 4 b + j
+    of a row is lane j of k-tile pair b; its nibble 4 e + i holds feature 32 b + 8 i + 2 j + e."""
+    nibbles = (words[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 0xF  # [BLOCK_N, BLOCK_K // 8, 8]
+    by_lane = tl.reshape(nibbles, (BLOCK_N, BLOCK_K // 32, 4, 2, 4))  # [row, b, j, e, i]
+    return tl.reshape(tl.permute(by_lane, (0, 1, 4, 2, 3)), (BLOCK_N, BLOCK_K))  # [row, b, i, j, e]
 
 
 @triton.jit

@@ -10,10 +10,11 @@ kernel), turns them into tinygemm's bf16 values to the bit (`tinygemm_values`: (
 rounded to bf16, as tinygemm_weight_ref), and multiplies them with the x tile on the tensor cores (float32 sums).
 So the weight is read once per BLOCK_M rows of x: at up to BLOCK_M rows, once.
 
-Two ways to read a tile (GemmTiles.words): each value its word (`layout_levels`: x in feature order, 8 loads of
-every word from L1), or each word once (`layout_words`, unpacked nibble by nibble; the x tile then gathered in the
-order the nibbles hold the features, `word_features`: the sum over K does not mind the order; a quarter of the
-shared memory per stage). The bench times both.
+Two ways to read a tile (GemmTiles.words): each value its word (`layout_levels`: 8 loads of every word from L1,
+index math per value), or each word once (`layout_words`), unpacked nibble by nibble and put in feature order in
+registers (`word_levels`). Compiled for sm90 (no GPU here) neither spills at the bench's tiles; the word read
+stages less in shared memory (64 x 32 x 128, 4 warps: 129 registers and 60 KB, against 126 and 88 KB for the value
+read, which stages a word per value). The bench times both.
 
 BLOCK_K divides the group size (32..256), so a step reads one scale and one zero per output feature; K is a
 multiple of the group, so no step is partial. x is bfloat16 (the layout's only run dtype), as is the output.
@@ -31,7 +32,7 @@ from scaleinfer.kernels.dequant_int4_tinygemm import (
     layout_words,
     tinygemm_values,
     weight_shape,
-    word_features,
+    word_levels,
 )
 from scaleinfer.kernels.dispatch import dot_args, mma, tl, triton, use_triton
 from scaleinfer.kernels.int4_tinygemm import TinygemmWeight, tinygemm_mm_ref
@@ -56,9 +57,8 @@ class GemmTiles:
 
 
 # Untimed (the bench's sweep decides). Compiled for sm90 without a GPU (triton.compile, GPUTarget("cuda", 90,
-# 32); groups of 128): 205 registers a thread, no spills, 28 KB of shared memory; 32 features a tile so that the
-# 4096-feature GEMMs (o_proj, down) have 128 tiles at up to 64 rows. Larger tiles spill (64 x 64 x 128 over 4 warps:
-# 272 bytes a thread).
+# 32), groups of 128, arguments 16-divisible as at launch): 129 registers a thread, no spills, 60 KB of shared
+# memory; 32 features a tile so that the 4096-feature GEMMs (o_proj, down) have 128 tiles at up to 64 rows.
 GPU_TILES = GemmTiles(max_block_m=64, block_n=32, block_k=128, num_warps=4, num_stages=3, words=True)
 INTERPRETER_TILES = GemmTiles(max_block_m=32, block_n=16, block_k=64, num_warps=1, num_stages=1)
 INTERPRETER_WORD_TILES = GemmTiles(max_block_m=32, block_n=16, block_k=64, num_warps=1, num_stages=1, words=True)
@@ -124,16 +124,14 @@ def _tinygemm_gemm_kernel(x_ptr, packed_ptr, sz_ptr, bias_ptr, out_ptr, m, n, k,
     features = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output features = weight rows [BLOCK_N]
     row_mask, feature_mask = rows < m, features < n
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * k  # [BLOCK_M, 1]
-    # the input feature of each column of the weight tile (after its start) [BLOCK_K]
-    cols = word_features(BLOCK_K) if WORDS else tl.arange(0, BLOCK_K)
+    cols = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for start in range(0, k, BLOCK_K):  # BLOCK_K divides the group, the group K: whole steps, one group each
         f = start + cols  # input features [BLOCK_K]
         xs = tl.load(x_rows + f[None, :], mask=row_mask[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
         if WORDS:
             words = layout_words(packed_ptr, features[:, None], start, k, feature_mask[:, None], T, BLOCK_K)
-            nibbles = (words[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 0xF  # [BLOCK_N, BK // 8, 8]
-            q = tl.reshape(nibbles, (BLOCK_N, BLOCK_K))
+            q = word_levels(words, BLOCK_N, BLOCK_K)  # [BLOCK_N, BLOCK_K]
         else:
             q = layout_levels(packed_ptr, features[:, None], f[None, :], k, feature_mask[:, None], T)  # [BN, BK]
         sz = sz_ptr + ((start // GROUP) * n + features).to(tl.int64) * 2  # scale_zero [G, N, 2]: (scale, zero)
