@@ -60,8 +60,8 @@ class GemmTiles:
 # 32), groups of 128, arguments 16-divisible as at launch): 129 registers a thread, no spills, 60 KB of shared
 # memory; 32 features a tile so that the 4096-feature GEMMs (o_proj, down) have 128 tiles at up to 64 rows.
 GPU_TILES = GemmTiles(max_block_m=64, block_n=32, block_k=128, num_warps=4, num_stages=3, words=True)
-INTERPRETER_TILES = GemmTiles(max_block_m=32, block_n=16, block_k=64, num_warps=1, num_stages=1)
-INTERPRETER_WORD_TILES = GemmTiles(max_block_m=32, block_n=16, block_k=64, num_warps=1, num_stages=1, words=True)
+INTERPRETER_TILES = GemmTiles(max_block_m=32, block_n=16, block_k=64, num_warps=1, num_stages=1, words=True)
+INTERPRETER_VALUE_TILES = GemmTiles(max_block_m=32, block_n=16, block_k=64, num_warps=1, num_stages=1)
 
 
 def tinygemm_gemm(x: torch.Tensor, weight: TinygemmWeight, bias: torch.Tensor | None = None,

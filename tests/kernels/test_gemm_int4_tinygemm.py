@@ -9,7 +9,7 @@ from kernel_helpers import random_int4_weight, tolerance
 
 from scaleinfer.kernels.gemm_int4_tinygemm import (
     INTERPRETER_TILES,
-    INTERPRETER_WORD_TILES,
+    INTERPRETER_VALUE_TILES,
     GemmTiles,
     tinygemm_gemm,
     tinygemm_gemm_triton,
@@ -39,7 +39,7 @@ CASES = [(17, 64, 256, 32, True), (33, 24, 256, 64, False), (100, 40, 256, 128, 
          (5, 16, 128, 32, True)]
 
 
-@pytest.mark.parametrize("tiles", [INTERPRETER_TILES, INTERPRETER_WORD_TILES], ids=["values", "words"])
+@pytest.mark.parametrize("tiles", [INTERPRETER_TILES, INTERPRETER_VALUE_TILES], ids=["words", "values"])
 @pytest.mark.parametrize("m,n,k,group,bias", CASES)
 def test_equals_the_reference_of_tinygemms_weights(m, n, k, group, bias, tiles, device, triton_path):
     x, weight, b = _inputs(m, n, k, group, seed=m * n + group, device=device, bias=bias)
