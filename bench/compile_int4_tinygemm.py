@@ -29,8 +29,8 @@ from decode_gemms_quant import GEMM_TILES  # noqa: E402
 from scaleinfer.kernels.gemm_int4_tinygemm import GemmTiles, _tinygemm_gemm_kernel  # noqa: E402
 
 SIGNATURE = {"x_ptr": "*bf16", "packed_ptr": "*i32", "sz_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16",
-             "m": "i32", "n": "i32", "k": "i32"}
-DIVISIBLE_16 = ("x_ptr", "packed_ptr", "sz_ptr", "bias_ptr", "out_ptr", "n", "k")  # m is not specialized
+             "m": "i32", "n": "i32", "k": "i32", "k_per_split": "i32"}
+DIVISIBLE_16 = ("x_ptr", "packed_ptr", "sz_ptr", "bias_ptr", "out_ptr", "n", "k", "k_per_split")  # m is not
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
@@ -43,9 +43,10 @@ class TileCost:
 
 
 def compile_tiles(tiles: GemmTiles, block_m: int, arch: int, group: int, t: int) -> TileCost:
-    """One launch's kernel (BLOCK_M rows of x, bias on) compiled for sm_<arch>."""
-    consts = dict(HAS_BIAS=True, BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=min(tiles.block_k, group), T=t,
-                  GROUP=group, WORDS=tiles.words, UPCAST=False, PRECISION="tf32")
+    """One launch's kernel (BLOCK_M rows of x, bias on where the kernel adds it) compiled for sm_<arch>."""
+    consts = dict(HAS_BIAS=tiles.split_k == 1, BLOCK_M=block_m, BLOCK_N=tiles.block_n,
+                  BLOCK_K=min(tiles.block_k, group), T=t, GROUP=group, WORDS=tiles.words, UPCAST=False,
+                  PRECISION="tf32")
     names = _tinygemm_gemm_kernel.arg_names
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_16}
     source = ASTSource(_tinygemm_gemm_kernel, SIGNATURE | {name: "constexpr" for name in consts}, constexprs=consts,

@@ -63,6 +63,10 @@ GEMM_SHAPES = [(64, 32, 128, 4, 3), (16, 32, 128, 4, 3), (32, 32, 128, 4, 3), (6
                (128, 128, 64, 8, 3), (128, 64, 128, 8, 2)]
 GEMM_TILES = [GPU_TILES] + [tiles for words in (True, False) for tiles in (GemmTiles(*t, words=words)
                                                                            for t in GEMM_SHAPES) if tiles != GPU_TILES]
+# split along K (float32 partial sums added by torch): more programs for the 4096-feature GEMMs at few rows
+GEMM_TILES += [GemmTiles(*t, words=True, split_k=split) for t, split in [
+    ((64, 32, 128, 4, 3), 2), ((64, 32, 128, 4, 3), 4), ((16, 32, 128, 4, 3), 4), ((64, 64, 128, 8, 3), 4),
+    ((32, 64, 128, 4, 3), 8)]]
 Q8_0_GROUP = 32
 Q8_0_CONFIGS = [GemvConfig(n, k, w, s) for n, k, w, s in itertools.product((4, 8, 16), (256, 512, 1024, 2048),
                                                                           (4, 8), (2, 3))]

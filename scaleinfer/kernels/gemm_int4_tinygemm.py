@@ -42,7 +42,9 @@ from scaleinfer.kernels.int4_tinygemm import TinygemmWeight, tinygemm_mm_ref
 class GemmTiles:
     """A launch's tiles: BLOCK_M is the next power of two of M within [16, max_block_m] (a dot needs 16 rows);
     BLOCK_K is block_k or the group size, whichever is smaller (32 or more where words: whole k-tile pairs).
-    words: read each int32 word of the layout once (else once per value it holds)."""
+    words: read each int32 word of the layout once (else once per value it holds). split_k: programs along K, each
+    writing float32 partial sums that torch adds (in a fixed order: deterministic), for GEMMs with few output tiles
+    (4096 features at few rows: 128 tiles of 32 for 132 SMs, each walking all of K)."""
 
     max_block_m: int
     block_n: int
@@ -50,10 +52,12 @@ class GemmTiles:
     num_warps: int
     num_stages: int
     words: bool = False
+    split_k: int = 1
 
     def name(self) -> str:
         read = "words" if self.words else "values"
-        return f"m{self.max_block_m}n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}{read}"
+        split = f"split{self.split_k}" if self.split_k > 1 else ""
+        return f"m{self.max_block_m}n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}{read}{split}"
 
 
 # Untimed (the bench's sweep decides). Compiled for sm90 without a GPU (triton.compile, GPUTarget("cuda", 90,
@@ -85,15 +89,20 @@ def tinygemm_gemm_triton(x: torch.Tensor, weight: TinygemmWeight, bias: torch.Te
     block_k = min(tiles.block_k, weight.group_size)
     if tiles.words and block_k % 32:
         raise ValueError(f"words tiles read whole k-tile pairs: BLOCK_K={block_k} is not a multiple of 32")
-    out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, tiles.block_n))
+    steps = triton.cdiv(k // block_k, max(1, tiles.split_k))  # BLOCK_K steps a split
+    split = triton.cdiv(k // block_k, steps)  # none empty
+    out = torch.empty(split, m, n, dtype=torch.bfloat16 if split == 1 else torch.float32, device=x.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, tiles.block_n), split)
     _tinygemm_gemm_kernel[grid](
-        x, weight.packed, weight.scale_zero, bias if bias is not None else out, out, m, n, k,
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k,
+        x, weight.packed, weight.scale_zero, bias if bias is not None else out, out, m, n, k, steps * block_k,
+        HAS_BIAS=bias is not None and split == 1, BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k,
         T=2 * weight.packed.shape[3], GROUP=weight.group_size, WORDS=tiles.words, **dot_args(x),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
-    return out
+    if split == 1:
+        return out[0]
+    y = out.sum(0)  # [M, N] float32
+    return (y if bias is None else y + bias.float()).to(torch.bfloat16)
 
 
 def _check(x: torch.Tensor, weight: TinygemmWeight, bias: torch.Tensor | None) -> tuple[int, int]:
@@ -116,7 +125,7 @@ def _check(x: torch.Tensor, weight: TinygemmWeight, bias: torch.Tensor | None) -
 
 
 @triton.jit(do_not_specialize=["m"])
-def _tinygemm_gemm_kernel(x_ptr, packed_ptr, sz_ptr, bias_ptr, out_ptr, m, n, k, HAS_BIAS: tl.constexpr,
+def _tinygemm_gemm_kernel(x_ptr, packed_ptr, sz_ptr, bias_ptr, out_ptr, m, n, k, k_per_split, HAS_BIAS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, T: tl.constexpr,
                           GROUP: tl.constexpr, WORDS: tl.constexpr, UPCAST: tl.constexpr,
                           PRECISION: tl.constexpr):
@@ -126,7 +135,9 @@ def _tinygemm_gemm_kernel(x_ptr, packed_ptr, sz_ptr, bias_ptr, out_ptr, m, n, k,
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * k  # [BLOCK_M, 1]
     cols = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for start in range(0, k, BLOCK_K):  # BLOCK_K divides the group, the group K: whole steps, one group each
+    k_start = tl.program_id(2) * k_per_split  # this split's input features: [k_start, k_end)
+    k_end = tl.minimum(k_start + k_per_split, k)
+    for start in range(k_start, k_end, BLOCK_K):  # BLOCK_K divides the group, the group K: whole steps, one group each
         f = start + cols  # input features [BLOCK_K]
         xs = tl.load(x_rows + f[None, :], mask=row_mask[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
         if WORDS:
@@ -141,5 +152,5 @@ def _tinygemm_gemm_kernel(x_ptr, packed_ptr, sz_ptr, bias_ptr, out_ptr, m, n, k,
         acc += mma(xs, tl.trans(w), UPCAST, PRECISION)  # [BLOCK_M, BLOCK_N]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + features, mask=feature_mask, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rows.to(tl.int64)[:, None] * n + features[None, :]
-    tl.store(out, acc.to(tl.bfloat16), mask=row_mask[:, None] & feature_mask[None, :])
+    out = out_ptr + (tl.program_id(2) * m + rows).to(tl.int64)[:, None] * n + features[None, :]  # out [split, M, N]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & feature_mask[None, :])

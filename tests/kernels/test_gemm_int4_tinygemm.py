@@ -1,7 +1,7 @@
 """The GEMM that reads tinygemm's layout and dequantizes in registers (on CPU in the interpreter) against the torch
 reference x @ tinygemm_weight_ref(w).T on fresh random inputs: odd rows, bias or none, groups 32..256, N past a
-tile; float32 activations come back float32; bad arguments are named. On a GPU: Llama-3-8B shapes, the tile
-configs the bench sweeps, and the kernel inside a CUDA graph."""
+tile, both reads of the layout, split along K; float32 activations come back float32; bad arguments are named. On
+a GPU: Llama-3-8B shapes, the tile configs the bench sweeps, and the kernel inside a CUDA graph."""
 
 import pytest
 import torch
@@ -57,6 +57,16 @@ def test_word_tiles_across_k_tiles_and_inner_k_tiles(k, group, t, device, triton
     torch.testing.assert_close(got, _ref(x, weight, b), **BF16)
 
 
+@pytest.mark.parametrize("split_k,words", [(2, True), (4, True), (3, False), (64, True)])
+def test_split_k_partial_sums_add_to_the_reference(split_k, words, device, triton_path):
+    """K = 384 in 6 steps of 64: 2 splits of 3 steps, 3 of 2 (split_k 4 and 3), 6 of 1 (split_k past the steps);
+    bias once, after the sum."""
+    x, weight, b = _inputs(21, 40, 384, 64, seed=split_k, device=device, bias=True)
+    got = tinygemm_gemm(x, weight, b, GemmTiles(32, 16, 64, 1, 1, words=words, split_k=split_k))
+    assert got.shape == (21, 40) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, _ref(x, weight, b), **BF16)
+
+
 def test_misplaced_scales_fail_the_comparison(device, triton_path):
     """The reference is sharp enough to see a wrong reading: the same levels with the groups' scales swapped."""
     x, weight, _ = _inputs(17, 32, 256, 64, seed=4, device=device, bias=False)
@@ -97,7 +107,8 @@ def test_llama3_8b_and_odd_shapes_on_gpu(m, n, k, group, cuda):
 @pytest.mark.gpu
 @pytest.mark.parametrize("tiles", [GemmTiles(16, 64, 128, 4, 3), GemmTiles(64, 128, 64, 4, 4),
                                    GemmTiles(128, 128, 128, 8, 3), GemmTiles(32, 32, 256, 4, 2),
-                                   GemmTiles(64, 64, 128, 4, 3, words=True), GemmTiles(128, 128, 64, 8, 3, True)],
+                                   GemmTiles(64, 64, 128, 4, 3, words=True), GemmTiles(128, 128, 64, 8, 3, True),
+                                   GemmTiles(64, 32, 128, 4, 3, True, split_k=4)],
                          ids=lambda tiles: tiles.name())
 def test_tile_configs_on_gpu(tiles, cuda):
     x, weight, b = _inputs(100, 4096, 4096, 128, seed=3, device=cuda, bias=True)
@@ -105,15 +116,17 @@ def test_tile_configs_on_gpu(tiles, cuda):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [17, 64, 200])
-def test_inside_a_cuda_graph(m, cuda):
-    """Captured once, replayed on new inputs copied into the captured buffer: the reference of those inputs."""
+@pytest.mark.parametrize("m,split_k", [(17, 1), (64, 1), (200, 1), (33, 4)])
+def test_inside_a_cuda_graph(m, split_k, cuda):
+    """Captured once, replayed on new inputs copied into the captured buffer: the reference of those inputs (split
+    along K too: its partial sums and their sum from the graph's pool)."""
     x, weight, b = _inputs(m, 4096, 4096, 128, seed=m, device=cuda, bias=True)
-    tinygemm_gemm(x, weight, b)  # compile outside the capture
+    tiles = GemmTiles(64, 32, 128, 4, 3, words=True, split_k=split_k)
+    tinygemm_gemm(x, weight, b, tiles)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = tinygemm_gemm(x, weight, b)
+        out = tinygemm_gemm(x, weight, b, tiles)
     for seed in range(2):
         x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 10)).to(x))
         graph.replay()
