@@ -5,10 +5,10 @@ copy of the weight such a layer holds, without a temporary.
 Past 16 rows tinygemm dequantizes the whole weight again for every 16 rows of x (its m-tile), and writing the
 weight to bf16 for cuBLAS (kernels/dequant_int4_tinygemm.py) moves five times the bytes of the levels every step.
 Here each program owns a [BLOCK_M, BLOCK_N] tile of y and walks K in BLOCK_K steps: it reads the int32 words of
-its [BLOCK_N, BLOCK_K] weight tile (`layout_levels`, the layout's one index math, shared with the dequantizing
-kernel), turns them into tinygemm's bf16 values to the bit (`tinygemm_values`: (q - 8) * scale + zero in float32,
-rounded to bf16, as tinygemm_weight_ref), and multiplies them with the x tile on the tensor cores (float32 sums).
-So the weight is read once per BLOCK_M rows of x: at up to BLOCK_M rows, once.
+its [BLOCK_N, BLOCK_K] weight tile (the layout's index math: kernels/dequant_int4_tinygemm.py's jit helpers, which
+its dequantizing kernel calls too), turns them into tinygemm's bf16 values to the bit (`tinygemm_values`:
+(q - 8) * scale + zero in float32, rounded to bf16, as tinygemm_weight_ref), and multiplies them with the x tile
+on the tensor cores (float32 sums). So the weight is read once per BLOCK_M rows of x: at up to BLOCK_M rows, once.
 
 Two ways to read a tile (GemmTiles.words): each value its word (`layout_levels`: 8 loads of every word from L1,
 index math per value), or each word once (`layout_words`), unpacked nibble by nibble and put in feature order in
@@ -18,6 +18,7 @@ read, which stages a word per value). The bench times both.
 
 BLOCK_K divides the group size (32..256), so a step reads one scale and one zero per output feature; K is a
 multiple of the group, so no step is partial. x is bfloat16 (the layout's only run dtype), as is the output.
+GemmTiles.split_k splits K over more programs (float32 partial sums torch adds) where the output has few tiles.
 """
 
 from __future__ import annotations
