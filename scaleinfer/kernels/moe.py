@@ -7,7 +7,9 @@ padded per expert to BLOCK_M rows (kernels/moe_align.py): each program takes one
 all of one expert, and one BLOCK_N tile of outputs; it gathers the pairs' input rows, multiplies them by
 that expert's weight tile and writes one output row per pair. GEMM 1 (w13, rows gathered by token) ->
 silu_and_mul -> GEMM 2 (w2, rows by pair, times the routing weight) -> sum over the top_k rows of a token.
-Nothing reads a device value on the host, so a decode step captures in a CUDA graph.
+Nothing reads a device value on the host, so a decode step captures in a CUDA graph. At a few tokens
+(num_tokens * top_k <= MAX_DECODE_PAIRS) the call takes kernels/moe_decode.py's GEMV over the chosen experts
+instead: a function of the shapes alone, so each captured graph keeps its path.
 
 The reference loops over the experts with data-dependent gathers, as HF's MixtralExperts does: the CPU path.
 """
@@ -32,6 +34,7 @@ from scaleinfer.kernels.checks import (
 )
 from scaleinfer.kernels.dispatch import dot_args, mma, tl, triton, use_triton
 from scaleinfer.kernels.moe_align import MoEAlignment, align_pairs
+from scaleinfer.kernels.moe_decode import fused_moe_decode, use_decode_path
 
 
 @dataclass(slots=True, frozen=True)
@@ -75,6 +78,16 @@ def fused_moe_triton(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
 ) -> torch.Tensor:
     _check(x, w13, w2, topk_weights, topk_ids)
+    num_tokens, top_k = topk_ids.shape
+    if use_decode_path(num_tokens, top_k):
+        return fused_moe_decode(x, w13, w2, topk_weights, topk_ids)
+    return fused_moe_grouped(x, w13, w2, topk_weights, topk_ids)
+
+
+def fused_moe_grouped(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
+    """The grouped-GEMM path at any token count (fused_moe_triton takes it above the decode bound)."""
     num_tokens, top_k = topk_ids.shape
     tiles = moe_tiles(x, num_tokens * top_k, w13.shape[0])
     align = align_pairs(topk_ids, w13.shape[0], tiles.block_m)

@@ -1,10 +1,11 @@
-"""Fused MoE: the pair alignment's invariants, and the grouped-GEMM path against the per-expert reference."""
+"""Fused MoE: the pair alignment's invariants, and the grouped-GEMM path against the per-expert reference (the
+decode path, taken by fused_moe at these small token counts: test_moe_decode.py)."""
 
 import pytest
 import torch
 from kernel_helpers import tolerance
 
-from scaleinfer.kernels.moe import fused_moe, fused_moe_ref, fused_moe_triton
+from scaleinfer.kernels.moe import fused_moe, fused_moe_grouped, fused_moe_ref, fused_moe_triton
 from scaleinfer.kernels.moe_align import align_pairs, align_pairs_ref, align_pairs_triton, max_rows
 
 CASES = [  # (num_tokens, num_experts, top_k, hidden, inter, experts used: None = all, dtype)
@@ -42,7 +43,7 @@ def kernel_tolerance(dtype: torch.dtype, device: torch.device) -> dict[str, floa
 def test_fused_moe_matches_reference(case, device, triton_path):
     num_tokens, num_experts, top_k, hidden, inter, used, dtype = CASES[case]
     x, w13, w2, weights, ids = random_moe(*CASES[case], device, seed=case)
-    got = fused_moe(x, w13, w2, weights, ids)
+    got = fused_moe_grouped(x, w13, w2, weights, ids)
     assert got.shape == (num_tokens, hidden) and got.dtype == dtype
     torch.testing.assert_close(got, fused_moe_ref(x, w13, w2, weights, ids), **kernel_tolerance(dtype, device))
 
@@ -149,7 +150,7 @@ def test_negative_ids_take_no_row_and_no_expert(num_experts, device, triton_path
     assert torch.equal(got.sorted_pair_ids, expected.sorted_pair_ids) and torch.equal(got.num_rows, expected.num_rows)
     kept = expected.sorted_pair_ids[expected.sorted_pair_ids < 9].sort().values
     assert kept.tolist() == (~unused).nonzero().flatten().tolist()
-    out = fused_moe(x, w13, w2, weights, ids)
+    out = fused_moe_grouped(x, w13, w2, weights, ids)
     reference = fused_moe_ref(x[~unused], w13, w2, weights[~unused], ids[~unused])
     torch.testing.assert_close(out[~unused], reference, **tolerance(torch.float32))
     assert (fused_moe_ref(x, w13, w2, weights, ids)[unused] == 0).all()
