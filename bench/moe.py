@@ -8,9 +8,10 @@ MoE kernel's bandwidth at batch 1, 8, 64, and at E > 1 the all-to-all's time and
   once, top_k of each MoE layer's experts, at the card's measured copy bandwidth), and HF transformers eager on
   the same shape in the same run (--skip-hf drops it; on a CPU it is skipped).
 - --requests N: the output tok/s of N requests (prompt 128, output 128) offline.
-- kernel: one MoE layer's fused_moe (the Triton kernel replayed from a CUDA graph on a GPU, the reference on a
-  CPU) at 1, 8, 64 tokens with random routing: the bytes of the experts the routing touches / time, against
-  the copy bandwidth.
+- kernel: one MoE layer's fused_moe (the Triton kernel replayed from a CUDA graph over GRAPH_LAYERS stacks of
+  experts on a GPU, the reference on a CPU) at 1, 2, 8, 16, 64 tokens with random routing: the bytes of the
+  experts the routing touches / time, against the copy bandwidth; each row names its token-expert pairs and
+  the path fused_moe takes (decode GEMV or grouped GEMM), and on a GPU times both paths (decode_us, grouped_us).
 - all-to-all (--ep-world W > 1): W ranks (one per GPU, or CPU processes over gloo), E = --ep-size expert groups;
   parallel/all_to_all.py's exchange of one MoE layer at 1, 8, 64 tokens with the experts replaced by a copy,
   timed and its bytes counted per rank, plain and coordinated.
@@ -37,6 +38,10 @@ from scaleinfer import LLM, SamplingParams  # noqa: E402
 from scaleinfer.layers.moe import FusedMoE  # noqa: E402
 
 BATCHES = (1, 8, 64)
+KERNEL_BATCHES = (1, 2, 8, 16, 64)
+# Distinct expert stacks one timed graph runs in turn, as consecutive layers of a decode step: timing one layer
+# alone would read a batch's experts from L2 (Qwen3-30B-A3B's batch-1 experts, 75 MB, mostly fit the H200's).
+GRAPH_LAYERS = 4
 
 
 def active_bytes(model: torch.nn.Module, top_k: int) -> int:
@@ -76,24 +81,49 @@ def offline(llm: LLM, requests: int) -> dict:
 
 
 def kernel_bandwidth(arch_config: dict, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    """One MoE layer's experts through fused_moe at each batch: GB/s of the expert weights the routing touches."""
-    from scaleinfer.kernels.moe import fused_moe
+    """One MoE layer's experts through fused_moe at each batch (the path the engine takes: `path`), and on a GPU
+    through each path by name (decode_us, grouped_us: where they cross): GB/s of the expert weights touched."""
+    from scaleinfer.kernels.moe import fused_moe, fused_moe_grouped
+    from scaleinfer.kernels.moe_decode import fused_moe_decode, use_decode_path
 
     hidden, experts, top_k = arch_config["hidden_size"], _num_experts(arch_config), arch_config["num_experts_per_tok"]
     width = arch_config.get("moe_intermediate_size") or arch_config["intermediate_size"]
-    w13 = torch.randn(experts, 2 * width, hidden, device=device, dtype=dtype) / hidden**0.5
-    w2 = torch.randn(experts, hidden, width, device=device, dtype=dtype) / width**0.5
-    per_expert = (w13[0].nbytes + w2[0].nbytes)
+    layers = [_expert_stack(experts, hidden, width, device, dtype) for _ in range(_graph_layers(device))]
+    per_expert = 3 * hidden * width * dtype.itemsize
+    paths = {"us": fused_moe}
+    if device.type == "cuda":
+        paths |= {"decode_us": fused_moe_decode, "grouped_us": fused_moe_grouped}
     rows = []
-    for batch in BATCHES:
+    for batch in KERNEL_BATCHES:
         x = torch.randn(batch, hidden, device=device, dtype=dtype)
         weights, ids = torch.randn(batch, experts, device=device).softmax(-1).topk(top_k, dim=-1)
-        seconds = timed(_graphed(lambda x=x, w=weights, i=ids: fused_moe(x, w13, w2, w, i), device), repeats=20,
-                        device=device)
-        touched = int(ids.unique().numel()) * per_expert
-        rows.append({"batch": batch, "us": seconds * 1e6, "experts_touched": int(ids.unique().numel()),
-                     "bytes": touched, "gb_s": touched / seconds / 1e9})
+        touched = int(ids.unique().numel())
+        path = ("decode" if use_decode_path(batch, top_k) else "grouped") if device.type == "cuda" else "reference"
+        row = {"batch": batch, "pairs": batch * top_k, "path": path, "experts_touched": touched,
+               "bytes": touched * per_expert}
+        for key, fn in paths.items():
+            row[key] = _layer_seconds(fn, x, weights, ids, layers, device) * 1e6
+        row["gb_s"] = row["bytes"] / row["us"] / 1e3
+        rows.append(row)
     return rows
+
+
+def _expert_stack(experts: int, hidden: int, width: int, device: torch.device, dtype: torch.dtype):
+    w13 = torch.randn(experts, 2 * width, hidden, device=device, dtype=dtype) / hidden**0.5
+    return w13, torch.randn(experts, hidden, width, device=device, dtype=dtype) / width**0.5
+
+
+def _graph_layers(device: torch.device) -> int:
+    return GRAPH_LAYERS if device.type == "cuda" else 1
+
+
+def _layer_seconds(fn, x, weights, ids, layers, device: torch.device) -> float:
+    """Seconds per layer of fn over `layers` expert stacks in turn, replayed as one CUDA graph on a GPU."""
+    def step():
+        for w13, w2 in layers:
+            fn(x, w13, w2, weights, ids)
+
+    return timed(_graphed(step, device), repeats=20, device=device) / len(layers)
 
 
 def _graphed(fn, device: torch.device):
