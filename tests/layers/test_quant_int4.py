@@ -119,7 +119,7 @@ def test_a_layer_tinygemm_serves_is_repacked_in_place_once_all_its_rows_are_stor
 
 
 @pytest.mark.parametrize("m,path", [(1, "tinygemm_mm"), (16, "tinygemm_mm"), (17, "tinygemm_gemm"),
-                                    (40, "tinygemm_gemm"), (256, "tinygemm_gemm"), (257, "dequant_tinygemm_mm")])
+                                    (32, "tinygemm_gemm"), (33, "dequant_tinygemm_mm"), (100, "dequant_tinygemm_mm")])
 def test_tinygemm_then_the_gemm_on_its_layout_then_the_dequantized_weight(m, path, monkeypatch):
     """Where tinygemm serves (stood in for on the CPU, the Triton kernels run by Triton's interpreter): up to
     TINYGEMM_MAX_ROWS rows tinygemm, up to TINYGEMM_GEMM_MAX_ROWS the GEMM that dequantizes the layout in registers,
@@ -141,7 +141,7 @@ def test_tinygemm_then_the_gemm_on_its_layout_then_the_dequantized_weight(m, pat
     x = torch.randn(1, m, 192).to(torch.bfloat16)  # [batch, tokens, K]: M = m rows
     with force_triton():
         got = layer(x)
-    assert (quant_int4.TINYGEMM_MAX_ROWS, quant_int4.TINYGEMM_GEMM_MAX_ROWS) == (16, 256)
+    assert (quant_int4.TINYGEMM_MAX_ROWS, quant_int4.TINYGEMM_GEMM_MAX_ROWS) == (16, 32)
     assert calls == [(path, m)], calls
     expected = int4_linear_ref(x.reshape(m, 192), pack_int4(rows.levels), rows.scale, rows.zero, layer.bias)
     torch.testing.assert_close(got.reshape(m, 48), expected, atol=2e-2, rtol=2e-2)

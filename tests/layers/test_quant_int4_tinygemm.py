@@ -19,7 +19,7 @@ from scaleinfer.worker.device import default_dtype
 
 pytestmark = pytest.mark.gpu
 BF16 = dict(atol=2e-2, rtol=2e-2)  # tests/kernels/kernel_helpers.py tolerance(torch.bfloat16)
-ROWS = [1, 3, 16, 17, 100, 300]  # tinygemm up to 16 (TINYGEMM_MAX_ROWS), the GEMM up to 256, then dequant + cuBLAS
+ROWS = [1, 3, 16, 17, 100, 300]  # tinygemm up to 16 (TINYGEMM_MAX_ROWS), the GEMM up to 32, then dequant + cuBLAS
 
 
 @pytest.fixture(autouse=True)
