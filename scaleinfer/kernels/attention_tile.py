@@ -36,6 +36,16 @@ def cache_scales(k_cache: torch.Tensor, q: torch.Tensor, k_scale: float, v_scale
 
 
 @triton.jit
+def fp8_query(q, qk_scale):
+    """The query tile over an FP8 cache when q is bfloat16: float16 and already times qk_scale, so that attend_tile
+    multiplies float16 tiles with qk_scale 1. e4m3 converts to float16 in one instruction a pair of values
+    (cvt.rn.f16x2.e4m3x2); to bfloat16 it takes two more (through float16), and the conversions bounded the
+    decode: 64 sequences at 4k context read an e4m3 cache at 1.36 TB/s against a bfloat16 cache's 4.27 (H200).
+    float16 holds the scaled query (|q| * scale stays far inside its range) with more mantissa than bfloat16."""
+    return (q.to(tl.float32) * qk_scale).to(tl.float16)
+
+
+@triton.jit
 def tanh(x):
     """float32 tanh from exp2 (the interpreter has no libdevice): the odd series near 0, where
     (1 - e^-2|x|) / (1 + e^-2|x|) would cancel, that quotient elsewhere. Below 0.05 the series to x^5 is

@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from scaleinfer.kernels.attention_tile import attend_tile, cache_scales, feature_constants, score_scale
+from scaleinfer.kernels.attention_tile import attend_tile, cache_scales, feature_constants, fp8_query, score_scale
 from scaleinfer.kernels.checks import (
     INDEX_DTYPES,
     check_device,
@@ -193,6 +193,8 @@ def _partition_kernel(
     dim_mask = dims[None, :] < HEAD_DIM
     q_mask = head_mask[:, None] & dim_mask
     q = tl.load(q_ptr + seq * q_stride_s + heads[:, None] * q_stride_h + dims[None, :], mask=q_mask, other=0.0)
+    if k_cache_ptr.dtype.element_ty == tl.float8e4nv and q_ptr.dtype.element_ty == tl.bfloat16:  # compile time
+        q, qk_scale = fp8_query(q, qk_scale), 1.0
     query_pos = tl.full([BLOCK_G], 0, tl.int32) + context_len - 1
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)

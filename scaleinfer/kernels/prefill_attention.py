@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from scaleinfer.kernels.attention_tile import attend_tile, cache_scales, feature_constants, score_scale
+from scaleinfer.kernels.attention_tile import attend_tile, cache_scales, feature_constants, fp8_query, score_scale
 from scaleinfer.kernels.checks import (
     INDEX_DTYPES,
     check_device,
@@ -150,6 +150,8 @@ def _prefill_kernel(
     dim_mask = dims[None, :] < HEAD_DIM
     q_off = (q_first + tokens)[:, None] * q_stride_t + heads[:, None] * q_stride_h + dims[None, :]
     q = tl.load(q_ptr + q_off, mask=row_mask[:, None] & dim_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    if k_cache_ptr.dtype.element_ty == tl.float8e4nv and q_ptr.dtype.element_ty == tl.bfloat16:  # compile time
+        q, qk_scale = fp8_query(q, qk_scale), 1.0
     query_pos = start + tokens  # [BLOCK_M]
     # Keys below the block's first query position are visible to every row: those whole tiles skip the
     # mask. Past them, up to the last live query's position, the causal mask applies. A block past the

@@ -71,12 +71,13 @@ def test_decode_attention_on_an_fp8_cache_matches_reference(dtype, device, trito
     assert (wrong.float() - exact).norm() / exact.norm() > 0.5
 
 
-def test_prefill_attention_on_an_fp8_cache_matches_reference(device, triton_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_attention_on_an_fp8_cache_matches_reference(dtype, device, triton_path):
     torch.manual_seed(2)
     chunks, starts, heads, kv_heads, head_dim = [5, 19], [0, 13], 4, 2, 64
     kv = paged_kv([c + s for c, s in zip(chunks, starts)], kv_heads, head_dim, 8, torch.float32, device)
     (k8, v8), (k8_ref, v8_ref) = fp8_caches(kv)
-    q = torch.randn(sum(chunks), heads, head_dim, device=device)
+    q = torch.randn(sum(chunks), heads, head_dim, device=device, dtype=dtype)
     loc = torch.tensor([0, chunks[0], sum(chunks)], device=device)
     start = torch.tensor(starts, device=device)
     got = prefill_attention_triton(q, k8, v8, kv.block_tables, loc, start, 0.125, k_scale=SCALES[0],
@@ -84,8 +85,8 @@ def test_prefill_attention_on_an_fp8_cache_matches_reference(device, triton_path
     want = paged_prefill_attention_varlen(q, k8_ref, v8_ref, kv.block_tables, loc, start, 0.125,
                                           k_scale=SCALES[0], v_scale=SCALES[1])
     torch.testing.assert_close(got, want, **FP8_TOL)
-    exact = paged_prefill_attention_varlen(q, *kv.clean(), kv.block_tables, loc, start, 0.125)
-    assert (want - exact).norm() / exact.norm() < 0.06
+    exact = paged_prefill_attention_varlen(q.float(), *kv.clean(), kv.block_tables, loc, start, 0.125)
+    assert (want.float() - exact).norm() / exact.norm() < 0.06
 
 
 def test_a_cache_of_another_dtype_is_refused(device, triton_path):
