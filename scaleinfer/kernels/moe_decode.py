@@ -26,8 +26,10 @@ import torch
 from scaleinfer.kernels.dispatch import tl, triton
 
 # The decode path's bound: at most this many token-expert pairs (num_tokens * top_k) a call. Above it the
-# pairs per expert grow and the grouped GEMM's tl.dot tiles read each weight tile once for several pairs.
-MAX_DECODE_PAIRS = 64
+# pairs per expert grow and the grouped GEMM's tl.dot tiles read each weight tile once for several pairs. On an
+# H200 at Qwen3-30B-A3B's shape (bench/results/moe-qwen3-30b-a3b-h200-20261202-220405.json, GPU_CONFIG) the
+# decode path took 37 / 48 us at 8 / 16 pairs against the grouped GEMM's 41 / 56, and 152 against 135 at 64.
+MAX_DECODE_PAIRS = 32
 
 
 @dataclass(slots=True, frozen=True)
@@ -44,7 +46,8 @@ class MoEDecodeConfig:
     down: DecodeTiles
 
 
-# Unmeasured starting points (bench/moe.py --sweep-decode-tiles times others on the card). GEMM 1 carries two
+# Starting points, not swept (bench/moe_decode_tiles.py times others on the card): on the H200 (the result above)
+# the two launches read Qwen3-30B-A3B's batch-1 experts at 47% of copy bandwidth, 16 pairs at 70%. GEMM 1 carries two
 # [block_n, block_k] float32 tiles (gate and up), so half kernels/gemv.py's NARROW tile; GEMM 2's grid is only
 # num_tokens * hidden / block_n programs, so narrow tiles to have more of them at batch 1.
 GPU_CONFIG = MoEDecodeConfig(gate_up=DecodeTiles(8, 512), down=DecodeTiles(4, 512))

@@ -14,7 +14,7 @@ CASES = [  # (num_tokens, num_experts, top_k, hidden, inter, dtype)
     (1, 16, 2, 64, 32, torch.float32),
     (1, 16, 8, 64, 32, torch.float32),
     (2, 16, 8, 64, 32, torch.float32),
-    (8, 16, 8, 64, 32, torch.float32),  # 64 pairs: the bound
+    (8, 16, 8, 64, 32, torch.float32),  # 64 pairs: past fused_moe's bound, still the decode kernel's contract
     (8, 16, 2, 48, 40, torch.float32),  # N and K not multiples of the tiles
     (2, 4, 2, 64, 32, torch.float32),  # few experts: pairs share them
     (8, 4, 1, 64, 32, torch.float32),
