@@ -106,7 +106,7 @@ def test_llama3_8b_and_odd_shapes_on_gpu(m, n, k, group, cuda):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tiles", [GemmTiles(16, 64, 128, 4, 3), GemmTiles(64, 128, 64, 4, 4),
-                                   GemmTiles(128, 128, 128, 8, 3), GemmTiles(32, 32, 256, 4, 2),
+                                   GemmTiles(128, 64, 128, 8, 3), GemmTiles(32, 32, 256, 4, 2),
                                    GemmTiles(64, 64, 128, 4, 3, words=True), GemmTiles(128, 128, 64, 8, 3, True),
                                    GemmTiles(64, 32, 128, 4, 3, True, split_k=4)],
                          ids=lambda tiles: tiles.name())
