@@ -12,26 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_gemms_quant import GEMM_TILES  # noqa: E402
+from gpu_compile import compile_for_gpu, registers_and_stack  # noqa: E402
 
 from scaleinfer.kernels.gemm_int4_tinygemm import GemmTiles, _tinygemm_gemm_kernel  # noqa: E402
 
 SIGNATURE = {"x_ptr": "*bf16", "packed_ptr": "*i32", "sz_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16",
              "m": "i32", "n": "i32", "k": "i32", "k_per_split": "i32"}
 DIVISIBLE_16 = ("x_ptr", "packed_ptr", "sz_ptr", "bias_ptr", "out_ptr", "n", "k", "k_per_split")  # m is not
-CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
 @dataclass(slots=True)
@@ -47,18 +40,9 @@ def compile_tiles(tiles: GemmTiles, block_m: int, arch: int, group: int, t: int)
     consts = dict(HAS_BIAS=tiles.split_k == 1, BLOCK_M=block_m, BLOCK_N=tiles.block_n,
                   BLOCK_K=min(tiles.block_k, group), T=t, GROUP=group, WORDS=tiles.words, UPCAST=False,
                   PRECISION="tf32")
-    names = _tinygemm_gemm_kernel.arg_names
-    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in DIVISIBLE_16}
-    source = ASTSource(_tinygemm_gemm_kernel, SIGNATURE | {name: "constexpr" for name in consts}, constexprs=consts,
-                       attrs=attrs)
-    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                            options=dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(kernel.asm["cubin"])
-        cubin.flush()
-        usage = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", cubin.name], capture_output=True,
-                               text=True, check=True).stdout
-    registers, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
+    kernel = compile_for_gpu(_tinygemm_gemm_kernel, SIGNATURE, consts, DIVISIBLE_16, arch, tiles.num_warps,
+                             tiles.num_stages)
+    registers, stack = registers_and_stack(kernel)
     return TileCost(f"{tiles.name()}@m{block_m}", registers, stack, kernel.metadata.shared)
 
 

@@ -12,21 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_compile import compile_for_gpu, registers_and_stack  # noqa: E402
+
 from scaleinfer.kernels.moe_decode import GPU_CONFIG, DecodeTiles, _down_kernel, _gate_up_kernel  # noqa: E402
 
-CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 KERNELS = {  # name: (kernel, signature, arguments divisible by 16)
     "gate_up": (_gate_up_kernel, {"x_ptr": "*bf16", "w13_ptr": "*bf16", "ids_ptr": "*i64", "act_ptr": "*bf16",
                                   "inter": "i32", "hidden": "i32", "stride_xm": "i32", "stride_we": "i32"},
@@ -49,16 +43,8 @@ class TileCost:
 def compile_tiles(kernel: str, tiles: DecodeTiles, arch: int, top_k: int) -> TileCost:
     fn, signature, divisible = KERNELS[kernel]
     consts = dict(TOP_K=top_k, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k)
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
-    source = ASTSource(fn, signature | {name: "constexpr" for name in consts}, constexprs=consts, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        usage = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", cubin.name], capture_output=True,
-                               text=True, check=True).stdout
-    registers, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
+    compiled = compile_for_gpu(fn, signature, consts, divisible, arch, tiles.num_warps, tiles.num_stages)
+    registers, stack = registers_and_stack(compiled)
     name = f"n{tiles.block_n}k{tiles.block_k}w{tiles.num_warps}s{tiles.num_stages}"
     return TileCost(kernel, name, registers, stack, compiled.metadata.shared)
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from collections import Counter
+from pathlib import Path
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_compile import compile_for_gpu  # noqa: E402
 
-from scaleinfer.kernels.decode_attention import _partition_kernel
+from scaleinfer.kernels.decode_attention import _partition_kernel  # noqa: E402
 
 POINTERS = {"q_ptr": "*bf16", "block_tables_ptr": "*i64", "context_lens_ptr": "*i64", "out_ptr": "*bf16",
             "part_out_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32"}
@@ -39,12 +40,8 @@ PATTERNS = {"global_loads": r"ld\.global[\w.]*", "async_copies": r"cp\.async\.c[
 def instruction_counts(cache_dtype: str, arch: int, num_stages: int) -> dict[str, dict[str, int]]:
     """The kernel's PTX instructions by kind, for a cache of cache_dtype ('*bf16' or '*fp8e4nv')."""
     signature = {**POINTERS, "k_cache_ptr": cache_dtype, "v_cache_ptr": cache_dtype, **SCALARS}
-    names = _partition_kernel.arg_names
-    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in signature if name not in NOT_DIVISIBLE}
-    source = ASTSource(_partition_kernel, signature | {name: "constexpr" for name in CONSTANTS}, constexprs=CONSTANTS,
-                       attrs=attrs)
-    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4,
-                                                                                      num_stages=num_stages))
+    divisible = [name for name in signature if name not in NOT_DIVISIBLE]
+    kernel = compile_for_gpu(_partition_kernel, signature, CONSTANTS, divisible, arch, 4, num_stages)
     ptx = kernel.asm["ptx"]
     return {kind: dict(Counter(re.findall(pattern, ptx))) for kind, pattern in PATTERNS.items()}
 

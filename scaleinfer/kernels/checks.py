@@ -52,6 +52,15 @@ def check_device(device: torch.device, **tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} is on {t.device}, expected {device}")
 
 
+def is_power_of_two(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def floor_power_of_two(v: int) -> int:
+    """The largest power of two <= v (v >= 1)."""
+    return 1 << (v.bit_length() - 1)
+
+
 def check_power_of_two(name: str, value: int) -> None:
     if value < 1 or value & (value - 1):
         raise ValueError(f"{name} is {value}, expected a power of two")

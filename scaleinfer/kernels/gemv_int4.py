@@ -18,7 +18,15 @@ from __future__ import annotations
 
 import torch
 
-from scaleinfer.kernels.checks import FLOAT_DTYPES, check_bias, check_contiguous, check_dtype, check_shape
+from scaleinfer.kernels.checks import (
+    FLOAT_DTYPES,
+    check_bias,
+    check_contiguous,
+    check_dtype,
+    check_shape,
+    floor_power_of_two,
+    is_power_of_two,
+)
 from scaleinfer.kernels.dispatch import tl, triton, use_triton
 from scaleinfer.kernels.gemv import GemvConfig
 
@@ -75,7 +83,7 @@ def _check(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: tor
     n = packed.shape[0]
     check_shape("scale", scale, [n, None])
     check_shape("zero", zero, [n, scale.shape[1]])
-    if scale.shape[1] == 0 or k % scale.shape[1] or not _is_power_of_two(k // scale.shape[1]) or k == scale.shape[1]:
+    if scale.shape[1] == 0 or k % scale.shape[1] or not is_power_of_two(k // scale.shape[1]) or k == scale.shape[1]:
         raise ValueError(f"scale has {scale.shape[1]} groups, which do not split K={k} into groups of a power "
                          "of two (>= 2) input features")
     check_dtype("x", x, FLOAT_DTYPES)
@@ -96,18 +104,10 @@ def int4_gemv_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     grid = (triton.cdiv(n, config.block_n), m)
     _int4_gemv_kernel[grid](
         x, packed, scale, zero, bias if bias is not None else out, out, n, k, num_groups,
-        HALF_GROUP=group_size // 2, GROUPS_PER_STEP=_floor_power_of_two(max(1, config.block_k // group_size)),
+        HALF_GROUP=group_size // 2, GROUPS_PER_STEP=floor_power_of_two(max(1, config.block_k // group_size)),
         HAS_BIAS=bias is not None, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
-
-
-def _is_power_of_two(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
-
-
-def _floor_power_of_two(v: int) -> int:
-    return 1 << (v.bit_length() - 1)
 
 
 @triton.jit

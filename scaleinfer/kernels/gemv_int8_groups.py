@@ -15,7 +15,15 @@ from __future__ import annotations
 
 import torch
 
-from scaleinfer.kernels.checks import FLOAT_DTYPES, check_bias, check_contiguous, check_dtype, check_shape
+from scaleinfer.kernels.checks import (
+    FLOAT_DTYPES,
+    check_bias,
+    check_contiguous,
+    check_dtype,
+    check_shape,
+    floor_power_of_two,
+    is_power_of_two,
+)
 from scaleinfer.kernels.dispatch import tl, triton, use_triton
 from scaleinfer.kernels.gemv import GemvConfig
 
@@ -55,7 +63,7 @@ def _check(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Te
     n = q.shape[0]
     check_shape("scale", scale, [n, None])
     groups = scale.shape[1]
-    if groups == 0 or k % groups or not _is_power_of_two(k // groups):
+    if groups == 0 or k % groups or not is_power_of_two(k // groups):
         raise ValueError(f"scale has {groups} groups, which do not split K={k} into groups of a power of two "
                          "input features")
     check_dtype("x", x, FLOAT_DTYPES)
@@ -75,18 +83,10 @@ def int8_groups_gemv_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tenso
     grid = (triton.cdiv(n, config.block_n), m)
     _int8_groups_gemv_kernel[grid](
         x, q, scale, bias if bias is not None else out, out, n, k, num_groups,
-        GROUP=group_size, GROUPS_PER_STEP=_floor_power_of_two(max(1, config.block_k // group_size)),
+        GROUP=group_size, GROUPS_PER_STEP=floor_power_of_two(max(1, config.block_k // group_size)),
         HAS_BIAS=bias is not None, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
-
-
-def _is_power_of_two(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
-
-
-def _floor_power_of_two(v: int) -> int:
-    return 1 << (v.bit_length() - 1)
 
 
 @triton.jit
