@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -236,6 +237,27 @@ class RowParallelLinear(LinearBase):
         # Every output row whole: a quantizing scheme takes each row's scale over all its input features, so
         # the stored values are the same at every tensor-parallel size.
         self._load(param, 0, loaded, shard_id, columns=(self.tp_rank * cols, cols))
+
+
+@dataclass(slots=True)
+class GroupRows:
+    """Rows of a weight already in a group-wise scheme's form: levels [n, K] and a scale per group [n, K // group].
+    The schemes' row types (Int4Rows, Int8GroupRows) add their own fields, numel and narrow; they stand in for the
+    [n, K] tensor in the loaders (shape, dim)."""
+
+    levels: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.levels.shape
+
+    @property
+    def group_size(self) -> int:
+        return self.levels.shape[1] // self.scale.shape[1]
+
+    def dim(self) -> int:
+        return 2
 
 
 def rows_of(param: torch.Tensor, offset: int, rows: torch.Tensor) -> torch.Tensor:

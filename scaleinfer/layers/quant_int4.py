@@ -43,7 +43,7 @@ from scaleinfer.kernels.gemm_int4 import int4_gemm_triton
 from scaleinfer.kernels.gemm_int4_tinygemm import tinygemm_gemm
 from scaleinfer.kernels.gemv_int4 import MAX_GEMV_ROWS, ZERO_POINT, dequantize_int4, int4_gemv_triton, pack_int4
 from scaleinfer.kernels.int4_tinygemm import from_tinygemm_layout, pack_tinygemm, tinygemm_mm, tinygemm_takes
-from scaleinfer.layers.linear import Columns, RowParallelLinear, rows_of
+from scaleinfer.layers.linear import Columns, GroupRows, RowParallelLinear, rows_of
 
 GROUP_SIZES = (128, 64, 32)  # the first that divides a layer's input features
 CPU_KERNEL_ROWS = 16  # past it dequantize + matmul (torch's kernel recomputes the weight per row block)
@@ -66,26 +66,13 @@ TINYGEMM_GEMM_MAX_ROWS = 32
 
 
 @dataclass(slots=True)
-class Int4Rows:
+class Int4Rows(GroupRows):
     """Rows of a weight already quantized in this format (a GGUF Q4_0 / Q4_1 / Q4_K tensor, an AWQ / GPTQ one): levels
     [n, K] uint8 in 0..15, scale and zero [n, K // group_size] float32; g_idx [K] the group of each input feature
     where they are not contiguous (GPTQ's act-order), else None. Narrows by rows like the tensor it stands for."""
 
-    levels: torch.Tensor
-    scale: torch.Tensor
     zero: torch.Tensor
     g_idx: torch.Tensor | None = None
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.levels.shape
-
-    @property
-    def group_size(self) -> int:
-        return self.levels.shape[1] // self.scale.shape[1]
-
-    def dim(self) -> int:
-        return 2
 
     def numel(self) -> int:
         """The bytes these rows fill in a packed weight [n, K // 2] (what offload's loader counts)."""

@@ -27,30 +27,16 @@ from scaleinfer.errors import ModelLoadError
 from scaleinfer.kernels.dispatch import use_triton
 from scaleinfer.kernels.gemm_weight_only import int8_groups_gemm_triton
 from scaleinfer.kernels.gemv_int8_groups import MAX_GEMV_ROWS, dequantize_int8_groups, int8_groups_gemv_triton
-from scaleinfer.layers.linear import Columns, RowParallelLinear, rows_of
+from scaleinfer.layers.linear import Columns, GroupRows, RowParallelLinear, rows_of
 
 QMAX = 127
 MAX_DEQUANT_GEMM_ROWS = 512  # past it the whole weight is dequantized for cuBLAS (as quant_int8.py)
 
 
 @dataclass(slots=True)
-class Int8GroupRows:
+class Int8GroupRows(GroupRows):
     """Rows of a weight already in this format (a GGUF Q8_0 tensor): levels [n, K] int8, scale [n, K // group]
     float32. Narrows by rows like the tensor it stands for."""
-
-    levels: torch.Tensor
-    scale: torch.Tensor
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.levels.shape
-
-    @property
-    def group_size(self) -> int:
-        return self.levels.shape[1] // self.scale.shape[1]
-
-    def dim(self) -> int:
-        return 2
 
     def numel(self) -> int:
         """The bytes these rows fill in the int8 weight (what offload's loader counts)."""
