@@ -79,6 +79,15 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     return F.linear(x, weight, bias)
 
 
+def float32_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The quantized schemes' reference: x [M, K] times a dequantized float32 weight [N, K], the bias added in
+    float32, -> [M, N] in x's dtype."""
+    y = x.float() @ weight.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
 def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig) -> torch.Tensor:
     check_shape("x", x, [1, None])
     k = x.shape[1]

@@ -17,7 +17,7 @@ import torch
 
 from scaleinfer.kernels.checks import FLOAT_DTYPES, check_bias, check_contiguous, check_dtype, check_shape
 from scaleinfer.kernels.dispatch import tl, triton, use_triton
-from scaleinfer.kernels.gemv import GemvConfig
+from scaleinfer.kernels.gemv import GemvConfig, float32_linear_ref
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448: e4m3fn has no infinity, and overflow is NaN unless clamped
@@ -65,10 +65,7 @@ def fp8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group_k: int
 def fp8_linear_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group_k: int,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """The reference: float32 products of x and the dequantized weight."""
-    y = x.float() @ dequantize_fp8(q, scale, group_k).T
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    return float32_linear_ref(x, dequantize_fp8(q, scale, group_k), bias)
 
 
 def fp8_gemv_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group_k: int,

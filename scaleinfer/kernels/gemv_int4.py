@@ -28,7 +28,7 @@ from scaleinfer.kernels.checks import (
     is_power_of_two,
 )
 from scaleinfer.kernels.dispatch import tl, triton, use_triton
-from scaleinfer.kernels.gemv import GemvConfig
+from scaleinfer.kernels.gemv import GemvConfig, float32_linear_ref
 
 INT4_GEMV = GemvConfig(block_n=16, block_k=512, num_warps=4, num_stages=2)
 MAX_GEMV_ROWS = 4  # rows of x the GEMV takes; past it each extra row rereads the weight, so dequantize + GEMM
@@ -59,10 +59,7 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 def int4_linear_ref(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """The reference: x times the float32 dequantized weight. x: [M, K] -> [M, N] in x's dtype."""
-    y = x.float() @ dequantize_int4(packed, scale, zero).T
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    return float32_linear_ref(x, dequantize_int4(packed, scale, zero), bias)
 
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,

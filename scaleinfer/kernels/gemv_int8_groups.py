@@ -25,7 +25,7 @@ from scaleinfer.kernels.checks import (
     is_power_of_two,
 )
 from scaleinfer.kernels.dispatch import tl, triton, use_triton
-from scaleinfer.kernels.gemv import GemvConfig
+from scaleinfer.kernels.gemv import GemvConfig, float32_linear_ref
 
 # Not yet swept on a GPU: the int4 GEMV's features per program, 1024 input features (32 groups of Q8_0) a step.
 INT8_GROUPS_GEMV = GemvConfig(block_n=8, block_k=1024, num_warps=4, num_stages=2)
@@ -42,10 +42,7 @@ def dequantize_int8_groups(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
 def int8_groups_linear_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                            bias: torch.Tensor | None = None) -> torch.Tensor:
     """The reference: x times the float32 dequantized weight. x: [M, K] -> [M, N] in x's dtype."""
-    y = x.float() @ dequantize_int8_groups(q, scale).T
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    return float32_linear_ref(x, dequantize_int8_groups(q, scale), bias)
 
 
 def int8_groups_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
