@@ -7,7 +7,6 @@ import logging
 import sys
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 import torch
@@ -20,10 +19,9 @@ from scaleinfer.layers import quant_gguf
 from scaleinfer.weights import gguf as scaleinfer_gguf
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_gguf_reader import gguf_name  # noqa: E402
+from gguf_tiny import write_tiny_llama  # noqa: E402
 
 T = GGMLQuantizationType
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # every linear Q4_K but these
 OTHER_TYPES = {"blk.0.attn_v.weight": T.Q6_K, "blk.0.attn_output.weight": T.Q8_0, "blk.0.ffn_down.weight": T.Q6_K,
                **{f"blk.1.attn_{p}.weight": T.Q8_0 for p in "qkv"}, "blk.1.attn_output.weight": T.Q5_K,
@@ -50,33 +48,12 @@ def random_k_quant(rows: int, cols: int, kind: GGMLQuantizationType, seed: int) 
 
 @pytest.fixture(scope="module")
 def mixed_llama(tmp_path_factory):
-    """A tiny Llama (hidden 256, intermediate 512: whole super-blocks), its linears random Q4_K but OTHER_TYPES."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The tiny Llama, its linears random Q4_K but OTHER_TYPES (Q8_0 ones quantized from the HF weights)."""
+    def linear_data(i: int, name: str, tensor: torch.Tensor):
+        kind = OTHER_TYPES.get(name, T.Q4_K)
+        return (quantize(tensor.numpy(), kind) if kind == T.Q8_0 else random_k_quant(*tensor.shape, kind, seed=i)), kind
 
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, rms_norm_eps=1e-5,
-                         tie_word_embeddings=False, initializer_range=0.2)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    path = tmp_path_factory.mktemp("mixed") / "tiny-q4_k_m.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    for add, value in ((writer.add_block_count, 2), (writer.add_context_length, 128),
-                       (writer.add_embedding_length, 256), (writer.add_feed_forward_length, 512),
-                       (writer.add_head_count, 4), (writer.add_head_count_kv, 2), (writer.add_rope_freq_base, 10000.0),
-                       (writer.add_layer_norm_rms_eps, 1e-5), (writer.add_rope_dimension_count, 64)):
-        add(value)
-    for i, (name, tensor) in enumerate(model.state_dict().items()):
-        if name.split(".")[-2] in LINEARS:
-            kind = OTHER_TYPES.get(gguf_name(name), T.Q4_K)
-            data = (quantize(tensor.numpy(), kind) if kind == T.Q8_0 else random_k_quant(*tensor.shape, kind, seed=i))
-            writer.add_tensor(gguf_name(name), data, raw_dtype=kind)
-        else:
-            writer.add_tensor(gguf_name(name), tensor.numpy().astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return write_tiny_llama(tmp_path_factory.mktemp("mixed") / "tiny-q4_k_m.gguf", linear_data)
 
 
 def test_random_blocks_of_the_other_types_dequantize():

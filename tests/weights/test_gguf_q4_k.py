@@ -5,7 +5,6 @@ whose linears are Q4_K runs kept as it runs dequantized (greedy tokens, logits).
 import sys
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 import torch
@@ -18,10 +17,9 @@ from scaleinfer.weights.gguf import open_gguf
 from scaleinfer.weights.gguf_quant import Q4_K_BYTES, Q4_K_WEIGHTS, read_q4
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_gguf_reader import gguf_name  # noqa: E402
+from gguf_tiny import write_tiny_llama  # noqa: E402
 
 Q4_K = GGMLQuantizationType.Q4_K
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def random_q4_k(rows: int, cols: int, seed: int) -> np.ndarray:
@@ -71,35 +69,9 @@ def test_every_sub_block_takes_its_own_scale_and_min():
 
 @pytest.fixture(scope="module")
 def q4_k_llama(tmp_path_factory):
-    """A tiny Llama (hidden 256, intermediate 512: whole super-blocks) with every linear weight random Q4_K."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, rms_norm_eps=1e-5,
-                         tie_word_embeddings=False, initializer_range=0.2)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    path = tmp_path_factory.mktemp("q4k") / "tiny-q4k.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    for add, value in ((writer.add_block_count, 2), (writer.add_context_length, 128),
-                       (writer.add_embedding_length, 256),
-                       (writer.add_feed_forward_length, 512), (writer.add_head_count, 4),
-                       (writer.add_head_count_kv, 2), (writer.add_rope_freq_base, 10000.0),
-                       (writer.add_layer_norm_rms_eps, 1e-5), (writer.add_rope_dimension_count, 64)):
-        add(value)
-    for i, (name, tensor) in enumerate(model.state_dict().items()):
-        if name.split(".")[-2] in LINEARS:
-            rows, cols = tensor.shape
-            data = random_q4_k(rows, cols, seed=i)
-            writer.add_tensor(gguf_name(name), data, raw_dtype=Q4_K)
-        else:
-            array = tensor.numpy()
-            writer.add_tensor(gguf_name(name), array.astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    """The tiny Llama with every linear weight random Q4_K."""
+    return write_tiny_llama(tmp_path_factory.mktemp("q4k") / "tiny-q4k.gguf",
+                            lambda i, name, tensor: (random_q4_k(*tensor.shape, seed=i), Q4_K))
 
 
 def test_a_q4_k_file_is_kept_and_runs_as_its_dequantized_weights(q4_k_llama):
