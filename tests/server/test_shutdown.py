@@ -4,6 +4,7 @@ the signal reaches the front alone or its whole process group (systemd, docker s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -33,9 +34,11 @@ def serve_process(tmp_path):
         wait_until(lambda: process_healthy(proc, url, log_path), timeout_s=240, what="scaleinfer serve health")
         yield proc, url, log_path
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+        # the session's every process, the engine core included (it ignores SIGTERM, and a failed test may leave
+        # it between its front's death and its own parent check)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
 
 
 def _refuses_connections(url: str) -> bool:
