@@ -58,10 +58,11 @@ MAX_DEQUANT_GEMM_ROWS = 512
 # rows gate_up 136.5 us against cuBLAS bf16's 62.6 (plus about 100 us to write the bf16 weight), at 64 rows 516.0.
 TINYGEMM_MAX_ROWS = 16
 # Past TINYGEMM_MAX_ROWS and up to this many rows the Triton GEMM that reads tinygemm's layout and dequantizes in
-# registers (kernels/gemm_int4_tinygemm.py); past it the dequantized weight through cuBLAS. Measured on an H200
-# (bench/decode_gemms_quant.py at efa46e5, Llama-3-8B's four linears summed, each at its best of 19 tiles): at 32
-# rows the GEMM 464 us against dequant+cuBLAS 469, at 64 rows 530 against 473, at 128 573 against 486 (it wins
-# only on gate_up there); so past 32 rows the dequantized weight.
+# registers (kernels/gemm_int4_tinygemm.py); past it the dequantized weight through cuBLAS. From an H200 run of
+# bench/decode_gemms_quant.py at efa46e5 (its log only: it hit its time limit before writing the JSON; Llama-3-8B's
+# four linears summed, each at its best of 19 tiles): at 32 rows the GEMM 464 us against dequant+cuBLAS 469, at 64
+# rows 530 against 473, at 128 573 against 486 (it wins only on gate_up there); so past 32 rows the dequantized
+# weight. Re-measure with a run that writes its result.
 TINYGEMM_GEMM_MAX_ROWS = 32
 
 
