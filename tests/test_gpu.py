@@ -147,3 +147,34 @@ def test_embedded_model_on_gpu_bf16_names_paris():
     llm = LLM(device="cuda", progress=False, kv_cache_memory=1 << 30)
     out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8))[0]
     assert "Paris" in out.outputs[0].text
+
+
+def triton_variants() -> dict[str, int]:
+    """Compiled variants of every Triton kernel loaded so far, by kernel name."""
+    import gc
+
+    from triton.runtime.jit import JITFunction
+    return {f"{fn.fn.__module__}.{fn.fn.__name__}": sum(len(caches[0]) for caches in fn.device_caches.values())
+            for fn in gc.get_objects() if isinstance(fn, JITFunction)}
+
+
+def test_mixed_steps_compile_no_new_triton_variants_after_the_first_batch(tiny_models):
+    """Chunked prefills beside decodes, batch after batch of other counts and lengths: once one batch has run,
+    no kernel compiles again (a variant per pointer alignment had made the prefill kernel compile mid-run,
+    a second or more each on a cold cache)."""
+    folder, hf_model = tiny_models["llama3.1"]
+    gen = torch.Generator().manual_seed(2)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm = LLM(str(folder), device="cuda", dtype="bfloat16", progress=False, kv_cache_memory=1 << 30,
+              max_num_batched_tokens=64)
+
+    def run(count: int) -> None:
+        lengths = torch.randint(3, 200, (count,), generator=gen).tolist()
+        llm.generate([torch.randint(2, hf_model.config.vocab_size, (n,), generator=gen).tolist() for n in lengths],
+                     params)
+
+    run(7)
+    seen = triton_variants()
+    for count in (5, 9, 12, 3, 6):
+        run(count)
+    assert triton_variants() == seen

@@ -2,9 +2,10 @@
 
 Token order: decodes (one token each) first, then each multi-token chunk contiguously, so the decode
 rows of q are one slice and each prefill chunk another. Every integer of the step is packed into one flat
-list and reaches the device in one copy (through a StagingBuffer's pinned memory when one is given); the
-tensors are views into it, in this order: input_ids, positions, slot_mapping, decode context_lens,
-sample_rows, query_start_loc, prefill start_pos, decode block tables, prefill block tables.
+list, each part padded to 16 bytes, and reaches the device in one copy (through a StagingBuffer's pinned
+memory when one is given); the tensors are views into it, in this order: input_ids, positions,
+slot_mapping, decode context_lens, sample_rows, query_start_loc, prefill start_pos, decode block tables,
+prefill block tables.
 """
 
 from __future__ import annotations
@@ -65,9 +66,12 @@ def build_step_inputs(output: SchedulerOutput, block_size: int, device: torch.de
     decodes, chunks = _decodes_and_chunks(output.scheduled)
     num_decodes = len(decodes)
     parts = _packed_parts(decodes, chunks, block_size)
-    flat = list(itertools.chain.from_iterable(parts))
+    sizes = [len(p) for p in parts]
+    padded = [_aligned(n) for n in sizes]
+    flat = list(itertools.chain.from_iterable(p + [0] * (m - n) for p, n, m in zip(parts, sizes, padded)))
     values = staging.upload(flat) if staging is not None else torch.tensor(flat, dtype=torch.int64, device=device)
-    views = _PackedViews(*values.split_with_sizes([len(p) for p in parts]))
+    views = _PackedViews(*(v[:n] for v, n in zip(values.split_with_sizes(padded), sizes)))
+    rows = padded[0]  # the first four parts are num_decodes long in a pure-decode step, each padded alike
     return StepInputs(
         input_ids=views.input_ids,
         positions=views.positions,
@@ -75,7 +79,7 @@ def build_step_inputs(output: SchedulerOutput, block_size: int, device: torch.de
         sample_rows=views.sample_rows,
         sampled=[s for s in decodes if s.sample] + [s for s in chunks if s.sample],
         max_decode_context_len=max(parts[_CONTEXT_LENS], default=0),
-        decode_rows=values[: 4 * num_decodes].view(4, num_decodes) if decodes and not chunks else None,
+        decode_rows=values[: 4 * rows].view(4, rows)[:, :num_decodes] if decodes and not chunks else None,
     )
 
 
@@ -89,6 +93,14 @@ def _decodes_and_chunks(scheduled: list[ScheduledSequence]) -> tuple[list[Schedu
 
 
 _CONTEXT_LENS = 3  # index of the decode context_lens among _packed_parts' lists
+# Each list starts at a multiple of 16 bytes (two int64s) in the packed tensor: a Triton kernel compiles one variant per
+# alignment class of each pointer it takes, and views at offsets that follow the step's token and sequence
+# counts made the prefill kernel compile a new variant mid-run, a second or more each on a cold cache.
+_ALIGN_INTS = 2
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN_INTS) * _ALIGN_INTS
 
 
 def _packed_parts(decodes: list[ScheduledSequence], chunks: list[ScheduledSequence],

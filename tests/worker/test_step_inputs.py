@@ -87,6 +87,35 @@ def test_prefill_only_step_has_no_decode_tensors():
     assert inputs.max_decode_context_len == 0 and inputs.attn.slot_mapping.tolist() == [20, 21, 22]
 
 
+def _tensors(inputs: StepInputs) -> dict[str, torch.Tensor]:
+    attn, prefill = inputs.attn, inputs.attn.prefill
+    out = {"input_ids": inputs.input_ids, "positions": inputs.positions, "slot_mapping": attn.slot_mapping,
+           "sample_rows": inputs.sample_rows}
+    if attn.num_decodes:
+        out.update(decode_tables=attn.decode_block_tables, context_lens=attn.decode_context_lens)
+    if prefill is not None:
+        out.update(prefill_tables=prefill.block_tables, query_start_loc=prefill.query_start_loc,
+                   start_pos=prefill.start_pos, seq_lens=prefill.seq_lens)
+    return out
+
+
+STEP_MIXES = [(d, c) for d in (0, 1, 2, 3) for c in ((), (5,), (2, 3), (3, 7, 4)) if d or c]
+
+
+@pytest.mark.parametrize(("num_decodes", "chunk_lens"), STEP_MIXES)
+def test_every_packed_tensor_starts_16_byte_aligned(num_decodes, chunk_lens):
+    """A Triton kernel compiles a variant per pointer alignment class: with views at offsets that follow
+    the step's counts, the prefill kernel compiled new variants mid-run (seen on an H200: 1, 5, 6, 7)."""
+    seqs = _decode_step([3 + i for i in range(num_decodes)]).scheduled
+    seqs += [ScheduledSequence(f"c{i}", list(range(n)), start_pos=i, block_table=list(range(i + 2)), sample=True,
+                               sampling_params=PARAMS) for i, n in enumerate(chunk_lens)]
+    staging = StagingBuffer(CPU, capacity=64)
+    for _ in range(2):  # both host buffers
+        inputs = build_step_inputs(SchedulerOutput(seqs), block_size=4, device=CPU, staging=staging)
+        assert {name: t.data_ptr() % 16 for name, t in _tensors(inputs).items()} == dict.fromkeys(_tensors(inputs), 0)
+        assert _as_lists(inputs) == _as_lists(build_step_inputs(SchedulerOutput(seqs), block_size=4, device=CPU))
+
+
 def test_staged_inputs_equal_fresh_ones_across_steps_and_growth():
     staging = StagingBuffer(CPU, capacity=8)  # every step below needs more: the buffers grow
     steps = [_mixed_step(), _decode_step([3, 9, 5]), _decode_step(list(range(1, 40))), _mixed_step(),
