@@ -149,6 +149,9 @@ class SchedulerOutput:
     # order is safe). Every worker moves its own share (its KV heads, its stage's layers) of the same blocks.
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
+    # The engine expects the next step to be these decodes one token further (nothing waits to join): the
+    # runner may compute it before this one's tokens reach the host (worker/step_ahead.py). One process only.
+    step_ahead: bool = False
 
     @property
     def num_batched_tokens(self) -> int:

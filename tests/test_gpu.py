@@ -178,3 +178,19 @@ def test_mixed_steps_compile_no_new_triton_variants_after_the_first_batch(tiny_m
     for count in (5, 9, 12, 3, 6):
         run(count)
     assert triton_variants() == seen
+
+
+def test_decode_steps_taken_ahead_on_gpu_equal_eager(tiny_models):
+    """Real graphs, pinned copies and events: steps launched before the host has the last tokens give eager's
+    tokens, alone and batched, greedy and sampled without a seed (the engine's generator)."""
+    folder = str(tiny_models["llama3.1"][0])
+    params = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+              SamplingParams(temperature=0.8, max_tokens=40, ignore_eos=True, logprobs=1)]
+    options = dict(device="cuda", dtype="float32", progress=False, kv_cache_memory=1 << 30, seed=3)
+    eager = LLM(folder, enforce_eager=True, **options)
+    expected = [[o.outputs[0].token_ids for o in eager.generate(PROMPTS[:2], p)] for p in params]
+    del eager
+    graphs = LLM(folder, **options)
+    assert [[o.outputs[0].token_ids for o in graphs.generate(PROMPTS[:2], p)] for p in params] == expected
+    counts = graphs.engine.runner.step_ahead_counts
+    assert counts["taken"] >= 40, counts

@@ -72,6 +72,7 @@ class EngineCore:
         # The step's schedule and execute: the scheduler's and executor's own, or over pipeline micro-batches.
         self._schedule, self._execute = pipelined_steps(self.scheduler, self.executor)
         self.eos_token_ids = eos_token_ids(source.arch.eos_token_ids, tokenizer_eos_token_id)
+        self.steps_ahead = getattr(self.executor, "steps_ahead", False)  # one process: see worker/step_ahead.py
         self.structured_outputs = StructuredOutputs.for_model(config.model, source, self.eos_token_ids)
         self.sequences: dict[str, list[Sequence]] = {}  # request id -> its n sequences, until all finish
         self.owners: dict[str, tuple[str, int]] = {}  # sequence id -> (request id, index)
@@ -153,6 +154,8 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         scheduler_output = self._schedule()
+        # Nothing waits to join the running sequences: the next step is most likely these decodes again.
+        scheduler_output.step_ahead = self.steps_ahead and self.scheduler.num_waiting == 0
         try:
             runner_output = self._execute(scheduler_output)
         except Exception as exc:  # e.g. streamed weights unreadable: this step's requests fail, the rest go on

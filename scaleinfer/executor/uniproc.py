@@ -20,6 +20,11 @@ class UniprocExecutor:
         self.shard = streamer.shard if streamer is not None else None  # None: nobody to keep in step with
 
     @property
+    def steps_ahead(self) -> bool:
+        """Whether its runner may compute a decode step ahead (worker/step_ahead.py): alone, not in step with others."""
+        return self.shard is None
+
+    @property
     def num_blocks(self) -> int:
         return self.runner.num_blocks
 

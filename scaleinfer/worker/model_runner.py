@@ -9,10 +9,10 @@ import torch
 from scaleinfer.config import CacheConfig, ModelConfig, OffloadConfig
 from scaleinfer.layers.attention import Attention
 from scaleinfer.layers.linear import choose_layer_schemes, linear_scheme, quantization_scheme
-from scaleinfer.layers.sampler import SamplerOutput, sample
+from scaleinfer.layers.sampler import SamplingBatch, sample
 from scaleinfer.models.registry import model_class
 from scaleinfer.offload.kv_host import HostKVCache
-from scaleinfer.outputs import RunnerOutput, SampledToken, ScheduledSequence, SchedulerOutput
+from scaleinfer.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
 from scaleinfer.parallel.comm import min_over_ranks
 from scaleinfer.parallel.expert import get_expert_state, using_expert_state
 from scaleinfer.parallel.state import get_parallel_state, using_parallel_state
@@ -32,6 +32,7 @@ from scaleinfer.worker.prompt_logprobs import compute_prompt_logprobs
 from scaleinfer.worker.sampling_batch import SamplingState
 from scaleinfer.worker.stage_io import StageIO
 from scaleinfer.worker.staging import StagingBuffer
+from scaleinfer.worker.step_ahead import HostTokens, StepAhead, may_step_ahead
 from scaleinfer.worker.step_forward import EagerForward, GraphedForward
 
 
@@ -54,6 +55,8 @@ class ModelRunner:
         self.staging = StagingBuffer(self.device)  # the step's inputs: one pinned copy per step
         io = StageIO(self.model, self.dtype, self.device)  # hidden states from the previous stage, to the next
         self.steps = EagerForward(self.model, self.block_size, self.device, self.staging, io)
+        self.ahead: StepAhead | None = None  # the decode step launched before the host had the last one's tokens
+        self.step_ahead_counts = {"launched": 0, "taken": 0}
         # Streamed layers rebind their weights every step, which a captured graph cannot follow.
         if self.device.type == "cuda" and not model_config.enforce_eager and not self.offload.enabled:
             max_blocks = -(-(max_model_len or source.arch.max_position_embeddings) // self.block_size)
@@ -90,6 +93,7 @@ class ModelRunner:
                 "cuda_graph_context_buckets": graphs.bucket_tokens if graphs else [],
                 "cuda_graph_capture_seconds": graphs.capture_seconds if graphs else 0.0,
                 "cuda_graph_replays": graphs.num_replays if graphs else 0,
+                "decode_steps_ahead": dict(self.step_ahead_counts),
                 "warm_up_seconds": self.warm_up_seconds,
                 "offload": self.streamer.describe() if self.streamer else None}
 
@@ -135,34 +139,43 @@ class ModelRunner:
     def _execute(self, output: SchedulerOutput) -> RunnerOutput:
         self.sampling.drop(output.finished_request_ids)
         self.kv_host.swap(output.swap_out, output.swap_in)  # ordered before the forward below
+        ahead, self.ahead = self.ahead, None
         if not output.scheduled:
             self.steps.skip()
             return RunnerOutput(sampled={})
-        hidden, sampled = self.steps.run(output)  # hidden: [num_sampled, hidden]
-        # (a pipeline stage before the last has no head: the last one scores the prompt)
-        scores_prompt = self.model.stage.is_last and any(
-            s.sampling_params.prompt_logprobs is not None for s in output.scheduled)
-        prompt_logprobs = compute_prompt_logprobs(self.model, self.steps.hidden, output) if scores_prompt else {}
-        if not sampled:
-            return RunnerOutput(sampled={}, prompt_logprobs=prompt_logprobs)
-        logits = self.model.compute_logits(hidden)  # [num_sampled, vocab]
-        batch = self.sampling.batch(sampled, logits.shape[1], output.grammar_bitmask)
-        result = sample(logits, batch, self.sampling.default_generator)
-        self.sampling.record(batch, result.token_ids)
+        prompt_logprobs: dict = {}
+        if ahead is not None and self.steps.adopt(ahead.prepared, output.scheduled):
+            sampled, batch, result, host = output.scheduled, ahead.batch, ahead.result, ahead.host
+            self.step_ahead_counts["taken"] += 1
+        else:
+            hidden, sampled = self.steps.run(output)  # hidden: [num_sampled, hidden]
+            # (a pipeline stage before the last has no head: the last one scores the prompt)
+            scores_prompt = self.model.stage.is_last and any(
+                s.sampling_params.prompt_logprobs is not None for s in output.scheduled)
+            prompt_logprobs = compute_prompt_logprobs(self.model, self.steps.hidden, output) if scores_prompt else {}
+            if not sampled:
+                return RunnerOutput(sampled={}, prompt_logprobs=prompt_logprobs)
+            logits = self.model.compute_logits(hidden)  # [num_sampled, vocab]
+            batch = self.sampling.batch(sampled, logits.shape[1], output.grammar_bitmask)
+            result = sample(logits, batch, self.sampling.default_generator)
+            self.sampling.record(batch, result.token_ids)
+            host = HostTokens(result)  # the copy is queued before the step launched ahead below
         self.steps.sampled_on_device(sampled, result.token_ids)
-        tokens = _to_host(result)
+        if output.step_ahead and may_step_ahead(sampled, batch):
+            self.ahead = self._step_ahead(batch)
+        tokens = host.wait()  # this step's tokens; the device goes on with the step ahead meanwhile
         self.steps.sampled_on_host([t.token_id for t in tokens])
         failed = batch.failed  # rows whose sampling state could not be built: no token, their requests fail
         return RunnerOutput(sampled={s.request_id: t for s, t in zip(sampled, tokens) if s.request_id not in failed},
                             failed=failed, prompt_logprobs=prompt_logprobs)
 
-
-def _to_host(result: SamplerOutput) -> list[SampledToken]:
-    """One device-to-host transfer per field; the step's only synchronization."""
-    token_ids = result.token_ids.tolist()
-    if result.logprobs is None:
-        return [SampledToken(token_id=t) for t in token_ids]
-    logprobs, ranks = result.logprobs.tolist(), result.ranks.tolist()
-    top_ids = result.top_ids.tolist() if result.top_ids is not None else [[] for _ in token_ids]
-    top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else [[] for _ in token_ids]
-    return [SampledToken(*fields) for fields in zip(token_ids, logprobs, ranks, top_ids, top_lps)]
+    def _step_ahead(self, batch: SamplingBatch) -> StepAhead | None:
+        """The prepared next decode step, replayed and sampled now with this step's sampling rows; None when
+        no step is prepared (the runner has no graphs, a row's next slot needs a new block) or none holds it."""
+        launched = self.steps.replay_ahead()
+        if launched is None:
+            return None
+        prepared, hidden = launched
+        result = sample(self.model.compute_logits(hidden), batch, self.sampling.default_generator)
+        self.step_ahead_counts["launched"] += 1
+        return StepAhead(prepared=prepared, batch=batch, result=result, host=HostTokens(result))

@@ -51,6 +51,14 @@ class EagerForward:
     def skip(self) -> None:
         """A step with nothing to compute ran in between."""
 
+    def replay_ahead(self) -> tuple[NextDecode, torch.Tensor] | None:
+        """The prepared next step's (rows, hidden states [n, hidden]), computed now; None: none is prepared."""
+        return None
+
+    def adopt(self, prepared: NextDecode, scheduled: list[ScheduledSequence]) -> bool:
+        """Whether `scheduled` is the step computed ahead over `prepared` (then it is this step's run)."""
+        return False
+
 
 class GraphedForward(EagerForward):
     def __init__(self, model: nn.Module, block_size: int, device: torch.device, staging: StagingBuffer,
@@ -92,3 +100,16 @@ class GraphedForward(EagerForward):
 
     def skip(self) -> None:
         self.next_decode = None
+
+    def replay_ahead(self) -> tuple[NextDecode, torch.Tensor] | None:
+        prepared = self.next_decode
+        if prepared is None or self.io.stage.pp_size > 1:  # one stage: no hidden states come in or go out
+            return None
+        key = self.graphs.key(len(prepared.request_ids), max(prepared.start_pos) + 1)
+        return None if key is None else (prepared, self.graphs.replay(key, len(prepared.request_ids)))
+
+    def adopt(self, prepared: NextDecode, scheduled: list[ScheduledSequence]) -> bool:
+        if self.next_decode is not prepared or not prepared.matches(scheduled):
+            return False
+        self.next_decode, self._advanceable = None, True  # its rows advance to the step after, as a replay's do
+        return True
