@@ -135,6 +135,11 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="token budget of one step (default 2048, with --offload 32768): running decodes "
                              "first, then prompts chunked to fit; smaller keeps decodes moving while long prompts "
                              "prefill")
+    parser.add_argument("--max-mixed-prefill-tokens", type=int, default=None,
+                        help="prompt tokens a step may carry while any sequence decodes (default 1024, with "
+                             "--offload the whole budget; at most --max-num-batched-tokens): bounds the time "
+                             "between a stream's tokens while prompts prefill; with none decoding, prompts get the "
+                             "whole budget")
     parser.add_argument("--max-num-seqs", type=int, default=None,
                         help="sequences in one step (default 256, with --offload 1024)")
     _add_vllm_engine_args(parser)
@@ -195,7 +200,8 @@ def _on_cpu(device: str) -> bool:
 
 def _engine_config(args: argparse.Namespace, **scheduler: int | None) -> EngineConfig:
     # Unset budget flags leave the config's defaults, which depend on --offload.
-    budget = {name: getattr(args, name) for name in ("max_num_batched_tokens", "max_num_seqs")
+    budget = {name: getattr(args, name) for name in ("max_num_batched_tokens", "max_mixed_prefill_tokens",
+                                                     "max_num_seqs")
               if getattr(args, name) is not None}
     return EngineConfig.from_kwargs(
         model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,

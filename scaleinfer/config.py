@@ -214,6 +214,10 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_seqs: int = 256  # sequences in one step
     max_num_batched_tokens: int = 2048  # token budget of one step; prefills are chunked to fit
+    # Prompt (prefill) tokens a step may carry while a sequence decodes: every decoding stream waits through the
+    # step, whose time grows with its prompt tokens, so this bounds the inter-token latency's tail. The smaller
+    # of it and max_num_batched_tokens applies; a step with no decodes prefills with the whole budget.
+    max_mixed_prefill_tokens: int = 1024
     max_model_len: int = 8192  # set from the model once it is known
     max_waiting: int | None = None  # admission bound on queued sequences (n per prompt); None: unbounded
 
@@ -221,6 +225,9 @@ class SchedulerConfig:
         _require(self.max_num_seqs > 0, f"max_num_seqs must be positive, got {self.max_num_seqs!r}")
         _require(self.max_num_batched_tokens > 0,
                  f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens!r}")
+        mixed = self.max_mixed_prefill_tokens
+        _require(isinstance(mixed, int) and not isinstance(mixed, bool) and mixed >= 1,
+                 f"max_mixed_prefill_tokens must be an integer >= 1, got {mixed!r}")
         _require(self.max_waiting is None or self.max_waiting >= 1,
                  f"max_waiting must be at least 1 (a queue of {self.max_waiting!r} refuses every request); "
                  "leave it unset for no bound")
@@ -347,6 +354,8 @@ class EngineConfig:
         if kwargs.get("offload", "none") != "none":
             kwargs.setdefault("max_num_batched_tokens", OFFLOAD_MAX_BATCHED_TOKENS)
             kwargs.setdefault("max_num_seqs", OFFLOAD_MAX_NUM_SEQS)
+            # Every streamed step passes over all the weights: a prompt split over more steps costs more passes.
+            kwargs.setdefault("max_mixed_prefill_tokens", kwargs["max_num_batched_tokens"])
         parts = {}
         sections = (("model", ModelConfig), ("cache", CacheConfig), ("scheduler", SchedulerConfig),
                     ("offload", OffloadConfig), ("parallel", ParallelConfig))

@@ -34,7 +34,8 @@ class LLM:
         progress: the loading bars and the start-up line (model, device, dtype, KV cache, max_model_len) on stderr.
         engine_options: any field of ModelConfig, CacheConfig, SchedulerConfig, OffloadConfig or ParallelConfig,
         e.g. device="cpu", dtype="bfloat16", kv_cache_memory=4 << 30, num_blocks=64, max_num_batched_tokens=512,
-        seed=0, tensor_parallel_size=2 (T worker processes: one per GPU, or T CPU processes over gloo)."""
+        max_mixed_prefill_tokens=256, seed=0, tensor_parallel_size=2 (T worker processes: one per GPU, or T CPU
+        processes over gloo)."""
         if task not in TASKS:
             raise InvalidRequestError(f"task must be one of {TASKS}, got {task!r}")
         self.task = task

@@ -46,6 +46,7 @@ def test_generate_with_layers_streamed_from_nvme(tmp_path):
     (["generate", "hi", "--max-tokens", "0"], "max_tokens must be an integer >= 1, got 0"),
     (["generate", "", "--device", "cpu"], "prompt is empty"),
     (["generate", "hi", "--max-num-batched-tokens", "0"], "max_num_batched_tokens must be positive, got 0"),
+    (["generate", "hi", "--max-mixed-prefill-tokens", "0"], "max_mixed_prefill_tokens must be an integer >= 1, got 0"),
 ])
 def test_bad_input_is_one_line_and_nonzero(args, fragment):
     result = run_cli(*args)
@@ -58,8 +59,11 @@ def test_bad_input_is_one_line_and_nonzero(args, fragment):
 
 @pytest.mark.parametrize("command", [["generate", "hi"], ["chat"], ["serve"]])
 def test_step_budget_flags_reach_the_scheduler_config(command, monkeypatch):
-    config = config_of([*command, "--max-num-batched-tokens", "64", "--max-num-seqs", "8"], monkeypatch)
-    assert (config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs) == (64, 8)
+    config = config_of([*command, "--max-num-batched-tokens", "64", "--max-num-seqs", "8",
+                        "--max-mixed-prefill-tokens", "16"], monkeypatch)
+    scheduler = config.scheduler
+    assert (scheduler.max_num_batched_tokens, scheduler.max_num_seqs, scheduler.max_mixed_prefill_tokens) == (64, 8, 16)
+    assert config_of([*command], monkeypatch).scheduler.max_mixed_prefill_tokens == 1024
 
 
 @pytest.mark.parametrize("command", [["generate", "hi"], ["serve"]])

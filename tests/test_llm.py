@@ -57,6 +57,46 @@ def test_chunked_prefill_keeps_outputs_equal(alone):
     assert_no_blocks_held(chunked)
 
 
+def run_with_long_prompts_arriving(**options):
+    """Two streams decode when two long prompts arrive. Returns {request id: tokens} and, for each step until
+    both prompts are computed, how many of their tokens it computed (a and b get a token in each of them)."""
+    engine = LLM(device="cpu", progress=False, **options).engine
+    decode = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    engine.add_request("a", PROMPTS[0], decode)
+    engine.add_request("b", PROMPTS[1], decode)
+    tokens = {}
+
+    def step():
+        tokens.update((output.request_id, output.outputs[0].token_ids) for output in engine.step())
+
+    step()  # both prompts; from now on they decode
+    long = " ".join(reversed(PROMPTS))  # no prefix in common with a's or b's
+    engine.add_request("c", long + " " + PROMPTS[2], GREEDY)
+    engine.add_request("d", PROMPTS[3] + " " + long, GREEDY)
+    seqs = [engine.scheduler.get(request_id) for request_id in "abcd"]
+
+    def num_prompt_computed():
+        return sum(min(seq.num_computed_tokens, seq.num_prompt_tokens) for seq in seqs[2:])
+
+    per_step = []
+    while num_prompt_computed() < sum(seq.num_prompt_tokens for seq in seqs[2:]):
+        before = [seq.num_output_tokens for seq in seqs[:2]], num_prompt_computed()
+        step()
+        assert [seq.num_output_tokens for seq in seqs[:2]] == [num + 1 for num in before[0]]
+        per_step.append(num_prompt_computed() - before[1])
+    while engine.has_unfinished_requests():
+        step()
+    return tokens, per_step
+
+
+def test_mixed_prefill_cap_keeps_outputs_equal():
+    capped, capped_steps = run_with_long_prompts_arriving(max_mixed_prefill_tokens=16)
+    plain, plain_steps = run_with_long_prompts_arriving()
+    assert capped == plain and len(capped) == 4
+    assert max(capped_steps) == 16 and len(capped_steps) > 2 * 6  # ~100 tokens each, 16 a step beside the decodes
+    assert plain_steps == [sum(plain_steps)]  # 1,024 by default: both prompts in one step
+
+
 def test_prefix_cache_hits_keep_outputs_equal(llm, alone):
     shared = "You are a helpful assistant. Answer briefly and truthfully. " * 4
     first = token_ids(llm.generate([shared + p for p in PROMPTS[:3]], GREEDY))

@@ -12,8 +12,9 @@ update() alternate: the engine calls update with each schedule's output before t
 Fairness follows from that order. A sequence is admitted only with budget left once every running one has
 its tokens, so every running sequence advances every step (at most max_num_batched_tokens of them run), and
 at most one is mid-prefill, the newest: every running decode is scheduled ahead of any prompt chunk. A long
-prompt delays the decodes beside it only by the length of the steps it shares with them, which
-max_num_batched_tokens bounds.
+prompt delays the decodes beside it only by the length of the steps it shares with them: while any running
+sequence decodes, a step carries at most max_mixed_prefill_tokens prompt tokens (running prefills and admitted
+ones alike; the rest is chunked into later steps), and with none decoding the whole budget goes to prompts.
 """
 
 from __future__ import annotations
@@ -52,11 +53,31 @@ class SchedulerStats:
     host_kv_cache_usage: float = 0.0  # fraction of host KV blocks in use (kv_offload)
 
 
+def _is_decode(seq: Sequence, num_uncomputed: int) -> bool:
+    """Whether seq, with num_uncomputed tokens left, decodes: only its last sampled token is left (0 in flight:
+    the step samples). A fresh prompt's last token is a prompt token; a readmitted sequence with one token left
+    (swapped back in, or all but it cached) decodes."""
+    return num_uncomputed == 0 or (num_uncomputed == 1 and seq.num_output_tokens > 0)
+
+
 @dataclass(slots=True)
 class _StepBudget:
     num_tokens: int  # left to schedule this step
+    num_prompt_tokens: int  # of those, prompt (prefill) tokens: max_mixed_prefill_tokens while a sequence decodes
     constrained: list[Sequence] = field(default_factory=list)  # that sample this step and have a grammar
     max_running: int = 1 << 62  # running sequences this micro-batch may still take (the pipeline's share)
+
+    def chunk(self, seq: Sequence, num_uncomputed: int) -> int:
+        """How many of seq's num_uncomputed tokens this step computes: a decode's one, or prompt tokens, chunked
+        to the prompt budget too."""
+        if _is_decode(seq, num_uncomputed):
+            return min(num_uncomputed, self.num_tokens)
+        return min(num_uncomputed, self.num_tokens, self.num_prompt_tokens)
+
+    def spend(self, seq: Sequence, num_uncomputed: int, num_new_tokens: int) -> None:
+        self.num_tokens -= num_new_tokens
+        if not _is_decode(seq, num_uncomputed):
+            self.num_prompt_tokens -= num_new_tokens
 
 
 class Scheduler:
@@ -118,7 +139,7 @@ class Scheduler:
         step_tokens = self.config.max_num_batched_tokens
         pending = self._num_pending_prompt(self.plan.prompt_tokens_to_count(step_tokens))
         share = self.plan.budget(step_tokens, len(self.running), pending)
-        budget = _StepBudget(share.num_tokens, max_running=share.max_running)
+        budget = _StepBudget(share.num_tokens, self._prompt_budget(pending), max_running=share.max_running)
         num_preempted_before = self.num_preempted
         scheduled = self._schedule_running(budget)
         num_preempted = self.num_preempted - num_preempted_before
@@ -129,20 +150,31 @@ class Scheduler:
         return SchedulerOutput(scheduled, finished_request_ids, num_preempted, grammar_bitmask(budget.constrained),
                                copies.swap_out, copies.swap_in)
 
+    def _prompt_budget(self, num_pending_prompt: int) -> int:
+        """Prompt tokens this step may carry: max_mixed_prefill_tokens (at most the budget; a pipeline
+        micro-batch's share of it) while any running sequence decodes, in this step or in flight, since its next
+        token waits for the step; else the whole budget."""
+        config = self.config
+        if not any(_is_decode(seq, seq.num_uncomputed_tokens) for seq in self.running):
+            return config.max_num_batched_tokens
+        cap = min(config.max_mixed_prefill_tokens, config.max_num_batched_tokens)
+        return self.plan.prompt_budget(cap, num_pending_prompt)
+
     def _schedule_running(self, budget: _StepBudget) -> list[ScheduledSequence]:
         scheduled: list[ScheduledSequence] = []
         index = 0
         while index < len(self.running) and budget.num_tokens > 0 and budget.max_running > 0:
             seq = self.running[index]
+            index += 1
             if seq.request_id in self.in_flight:  # its micro-batch has not come back
-                index += 1
                 continue
-            num_new_tokens = min(seq.num_uncomputed_tokens, budget.num_tokens)
+            num_new_tokens = budget.chunk(seq, seq.num_uncomputed_tokens)
+            if num_new_tokens == 0:  # a prefill, and the step's prompt tokens are spent
+                continue
             if not self._allocate_or_preempt(seq, num_new_tokens):
                 break  # seq was the last running sequence and is preempted itself
             scheduled.append(self._schedule_chunk(seq, num_new_tokens, budget))
             budget.max_running -= 1
-            index += 1
         return scheduled
 
     def _allocate_or_preempt(self, seq: Sequence, num_new_tokens: int) -> bool:
@@ -183,8 +215,8 @@ class Scheduler:
         while self.waiting and budget.num_tokens > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             computed_blocks, num_cached_tokens = self.block_manager.get_computed_blocks(seq)
-            num_new_tokens = min(seq.num_tokens - num_cached_tokens, budget.num_tokens)
-            if not self.block_manager.allocate_slots(seq, num_new_tokens, computed_blocks):
+            num_new_tokens = budget.chunk(seq, seq.num_tokens - num_cached_tokens)
+            if num_new_tokens == 0 or not self.block_manager.allocate_slots(seq, num_new_tokens, computed_blocks):
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
             self._start_running(seq, num_cached_tokens)
@@ -208,9 +240,9 @@ class Scheduler:
         """
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new_tokens
         self.block_manager.cache_full_blocks(seq, end)
+        budget.spend(seq, seq.num_tokens - start, num_new_tokens)
         seq.num_computed_tokens = end
         self.in_flight.add(seq.request_id)
-        budget.num_tokens -= num_new_tokens
         all_token_ids = seq.all_token_ids
         if seq.grammar is not None and end == len(all_token_ids):
             budget.constrained.append(seq)

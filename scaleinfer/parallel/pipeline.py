@@ -112,6 +112,16 @@ class MicroBatchPlan:
         # Room for the micro-batch's share of the decodes (scheduled first) beside its piece of prompt.
         return MicroBatchBudget(num_tokens=min(step_tokens, piece + max_running), max_running=max_running)
 
+    def prompt_budget(self, max_prompt_tokens: int, num_pending_prompt: int) -> int:
+        """One micro-batch's share of max_prompt_tokens, the prompt tokens a step may carry beside decodes, split
+        as budget() splits B: whole with one stage, in the token phase and under the fixed schedule, halved over
+        the hybrid prompt phase's 2P micro-batches. A decode waits for every micro-batch in flight, so the prompt
+        tokens it waits for add up over them: 2P halves carry what P whole ones do, P x max_prompt_tokens, about
+        one capped step's time on one GPU (each stage holds 1/P of the layers)."""
+        if self.pp_size == 1 or self.schedule == "fixed" or num_pending_prompt == 0:
+            return max_prompt_tokens
+        return -(-max_prompt_tokens // PROMPT_SPLIT)
+
 
 def micro_batch_plan(config: ParallelConfig) -> MicroBatchPlan:
     return MicroBatchPlan(pp_size=config.pipeline_parallel_size, schedule=config.pipeline_schedule,

@@ -111,3 +111,35 @@ def test_pipeline_flags_reach_the_parallel_config(command, monkeypatch):
                           "--pipeline-schedule", "fixed", "--pipeline-micro-batches", "6"], monkeypatch).parallel
     assert (parallel.pipeline_parallel_size, parallel.world_size, parallel.pipeline_schedule,
             parallel.pipeline_micro_batches) == (4, 8, "fixed", 6)
+
+
+def test_the_mixed_prefill_cap_splits_like_the_budget():
+    hybrid, fixed = MicroBatchPlan(pp_size=2), MicroBatchPlan(pp_size=2, schedule="fixed", num_micro_batches=3)
+    # the prompt phase's 2P micro-batches halve it, as they halve B: P x the cap in flight beside the decodes
+    assert (hybrid.prompt_budget(1024, num_pending_prompt=100), hybrid.prompt_budget(5, 1)) == (512, 3)
+    assert hybrid.prompt_budget(1024, num_pending_prompt=0) == 1024  # token phase
+    assert fixed.prompt_budget(1024, 100) == MicroBatchPlan().prompt_budget(1024, 100) == 1024
+
+
+def decoding_then_four_long_prompts(max_mixed_prefill_tokens):
+    scheduler = scheduler_with(0, num_blocks=512, max_num_batched_tokens=64,
+                               max_mixed_prefill_tokens=max_mixed_prefill_tokens)
+    for rid in "01":
+        scheduler.add(Sequence(rid, [1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True), ()))
+    while any(not scheduler.requests[rid].output_token_ids for rid in "01"):  # a round at a time
+        for output in [scheduler.schedule() for _ in range(scheduler.num_micro_batches())]:
+            scheduler.update(output, tokens_for(output))
+    for i in range(4):
+        scheduler.add(Sequence(f"long{i}", [50 + i] * 200, SamplingParams(max_tokens=2, ignore_eos=True), ()))
+    return scheduler, [scheduler.schedule() for _ in range(scheduler.num_micro_batches())]
+
+
+def test_micro_batches_carry_the_capped_prompt_while_decodes_are_in_flight():
+    _, outputs = decoding_then_four_long_prompts(16)
+    assert len(outputs) == 4  # the prompt phase: 2P slots
+    # each takes its share of the decodes first, then ceil(16 / 2) prompt tokens; the last two hold no decode
+    # but wait in the same round as the two that do
+    assert [[(s.request_id, s.num_tokens) for s in output.scheduled] for output in outputs] == [
+        [("0", 1), ("long0", 8)], [("1", 1), ("long1", 8)], [("long2", 8)], [("long3", 8)]]
+    _, uncapped = decoding_then_four_long_prompts(64)  # the cap at the budget: what the hybrid rule gives
+    assert [[s.num_tokens for s in output.scheduled] for output in uncapped] == [[1, 32], [1, 32], [32], [32]]
