@@ -7,7 +7,9 @@ and an FP8 (e4m3) one, at the Llama-3-8B decode shape (GROUP 4, head_dim 128, 16
 Why: on an H200 (profile_step 64 x 4096) the FP8 cache's partition kernel takes 342 us a layer against the bf16
 cache's 251 us for half the bytes. The PTX shows where: the e4m3 V tile, staged in shared memory, is read back a
 byte at a time (ld.shared.b8) for the P @ V product, as no 8-bit ldmatrix.trans exists; a bf16 tile takes
-ldmatrix.trans. Needs TRITON_INTERPRET unset (the interpreter replaces the compiler).
+ldmatrix.trans. attention_tile.fp8_v_tile now keeps the tile converted where it is loaded, so it goes through shared
+memory as float16 and comes back with ldmatrix.trans. Needs TRITON_INTERPRET unset (the interpreter replaces the
+compiler).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import re
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_compile import compile_for_gpu  # noqa: E402
+from gpu_compile import compile_for_gpu, registers_and_stack  # noqa: E402
 
 from scaleinfer.kernels.decode_attention import _partition_kernel  # noqa: E402
 
@@ -33,17 +36,25 @@ NOT_DIVISIBLE = ("qk_scale", "v_scale", "bt_stride", "num_partitions")  # launch
 CONSTANTS = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, PARTITION_SIZE=512, BLOCK_N=64,
                  ONE_PARTITION=False, UPCAST=False, PRECISION="tf32", WINDOW=0, SOFTCAP=0)
 PATTERNS = {"global_loads": r"ld\.global[\w.]*", "async_copies": r"cp\.async\.c[ag][\w.]*",
-            "shared_loads": r"ld\.shared[\w.]*", "ldmatrix": r"ldmatrix[\w.]*", "conversions": r"cvt\.rn[\w.]*",
+            "shared_loads": r"ld\.shared[\w.]*", "shared_stores": r"st\.shared[\w.]*", "ldmatrix": r"ldmatrix[\w.]*",
+            "conversions": r"cvt\.rn[\w.]*",
             "mma": r"mma\.sync[\w.]*"}
 
 
-def instruction_counts(cache_dtype: str, arch: int, num_stages: int) -> dict[str, dict[str, int]]:
-    """The kernel's PTX instructions by kind, for a cache of cache_dtype ('*bf16' or '*fp8e4nv')."""
+def compile_partition_kernel(cache_dtype: str, arch: int, num_stages: int) -> Any:
+    """The partition kernel compiled for a cache of cache_dtype ('*bf16' or '*fp8e4nv')."""
     signature = {**POINTERS, "k_cache_ptr": cache_dtype, "v_cache_ptr": cache_dtype, **SCALARS}
     divisible = [name for name in signature if name not in NOT_DIVISIBLE]
-    kernel = compile_for_gpu(_partition_kernel, signature, CONSTANTS, divisible, arch, 4, num_stages)
+    return compile_for_gpu(_partition_kernel, signature, CONSTANTS, divisible, arch, 4, num_stages)
+
+
+def instruction_counts(cache_dtype: str, arch: int, num_stages: int) -> dict[str, dict[str, int]]:
+    """The kernel's PTX instructions by kind, and its "resources": registers, stack and shared bytes."""
+    kernel = compile_partition_kernel(cache_dtype, arch, num_stages)
     ptx = kernel.asm["ptx"]
-    return {kind: dict(Counter(re.findall(pattern, ptx))) for kind, pattern in PATTERNS.items()}
+    counts = {kind: dict(Counter(re.findall(pattern, ptx))) for kind, pattern in PATTERNS.items()}
+    registers, stack = registers_and_stack(kernel)
+    return counts | {"resources": dict(registers=registers, stack_bytes=stack, shared_bytes=kernel.metadata.shared)}
 
 
 def main() -> None:

@@ -46,6 +46,20 @@ def fp8_query(q, qk_scale):
 
 
 @triton.jit
+def fp8_v_tile(v, kv_mask):
+    """An FP8 cache's V tile v (already converted to q's dtype, [BLOCK_N, BLOCK_D]), pinned to the load's layout.
+
+    P @ V takes V as the B operand. Triton (3.9: RemoveLayoutConversions' dot-operand hoist) moves a B operand's
+    layout change up to its load, over elementwise ops such as the conversion, so the e4m3 bytes were staged in
+    shared memory and read back in the operand's layout a byte at a time (64 ld.shared.b8 a thread a tile; sm90
+    has no 8-bit ldmatrix.trans): the decode read an e4m3 cache at 1.6 TB/s against bf16's 4.27 (H200, 64 x 4k).
+    That hoist gives up when a leaf of the chain is neither a load nor a constant; this select's mask is one
+    (built from aranges). The select itself changes nothing (the load's own mask and fill), and the tile now
+    goes through shared memory as 16-bit values that ldmatrix.trans reads (bench/ptx_decode_attention.py)."""
+    return tl.where(kv_mask, v, 0.0)
+
+
+@triton.jit
 def tanh(x):
     """float32 tanh from exp2 (the interpreter has no libdevice): the odd series near 0, where
     (1 - e^-2|x|) / (1 + e^-2|x|) would cancel, that quotient elsewhere. Below 0.05 the series to x^5 is
@@ -65,6 +79,7 @@ def attend_tile(
     cache_stride_block, cache_stride_slot, qk_scale, dims, dim_mask,
     MASKED: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    CONVERT_V_EARLY: tl.constexpr,
 ):
     """One online-softmax step over keys tile..tile + BLOCK_N of one KV head.
 
@@ -73,7 +88,9 @@ def attend_tile(
     (and > its own - WINDOW when WINDOW > 0). qk_scale: score_scale(scale, softcap), times an FP8 cache's
     k_scale. k_ptr, v_ptr point at
     the KV head in the caches; table_ptr at the sequence's block table. With MASKED off the tile must lie
-    wholly below kv_end and be visible to every row.
+    wholly below kv_end and be visible to every row. CONVERT_V_EARLY: an FP8 V tile is converted where it is
+    loaded (fp8_v_tile), for products that read their B operand from registers (mma.sync: fewer than 64 rows,
+    or before sm90); wgmma reads it from shared memory, where the select would only cost registers.
     """
     keys = tile + tl.arange(0, BLOCK_N)
     key_mask = keys < kv_end
@@ -100,5 +117,7 @@ def attend_tile(
     p = tl.exp2(scores - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v = tl.load(v_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+    if CONVERT_V_EARLY and v_ptr.dtype.element_ty.is_fp8():  # compile time
+        v = fp8_v_tile(v, kv_mask)
     acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST, PRECISION)
     return m_new, l_i, acc

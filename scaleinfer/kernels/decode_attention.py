@@ -208,6 +208,7 @@ def _partition_kernel(
         m_i, l_i, acc = attend_tile(
             q, m_i, l_i, acc, tile, end, query_pos, k_ptr, v_ptr, table_ptr, cache_stride_block,
             cache_stride_slot, qk_scale, dims, dim_mask, True, BLOCK_SIZE, BLOCK_N, UPCAST, PRECISION, 0, SOFTCAP,
+            BLOCK_G < 64,  # BLOCK_G query rows: mma.sync below 64
         )
 
     acc = acc * (v_scale / tl.where(l_i == 0.0, 1.0, l_i))[:, None]  # an empty context gives zeros, not NaN

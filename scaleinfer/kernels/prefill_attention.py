@@ -95,8 +95,16 @@ def prefill_attention_triton(
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_SIZE=k_cache.shape[1], BLOCK_Q=block_q, **tiles, **dot_args(q), **features,
+        CONVERT_V_EARLY=_mma_from_registers(q, tiles["BLOCK_M"]),
     )
     return out
+
+
+def _mma_from_registers(q: torch.Tensor, block_m: int) -> bool:
+    """Whether the tiles' products take their B operand from registers (mma.sync: before sm90, or fewer than
+    64 rows), where attend_tile converts an FP8 V tile as it is loaded; sm90's wgmma reads it from shared memory
+    (at GPU_TILES the early conversion cost it 25 registers a thread, 160 -> 185, for nothing)."""
+    return not q.is_cuda or block_m < 64 or torch.cuda.get_device_capability(q.device) < (9, 0)
 
 
 def _tiles(q: torch.Tensor, group_pad: int, block_m: int | None, block_n: int | None) -> dict[str, int]:
@@ -137,6 +145,7 @@ def _prefill_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    CONVERT_V_EARLY: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
@@ -178,19 +187,19 @@ def _prefill_kernel(
             m_i, l_i, acc = attend_tile(
                 q, m_i, l_i, acc, tile, kv_end, query_pos, k_ptr, v_ptr, table_ptr,
                 cache_stride_block, cache_stride_slot, qk_scale, dims, dim_mask,
-                True, BLOCK_SIZE, BLOCK_N, UPCAST, PRECISION, WINDOW, SOFTCAP,
+                True, BLOCK_SIZE, BLOCK_N, UPCAST, PRECISION, WINDOW, SOFTCAP, CONVERT_V_EARLY,
             )
     for tile in range(full_start, full_end, BLOCK_N):
         m_i, l_i, acc = attend_tile(
             q, m_i, l_i, acc, tile, kv_end, query_pos, k_ptr, v_ptr, table_ptr,
             cache_stride_block, cache_stride_slot, qk_scale, dims, dim_mask,
-            False, BLOCK_SIZE, BLOCK_N, UPCAST, PRECISION, WINDOW, SOFTCAP,
+            False, BLOCK_SIZE, BLOCK_N, UPCAST, PRECISION, WINDOW, SOFTCAP, CONVERT_V_EARLY,
         )
     for tile in range(full_end, kv_end, BLOCK_N):
         m_i, l_i, acc = attend_tile(
             q, m_i, l_i, acc, tile, kv_end, query_pos, k_ptr, v_ptr, table_ptr,
             cache_stride_block, cache_stride_slot, qk_scale, dims, dim_mask,
-            True, BLOCK_SIZE, BLOCK_N, UPCAST, PRECISION, WINDOW, SOFTCAP,
+            True, BLOCK_SIZE, BLOCK_N, UPCAST, PRECISION, WINDOW, SOFTCAP, CONVERT_V_EARLY,
         )
 
     acc = acc * (v_scale / tl.where(l_i == 0.0, 1.0, l_i))[:, None]
