@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from scaleinfer.kernels.dispatch import use_triton
 from scaleinfer.kernels.moe import fused_moe
+from scaleinfer.kernels.moe_router import route, route_ref, route_supported
 from scaleinfer.layers.linear import _copy_checked, _divide
 from scaleinfer.parallel.all_to_all import moe_all_to_all
 from scaleinfer.parallel.comm import tp_all_reduce
@@ -29,12 +31,13 @@ def select_experts(router_logits: torch.Tensor, top_k: int,
     """router_logits: [num_tokens, num_experts] -> (topk_weights [num_tokens, top_k] float32; topk_ids
     [num_tokens, top_k] int64). Softmax in float32 and the top k of it, renormalized to sum to 1 per token
     (HF Mixtral; Qwen-MoE with norm_topk_prob) or not (Qwen-MoE without). transformers 5 keeps Mixtral's
-    weights in float32, and the expert outputs are scaled in float32 too. All on the device: no host sync."""
-    probs = torch.softmax(router_logits.float(), dim=-1)
-    topk_weights, topk_ids = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
-    return topk_weights, topk_ids
+    weights in float32, and the expert outputs are scaled in float32 too. All on the device: no host sync.
+
+    On the GPU one Triton launch (kernels/moe_router.py; up to MAX_EXPERTS experts and MAX_TOP_K, ties to the
+    lowest expert index), else and past those bounds the torch ops (route_ref: torch.topk's order of ties)."""
+    if use_triton(router_logits) and route_supported(router_logits, top_k):
+        return route(router_logits, top_k, renormalize)
+    return route_ref(router_logits, top_k, renormalize)
 
 
 class FusedMoE(nn.Module):
