@@ -31,9 +31,9 @@ POINTERS = {"q_ptr": "*bf16", "block_tables_ptr": "*i64", "context_lens_ptr": "*
             "part_out_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32"}
 SCALARS = {"qk_scale": "fp32", "v_scale": "fp32", "q_stride_s": "i32", "q_stride_h": "i32",
            "cache_stride_block": "i32", "cache_stride_slot": "i32", "cache_stride_head": "i32", "bt_stride": "i32",
-           "out_stride_s": "i32", "out_stride_h": "i32", "num_partitions": "i32"}
+           "out_stride_s": "i32", "out_stride_h": "i32", "num_partitions": "i32", "partition_size": "i32"}
 NOT_DIVISIBLE = ("qk_scale", "v_scale", "bt_stride", "num_partitions")  # launched unspecialized or not integers
-CONSTANTS = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, PARTITION_SIZE=512, BLOCK_N=64,
+CONSTANTS = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, BLOCK_N=64,
                  ONE_PARTITION=False, UPCAST=False, PRECISION="tf32", WINDOW=0, SOFTCAP=0)
 PATTERNS = {"global_loads": r"ld\.global[\w.]*", "async_copies": r"cp\.async\.c[ag][\w.]*",
             "shared_loads": r"ld\.shared[\w.]*", "shared_stores": r"st\.shared[\w.]*", "ldmatrix": r"ldmatrix[\w.]*",

@@ -95,14 +95,13 @@ def decode_attention_triton(
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_max, part_sum,
         score_scale(scale, logits_soft_cap) * k_scale, v_scale, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), num_partitions,
+        out.stride(0), out.stride(1), num_partitions, partition_size,
         ONE_PARTITION=num_partitions == 1, **consts, **dot_args(q), num_warps=4, num_stages=2,
     )
     if num_partitions > 1:
         _reduce_kernel[(num_seqs, num_heads)](
             part_out, part_max, part_sum, context_lens, out, out.stride(0), out.stride(1), num_partitions,
-            HEAD_DIM=head_dim, BLOCK_D=consts["BLOCK_D"], PARTITION_SIZE=partition_size,
-            BLOCK_P=REDUCE_BLOCK_P, num_warps=4,
+            partition_size, HEAD_DIM=head_dim, BLOCK_D=consts["BLOCK_D"], BLOCK_P=REDUCE_BLOCK_P, num_warps=4,
         )
     return out
 
@@ -125,7 +124,7 @@ def _constants(q: torch.Tensor, k_cache: torch.Tensor, partition_size: int) -> d
     return dict(
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=k_cache.shape[1],
-        PARTITION_SIZE=partition_size, BLOCK_N=min(BLOCK_N, partition_size),
+        BLOCK_N=min(BLOCK_N, partition_size),
     )
 
 
@@ -165,15 +164,17 @@ def _check(q, k_cache, v_cache, block_tables, context_lens, out) -> None:
 
 
 # Values that change from step to step are not specialized on (Triton would compile a variant per
-# divisibility class of each, mid-run); only shapes fixed by the model are.
+# divisibility class of each, mid-run); only shapes fixed by the model are. partition_size is an argument,
+# not a constant: it follows the context bucket, and as a constant each bucket compiled its own variant
+# (one more mid-run whenever a step first reached a longer context). Always a multiple of 16: one class.
 @triton.jit(do_not_specialize=["bt_stride", "num_partitions"])
 def _partition_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
     qk_scale, v_scale, q_stride_s, q_stride_h, cache_stride_block, cache_stride_slot, cache_stride_head,
-    bt_stride, out_stride_s, out_stride_h, num_partitions,
+    bt_stride, out_stride_s, out_stride_h, num_partitions, partition_size,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, PARTITION_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     ONE_PARTITION: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
@@ -181,8 +182,8 @@ def _partition_kernel(
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq).to(tl.int32)
-    start = part * PARTITION_SIZE
-    end = tl.minimum(start + PARTITION_SIZE, context_len)  # end <= start: nothing to do
+    start = part * partition_size
+    end = tl.minimum(start + partition_size, context_len)  # end <= start: nothing to do
     first = start
     if WINDOW > 0:  # keys below context_len - WINDOW are out of the query's window
         first = tl.maximum(start, context_len - WINDOW)
@@ -234,13 +235,13 @@ def _store_partial(part_out_ptr, part_max_ptr, part_sum_ptr, acc, m_i, l_i, seq,
 @triton.jit(do_not_specialize=["num_partitions"])
 def _reduce_kernel(
     part_out_ptr, part_max_ptr, part_sum_ptr, context_lens_ptr, out_ptr, out_stride_s, out_stride_h,
-    num_partitions,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PARTITION_SIZE: tl.constexpr, BLOCK_P: tl.constexpr,
+    num_partitions, partition_size,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     context_len = tl.load(context_lens_ptr + seq).to(tl.int32)
-    num_live = tl.cdiv(context_len, PARTITION_SIZE)  # partitions that saw tokens
+    num_live = tl.cdiv(context_len, partition_size)  # partitions that saw tokens
     base = (seq * tl.num_programs(1) + head) * num_partitions
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < HEAD_DIM
