@@ -1,10 +1,12 @@
 """Host time of a decode step on the CPU: the engine's Python and torch-op overhead, which a GPU waits
 through at small batch (bench/profile_step.py shows it on the GPU as wall time minus kernel time).
 
-    python bench/host_step.py [--batch 1] [--steps 300] [--runs 8]
+    python bench/host_step.py [--batch 1] [--steps 300] [--runs 8] [--output-kind final_only]
 The model's forward and logits are constant stubs, so what is timed is scheduling, building the step's
 inputs, sampling, the runner's bookkeeping and the engine's outputs. Thread CPU time, not wall time, and
 of each phase the median step of each run, best run: the 2-core CI machine is shared and noisy.
+--output-kind is what the requests ask the engine's outputs for: final_only as LLM.generate does (one output at
+the end), delta as the server's streams do, cumulative (every step, everything so far) as LLMEngine's default.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from common import write_result  # noqa: E402
 from scaleinfer import SamplingParams  # noqa: E402
 from scaleinfer.config import EngineConfig  # noqa: E402
 from scaleinfer.engine.llm_engine import LLMEngine  # noqa: E402
+from scaleinfer.sampling_params import RequestOutputKind  # noqa: E402
 from scaleinfer.worker import step_forward  # noqa: E402
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -61,8 +64,8 @@ def instrument(engine: LLMEngine, times: dict[str, list[int]]) -> None:
     engine.step = timed(times, "step", engine.step)
 
 
-def run(engine: LLMEngine, batch: int, steps: int, tag: str) -> None:
-    params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
+def run(engine: LLMEngine, batch: int, steps: int, tag: str, output_kind: RequestOutputKind) -> None:
+    params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True, output_kind=output_kind)
     for i in range(batch):
         engine.add_request(f"{tag}-{i}", list(range(3, 3 + PROMPT_LEN)), params)
     engine.step()  # the prefill
@@ -82,15 +85,18 @@ def main() -> None:
         engine = LLMEngine(EngineConfig.from_kwargs(model=tmp, device="cpu", load_format="dummy",
                                                     skip_tokenizer_init=True), progress=False)
         stub_model(engine)
-        run(engine, args.batch, 16, "warm-up")
+        output_kind = RequestOutputKind[args.output_kind.upper()]
+        run(engine, args.batch, 16, "warm-up", output_kind)
         instrument(engine, times)
         for index in range(args.runs):
             times.clear()
-            run(engine, args.batch, args.steps, f"run{index}")
+            run(engine, args.batch, args.steps, f"run{index}", output_kind)
             for name, values in times.items():
                 best[name] = min(best.get(name, float("inf")), statistics.median(values[1:]) / 1e3)  # no prefill
-    print(f"batch {args.batch}, host us per decode step: " + ", ".join(f"{k} {v:.1f}" for k, v in best.items()))
+    phases = ", ".join(f"{k} {v:.1f}" for k, v in best.items())
+    print(f"batch {args.batch}, {args.output_kind} outputs, host us per decode step: {phases}")
     payload = {"batch": args.batch, "steps": args.steps, "runs": args.runs, "prompt_len": PROMPT_LEN,
+               "output_kind": args.output_kind,
                "host_us_per_step": best}
     print(write_result("host-step", torch.device("cpu"), payload))
 
@@ -100,6 +106,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--runs", type=int, default=8)
+    parser.add_argument("--output-kind", choices=[k.name.lower() for k in RequestOutputKind], default="final_only")
     return parser.parse_args()
 
 
