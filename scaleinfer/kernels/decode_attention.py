@@ -18,6 +18,7 @@ the plain one. An FP8 cache's k_scale multiplies the scores' scale and its v_sca
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -41,8 +42,20 @@ MIN_PARTITION = 128
 # an H100, replayed in a graph); a longer bound walked by so few programs would lose to split-K. The graphs'
 # shortest context bucket (cuda_graph.FIRST_BUCKET) is this long.
 MAX_ONE_PARTITION = 256
-BLOCK_N = 64  # context tokens per tile
 REDUCE_BLOCK_P = 32  # partitions the reduce takes at a time, fixed: one compiled variant for every context
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeTile:
+    """How stage 1 walks a partition: block_n context tokens a tile (at most the partition), its warps and
+    software-pipelining stages (bench/decode_attention_tiles.py times the candidates)."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+DEFAULT_TILE = DecodeTile()
 
 
 def decode_attention(
@@ -72,11 +85,11 @@ def decode_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, scale: float, max_context_len: int | None = None, out: torch.Tensor | None = None,
     partition_size: int | None = None, sliding_window: int | None = None, logits_soft_cap: float | None = None,
-    k_scale: float = 1.0, v_scale: float = 1.0,
+    k_scale: float = 1.0, v_scale: float = 1.0, tile: DecodeTile | None = None,
 ) -> torch.Tensor:
     """partition_size: context tokens per stage-1 program (a power of two >= 16); chosen to fill the GPU
     when None. Tokens past cdiv(max_context_len, partition_size) partitions are never read: the bound is
-    the caller's promise, not checked (that would sync)."""
+    the caller's promise, not checked (that would sync). tile: stage 1's tiling (tile_for the cache when None)."""
     _check(q, k_cache, v_cache, block_tables, context_lens, out)
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -89,14 +102,16 @@ def decode_attention_triton(
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     num_partitions = triton.cdiv(max(max_context_len, 1), partition_size)
     part_out, part_max, part_sum = _partials(q, num_partitions, out)
-    consts = _constants(q, k_cache, partition_size) | feature_constants(sliding_window, logits_soft_cap)
+    tile = tile or tile_for(k_cache)
+    consts = _constants(q, k_cache, partition_size, tile) | feature_constants(sliding_window, logits_soft_cap)
     k_scale, v_scale = cache_scales(k_cache, q, k_scale, v_scale)
     _partition_kernel[(num_seqs, num_kv_heads, num_partitions)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_max, part_sum,
         score_scale(scale, logits_soft_cap) * k_scale, v_scale, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), num_partitions, partition_size,
-        ONE_PARTITION=num_partitions == 1, **consts, **dot_args(q), num_warps=4, num_stages=2,
+        ONE_PARTITION=num_partitions == 1, **consts, **dot_args(q), num_warps=tile.num_warps,
+        num_stages=tile.num_stages,
     )
     if num_partitions > 1:
         _reduce_kernel[(num_seqs, num_heads)](
@@ -119,12 +134,17 @@ def _partials(
     return part_out, part_max, torch.empty_like(part_max)
 
 
-def _constants(q: torch.Tensor, k_cache: torch.Tensor, partition_size: int) -> dict[str, int]:
+def tile_for(k_cache: torch.Tensor) -> DecodeTile:
+    """Stage 1's tiling for this cache."""
+    return DEFAULT_TILE
+
+
+def _constants(q: torch.Tensor, k_cache: torch.Tensor, partition_size: int, tile: DecodeTile) -> dict[str, int]:
     group, head_dim = q.shape[1] // k_cache.shape[2], q.shape[2]
     return dict(
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_N=min(BLOCK_N, partition_size),
+        BLOCK_N=min(tile.block_n, partition_size),
     )
 
 

@@ -5,7 +5,12 @@ import torch
 from kernel_helpers import paged_kv, tolerance
 
 from scaleinfer.kernels import decode_attention as decode_attention_module
-from scaleinfer.kernels.decode_attention import MAX_ONE_PARTITION, decode_attention, decode_attention_triton
+from scaleinfer.kernels.decode_attention import (
+    MAX_ONE_PARTITION,
+    DecodeTile,
+    decode_attention,
+    decode_attention_triton,
+)
 from scaleinfer.kernels.paged_attention import paged_decode_attention
 
 CASES = [  # (context_lens, num_heads, num_kv_heads, head_dim, block_size, partition_size, dtype)
@@ -54,6 +59,14 @@ def test_decode_attention_window_and_softcap_match_reference(case, feature, devi
     window, cap, scale = FEATURES[feature]
     expected, plain = run_case(CASES[case], device, sliding_window=window, logits_soft_cap=cap, scale=scale)
     assert not torch.allclose(expected.float(), plain.float(), atol=1e-2)  # the features matter here
+
+
+@pytest.mark.parametrize("tile", [DecodeTile(block_n=128, num_warps=8, num_stages=3), DecodeTile(block_n=32)])
+@pytest.mark.parametrize("partition_size", [None, 128])
+def test_decode_attention_tilings_match_reference(tile, partition_size, device, triton_path):
+    """Tiles wider than a page and than a partition's tail, narrower than the default: the same answer."""
+    torch.manual_seed(340)
+    run_case(([1, 130, 300], 8, 2, 64, 16, partition_size, torch.float32), device, tile=tile)
 
 
 def test_decode_attention_reads_only_to_a_tight_bound(device, triton_path):

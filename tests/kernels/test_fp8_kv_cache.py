@@ -2,9 +2,12 @@
 attention read them back with the layer's scales; each Triton kernel against its torch reference, and both
 close to attention over the unquantized cache."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from kernel_helpers import paged_kv
+from kernel_helpers import paged_kv, tolerance
 
 from scaleinfer.kernels.decode_attention import decode_attention, decode_attention_triton
 from scaleinfer.kernels.paged_attention import (
@@ -115,3 +118,28 @@ def test_fp8_cache_decode_gpu_in_a_cuda_graph(context_lens, cuda):
     graph.replay()
     want = paged_decode_attention(q, k8_ref, v8_ref, *args, k_scale=SCALES[0], v_scale=SCALES[1])
     torch.testing.assert_close(out, want, **FP8_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache", ["bf16", "fp8"])
+def test_every_benchmarked_decode_tile_matches_reference_gpu(cache, cuda):
+    """bench/decode_attention_tiles.py's candidates, over both caches, one partition and split-K."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from decode_attention_tiles import CANDIDATES
+
+    torch.manual_seed(4)
+    context_lens = [1, 300, 4000, 129]
+    kv = paged_kv(context_lens, 8, 128, 16, torch.bfloat16, cuda)
+    (k8, v8), (k8_ref, v8_ref) = fp8_caches(kv)
+    if cache == "fp8":
+        caches, refs, scales, tol = (k8, v8), (k8_ref, v8_ref), SCALES, FP8_TOL
+    else:  # the kernel's caches hold NaN where no token is: a tile must not read them
+        caches, refs, scales, tol = (kv.k_cache, kv.v_cache), kv.clean(), (1.0, 1.0), tolerance(torch.bfloat16)
+    q = torch.randn(len(context_lens), 32, 128, dtype=torch.bfloat16, device=cuda)
+    lens = torch.tensor(context_lens, device=cuda)
+    want = paged_decode_attention(q, *refs, kv.block_tables, lens, 128**-0.5, k_scale=scales[0], v_scale=scales[1])
+    for tile in CANDIDATES:
+        for partition_size in (None, 8192):
+            got = decode_attention_triton(q, *caches, kv.block_tables, lens, 128**-0.5, partition_size=partition_size,
+                                          k_scale=scales[0], v_scale=scales[1], tile=tile)
+            torch.testing.assert_close(got, want, **tol)
