@@ -5,7 +5,8 @@
 Why: on an H200 (profile_step 64 x 4096, d0a143c) the e4m3 cache's partition kernel takes 220 us a layer against
 245 for bf16 while it reads half the bytes: at one 64-token tile in flight a program, half the bytes are in flight
 too. This times every candidate tiling (tokens a tile, warps, pipelining stages) for both caches at each case
-(sequences x context), one layer's call at a time, and reports the bytes of K and V read per second.
+(sequences x context), CALLS calls replayed from one CUDA graph (at one sequence a call is a few microseconds of
+kernel: launched from Python it would time the host), and reports the bytes of K and V read per second.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ BLOCK_SIZE = 16
 CANDIDATES = [DecodeTile(block_n=n, num_warps=w, num_stages=s)
               for n, w, s in itertools.product((64, 128), (4, 8), (2, 3, 4))]
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
-CALLS = 20  # per timed run: one layer's call after another
+CALLS = 20  # per graph replay: one layer's call after another
 
 
 def case_inputs(arch: dict, num_seqs: int, context: int, cache_dtype: torch.dtype, device: torch.device) -> dict:
@@ -44,13 +45,14 @@ def case_inputs(arch: dict, num_seqs: int, context: int, cache_dtype: torch.dtyp
 
 
 def time_tile(inputs: dict, tile: DecodeTile, device: torch.device) -> float:
-    """Seconds a call, best of the timed runs."""
+    """Seconds a call, best of the timed replays."""
     out = torch.empty_like(inputs["q"])
-
-    def calls() -> None:
+    decode_attention_triton(**inputs, out=out, tile=tile)  # compiled outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         for _ in range(CALLS):
             decode_attention_triton(**inputs, out=out, tile=tile)
-    return timed(calls, repeats=5, device=device) / CALLS
+    return timed(graph.replay, repeats=5, device=device) / CALLS
 
 
 def sweep(arch: dict, cases: list[tuple[int, int]], device: torch.device) -> list[dict]:
