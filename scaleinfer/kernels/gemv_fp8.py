@@ -25,6 +25,8 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448: e4m3fn has no infinity, and 
 # within 3% of each projection's best, 48-101% of the copy rate): 4 features x 2048 per step, per-step sums.
 FP8_GEMV = GemvConfig(block_n=4, block_k=2048, num_warps=4, num_stages=2, step_sums=True)
 MAX_GEMV_ROWS = 4  # rows of x the GEMV takes; past it each extra row rereads the weight
+MIN_TOKEN_AMAX = 1e-12  # an all-zero row gets this max |x|: its scale stays finite and its levels zero
+QUANT_BLOCK_K = 1024  # features a step of a row's walk in the per-token quantization
 
 
 def num_groups(k: int, group_k: int) -> int:
@@ -45,13 +47,73 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, group_k: int, dtype: to
 def quantize_per_token(x: torch.Tensor, static_scale: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (e4m3 [M, K], float32 scales [M, 1]) with x ~ q * scale: each row's own max |x| / 448
-    (dynamic), or one given scale [1] (a checkpoint's static input_scale), saturated at +-448."""
+    (dynamic), or one given scale [1] (a checkpoint's static input_scale), saturated at +-448. On a GPU one
+    Triton launch reads x once (the torch ops it replaces made float32 copies of x: at a prefill's M, several
+    times the matmul's own reads)."""
+    if use_triton(x) and x.is_contiguous():
+        return quantize_per_token_triton(x, static_scale)
+    return quantize_per_token_ref(x, static_scale)
+
+
+def quantize_per_token_ref(x: torch.Tensor, static_scale: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     if static_scale is None:
-        scale = x.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12) / FP8_MAX  # [M, 1]
+        scale = x.abs().amax(dim=1, keepdim=True).float().clamp_min(MIN_TOKEN_AMAX) / FP8_MAX  # [M, 1]
     else:
         scale = static_scale.float().reshape(1, 1).expand(x.shape[0], 1)
     q = (x.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale.contiguous()
+
+
+@triton.jit
+def round_e4m3(x):
+    """x (|x| <= 448) to the nearest e4m3 value, ties to even: 3 mantissa bits, subnormal steps of 2^-9. For
+    Triton's interpreter, which casts a value that rounds up into the next binade to half of it (127.6 -> 64);
+    the GPU's conversion rounds to nearest even itself."""
+    exponent = tl.floor(tl.log2(tl.maximum(tl.abs(x), 1e-30)))
+    step = tl.exp2(tl.maximum(exponent, -6.0) - 3.0)
+    magic = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds |x / step| < 2^22 to even
+    return ((x / step + magic) - magic) * step
+
+
+def quantize_per_token_triton(x: torch.Tensor, static_scale: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    check_dtype("x", x, FLOAT_DTYPES)
+    check_contiguous("x", x)
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    static = static_scale.float().reshape(1) if static_scale is not None else scale  # unread when dynamic
+    if m:
+        _quantize_per_token_kernel[(m,)](x, q, scale, static, k, MIN_TOKEN_AMAX, FP8_MAX,
+                                         STATIC=static_scale is not None, ROUND=not x.is_cuda,
+                                         BLOCK_K=QUANT_BLOCK_K, num_warps=4)
+    return q, scale
+
+
+@triton.jit
+def _quantize_per_token_kernel(x_ptr, q_ptr, scale_ptr, static_ptr, K, min_amax, fp8_max,
+                               STATIC: tl.constexpr, ROUND: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program a row: its max |x| (first walk), then x / scale saturated to e4m3 (second walk, from cache).
+    ROUND (off the GPU): rounded to e4m3's grid before the cast (round_e4m3)."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row, q_row = x_ptr + row * K, q_ptr + row * K
+    if STATIC:
+        scale = tl.load(static_ptr)
+    else:
+        amax = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            amax = tl.maximum(amax, tl.abs(tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)))
+        scale = tl.maximum(tl.max(amax, axis=0), min_amax) / fp8_max
+    tl.store(scale_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        levels = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32) / scale
+        levels = tl.minimum(tl.maximum(levels, -fp8_max), fp8_max)
+        if ROUND:
+            levels = round_e4m3(levels)
+        tl.store(q_row + cols, levels.to(q_ptr.dtype.element_ty), mask=cols < K)
 
 
 def fp8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group_k: int,

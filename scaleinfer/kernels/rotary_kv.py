@@ -25,6 +25,7 @@ from scaleinfer.kernels.checks import (
     check_shape,
 )
 from scaleinfer.kernels.dispatch import tl, triton, use_triton
+from scaleinfer.kernels.gemv_fp8 import round_e4m3
 from scaleinfer.kernels.paged_attention import FP8_CACHE_DTYPE, write_kv_cache
 
 
@@ -208,14 +209,5 @@ def _to_cache(x, inv_scale, FP8: tl.constexpr, ROUND: tl.constexpr):
     if FP8:
         x = tl.clamp(x.to(tl.float32) * inv_scale, -448.0, 448.0)
         if ROUND:
-            x = _round_e4m3(x)
+            x = round_e4m3(x)
     return x
-
-
-@triton.jit
-def _round_e4m3(x):
-    """x (|x| <= 448) to the nearest e4m3 value, ties to even: 3 mantissa bits, subnormal steps of 2^-9."""
-    exponent = tl.floor(tl.log2(tl.maximum(tl.abs(x), 1e-30)))
-    step = tl.exp2(tl.maximum(exponent, -6.0) - 3.0)
-    magic = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds |x / step| < 2^22 to even
-    return ((x / step + magic) - magic) * step

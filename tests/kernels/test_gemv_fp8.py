@@ -9,7 +9,15 @@ import torch
 
 from scaleinfer.kernels.gemm_weight_only import fp8_gemm_triton
 from scaleinfer.kernels.gemv import GemvConfig
-from scaleinfer.kernels.gemv_fp8 import FP8_DTYPE, fp8_gemv, fp8_gemv_triton, fp8_linear_ref
+from scaleinfer.kernels.gemv_fp8 import (
+    FP8_DTYPE,
+    fp8_gemv,
+    fp8_gemv_triton,
+    fp8_linear_ref,
+    quantize_per_token,
+    quantize_per_token_ref,
+    quantize_per_token_triton,
+)
 
 SMALL = GemvConfig(block_n=16, block_k=64, num_warps=4, num_stages=1)  # several K steps on small shapes
 
@@ -81,3 +89,56 @@ def test_fp8_gemm_matches_its_reference(m, n, k, group_k, dtype, device, triton_
     got = fp8_gemm_triton(x, q, scale, group_k, bias)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
     torch.testing.assert_close(got, fp8_linear_ref(x, q, scale, group_k, bias), **tol)
+
+
+def _quantization_inputs(m, k, dtype, device):
+    x = torch.randn(m, k, device=device) * torch.logspace(-3, 2, m, device=device)[:, None]  # rows of every size
+    if m > 1:
+        x[0] = 0  # an all-zero row
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("m, k", [(1, 1000), (5, 3000), (3, 1024), (7, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("static", [False, True])
+def test_per_token_quantization_matches_its_reference(m, k, dtype, static, device, triton_path):
+    """Walks over K of more and fewer than a block; a static scale small enough to saturate rows at +-448."""
+    torch.manual_seed(m + k)
+    x = _quantization_inputs(m, k, dtype, device)
+    static_scale = torch.tensor([0.05], device=device) if static else None
+    q, scale = quantize_per_token_triton(x, static_scale)
+    want_q, want_scale = quantize_per_token_ref(x, static_scale)
+    assert q.dtype == FP8_DTYPE and scale.shape == (m, 1) and scale.dtype == torch.float32
+    torch.testing.assert_close(scale, want_scale, atol=0, rtol=0)
+    torch.testing.assert_close(q.float(), want_q.float(), atol=0, rtol=0)
+    if not static or m > 1:  # the largest row reaches the top level (or, static, saturates)
+        assert q.float().abs().max() == 448
+    assert not q.float().isnan().any() and (m == 1 or (q[0].float() == 0).all())
+
+
+def test_per_token_quantization_dispatch(device, triton_path):
+    """quantize_per_token takes the kernel for contiguous rows and the reference for strided ones, with one
+    answer."""
+    x = _quantization_inputs(4, 300, torch.bfloat16, device)
+    strided = torch.cat([x, x], dim=1)[:, ::2]
+    for rows in (x, strided):
+        q, scale = quantize_per_token(rows)
+        want_q, want_scale = quantize_per_token_ref(rows)
+        torch.testing.assert_close(q.float(), want_q.float(), atol=0, rtol=0)
+        torch.testing.assert_close(scale, want_scale, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m, k", [(1, 4096), (300, 14336), (2048, 4096)])
+def test_per_token_quantization_gpu(m, k, cuda):
+    """The kernel on the device against the torch ops: equal scales; levels one e4m3 step apart at most, in a
+    few elements (the kernel's float32 division may round the other way at a tie)."""
+    torch.manual_seed(k)
+    x = _quantization_inputs(m, k, torch.bfloat16, cuda)
+    q, scale = quantize_per_token_triton(x)
+    want_q, want_scale = quantize_per_token_ref(x)
+    torch.testing.assert_close(scale, want_scale, atol=0, rtol=0)
+    differ = q.float() != want_q.float()
+    assert differ.float().mean() < 1e-3
+    step = want_q.float().abs().clamp_min(2 ** -6) * 2 ** -3  # one e4m3 step: 3 mantissa bits
+    assert ((q.float() - want_q.float()).abs() <= step * 1.01)[differ].all()
