@@ -38,6 +38,7 @@ from scaleinfer.engine.core_types import (
     message_encoder,
 )
 from scaleinfer.errors import EngineDeadError
+from scaleinfer.heap import frozen_heap
 from scaleinfer.startup import engine_summary, print_startup
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ def run_core_process(config: EngineConfig, core_class: type, tokenizer_eos_token
             raise
         print_startup(engine_summary(core))  # to serve's stderr, before the front's line (sent on ready)
         send(core.ready())
-        CoreLoop(core, _receiver(commands), send, lambda: os.getppid() == front_pid).run()
+        with frozen_heap():  # the model and the libraries: no full collection walks them mid-run
+            CoreLoop(core, _receiver(commands), send, lambda: os.getppid() == front_pid).run()
     finally:
         messages.close(linger=5000)  # what was sent last (outputs, CoreFailed) reaches the front before the exit
 

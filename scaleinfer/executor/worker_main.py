@@ -4,7 +4,6 @@ its shard of the model, then runs every step rank 0 broadcasts until told to sto
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import signal
 import sys
@@ -16,20 +15,21 @@ from typing import Any
 from scaleinfer.executor.rank import RankRunnerSpec, build_rank_runner, share_cpu_cores
 from scaleinfer.executor.stage_link import StageLink
 from scaleinfer.executor.step_codec import StepDecoder
+from scaleinfer.heap import frozen_heap
 from scaleinfer.parallel.groups import leave_tensor_parallel
 from scaleinfer.worker.model_runner import ModelRunner
 
 
 def serve_steps(runner: ModelRunner, on_step: Any = None) -> None:
     """Run rank 0's steps until it shuts the run down; on_step(n) after the n-th."""
-    gc.freeze()  # the model and everything built so far: no garbage collection walks them again
     link, decoder = StageLink(runner.parallel_state), StepDecoder()
     num_steps = 0
-    while (payload := link.recv()) is not None:
-        link.reply(runner.execute(decoder.decode(payload)))
-        num_steps += 1
-        if on_step is not None:
-            on_step(num_steps)
+    with frozen_heap():  # the model and everything built so far: no garbage collection walks them again
+        while (payload := link.recv()) is not None:
+            link.reply(runner.execute(decoder.decode(payload)))
+            num_steps += 1
+            if on_step is not None:
+                on_step(num_steps)
     link.close()
     if runner.streamer is not None:  # its NVMe files: a worker process runs no atexit or finalizer work
         runner.streamer.close()

@@ -26,6 +26,7 @@ from scaleinfer.engine.async_engine import AsyncLLMEngine
 from scaleinfer.engine.core import EngineCore
 from scaleinfer.engine.scheduler import QueueFullError
 from scaleinfer.errors import EngineDeadError, InvalidRequestError, ScaleInferError
+from scaleinfer.heap import frozen_heap
 from scaleinfer.server.errors import ApiError, bad_request, from_validation_error, to_api_error
 from scaleinfer.server.middleware import DEFAULT_MAX_BODY_BYTES, BodySizeLimitMiddleware
 from scaleinfer.server.protocol import (
@@ -113,7 +114,8 @@ def run_server(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, 
         if task != "embed" and not getattr(engine.tokenizer, "chat_template", None):
             print("scaleinfer: the model has no chat template: /v1/chat/completions answers 400 "
                   "(start with --chat-template to serve chat)", flush=True)
-        server.run(sockets=[sock])
+        with frozen_heap():  # tokenizer, app and libraries: no full collection walks them between chunks
+            server.run(sockets=[sock])
         if server.engine_failure is not None:
             raise server.engine_failure
     finally:
