@@ -68,8 +68,8 @@ def run_core_process(config: EngineConfig, core_class: type, tokenizer_eos_token
             send(CoreFailed(f"engine core failed to start: {type(exc).__name__}: {exc}"))
             raise
         print_startup(engine_summary(core))  # to serve's stderr, before the front's line (sent on ready)
-        send(core.ready())
         with frozen_heap():  # the model and the libraries: no full collection walks them mid-run
+            send(core.ready())  # after the start-up collection, which would hold up the first requests
             CoreLoop(core, _receiver(commands), send, lambda: os.getppid() == front_pid).run()
     finally:
         messages.close(linger=5000)  # what was sent last (outputs, CoreFailed) reaches the front before the exit
