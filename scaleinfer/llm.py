@@ -15,6 +15,7 @@ from scaleinfer.config import EMBEDDED_MODEL_ALIAS, EngineConfig
 from scaleinfer.engine.llm_engine import LLMEngine
 from scaleinfer.errors import InvalidRequestError
 from scaleinfer.executor.rank import share_cpu_cores, with_num_threads
+from scaleinfer.heap import frozen_heap
 from scaleinfer.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from scaleinfer.prompts import Message, PromptInput, as_conversations, as_prompt_list
 from scaleinfer.sampling_params import RequestOutputKind, SamplingParams
@@ -157,7 +158,9 @@ class LLM:
 
     def _run(self, request_ids: list[str], use_tqdm: bool | Callable[..., Any]) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
-        with _progress_bar(use_tqdm, len(request_ids)) as bar:
+        # The heap of the call's start (model, libraries, the caller's objects) frozen for the call: no full
+        # collection walks it between steps (scaleinfer/heap.py).
+        with _progress_bar(use_tqdm, len(request_ids)) as bar, frozen_heap(collect=False):
             while self.engine.has_unfinished_requests():
                 for output in self.engine.step():
                     if output.finished:

@@ -2,6 +2,8 @@
 
 import gc
 
+import pytest
+
 from scaleinfer.heap import frozen_heap
 
 
@@ -36,9 +38,37 @@ def _frozen_nodes() -> list:
 
 
 def test_the_heap_is_unfrozen_when_the_block_raises():
-    try:
-        with frozen_heap():
-            raise RuntimeError("a step failed")
-    except RuntimeError:
-        pass
+    with pytest.raises(RuntimeError), frozen_heap():
+        raise RuntimeError("a step failed")
+    assert gc.get_freeze_count() == 0
+
+
+def test_nested_blocks_share_one_freeze_and_the_last_unfreezes():
+    with frozen_heap():
+        with frozen_heap(collect=False):
+            assert gc.get_freeze_count() > 0
+        assert gc.get_freeze_count() > 0  # the outer block still runs
+    assert gc.get_freeze_count() == 0
+
+
+def test_generate_runs_with_the_heap_frozen_and_returns_it_unfrozen(tiny_models):
+    """LLM.generate in a user's process: frozen for the call only, also when a step raises."""
+    from scaleinfer import LLM, SamplingParams
+
+    llm = LLM(str(tiny_models["llama3.1"][0]), device="cpu", progress=False)
+    step, frozen = llm.engine.step, []
+
+    def recording_step():
+        frozen.append(gc.get_freeze_count() > 0)
+        return step()
+    llm.engine.step = recording_step
+    llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3), use_tqdm=False)
+    assert frozen and all(frozen)
+    assert gc.get_freeze_count() == 0
+
+    def failing_step():
+        raise RuntimeError("the step broke")
+    llm.engine.step = failing_step
+    with pytest.raises(RuntimeError, match="the step broke"):
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3), use_tqdm=False)
     assert gc.get_freeze_count() == 0
