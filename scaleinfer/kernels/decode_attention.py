@@ -105,6 +105,7 @@ def decode_attention_triton(
     num_partitions = triton.cdiv(max(max_context_len, 1), partition_size)
     part_out, part_max, part_sum = _partials(q, num_partitions, out)
     tile = tile or DEFAULT_TILE
+    _check_tile(tile)
     consts = _constants(q, k_cache, partition_size, tile) | feature_constants(sliding_window, logits_soft_cap)
     k_scale, v_scale = cache_scales(k_cache, q, k_scale, v_scale)
     _partition_kernel[(num_seqs, num_kv_heads, num_partitions)](
@@ -149,6 +150,12 @@ def _check_partition_size(partition_size: int) -> None:
     check_power_of_two("partition_size", partition_size)
     if partition_size < 16:
         raise ValueError(f"partition_size is {partition_size}, expected at least 16")
+
+
+def _check_tile(tile: DecodeTile) -> None:
+    check_power_of_two("tile.block_n", tile.block_n)
+    if tile.block_n < 16:
+        raise ValueError(f"tile.block_n is {tile.block_n}, expected at least 16")
 
 
 def _partition_size(num_groups: int, max_context_len: int, device: torch.device) -> int:

@@ -78,6 +78,7 @@ def round_e4m3(x):
 
 def quantize_per_token_triton(x: torch.Tensor, static_scale: torch.Tensor | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    check_shape("x", x, [None, None])
     check_dtype("x", x, FLOAT_DTYPES)
     check_contiguous("x", x)
     m, k = x.shape

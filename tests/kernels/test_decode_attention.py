@@ -123,6 +123,10 @@ def test_decode_attention_launcher_rejects_bad_arguments(device, triton_path):
         decode_attention_triton(q, kv.k_cache, kv.v_cache, kv.block_tables, lens, 1.0, sliding_window=0)
     with pytest.raises(ValueError, match="logits_soft_cap is -1.0"):
         decode_attention_triton(q, kv.k_cache, kv.v_cache, kv.block_tables, lens, 1.0, logits_soft_cap=-1.0)
+    with pytest.raises(ValueError, match="tile.block_n is 48"):
+        decode_attention_triton(q, kv.k_cache, kv.v_cache, kv.block_tables, lens, 1.0, tile=DecodeTile(block_n=48))
+    with pytest.raises(ValueError, match="tile.block_n is 8"):
+        decode_attention_triton(q, kv.k_cache, kv.v_cache, kv.block_tables, lens, 1.0, tile=DecodeTile(block_n=8))
 
 
 @pytest.mark.gpu

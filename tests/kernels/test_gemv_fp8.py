@@ -53,6 +53,8 @@ def test_fp8_gemv_launcher_names_bad_arguments(device, triton_path):
         fp8_gemv_triton(x, q, scale, 32, None)
     with pytest.raises(ValueError, match="group_k is 24"):
         fp8_gemv_triton(x, q, torch.ones(16, 3, device=device), 24, None)
+    with pytest.raises(ValueError, match=r"x has shape \[1, 2, 32\], expected \[\*, \*\]"):
+        quantize_per_token_triton(x.view(1, 2, 32))
 
 
 @pytest.mark.gpu
