@@ -30,7 +30,7 @@ if [[ $what == latency || $what == all ]]; then
     python3 bench/profile_step.py --batch 64 --prompt-len 4096 --kv-cache-gib 40 --kv-cache-dtype $kv 2>&1 \
       | head -40 | tee "$OUT/profile-64x4k-$kv.log"
   done
-  python3 bench/decode_attention_tiles.py --cases 64x4096,256x512,1x4096 2>&1 | tee "$OUT/decode-attention-tiles.log"
+  python3 bench/decode_attention_tiles.py --cases 64x4096,256x512,256x2048r,1x4096 2>&1 | tee "$OUT/decode-attention-tiles.log"
 fi
 if [[ $what == throughput || $what == all ]]; then
   python3 bench/throughput.py --shape llama3-8b --num-requests 512 --hf-batch-size 64 \
