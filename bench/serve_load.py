@@ -65,7 +65,7 @@ sys.path.insert(0, {bench!r})
 from scaleinfer.config import EngineConfig, ModelConfig, SchedulerConfig
 from scaleinfer.server.app import run_server
 from serve_fake_core import SleepCore
-config = EngineConfig(model=ModelConfig(**{model_kwargs!r}), scheduler=SchedulerConfig(max_num_seqs={max_num_seqs}))
+config = EngineConfig(model=ModelConfig(**{model_kwargs!r}), scheduler=SchedulerConfig(**{scheduler_kwargs!r}))
 run_server(config, "127.0.0.1", {port}, None, log_level="warning", core_class={core_class})
 """
 
@@ -265,6 +265,14 @@ def _percentiles(name: str, values: list[float]) -> dict[str, float]:
 # ---- offline baseline and the server -----------------------------------------------------------------
 
 
+def scheduler_kwargs(args: argparse.Namespace, max_num_seqs: int) -> dict[str, int]:
+    """The scheduler's options for the server and the offline baseline alike."""
+    kwargs = {"max_num_seqs": max_num_seqs}
+    if args.max_mixed_prefill_tokens is not None:
+        kwargs["max_mixed_prefill_tokens"] = args.max_mixed_prefill_tokens
+    return kwargs
+
+
 def run_offline(args: argparse.Namespace, model: ServedModel, work: Workload,
                 max_num_seqs: int) -> tuple[dict[str, float], torch.device]:
     """LLM.generate on every request at once, at most max_num_seqs running. Besides throughput: its time per
@@ -272,7 +280,7 @@ def run_offline(args: argparse.Namespace, model: ServedModel, work: Workload,
     which here is queueing: every request arrives at the start."""
     from scaleinfer import LLM, SamplingParams
 
-    llm = LLM(**model.kwargs, max_num_seqs=max_num_seqs, progress=False)
+    llm = LLM(**model.kwargs, **scheduler_kwargs(args, max_num_seqs), progress=False)
     warm = SamplingParams(temperature=0, max_tokens=WARMUP_TOKENS, ignore_eos=True)
     llm.generate(work.prompts[:max(1, args.warmup_requests)], warm, use_tqdm=False)  # as the server's warm_up
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in work.output_lens]
@@ -296,7 +304,7 @@ def run_offline(args: argparse.Namespace, model: ServedModel, work: Workload,
 def start_server(args: argparse.Namespace, model: ServedModel) -> tuple[subprocess.Popen, str]:
     port = free_port()
     code = SERVER.format(bench=str(Path(__file__).resolve().parent), model_kwargs=model.kwargs,
-                         max_num_seqs=args.max_num_seqs, port=port,
+                         scheduler_kwargs=scheduler_kwargs(args, args.max_num_seqs), port=port,
                          core_class="SleepCore" if args.fake_step_ms else "None")
     env = {**os.environ, STEP_MS_ENV: str(args.fake_step_ms)} if args.fake_step_ms else None
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)
@@ -481,6 +489,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="for the self-started server and the offline baseline")
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-mixed-prefill-tokens", type=int, default=None,
+                        help="prompt tokens a step beside decodes may carry (default: the engine's)")
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--min-prompt", type=int, default=16, help="words (tokens with --shape)")
