@@ -2,9 +2,10 @@
 GPU would (every step MS long, one token per running sequence) on a machine without one.
 
 The scheduler, block manager, core loop, IPC and the whole front are the real ones; only the executor is
-replaced: it sleeps MS per step and samples ordinary word-piece ids (FAKE_TOKEN_IDS), so detokenization does
-real work. With the model's cost fixed, online output tok/s against its ceiling (running sequences x 1000 / MS)
-and the ITL against MS show what the serving path alone costs.
+replaced: a step takes MS from its launch, as a device runs it while the core's host work goes on, and it
+samples ordinary word-piece ids (FAKE_TOKEN_IDS), so detokenization does real work. With the model's cost
+fixed, online output tok/s against its ceiling (running sequences x 1000 / MS) and the ITL against MS show
+what the serving path alone costs.
 """
 
 from __future__ import annotations
@@ -33,7 +34,15 @@ class SleepExecutor:
         self.runner = SimpleNamespace(device="sleep", dtype="none")  # what the core's start-up line names
 
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
-        time.sleep(self.step_s)
+        return self.complete(self.launch(output))
+
+    def launch(self, output: SchedulerOutput) -> tuple[float, SchedulerOutput]:
+        """A device's step: it runs from now on, while the core does its host work (EngineCore.launch)."""
+        return time.perf_counter() + self.step_s, output
+
+    def complete(self, launched: tuple[float, SchedulerOutput]) -> RunnerOutput:
+        done_at, output = launched
+        time.sleep(max(0.0, done_at - time.perf_counter()))
         return RunnerOutput({s.request_id: SampledToken(FAKE_TOKEN_IDS[s.num_output_tokens % len(FAKE_TOKEN_IDS)])
                              for s in output.scheduled if s.sample})
 

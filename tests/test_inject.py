@@ -71,15 +71,15 @@ def test_generate_raises_naming_a_row_that_failed_inside_the_engine(tiny_models,
     kwargs = dict(attention_mask=mask, max_new_tokens=8, pad_token_id=PAD)
     expected = ours.generate(ids, **kwargs)
     runner, calls = ours.engine.runner, []
-    execute = runner.execute
+    launch = runner.launch  # the engine queues each step there
 
     def third_step_fails(scheduler_output):
         calls.append(scheduler_output)
         if len(calls) == 3:  # both rows have 2 of their 8 tokens
             raise RuntimeError("injected fault")
-        return execute(scheduler_output)
+        return launch(scheduler_output)
 
-    monkeypatch.setattr(runner, "execute", third_step_fails)
+    monkeypatch.setattr(runner, "launch", third_step_fails)
     with pytest.raises(RequestFailedError, match=r"row 0 \(request 'inject-\d+'\) failed inside the engine: "
                                                  r"RuntimeError: injected fault"):
         ours.generate(ids, **kwargs)

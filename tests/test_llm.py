@@ -215,14 +215,14 @@ def test_a_request_failing_inside_the_engine_fails_alone(llm, alone):
 
 def test_a_request_failing_in_its_step_returns_its_error_with_a_warning(llm, alone, monkeypatch):
     runner = llm.engine.runner
-    execute = runner.execute
+    launch = runner.launch  # the engine queues each step there
 
     def fails_once_alone(scheduler_output):
         if len(scheduler_output.scheduled) == 1:  # the short request is done: the long one's third step
             raise RuntimeError("injected fault")
-        return execute(scheduler_output)
+        return launch(scheduler_output)
 
-    monkeypatch.setattr(runner, "execute", fails_once_alone)
+    monkeypatch.setattr(runner, "launch", fails_once_alone)
     params = [SamplingParams(temperature=0, max_tokens=2), GREEDY]
     with pytest.warns(RuntimeWarning, match=r"1 of 2 requests failed inside the engine .*: prompt 1 \(request "
                                             r"'\d+'\): RuntimeError: injected fault"):

@@ -44,14 +44,19 @@ def run(engine, requests=None):
 
 def record_steps(monkeypatch, runner):
     steps = []
-    execute = runner.execute
+    launch, complete = runner.launch, runner.complete  # the engine's two halves of each step
 
-    def recording(scheduler_output):
-        result = execute(scheduler_output)
+    def recording_launch(scheduler_output):
+        return scheduler_output, launch(scheduler_output)
+
+    def recording_complete(launched):
+        scheduler_output, inner = launched
+        result = complete(inner)
         steps.append(([s.request_id for s in scheduler_output.scheduled if s.sample], result))
         return result
 
-    monkeypatch.setattr(runner, "execute", recording)
+    monkeypatch.setattr(runner, "launch", recording_launch)
+    monkeypatch.setattr(runner, "complete", recording_complete)
     return steps
 
 

@@ -2,16 +2,19 @@
 token ids of each sequence out (EngineCoreOutput). LLMEngine runs it in its own process (a call); the server
 runs it in a process of its own (engine/core_proc.py). The front detokenizes and decides stop strings.
 
-step() = schedule -> execute -> update. A request's own failure (its sampling state, a read error of the
-step it ran in) fails that request alone; an error the device cannot recover from (a failed rank, a CUDA
-fault, an out-of-memory that repeats, every step failing) raises EngineUnrecoverableError: nothing can run
-any more.
+step() = schedule -> execute -> update, in two halves a caller may run its own work between: launch() schedules
+and queues the step on the device, complete() waits for its tokens and updates (the core loop sends the last
+step's outputs and takes commands while the device runs the next). A request's own failure (its sampling
+state, a read error of the step it ran in) fails that request alone; an error the device cannot recover from
+(a failed rank, a CUDA fault, an out-of-memory that repeats, every step failing) raises
+EngineUnrecoverableError: nothing can run any more.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from scaleinfer.config import EngineConfig
@@ -31,7 +34,7 @@ from scaleinfer.engine.sequence import Sequence
 from scaleinfer.engine.structured_output import StructuredOutputs
 from scaleinfer.engine.swap_cost import SwapCost
 from scaleinfer.errors import EngineDeadError, InvalidRequestError, RankFailedError, RequestFailedError
-from scaleinfer.outputs import SampledToken, SchedulerOutput
+from scaleinfer.outputs import RunnerOutput, SampledToken, SchedulerOutput
 from scaleinfer.parallel.pipeline import micro_batch_plan
 from scaleinfer.sampling_params import child_seed
 
@@ -46,6 +49,15 @@ MAX_CONSECUTIVE_FAILED_STEPS = 3
 _DEVICE_FAULTS = ("illegal memory access", "illegal instruction", "unspecified launch failure",
                   "device-side assert", "misaligned address", "CUDA error: an illegal", "ECC error",
                   "uncorrectable")
+
+
+@dataclass(slots=True)
+class LaunchedCoreStep:
+    """A step scheduled and queued (EngineCore.launch); complete() takes its tokens. error: the launch raised."""
+
+    scheduler_output: SchedulerOutput
+    handle: Any = None  # the executor's
+    error: Exception | None = None
 
 
 class EngineUnrecoverableError(EngineDeadError):
@@ -71,6 +83,8 @@ class EngineCore:
                                    self._swap_cost())
         # The step's schedule and execute: the scheduler's and executor's own, or over pipeline micro-batches.
         self._schedule, self._execute = pipelined_steps(self.scheduler, self.executor)
+        # Whether a step can be queued and its tokens taken later (launch/complete); else the step runs whole.
+        self._launches = self.executor.num_stages == 1 and hasattr(self.executor, "launch")
         self.eos_token_ids = eos_token_ids(source.arch.eos_token_ids, tokenizer_eos_token_id)
         self.steps_ahead = getattr(self.executor, "steps_ahead", False)  # one process: see worker/step_ahead.py
         self.structured_outputs = StructuredOutputs.for_model(config.model, source, self.eos_token_ids)
@@ -153,11 +167,27 @@ class EngineCore:
     # ---- the loop -------------------------------------------------------------------------------------
 
     def step(self) -> list[EngineCoreOutput]:
+        return self.complete(self.launch())
+
+    def launch(self) -> LaunchedCoreStep:
+        """Schedule a step and queue it on the executor without waiting for its tokens: the caller may do its own
+        host work (send the last step's outputs, take commands) while the device runs it, then complete() it.
+        Requests added or aborted in between join or leave from the next step on."""
         scheduler_output = self._schedule()
         # Nothing waits to join the running sequences: the next step is most likely these decodes again.
         scheduler_output.step_ahead = self.steps_ahead and self.scheduler.num_waiting == 0
         try:
-            runner_output = self._execute(scheduler_output)
+            return LaunchedCoreStep(scheduler_output, handle=self._launch_step(scheduler_output))
+        except Exception as exc:  # complete() fails the step as if it had raised there
+            return LaunchedCoreStep(scheduler_output, error=exc)
+
+    def complete(self, launched: LaunchedCoreStep) -> list[EngineCoreOutput]:
+        """The launched step's outputs: its tokens appended, stop rules applied, failures reported."""
+        scheduler_output = launched.scheduler_output
+        try:
+            if launched.error is not None:
+                raise launched.error
+            runner_output = self._complete_step(launched.handle)
         except Exception as exc:  # e.g. streamed weights unreadable: this step's requests fail, the rest go on
             self._raise_if_unrecoverable(exc)
             return self._fail_step(scheduler_output, exc)
@@ -171,6 +201,14 @@ class EngineCore:
             if output.finish_reason is not None:
                 self._forget_if_done(output.request_id)
         return outputs + failed
+
+    def _launch_step(self, scheduler_output: SchedulerOutput) -> Any:
+        """Queue the step; what _complete_step takes. An executor that launches (one process, one stage) returns at
+        once; any other runs the whole step in _complete_step."""
+        return self.executor.launch(scheduler_output) if self._launches else scheduler_output
+
+    def _complete_step(self, handle: Any) -> RunnerOutput:
+        return self.executor.complete(handle) if self._launches else self._execute(handle)
 
     def _output(self, seq: Sequence, sampled: SampledToken) -> EngineCoreOutput:
         request_id, index = self.owners[seq.request_id]

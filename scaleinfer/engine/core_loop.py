@@ -1,6 +1,11 @@
 """The engine core's busy loop, the same wherever the core runs (its own process, or a thread of the front):
 take the commands that arrived, then step while there is work, sending each step's outputs.
 
+Sending a step's outputs runs under the next step's device time: the commands that came meanwhile are taken,
+the next step is launched (EngineCore.launch), and only then are the last step's outputs sent and the new
+step completed. A request that arrives while a step runs joins the next one, as without the overlap; a
+sequence's token reaches the front once the step after it is queued.
+
 The transport is two callables: recv(timeout_s) -> the commands waiting (blocks up to timeout_s for the first;
 None: until one comes), and send(message). A refused request comes back as an error EngineCoreOutput in the
 next message; a loop that fails sends CoreFailed naming why, then raises.
@@ -36,18 +41,14 @@ IDLE_POLL_S = 1.0  # an idle core wakes this often to check that it is still wan
 class CoreLoop:
     def __init__(self, core: Any, recv: Callable[[float | None], list[CoreCommand]],
                  send: Callable[[CoreMessage], None], is_wanted: Callable[[], bool] = lambda: True) -> None:
-        """core: an EngineCore (add_request, abort, step, has_unfinished, stats). is_wanted: False once the front
-        is gone (its process died), checked at every command batch."""
+        """core: an EngineCore (add_request, abort, launch, complete, has_unfinished, stats). is_wanted: False once
+        the front is gone (its process died), checked at every command batch."""
         self.core, self.recv, self.send, self.is_wanted = core, recv, send, is_wanted
         self.refused: list[EngineCoreOutput] = []  # sent with the next message
 
     def run(self) -> None:
         try:
-            while self.is_wanted() and self._apply(self.recv(0.0 if self.core.has_unfinished() else IDLE_POLL_S)):
-                if self.core.has_unfinished():
-                    self._step()
-                elif self.refused:
-                    self._send_outputs([], None)
+            self._serve()
         except BaseException as exc:  # the core is gone; the front must hear why
             logger.exception("engine core loop failed")
             self.send(CoreFailed(f"engine core failed: {type(exc).__name__}: {exc}"))
@@ -55,10 +56,21 @@ class CoreLoop:
         finally:
             self.core.shutdown()  # worker processes of a tensor-parallel core stop with the loop
 
-    def _step(self) -> None:
-        start = time.perf_counter()
-        outputs = self.core.step()
-        self._send_outputs(outputs, time.perf_counter() - start)
+    def _serve(self) -> None:
+        done: tuple[list[EngineCoreOutput], float] | None = None  # the last step's outputs and its time, unsent
+        while self.is_wanted():
+            commands = self.recv(0.0 if done is not None or self.core.has_unfinished() else IDLE_POLL_S)
+            if not self._apply(commands):
+                if done is not None:
+                    self._send_outputs(*done)
+                return
+            start = time.perf_counter()
+            launched = self.core.launch() if self.core.has_unfinished() else None
+            if done is not None or self.refused:  # while the device runs the step just launched
+                self._send_outputs(*(done or ([], None)))
+            done = None
+            if launched is not None:
+                done = self.core.complete(launched), time.perf_counter() - start
 
     def _send_outputs(self, outputs: list[EngineCoreOutput], step_time_s: float | None) -> None:
         outputs, self.refused = self.refused + outputs, []

@@ -9,6 +9,7 @@ import dataclasses
 from scaleinfer.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
 from scaleinfer.sampling_params import SamplingParams
 from scaleinfer.worker.model_runner import ModelRunner
+from scaleinfer.worker.step_ahead import LaunchedStep
 
 
 class UniprocExecutor:
@@ -33,9 +34,16 @@ class UniprocExecutor:
         return self.runner.kv_host.num_blocks
 
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
+        return self.complete(self.launch(output))
+
+    def launch(self, output: SchedulerOutput) -> LaunchedStep:
+        """Queue the step on the device; complete() takes its tokens (ModelRunner.launch)."""
         if not output.scheduled and self.shard is not None:
             output = dataclasses.replace(output, scheduled=[self._padding_chunk()])
-        return self.runner.execute(output)
+        return self.runner.launch(output)
+
+    def complete(self, launched: LaunchedStep) -> RunnerOutput:
+        return self.runner.complete(launched)
 
     def any_rank_busy(self, busy: bool) -> bool:
         """Whether this process or any process streaming the weights with it has work: they step together."""

@@ -32,7 +32,7 @@ from scaleinfer.worker.prompt_logprobs import compute_prompt_logprobs
 from scaleinfer.worker.sampling_batch import SamplingState
 from scaleinfer.worker.stage_io import StageIO
 from scaleinfer.worker.staging import StagingBuffer
-from scaleinfer.worker.step_ahead import HostTokens, StepAhead, may_step_ahead
+from scaleinfer.worker.step_ahead import HostTokens, LaunchedStep, StepAhead, may_step_ahead
 from scaleinfer.worker.step_forward import EagerForward, GraphedForward
 
 
@@ -132,17 +132,32 @@ class ModelRunner:
         return num_blocks
 
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
+        return self.complete(self.launch(output))
+
+    def launch(self, output: SchedulerOutput) -> LaunchedStep:
+        """Queue the step's work on the device and return without waiting for its tokens; complete() waits.
+        Nothing else may run on this runner in between (the host may do its own work meanwhile)."""
         with using_parallel_state(self.parallel_state), using_expert_state(self.expert_state):
-            return self._execute(output)
+            return self._launch(output)
+
+    def complete(self, launched: LaunchedStep) -> RunnerOutput:
+        """The launched step's tokens, once they reach the host."""
+        if launched.host is None:
+            return RunnerOutput(sampled={}, prompt_logprobs=launched.prompt_logprobs)
+        tokens = launched.host.wait()  # the device goes on with a step launched ahead meanwhile
+        self.steps.sampled_on_host([t.token_id for t in tokens])
+        failed = launched.failed  # rows whose sampling state could not be built: no token, their requests fail
+        sampled = {s.request_id: t for s, t in zip(launched.sampled, tokens) if s.request_id not in failed}
+        return RunnerOutput(sampled=sampled, failed=failed, prompt_logprobs=launched.prompt_logprobs)
 
     @torch.inference_mode()
-    def _execute(self, output: SchedulerOutput) -> RunnerOutput:
+    def _launch(self, output: SchedulerOutput) -> LaunchedStep:
         self.sampling.drop(output.finished_request_ids)
         self.kv_host.swap(output.swap_out, output.swap_in)  # ordered before the forward below
         ahead, self.ahead = self.ahead, None
         if not output.scheduled:
             self.steps.skip()
-            return RunnerOutput(sampled={})
+            return LaunchedStep()
         prompt_logprobs: dict = {}
         if ahead is not None and self.steps.adopt(ahead.prepared, output.scheduled):
             sampled, batch, result, host = output.scheduled, ahead.batch, ahead.result, ahead.host
@@ -154,7 +169,7 @@ class ModelRunner:
                 s.sampling_params.prompt_logprobs is not None for s in output.scheduled)
             prompt_logprobs = compute_prompt_logprobs(self.model, self.steps.hidden, output) if scores_prompt else {}
             if not sampled:
-                return RunnerOutput(sampled={}, prompt_logprobs=prompt_logprobs)
+                return LaunchedStep(prompt_logprobs=prompt_logprobs)
             logits = self.model.compute_logits(hidden)  # [num_sampled, vocab]
             batch = self.sampling.batch(sampled, logits.shape[1], output.grammar_bitmask)
             result = sample(logits, batch, self.sampling.default_generator)
@@ -163,11 +178,7 @@ class ModelRunner:
         self.steps.sampled_on_device(sampled, result.token_ids)
         if output.step_ahead and may_step_ahead(sampled, batch):
             self.ahead = self._step_ahead(batch)
-        tokens = host.wait()  # this step's tokens; the device goes on with the step ahead meanwhile
-        self.steps.sampled_on_host([t.token_id for t in tokens])
-        failed = batch.failed  # rows whose sampling state could not be built: no token, their requests fail
-        return RunnerOutput(sampled={s.request_id: t for s, t in zip(sampled, tokens) if s.request_id not in failed},
-                            failed=failed, prompt_logprobs=prompt_logprobs)
+        return LaunchedStep(sampled=sampled, host=host, failed=batch.failed, prompt_logprobs=prompt_logprobs)
 
     def _step_ahead(self, batch: SamplingBatch) -> StepAhead | None:
         """The prepared next decode step, replayed and sampled now with this step's sampling rows; None when

@@ -14,7 +14,7 @@ freed before any later step reads them).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -55,6 +55,17 @@ class HostTokens:
         empty = [[] for _ in token_ids]
         return [SampledToken(*row) for row in zip(token_ids, values["logprobs"], values["ranks"],
                                                   values.get("top_ids", empty), values.get("top_logprobs", empty))]
+
+
+@dataclass(slots=True)
+class LaunchedStep:
+    """A step queued on the device (ModelRunner.launch), its tokens not yet on the host. host None: it samples
+    nothing (no rows scheduled, mid-prompt chunks only, or a pipeline stage before the last)."""
+
+    sampled: list[ScheduledSequence] = field(default_factory=list)  # the sampled rows, in row order
+    host: HostTokens | None = None  # their tokens on the way to the host
+    failed: dict[str, str] = field(default_factory=dict)  # rows that sample nothing: sequence id -> why
+    prompt_logprobs: dict = field(default_factory=dict)
 
 
 @dataclass(slots=True)

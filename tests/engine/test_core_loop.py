@@ -1,6 +1,7 @@
 """The serving loop's timing contract, without timers: a request that arrives while others decode runs in the
 very next step beside them (the core loop takes commands before every step; the scheduler admits behind the
-decodes), and the front puts a step's outputs in all its streams at once, before the next step's."""
+decodes), the outputs of the step before it being sent while that step runs; and the front puts a step's
+outputs in all its streams at once, before the next step's."""
 
 from __future__ import annotations
 
@@ -71,7 +72,9 @@ def test_a_request_arriving_while_others_decode_runs_in_the_next_step(core):
     core.shutdown = lambda: None  # the module's core serves the next test too
     CoreLoop(core, script.recv, script.send).run()
     assert script.b_arrived_at is not None
-    next_step = script.sent[script.b_arrived_at]  # the first message after B reached the loop
+    # The first message after B reached the loop is the step before's, sent once B's step was launched.
+    assert {o.request_id for o in script.sent[script.b_arrived_at].outputs} == {"A", "C"}
+    next_step = script.sent[script.b_arrived_at + 1]
     assert next_step.step_time_s is not None
     by_request = {o.request_id: o for o in next_step.outputs}
     # B's whole prompt ran in that step (it samples its first token there), beside the decodes of A and C.
@@ -79,6 +82,29 @@ def test_a_request_arriving_while_others_decode_runs_in_the_next_step(core):
     assert [len(o.new_token_ids) for o in by_request.values()] == [1, 1, 1]
     assert by_request["B"].queue_time_s is not None
     assert len(script.tokens("A")) == len(script.tokens("C")) == 12 and len(script.tokens("B")) == 3
+
+
+def test_a_steps_outputs_are_sent_while_the_next_step_runs(core, monkeypatch):
+    """Each message of step outputs leaves after the next step was launched and before it completes; the last
+    one, with nothing left to run, right after its step."""
+    events: list[str] = []
+    launch, complete = core.launch, core.complete
+    monkeypatch.setattr(core, "launch", lambda: events.append("launch") or launch())
+    monkeypatch.setattr(core, "complete", lambda launched: events.append("complete") or complete(launched))
+    monkeypatch.setattr(core, "shutdown", lambda: None)  # the module's core serves the next test too
+    script = Script()
+
+    def send(message: CoreMessage) -> None:
+        script.send(message)
+        events.append("send")
+
+    CoreLoop(core, script.recv, send).run()
+    assert len(script.tokens("A")) == 12 and script.finished() == {"A", "B", "C"}
+    steps = events.count("launch")
+    assert steps == events.count("complete") == events.count("send") >= 12  # A alone takes 12
+    assert events[:2] == ["launch", "complete"]  # nothing to send before the first step
+    assert events[2:-1] == ["launch", "send", "complete"] * (steps - 1)
+    assert events[-1] == "send"  # the last step's outputs, nothing in flight
 
 
 class ScriptedClient:

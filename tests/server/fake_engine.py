@@ -52,6 +52,15 @@ class FakeEngine:
             self.requests.pop(request_id, None)
             self.aborted.append(request_id)
 
+    def launch(self) -> str:
+        """EngineCore's first half: this stand-in does the whole step in complete()."""
+        self._touch()
+        return "launched"
+
+    def complete(self, launched: str) -> list[EngineCoreOutput]:
+        assert launched == "launched", launched
+        return self.step()
+
     def step(self) -> list[EngineCoreOutput]:
         self._touch()
         if self.fail_step:

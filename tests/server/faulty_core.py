@@ -4,6 +4,7 @@ across the process boundary (run_server(core_class=FaultyCore) starts it in the 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from scaleinfer.engine.core import EngineCore
 from scaleinfer.outputs import RunnerOutput, SchedulerOutput
@@ -16,21 +17,22 @@ DEVICE_FAULT = "CUDA error: an illegal memory access was encountered"
 
 
 class FaultyCore(EngineCore):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        execute = self._execute  # the step's execute (the executor's own with one pipeline stage)
+    """Faults where the real ones arise: a device fault when the step is launched (kernels queued), a slow step
+    and a failed row when its tokens are taken (complete)."""
 
-        def faulty_execute(scheduler_output: SchedulerOutput) -> RunnerOutput:
-            seeds = {s.sampling_params.seed: s for s in scheduler_output.scheduled}
-            if DEVICE_FAULT_SEED in seeds and seeds[DEVICE_FAULT_SEED].num_output_tokens >= 2:
-                raise RuntimeError(DEVICE_FAULT)
-            if SLOW_SEED in seeds:
-                time.sleep(STEP_DELAY_S)
-            output = execute(scheduler_output)
-            if BAD_ROW_SEED in seeds:
-                request_id = seeds[BAD_ROW_SEED].request_id
-                output.sampled.pop(request_id, None)
-                output.failed[request_id] = "injected: its sampling state could not be built"
-            return output
+    def _launch_step(self, scheduler_output: SchedulerOutput) -> tuple[dict, Any]:
+        seeds = {s.sampling_params.seed: s for s in scheduler_output.scheduled}
+        if DEVICE_FAULT_SEED in seeds and seeds[DEVICE_FAULT_SEED].num_output_tokens >= 2:
+            raise RuntimeError(DEVICE_FAULT)
+        return seeds, super()._launch_step(scheduler_output)
 
-        self._execute = faulty_execute
+    def _complete_step(self, handle: tuple[dict, Any]) -> RunnerOutput:
+        seeds, launched = handle
+        if SLOW_SEED in seeds:
+            time.sleep(STEP_DELAY_S)
+        output = super()._complete_step(launched)
+        if BAD_ROW_SEED in seeds:
+            request_id = seeds[BAD_ROW_SEED].request_id
+            output.sampled.pop(request_id, None)
+            output.failed[request_id] = "injected: its sampling state could not be built"
+        return output
