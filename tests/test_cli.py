@@ -63,7 +63,7 @@ def test_step_budget_flags_reach_the_scheduler_config(command, monkeypatch):
                         "--max-mixed-prefill-tokens", "16"], monkeypatch)
     scheduler = config.scheduler
     assert (scheduler.max_num_batched_tokens, scheduler.max_num_seqs, scheduler.max_mixed_prefill_tokens) == (64, 8, 16)
-    assert config_of([*command], monkeypatch).scheduler.max_mixed_prefill_tokens == 1024
+    assert config_of([*command], monkeypatch).scheduler.max_mixed_prefill_tokens == 512
 
 
 @pytest.mark.parametrize("command", [["generate", "hi"], ["serve"]])

@@ -121,7 +121,7 @@ def test_bad_values_are_refused_naming_the_value(value):
 
 
 def test_defaults_and_offload():
-    assert EngineConfig.from_kwargs().scheduler.max_mixed_prefill_tokens == 1024
+    assert EngineConfig.from_kwargs().scheduler.max_mixed_prefill_tokens == 512
     assert EngineConfig.from_kwargs(max_mixed_prefill_tokens=64).scheduler.max_mixed_prefill_tokens == 64
     # streamed weights: every step passes over all of them, so the prompt is not split over more steps
     assert EngineConfig.from_kwargs(offload="cpu").scheduler.max_mixed_prefill_tokens == OFFLOAD_MAX_BATCHED_TOKENS
