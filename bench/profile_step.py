@@ -2,6 +2,7 @@
 
     python bench/profile_step.py --shape llama3-8b [--batch 1] [--prompt-len 128] [--eager]
     python bench/profile_step.py --batch 64 --prompt-len 4096 --kv-cache-gib 40 --kv-cache-dtype fp8   # FP8 KV
+    python bench/profile_step.py --batch 128 --prompt-len 512 --mixed-prompt 512   # decodes + one prompt a step
 Prints the step's wall time against the device time of its kernels (the rest is host time the device
 waits through: scheduling, input building, launches, the sampled-token copy), then the top kernels.
 """
@@ -61,6 +62,22 @@ def decode_step_ms(llm: LLM) -> list[float]:
     return times
 
 
+def mixed_step_ms(llm: LLM, prompt_len: int, steps: int, rng: random.Random) -> list[float]:
+    """Wall time of steps that each decode the running batch and prefill one new prompt of prompt_len tokens (one
+    output token, so it leaves when its prefill ends): the mixed steps a server under load runs."""
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    times = []
+    for step in range(steps):
+        prompt = [rng.randrange(1000, 30000) for _ in range(prompt_len)]
+        llm.engine.add_request(f"mixed-{time.time()}-{step}", prompt, params)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        llm.engine.step()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def kernel_ms(prof: profile) -> float:
     return sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e3
 
@@ -77,13 +94,20 @@ def main() -> None:
         prompts = [[rng.randrange(1000, 30000) for _ in range(args.prompt_len)] for _ in range(args.batch)]
         start_requests(llm, prompts, 8)  # warm-up
         decode_step_ms(llm)
-        start_requests(llm, prompts, args.steps + 1)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            times = decode_step_ms(llm)
+        if args.mixed_prompt:
+            start_requests(llm, prompts, 2 * args.steps + 4)
+            mixed_step_ms(llm, args.mixed_prompt, 2, rng)  # warm-up
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                times = mixed_step_ms(llm, args.mixed_prompt, args.steps, rng)
+        else:
+            start_requests(llm, prompts, args.steps + 1)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                times = decode_step_ms(llm)
     device = kernel_ms(prof) / len(times)
     wall = statistics.median(times)
+    kind = f"mixed steps (+{args.mixed_prompt} prompt tokens)" if args.mixed_prompt else "decode steps"
     print(f"{args.shape} batch {args.batch} x {args.prompt_len} (weights {args.quantization or 'bf16'}, KV cache "
-          f"{args.kv_cache_dtype}), {len(times)} decode steps: median wall {wall:.3f} ms, kernels "
+          f"{args.kv_cache_dtype}), {len(times)} {kind}: median wall {wall:.3f} ms, kernels "
           f"{device:.3f} ms per step, the rest {wall - device:.3f} ms (under the profiler)")
     print(prof.key_averages().table(sort_by="device_time_total", row_limit=30, max_name_column_width=60))
 
@@ -95,6 +119,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--mixed-prompt", type=int, default=0, metavar="N",
+                        help="profile steps that also prefill one new N-token prompt each")
     parser.add_argument("--kv-cache-gib", type=int, default=8)
     parser.add_argument("--quantization", choices=[q for q in QUANTIZATIONS if q], default=None)
     parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto")
