@@ -2,7 +2,7 @@
 
     python bench/profile_step.py --shape llama3-8b [--batch 1] [--prompt-len 128] [--eager]
     python bench/profile_step.py --batch 64 --prompt-len 4096 --kv-cache-gib 40 --kv-cache-dtype fp8   # FP8 KV
-    python bench/profile_step.py --batch 128 --prompt-len 512 --mixed-prompt 512   # decodes + one prompt a step
+    python bench/profile_step.py --batch 128 --prompt-len 512 --mixed-prompt 512 --kv-cache-gib 24   # mixed steps
 Prints the step's wall time against the device time of its kernels (the rest is host time the device
 waits through: scheduling, input building, launches, the sampled-token copy), then the top kernels.
 """
@@ -66,15 +66,19 @@ def mixed_step_ms(llm: LLM, prompt_len: int, steps: int, rng: random.Random) -> 
     """Wall time of steps that each decode the running batch and prefill one new prompt of prompt_len tokens (one
     output token, so it leaves when its prefill ends): the mixed steps a server under load runs."""
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    times = []
+    times, prefilled = [], 0
     for step in range(steps):
         prompt = [rng.randrange(1000, 30000) for _ in range(prompt_len)]
         llm.engine.add_request(f"mixed-{time.time()}-{step}", prompt, params)
         torch.cuda.synchronize()
         start = time.perf_counter()
-        llm.engine.step()
+        outputs = llm.engine.step()
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
+        prefilled += sum(out.finished for out in outputs if out.request_id.startswith("mixed-"))
+    if prefilled < steps - 1:  # the last prompt may come out one step late (a step launched ahead)
+        raise RuntimeError(f"{prefilled} of {steps} new prompts were prefilled in {steps} steps: the steps were not "
+                           f"mixed; give the KV cache room for the running batch and one prompt (--kv-cache-gib)")
     return times
 
 
