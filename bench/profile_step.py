@@ -3,7 +3,8 @@
     python bench/profile_step.py --shape llama3-8b [--batch 1] [--prompt-len 128] [--eager]
     python bench/profile_step.py --batch 64 --prompt-len 4096 --kv-cache-gib 40 --kv-cache-dtype fp8   # FP8 KV
     python bench/profile_step.py --batch 128 --prompt-len 512 --mixed-prompt 512 --kv-cache-gib 24   # mixed steps
-Prints the step's wall time against the device time of its kernels (the rest is host time the device
+Prints the step's wall time and the host time to queue it (unprofiled), then, under the profiler, its wall time
+against the device time of its kernels (the rest is host time the device
 waits through: scheduling, input building, launches, the sampled-token copy), then the top kernels.
 """
 
@@ -15,6 +16,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -82,6 +85,37 @@ def mixed_step_ms(llm: LLM, prompt_len: int, steps: int, rng: random.Random) -> 
     return times
 
 
+def run_steps(llm: LLM, args: argparse.Namespace, prompts: list[list[int]], rng: random.Random) -> list[float]:
+    """Start the batch, then time args.steps decode (or mixed) steps of it; the batch ends before this returns."""
+    if not args.mixed_prompt:
+        start_requests(llm, prompts, args.steps + 1)
+        return decode_step_ms(llm)
+    start_requests(llm, prompts, args.steps + 2)
+    times = mixed_step_ms(llm, args.mixed_prompt, args.steps, rng)
+    decode_step_ms(llm)  # the rest of the batch
+    return times
+
+
+@contextmanager
+def launch_timer(llm: LLM) -> Iterator[list[float]]:
+    """The host milliseconds of each runner.launch (scheduled step -> every kernel queued) while inside."""
+    runner = llm.engine.core.executor.runner
+    launch, times = runner.launch, []
+
+    def timed(output):
+        start = time.perf_counter()
+        try:
+            return launch(output)
+        finally:
+            times.append((time.perf_counter() - start) * 1e3)
+
+    runner.launch = timed
+    try:
+        yield times
+    finally:
+        del runner.launch
+
+
 def kernel_ms(prof: profile) -> float:
     return sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / 1e3
 
@@ -99,20 +133,20 @@ def main() -> None:
         start_requests(llm, prompts, 8)  # warm-up
         decode_step_ms(llm)
         if args.mixed_prompt:
-            start_requests(llm, prompts, 2 * args.steps + 4)
+            start_requests(llm, prompts, 4)
             mixed_step_ms(llm, args.mixed_prompt, 2, rng)  # warm-up
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                times = mixed_step_ms(llm, args.mixed_prompt, args.steps, rng)
-        else:
-            start_requests(llm, prompts, args.steps + 1)
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                times = decode_step_ms(llm)
+            decode_step_ms(llm)
+        with launch_timer(llm) as launches:
+            plain = run_steps(llm, args, prompts, rng)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            times = run_steps(llm, args, prompts, rng)
     device = kernel_ms(prof) / len(times)
     wall = statistics.median(times)
     kind = f"mixed steps (+{args.mixed_prompt} prompt tokens)" if args.mixed_prompt else "decode steps"
     print(f"{args.shape} batch {args.batch} x {args.prompt_len} (weights {args.quantization or 'bf16'}, KV cache "
-          f"{args.kv_cache_dtype}), {len(times)} {kind}: median wall {wall:.3f} ms, kernels "
-          f"{device:.3f} ms per step, the rest {wall - device:.3f} ms (under the profiler)")
+          f"{args.kv_cache_dtype}), {len(times)} {kind}: median wall {statistics.median(plain):.3f} ms, of which "
+          f"the host takes {statistics.median(launches):.3f} ms to queue the step (runner.launch). Under the "
+          f"profiler: median wall {wall:.3f} ms, kernels {device:.3f} ms per step, the rest {wall - device:.3f} ms")
     print(prof.key_averages().table(sort_by="device_time_total", row_limit=30, max_name_column_width=60))
 
 
