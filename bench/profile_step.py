@@ -85,15 +85,13 @@ def mixed_step_ms(llm: LLM, prompt_len: int, steps: int, rng: random.Random) -> 
     return times
 
 
-def run_steps(llm: LLM, args: argparse.Namespace, prompts: list[list[int]], rng: random.Random) -> list[float]:
-    """Start the batch, then time args.steps decode (or mixed) steps of it; the batch ends before this returns."""
-    if not args.mixed_prompt:
-        start_requests(llm, prompts, args.steps + 1)
-        return decode_step_ms(llm)
-    start_requests(llm, prompts, args.steps + 2)
-    times = mixed_step_ms(llm, args.mixed_prompt, args.steps, rng)
-    decode_step_ms(llm)  # the rest of the batch
-    return times
+def start_batch(llm: LLM, args: argparse.Namespace, prompts: list[list[int]]) -> None:
+    start_requests(llm, prompts, args.steps + (2 if args.mixed_prompt else 1))
+
+
+def timed_steps(llm: LLM, args: argparse.Namespace, rng: random.Random) -> list[float]:
+    """args.steps decode (or mixed) steps of the started batch."""
+    return mixed_step_ms(llm, args.mixed_prompt, args.steps, rng) if args.mixed_prompt else decode_step_ms(llm)
 
 
 @contextmanager
@@ -136,10 +134,13 @@ def main() -> None:
             start_requests(llm, prompts, 4)
             mixed_step_ms(llm, args.mixed_prompt, 2, rng)  # warm-up
             decode_step_ms(llm)
+        start_batch(llm, args, prompts)
         with launch_timer(llm) as launches:
-            plain = run_steps(llm, args, prompts, rng)
+            plain = timed_steps(llm, args, rng)
+        decode_step_ms(llm)  # the rest of a mixed run's batch
+        start_batch(llm, args, prompts)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            times = run_steps(llm, args, prompts, rng)
+            times = timed_steps(llm, args, rng)
     device = kernel_ms(prof) / len(times)
     wall = statistics.median(times)
     kind = f"mixed steps (+{args.mixed_prompt} prompt tokens)" if args.mixed_prompt else "decode steps"

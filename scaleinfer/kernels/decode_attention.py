@@ -32,6 +32,7 @@ from scaleinfer.kernels.checks import (
     check_power_of_two,
     check_query_and_caches,
     check_shape,
+    checking,
 )
 from scaleinfer.kernels.dispatch import dot_args, tl, triton, use_triton
 from scaleinfer.kernels.paged_attention import paged_decode_attention
@@ -92,7 +93,8 @@ def decode_attention_triton(
     """partition_size: context tokens per stage-1 program (a power of two >= 16); chosen to fill the GPU
     when None. Tokens past cdiv(max_context_len, partition_size) partitions are never read: the bound is
     the caller's promise, not checked (that would sync). tile: stage 1's tiling (DEFAULT_TILE when None)."""
-    _check(q, k_cache, v_cache, block_tables, context_lens, out)
+    if checking():
+        _check(q, k_cache, v_cache, block_tables, context_lens, out)
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     if max_context_len is None:

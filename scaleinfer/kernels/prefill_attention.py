@@ -29,6 +29,7 @@ from scaleinfer.kernels.checks import (
     check_power_of_two,
     check_query_and_caches,
     check_shape,
+    checking,
 )
 from scaleinfer.kernels.dispatch import dot_args, tl, triton, use_triton
 from scaleinfer.kernels.paged_attention import paged_prefill_attention_varlen
@@ -75,7 +76,8 @@ def prefill_attention_triton(
 ) -> torch.Tensor:
     """block_m (query rows per program, tokens x padded group) and block_n (keys per tile): tile sizes,
     powers of two >= 16, tuned for the GPU when None."""
-    _check(q, k_cache, v_cache, block_tables, query_start_loc, start_pos, out)
+    if checking():
+        _check(q, k_cache, v_cache, block_tables, query_start_loc, start_pos, out)
     features = feature_constants(sliding_window, logits_soft_cap)
     k_scale, v_scale = cache_scales(k_cache, q, k_scale, v_scale)
     _, num_heads, head_dim = q.shape

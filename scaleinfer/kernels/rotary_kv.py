@@ -23,6 +23,7 @@ from scaleinfer.kernels.checks import (
     check_last_dim_contiguous,
     check_same_dtype,
     check_shape,
+    checking,
 )
 from scaleinfer.kernels.dispatch import tl, triton, use_triton
 from scaleinfer.kernels.gemv_fp8 import round_e4m3
@@ -89,7 +90,8 @@ def rotary_kv_triton(
     k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
     k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> None:
-    _check(positions, q, k, v, cos_cache, sin_cache, k_cache, v_cache, slot_mapping)
+    if checking():
+        _check(positions, q, k, v, cos_cache, sin_cache, k_cache, v_cache, slot_mapping)
     fp8 = k_cache.dtype == FP8_CACHE_DTYPE
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, block_size, half_rot = k.shape[1], k_cache.shape[1], cos_cache.shape[1]

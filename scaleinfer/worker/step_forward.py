@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from scaleinfer.kernels.checks import trusted_inputs
 from scaleinfer.outputs import ScheduledSequence, SchedulerOutput
 from scaleinfer.worker.cuda_graph import DecodeGraphs
 from scaleinfer.worker.next_step import NextDecode
@@ -26,6 +27,8 @@ class EagerForward:
         self.model, self.block_size, self.device, self.staging, self.io = model, block_size, device, staging, io
         # [num_tokens, hidden] of the last step built from its inputs, every row (prompt logprobs read them).
         self.hidden: torch.Tensor | None = None
+        # (has decodes, has prompt chunks) of the steps whose kernel launches checked their arguments once
+        self.checked_kinds: set[tuple[bool, bool]] = set()
 
     def run(self, output: SchedulerOutput) -> tuple[torch.Tensor, list[ScheduledSequence]]:
         """(the sampled rows' hidden states [num_sampled, hidden], the sampled sequences in row order); on a stage
@@ -39,8 +42,15 @@ class EagerForward:
         return inputs.sampled_hidden(out), inputs.sampled
 
     def forward_inputs(self, inputs: StepInputs, hidden: torch.Tensor | None) -> torch.Tensor:
-        """hidden: the previous stage's [stage_tensors, num_tokens, hidden_size] (None on the first stage)."""
-        return self.model(inputs.input_ids, inputs.positions, inputs.attn, hidden)
+        """hidden: the previous stage's [stage_tensors, num_tokens, hidden_size] (None on the first stage). The first
+        step of each kind runs the launchers' argument checks; later ones skip them (kernels/checks.py)."""
+        kind = (inputs.attn.num_decodes > 0, inputs.attn.prefill is not None)
+        if kind in self.checked_kinds:
+            with trusted_inputs():
+                return self.model(inputs.input_ids, inputs.positions, inputs.attn, hidden)
+        out = self.model(inputs.input_ids, inputs.positions, inputs.attn, hidden)
+        self.checked_kinds.add(kind)
+        return out
 
     def sampled_on_device(self, sampled: list[ScheduledSequence], token_ids: torch.Tensor) -> None:
         """The step's tokens, still on the device."""
