@@ -160,6 +160,12 @@ class EngineCore:
             for seq in seqs:
                 self.owners.pop(seq.request_id, None)
 
+    @property
+    def launches(self) -> bool:
+        """Whether launch() queues the step on the device and returns before it ends (one process, one stage);
+        else complete() runs the whole step."""
+        return self._launches
+
     def has_unfinished(self) -> bool:
         """With processes streaming weights together, True until every one of them is done (they step together)."""
         return self.executor.any_rank_busy(self.scheduler.has_unfinished())

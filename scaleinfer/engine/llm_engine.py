@@ -1,6 +1,12 @@
 """LLMEngine: the engine core called in this process, and the front's output processor. Requests in,
 RequestOutputs out; used by LLM and init_inference. step() = the core's step -> the front's outputs.
 
+Where the core launches steps (one process, one stage), step() completes the step launched before, launches the
+next, and only then turns the finished step's outputs into RequestOutputs (detokenization, stop strings): the
+device runs the next step while the host does that, as the core loop does for the server. So a request added,
+or aborted, between two steps joins or leaves from the step after the one already launched, and a sequence a
+stop string ends is computed once more, its token dropped.
+
 A request with n > 1 becomes n sequences that share the prompt (the prefix cache shares its KV).
 """
 
@@ -10,7 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from scaleinfer.config import EngineConfig
-from scaleinfer.engine.core import EngineCore
+from scaleinfer.engine.core import EngineCore, LaunchedCoreStep
 from scaleinfer.engine.core_types import EngineCoreRequest, EngineStats
 from scaleinfer.engine.output_processor import OutputProcessor
 from scaleinfer.errors import InvalidRequestError
@@ -37,6 +43,7 @@ class LLMEngine:
         eos = None if self.tokenizer is None else self.tokenizer.eos_token_id
         self.core = EngineCore(config, progress, source, eos)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self._launched: LaunchedCoreStep | None = None  # the step queued on the device, not yet completed
 
     # what callers of the in-process engine reach through it (init_inference, tests)
     arch = property(lambda self: self.core.arch)
@@ -65,12 +72,16 @@ class LLMEngine:
         self.output_processor.abort(request_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.core.has_unfinished()
+        return self._launched is not None or self.core.has_unfinished()
 
     # ---- the loop -------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        processed = self.output_processor.process(self.core.step())
+        launched, self._launched = self._launched or self.core.launch(), None
+        outputs = self.core.complete(launched)
+        if self.core.launches and self.core.has_unfinished():
+            self._launched = self.core.launch()  # runs while this step's outputs are processed
+        processed = self.output_processor.process(outputs)
         self.core.abort(processed.to_abort, processed.to_stop)
         return processed.request_outputs
 
