@@ -20,7 +20,7 @@ _checking = _Checking()
 
 
 def checking() -> bool:
-    """Whether the hot launchers (norm, rotary+KV write, attention, activation) check their arguments: always,
+    """Whether the hot launchers (RMSNorm, rotary+KV write, decode and prefill attention) check their arguments: always,
     except inside trusted_inputs()."""
     return _checking.on
 
