@@ -9,6 +9,8 @@ stage's hidden states in (the first embeds the tokens), this stage's layers, and
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
@@ -45,10 +47,8 @@ class EagerForward:
         """hidden: the previous stage's [stage_tensors, num_tokens, hidden_size] (None on the first stage). The first
         step of each kind runs the launchers' argument checks; later ones skip them (kernels/checks.py)."""
         kind = (inputs.attn.num_decodes > 0, inputs.attn.prefill is not None)
-        if kind in self.checked_kinds:
-            with trusted_inputs():
-                return self.model(inputs.input_ids, inputs.positions, inputs.attn, hidden)
-        out = self.model(inputs.input_ids, inputs.positions, inputs.attn, hidden)
+        with trusted_inputs() if kind in self.checked_kinds else nullcontext():
+            out = self.model(inputs.input_ids, inputs.positions, inputs.attn, hidden)
         self.checked_kinds.add(kind)
         return out
 
